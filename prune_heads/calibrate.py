@@ -1,0 +1,201 @@
+"""``calibrate()``: one pass over the data scores every head with every forward score function.
+
+Statistics stream out of the attention function per layer as ``(B, H)`` per-sequence values; nothing
+per-token outlives the layer. ``grad`` (Michel et al.) is an opt-in second pass with a backward.
+Under ``accelerate launch`` / ``torchrun`` each process takes every ``world``-th sample and the
+per-sample values are gathered, so the result equals a single-process run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import get_adapter
+from .control import HeadControl, attach
+from .data import DataSpec, as_token_lists, batches, iter_documents, tokenize_documents
+from .errors import DataError
+from .fingerprint import fingerprint
+from .head_scores import HeadScores
+from .score_defs import ABLATION, CUSTOM_SCORES, FORWARD_SCORES, GRADIENT, RAW_FORWARD, derive, validate_score_ids
+
+
+def default_scores() -> list[str]:
+    return list(FORWARD_SCORES)
+
+
+class ScoreCollector:
+    """Receives one layer's raw per-sequence stats at a time and keeps ``(B, L, H)`` per raw score."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, layer_idx: int, stats: dict[str, torch.Tensor]) -> None:
+        self.layers[layer_idx] = {k: v.detach().float().cpu() for k, v in stats.items() if k in RAW_FORWARD}
+
+    def take(self) -> dict[str, torch.Tensor]:
+        if len(self.layers) != self.num_layers:
+            raise RuntimeError(f"statistics came from {len(self.layers)} of {self.num_layers} layers")
+        raw = {k: torch.stack([self.layers[i][k] for i in range(self.num_layers)], dim=1) for k in self.layers[0]}
+        self.layers = {}
+        return raw
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(per_sample: dict[str, list[tuple[int, torch.Tensor]]]) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    import torch.distributed as dist
+
+    rank, world = _dist()
+    if world == 1:
+        return per_sample
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, per_sample)
+    out: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for part in gathered:
+        for k, rows in part.items():
+            out.setdefault(k, []).extend(rows)
+    return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _normalise_data(data: Any, tokenizer: Any, spec: DataSpec | None, model: nn.Module) -> tuple[list[list[int]], dict[str, Any]]:
+    if isinstance(data, str):
+        if tokenizer is None:
+            raise DataError("a text data spec needs a tokenizer (tokenizer=...)")
+        spec = spec or DataSpec(source=data)
+        spec.source = data
+        ctx = getattr(get_adapter(model).text_config(model.config), "max_position_embeddings", None)
+        return tokenize_documents(iter_documents(data), tokenizer, spec, ctx), spec.to_dict()
+    seqs = as_token_lists(data)
+    if spec is not None:
+        seqs = [s[: spec.seq_len] for s in seqs][: spec.num_samples or None]
+    return seqs, {"source": "pre-tokenised", "num_samples": len(seqs)}
+
+
+def calibrate(
+    model: nn.Module,
+    data: str | Iterable[Sequence[int] | torch.Tensor],
+    *,
+    scores: Iterable[str] | None = None,
+    batch_size: int = 8,
+    tokenizer: Any = None,
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    seed: int = 0,
+    block_size: int | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
+    revision: str | None = None,
+) -> HeadScores:
+    """Score every head of ``model`` on ``data``.
+
+    Args:
+        data: a data spec string (see ``prune_heads.data``; needs ``tokenizer``) or an iterable of
+            token-id sequences (lists or 1-D tensors), each one sample.
+        scores: score ids; default every forward-pass score. ``grad`` adds a backward pass;
+            ``ablation_kl``/``ablation_loss`` run the batched ablation (see ``prune_heads.ablation``).
+    """
+    wanted = validate_score_ids(scores or default_scores())
+    adapter = get_adapter(model)
+    layout = adapter.layout(model.config)
+    spec = None
+    if isinstance(data, str) or num_samples or seq_len:
+        spec = DataSpec(source=data if isinstance(data, str) else "pre-tokenised", num_samples=num_samples or (128 if isinstance(data, str) else None),
+                        seq_len=seq_len or 512, seed=seed)
+    seqs, data_meta = _normalise_data(data, tokenizer, spec, model)
+    pad_id = 0
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        pad_id = int(tokenizer.pad_token_id)
+
+    forward_ids = [s for s in wanted if s not in GRADIENT and s not in ABLATION]
+    rank, world = _dist()
+    mine = list(range(rank, len(seqs), world))
+    my_seqs = [seqs[i] for i in mine]
+    device = _model_device(model)
+    per_sample: dict[str, list[tuple[int, torch.Tensor]]] = {}
+
+    if forward_ids:
+        collector = ScoreCollector(layout.num_layers)
+        control = HeadControl(sink=collector, block_size=block_size, need_fhon=any(s.startswith("fhon") for s in forward_ids) or bool(CUSTOM_SCORES))
+        bar = tqdm(total=len(my_seqs), desc="calibrating", unit="seq", disable=not progress or rank != 0)
+        with attach(model, control), torch.no_grad():
+            for idx, ids, mask in batches(my_seqs, batch_size, pad_id):
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
+                values = derive(collector.take(), forward_ids)
+                for sid, v in values.items():
+                    per_sample.setdefault(sid, []).extend((mine[i], v[r]) for r, i in enumerate(idx))
+                bar.update(len(idx))
+        bar.close()
+
+    if "grad" in wanted:
+        g = gradient_scores(model, my_seqs, batch_size=batch_size, pad_id=pad_id, progress=progress and rank == 0)
+        per_sample["grad"] = [(mine[r], g[r]) for r in range(len(my_seqs))]
+
+    per_sample = _gather(per_sample)
+    stacked = {k: torch.stack([t for _, t in sorted(rows, key=lambda r: r[0])]) for k, rows in per_sample.items()}
+    meta = {
+        "model": model_name or getattr(model.config, "name_or_path", None),
+        "revision": revision,
+        "model_type": model.config.model_type,
+        "family": adapter.name,
+        "fingerprint": fingerprint(model),
+        "num_layers": layout.num_layers,
+        "num_heads": layout.num_heads,
+        "num_kv_heads": layout.num_kv_heads,
+        "head_dim": layout.head_dim,
+        "data": data_meta,
+        "num_samples": len(seqs),
+        "num_tokens": int(sum(len(s) for s in seqs)),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "world_size": world,
+    }
+    result = HeadScores(stacked, meta)
+    if any(s in ABLATION for s in wanted):
+        from .ablation import ablation_scores
+
+        abl = ablation_scores(model, seqs, scores=[s for s in wanted if s in ABLATION], batch_size=batch_size,
+                              pad_id=pad_id, progress=progress)
+        result = result.merged(abl) if stacked else HeadScores(abl.per_sample_values, meta, abl.means)
+    return result
+
+
+def gradient_scores(model: nn.Module, seqs: list[list[int]], *, batch_size: int, pad_id: int, progress: bool = True) -> torch.Tensor:
+    """``|∂L/∂ξ_h|`` per sequence for a gate ``ξ_h = 1`` on each head's output (Michel et al., 2019).
+
+    The gates are per batch row, so one backward gives every sequence's own gradient.
+    """
+    adapter = get_adapter(model)
+    layout = adapter.layout(model.config)
+    device = _model_device(model)
+    rows: list[torch.Tensor] = []
+    bar = tqdm(total=len(seqs), desc="gradient scores", unit="seq", disable=not progress)
+    for _, ids, mask in batches(seqs, batch_size, pad_id):
+        bsz = ids.shape[0]
+        gates = {i: torch.ones(bsz, layout.num_heads, device=device, requires_grad=True) for i in range(layout.num_layers)}
+        with attach(model, HeadControl(scale=dict(gates))), torch.enable_grad():
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            valid = (mask[:, 1:] * mask[:, :-1]).float()
+            loss_per_seq = (nll * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+            grads = torch.autograd.grad(loss_per_seq.sum(), [gates[i] for i in range(layout.num_layers)])
+        rows.extend(torch.stack([g.abs().detach().float().cpu() for g in grads], dim=1))  # (B, L, H)
+        bar.update(bsz)
+    bar.close()
+    return torch.stack(rows)

@@ -1,0 +1,45 @@
+"""``prune-heads calibrate``."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from .options import load_from_options, model_options
+
+
+@click.command()
+@click.argument("model")
+@click.option("--data", "data_spec", required=True, help="wikitext2, FILE(.txt/.jsonl/.parquet), a save_to_disk folder, hub:ID?name=..&split=.., or task:NAME.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Scores directory to write.")
+@click.option("--scores", default=None, help="Comma-separated score ids (default: every forward-pass score).")
+@click.option("--num-samples", default=128, show_default=True, type=int)
+@click.option("--seq-len", default=512, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--block-size", default=None, type=int, help="Query block size (default: adaptive).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@model_options
+def calibrate(model, data_spec, output, scores, num_samples, seq_len, batch_size, seed, block_size, overwrite, **load_kw):
+    """Score every head of MODEL on calibration data in one pass and write a scores directory."""
+    from ..calibrate import calibrate as run_calibrate
+    from ..io_utils import check_output_dir
+    from ..score_defs import validate_score_ids
+
+    check_output_dir(output, overwrite)  # fail before the expensive part
+    ids = validate_score_ids(scores.split(",")) if scores else None
+    loaded = load_from_options(model, **load_kw)
+    t0 = time.time()
+    hs = run_calibrate(loaded.model, data_spec, tokenizer=loaded.tokenizer, scores=ids, batch_size=batch_size,
+                       num_samples=num_samples, seq_len=seq_len, seed=seed, block_size=block_size,
+                       model_name=model, revision=load_kw.get("revision"))
+    hs.meta["wall_seconds"] = round(time.time() - t0, 2)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    hs.save(output, overwrite=overwrite)
+    click.echo(f"scored {hs.num_layers * hs.num_heads} heads ({hs.num_layers} layers x {hs.num_heads}) with "
+               f"{len(hs.score_ids)} scores on {hs.meta['num_samples']} samples / {hs.meta['num_tokens']} tokens "
+               f"in {hs.meta['wall_seconds']}s -> {output}")

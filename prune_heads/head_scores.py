@@ -1,0 +1,135 @@
+"""``HeadScores``: every score of every head, per calibration sequence and averaged.
+
+On disk a directory with ``scores.safetensors`` (``<score_id>`` = mean ``(L, H)``,
+``per_sample/<score_id>`` = ``(N, L, H)``) and ``scores.json`` (provenance and geometry).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .__about__ import __version__
+from .errors import ModelMismatchError, PruneHeadsError
+from .fingerprint import check_fingerprint
+from .io_utils import atomic_dir, write_json_atomic
+
+SCORES_FILE = "scores.safetensors"
+META_FILE = "scores.json"
+
+
+@dataclass
+class HeadScores:
+    """Per-head scores of one model on one calibration set."""
+
+    per_sample_values: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for sid, v in self.per_sample_values.items():
+            if sid not in self.means:
+                self.means[sid] = v.float().mean(0)
+
+    # ---- access ---------------------------------------------------------------------------
+    @property
+    def score_ids(self) -> list[str]:
+        return list(self.means)
+
+    @property
+    def num_layers(self) -> int:
+        return int(next(iter(self.means.values())).shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(next(iter(self.means.values())).shape[1])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.meta.get("num_samples") or next(iter(self.per_sample_values.values())).shape[0])
+
+    def _require(self, score_id: str) -> None:
+        if score_id not in self.means:
+            raise PruneHeadsError(
+                f"score {score_id!r} is not in this scores file (it has {', '.join(self.score_ids)}); "
+                f"recalibrate with --scores {score_id}"
+            )
+
+    def mean(self, score_id: str) -> torch.Tensor:
+        """``(L, H)`` float32 mean over calibration sequences."""
+        self._require(score_id)
+        return self.means[score_id].float()
+
+    def per_sample(self, score_id: str) -> torch.Tensor:
+        """``(N, L, H)`` float32 per-sequence values."""
+        self._require(score_id)
+        if score_id not in self.per_sample_values:
+            raise PruneHeadsError(f"score {score_id!r} has no per-sample values (it is a whole-set measurement)")
+        return self.per_sample_values[score_id].float()
+
+    def merged(self, other: HeadScores) -> HeadScores:
+        """This file's scores plus ``other``'s (for adding ablation scores to a calibration)."""
+        meta = dict(self.meta)
+        meta["scores"] = sorted(set(self.score_ids) | set(other.score_ids))
+        return HeadScores({**self.per_sample_values, **other.per_sample_values}, meta, {**self.means, **other.means})
+
+    # ---- checks ---------------------------------------------------------------------------
+    def check(self, model: Any) -> None:
+        """Raise a clear error when these scores were made on another model."""
+        from .adapters import get_adapter
+
+        layout = get_adapter(model).layout(model.config)
+        if (layout.num_layers, layout.num_heads) != (self.num_layers, self.num_heads):
+            raise ModelMismatchError(
+                f"scores have {self.num_layers} layers x {self.num_heads} heads but the model has "
+                f"{layout.num_layers} x {layout.num_heads}: they were made on another model"
+            )
+        check_fingerprint(self.meta.get("fingerprint"), model, "this scores file")
+
+    # ---- persistence ----------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        tensors: dict[str, torch.Tensor] = {}
+        for sid, v in self.means.items():
+            tensors[sid] = v.float().contiguous()
+        for sid, v in self.per_sample_values.items():
+            tensors[f"per_sample/{sid}"] = v.float().contiguous()
+        meta = dict(self.meta)
+        meta.setdefault("tool_version", __version__)
+        meta.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        meta["scores"] = self.score_ids
+        with atomic_dir(directory, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp / SCORES_FILE), metadata={"format": "prune-heads-scores/1"})
+            write_json_atomic(tmp / META_FILE, meta)
+        self.meta = meta
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> HeadScores:
+        d = Path(directory)
+        if not (d / SCORES_FILE).is_file() or not (d / META_FILE).is_file():
+            raise PruneHeadsError(f"{d} is not a scores directory (expected {SCORES_FILE} and {META_FILE}); make one with `prune-heads calibrate`")
+        try:
+            tensors = load_file(str(d / SCORES_FILE))
+            meta = json.loads((d / META_FILE).read_text())
+        except Exception as e:  # corrupt file: say which
+            raise PruneHeadsError(f"cannot read scores in {d}: {e}") from e
+        means = {k: v for k, v in tensors.items() if not k.startswith("per_sample/")}
+        per = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("per_sample/")}
+        return cls(per, meta, means)
+
+    def summary(self) -> dict[str, Any]:
+        """Small JSON-able digest (for plans, provenance and model cards)."""
+        return {
+            "scores": self.score_ids,
+            "num_samples": self.meta.get("num_samples"),
+            "num_tokens": self.meta.get("num_tokens"),
+            "data": self.meta.get("data"),
+            "model": self.meta.get("model"),
+        }

@@ -1,0 +1,107 @@
+"""Plan files: which heads to remove, and how that choice was made.
+
+The only required key is ``removed_heads`` (a list of ``[layer, head]``), so a hand-written plan works
+for masking and export (with a warning that nothing ties it to a model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .__about__ import __version__
+from .adapters import HeadLayout, get_adapter
+from .errors import PruneHeadsError
+from .fingerprint import check_fingerprint
+from .io_utils import write_json_atomic
+
+
+@dataclass
+class Plan:
+    removed_heads: list[tuple[int, int]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.removed_heads = sorted({(int(layer), int(h)) for layer, h in self.removed_heads})
+
+    # ---- views ----------------------------------------------------------------------------
+    def by_layer(self, num_layers: int) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {i: [] for i in range(num_layers)}
+        for layer, h in self.removed_heads:
+            out[layer].append(h)
+        return out
+
+    def mask(self, layout: HeadLayout) -> torch.Tensor:
+        """``(L, H)`` bool, True = head removed."""
+        m = torch.zeros(layout.num_layers, layout.num_heads, dtype=torch.bool)
+        for layer, h in self.removed_heads:
+            m[layer, h] = True
+        return m
+
+    @property
+    def allow_empty_layers(self) -> bool:
+        return bool(self.meta.get("allow_empty_layers", False))
+
+    # ---- validation -----------------------------------------------------------------------
+    def validate(self, model_or_config: Any, *, check_weights: Any = None) -> HeadLayout:
+        """Check indices against the model; refuse emptied layers unless the plan allows them."""
+        config = getattr(model_or_config, "config", model_or_config)
+        layout = get_adapter(config).layout(config)
+        for layer, h in self.removed_heads:
+            if not (0 <= layer < layout.num_layers and 0 <= h < layout.num_heads):
+                raise PruneHeadsError(
+                    f"plan removes head [{layer}, {h}] but the model has {layout.num_layers} layers x "
+                    f"{layout.num_heads} heads: the plan was made for another model"
+                )
+        fp = self.meta.get("fingerprint")
+        if fp is None:
+            warnings.warn("plan has no model fingerprint (hand-written?); it cannot be checked against the model", stacklevel=2)
+        elif check_weights is not None:
+            check_fingerprint(fp, check_weights, "this plan")
+        elif fp.get("config"):
+            from .fingerprint import config_fingerprint
+
+            if fp["config"] != config_fingerprint(config):
+                raise PruneHeadsError("this plan was made on a model with a different architecture")
+        if not self.allow_empty_layers:
+            counts = self.mask(layout).sum(1)
+            empty = [i for i, c in enumerate(counts.tolist()) if c == layout.num_heads]
+            if empty:
+                raise PruneHeadsError(
+                    f"plan removes every head of layer(s) {empty}; select again with --allow-empty-layers if that is intended"
+                )
+        return layout
+
+    # ---- persistence ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {"removed_heads": [list(x) for x in self.removed_heads]}
+        d.update({k: v for k, v in self.meta.items() if k != "removed_heads"})
+        d.setdefault("tool_version", __version__)
+        return d
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        return write_json_atomic(path, self.to_dict(), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise PruneHeadsError(f"plan file {p} not found") from None
+        except json.JSONDecodeError as e:
+            raise PruneHeadsError(f"plan file {p} is not valid JSON: {e}") from e
+        if not isinstance(d, dict) or "removed_heads" not in d:
+            raise PruneHeadsError(f"plan file {p} has no 'removed_heads' list")
+        try:
+            heads = [(int(a), int(b)) for a, b in d["removed_heads"]]
+        except (TypeError, ValueError) as e:
+            raise PruneHeadsError(f"plan file {p}: removed_heads must be a list of [layer, head] pairs") from e
+        meta = {k: v for k, v in d.items() if k != "removed_heads"}
+        return cls(heads, meta)
