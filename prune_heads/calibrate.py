@@ -21,7 +21,15 @@ from .data import DataSpec, as_token_lists, batches, iter_documents, tokenize_do
 from .errors import DataError
 from .fingerprint import fingerprint
 from .head_scores import HeadScores
-from .score_defs import ABLATION, CUSTOM_SCORES, FORWARD_SCORES, GRADIENT, RAW_FORWARD, derive, validate_score_ids
+from .score_defs import (
+    ABLATION,
+    CUSTOM_SCORES,
+    FORWARD_SCORES,
+    GRADIENT,
+    RAW_FORWARD,
+    derive,
+    validate_score_ids,
+)
 
 
 def default_scores() -> list[str]:

@@ -15,10 +15,10 @@ from torch import nn
 
 from .adapters import get_adapter
 from .control import HeadControl, attach
+from .errors import PruneHeadsError
 from .head_scores import HeadScores
 from .plan import Plan
 from .score_defs import FORWARD_SCORES, derive, inactive_when_high, validate_score_ids
-from .errors import PruneHeadsError
 
 Heads = Iterable[tuple[int, int]] | Plan | torch.Tensor
 
