@@ -106,19 +106,24 @@ def attention_with_stats(
             logits = torch.tanh(logits / softcap) * softcap
         allowed = _allowed_block(attention_mask, t0, t1, q_len, kv_len, device).unsqueeze(1)  # (B|1,1,1,tb,S)
         logits = logits.masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)  # (B,Hkv,g,tb)
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # fully masked (padding) rows
-        probs = torch.exp(logits - lse.unsqueeze(-1))
+        # shift by the row max: d <= 0 with the max at exactly 0, so the entropy log(z) - sum p*d has no
+        # cancellation (lse - sum p*logit loses |logit|*eps for peaked rows) and the max weight is 1/z
+        row_max = logits.amax(-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # fully masked rows
+        shifted = logits - row_max
+        del logits
+        probs = torch.exp(shifted)
+        z = probs.sum(-1).clamp_min(1e-30)  # (B,Hkv,g,tb), >= 1 on every real row
+        probs = probs / z.unsqueeze(-1)
         ob = torch.einsum("bkgts,bksd->bkgtd", probs, v32)
         out[:, t0:t1] = ob.reshape(bsz, hq, t1 - t0, dim).transpose(1, 2).to(query.dtype)
 
         qv = query_valid[:, t0:t1].float().view(bsz, 1, 1, t1 - t0)
         first_w = probs.gather(-1, first_idx.expand(bsz, hkv, groups, t1 - t0, 1)).squeeze(-1)
         acc["awft"] += (first_w * qv).sum(-1)
-        ent = lse - (probs * logits.masked_fill(~allowed, 0.0)).sum(-1)
+        ent = torch.log(z) - (probs * shifted.masked_fill(~allowed, 0.0)).sum(-1)
         acc["aeqd"] += (ent * qv).sum(-1)
-        conf = torch.exp(logits.amax(-1) - lse)
-        acc["confidence"] += (conf * qv).sum(-1)
+        acc["confidence"] += (qv / z).sum(-1)
         o_norm = ob.norm(dim=-1)
         acc["ahon"] += (o_norm * qv).sum(-1)
         if gram is not None:
@@ -129,7 +134,7 @@ def attention_with_stats(
             idx = (last - t0).clamp(0, t1 - t0 - 1).view(bsz, 1, 1, 1).expand(bsz, hkv, groups, 1)
             lt = o_norm.gather(-1, idx).squeeze(-1)
             acc["lthon"] = torch.where(in_block.view(bsz, 1, 1), lt, acc["lthon"])
-        del logits, probs, ob
+        del shifted, probs, ob
 
     stats = {k: v.reshape(bsz, hq) for k, v in acc.items()}
     for k in ("awft", "aeqd", "ahon", "fhon", "confidence"):

@@ -78,20 +78,34 @@ def _gather(per_sample: dict[str, list[tuple[int, torch.Tensor]]]) -> dict[str, 
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where inputs go: the embedding's device (with ``device_map="auto"`` layers may sit elsewhere)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def _context(model: nn.Module) -> int | None:
+    return getattr(get_adapter(model).text_config(model.config), "max_position_embeddings", None)
 
 
 def _normalise_data(data: Any, tokenizer: Any, spec: DataSpec | None, model: nn.Module) -> tuple[list[list[int]], dict[str, Any]]:
+    ctx = _context(model)
     if isinstance(data, str):
         if tokenizer is None:
             raise DataError("a text data spec needs a tokenizer (tokenizer=...)")
         spec = spec or DataSpec(source=data)
         spec.source = data
-        ctx = getattr(get_adapter(model).text_config(model.config), "max_position_embeddings", None)
         return tokenize_documents(iter_documents(data), tokenizer, spec, ctx), spec.to_dict()
     seqs = as_token_lists(data)
     if spec is not None:
+        if ctx is not None and spec.seq_len > ctx:
+            raise DataError(f"seq_len {spec.seq_len} is beyond the model's context of {ctx} tokens")
         seqs = [s[: spec.seq_len] for s in seqs][: spec.num_samples or None]
+    longest = max(len(s) for s in seqs)
+    if ctx is not None and longest > ctx:
+        raise DataError(f"a calibration sequence has {longest} tokens, beyond the model's context of {ctx}; "
+                        f"truncate it (seq_len={ctx})")
     return seqs, {"source": "pre-tokenised", "num_samples": len(seqs)}
 
 
@@ -124,7 +138,7 @@ def calibrate(
     spec = None
     if isinstance(data, str) or num_samples or seq_len:
         spec = DataSpec(source=data if isinstance(data, str) else "pre-tokenised", num_samples=num_samples or (128 if isinstance(data, str) else None),
-                        seq_len=seq_len or 512, seed=seed)
+                        seq_len=seq_len or min(512, _context(model) or 512), seed=seed)
     seqs, data_meta = _normalise_data(data, tokenizer, spec, model)
     pad_id = 0
     if tokenizer is not None and tokenizer.pad_token_id is not None:
@@ -190,6 +204,8 @@ def gradient_scores(model: nn.Module, seqs: list[list[int]], *, batch_size: int,
     adapter = get_adapter(model)
     layout = adapter.layout(model.config)
     device = _model_device(model)
+    if not seqs:  # a data-parallel rank with no sample of its own
+        return torch.zeros(0, layout.num_layers, layout.num_heads)
     rows: list[torch.Tensor] = []
     bar = tqdm(total=len(seqs), desc="gradient scores", unit="seq", disable=not progress)
     for _, ids, mask in batches(seqs, batch_size, pad_id):

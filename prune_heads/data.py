@@ -32,7 +32,7 @@ import torch
 from .errors import DataError
 
 WIKITEXT_REL = Path("data") / "wikitext-2-raw" / "wiki.test.raw"
-_HEADING = re.compile(r"^ = [^=].* = $")
+_HEADING = re.compile(r"^ ?= [^=](?:.*[^=])? = ?$")  # WikiText " = Title = " (trailing space optional)
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""Batched ablation scores vs the naive loop (one full forward pass per head), on SmolLM2-135M.
+
+The batched run measures every head. The naive loop is timed on an evenly spaced subset of heads
+(its cost per head does not depend on the head's layer) and extrapolated to all heads; the subset's
+scores are compared with the batched ones. Writes ``benchmarks/results/ablation.md``.
+
+    python benchmarks/bench_ablation.py [--num-seqs 4 --seq-len 128 --naive-heads 18]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from prune_heads.ablation import ablation_scores  # noqa: E402
+from prune_heads.data import DataSpec, iter_documents, tokenize_documents  # noqa: E402
+from prune_heads.loading import load_model  # noqa: E402
+from prune_heads.masking import static_mask  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def naive_kl(model, ids: torch.Tensor, heads: list[tuple[int, int]]) -> tuple[torch.Tensor, float]:
+    """``(N, len(heads))`` KL per sequence, one full forward per head (no padding: equal lengths)."""
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+        p = ref.exp()
+        t0 = time.perf_counter()
+        cols = []
+        for head in heads:
+            with static_mask(model, [head]):
+                lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+            cols.append((p * (ref - lp)).sum(-1).mean(-1))
+        return torch.stack(cols, 1), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--num-seqs", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--naive-heads", type=int, default=18, help="heads the naive loop is timed on (evenly spaced)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--out", default=str(HERE / "results" / "ablation.md"))
+    args = ap.parse_args()
+
+    loaded = load_model("smollm2", dtype="float32", device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    spec = DataSpec(source="wikitext2", num_samples=args.num_seqs, seq_len=args.seq_len, seed=0, min_tokens=args.seq_len)
+    seqs = tokenize_documents(iter_documents("wikitext2"), tok, spec, 8192)
+    seqs = [s[: args.seq_len] for s in seqs if len(s) >= args.seq_len][: args.num_seqs]
+    if len(seqs) < args.num_seqs:
+        sys.exit(f"only {len(seqs)} sequences of {args.seq_len} tokens in wikitext2")
+    ids = torch.tensor(seqs)
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    all_heads = [(i, h) for i in range(L) for h in range(H)]
+    step = max(1, len(all_heads) // args.naive_heads)
+    subset = all_heads[::step][: args.naive_heads]
+
+    t0 = time.perf_counter()
+    hs = ablation_scores(model, seqs, scores=["ablation_kl"], batch_size=args.batch_size, progress=False)
+    t_batched = time.perf_counter() - t0
+    naive_vals, t_naive_subset = naive_kl(model, ids, subset)
+    t_naive = t_naive_subset / len(subset) * len(all_heads)
+
+    batched = hs.per_sample("ablation_kl")
+    sub = torch.stack([batched[:, i, h] for i, h in subset], 1)
+    max_abs = float((sub - naive_vals).abs().max())
+    max_rel = float(((sub - naive_vals).abs() / naive_vals.abs().clamp_min(1e-12)).max())
+    rank_same = torch.equal(torch.argsort(sub.mean(0)), torch.argsort(naive_vals.mean(0)))
+    cost = hs.meta["ablation"]["cost"]
+
+    lines = [
+        "## Batched ablation scores (`ablation_kl`)\n",
+        f"Command: `python benchmarks/bench_ablation.py --num-seqs {args.num_seqs} --seq-len {args.seq_len} "
+        f"--naive-heads {args.naive_heads} --batch-size {args.batch_size}`  ",
+        f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads), shared with other jobs, so timings are noisy.  ",
+        f"Model: SmolLM2-135M (float32), {L} layers x {H} heads = {L * H} heads; data: {len(seqs)} WikiText-2 "
+        f"sequences x {args.seq_len} tokens.\n",
+        "| method | heads | wall time | forward passes (sequence-equivalents) |",
+        "|---|---|---|---|",
+        f"| naive loop (one full forward per head) | {L * H} | {t_naive:.1f} s (extrapolated from {len(subset)} "
+        f"evenly spaced heads: {t_naive_subset:.1f} s) | {L * H * len(seqs)} |",
+        f"| batched + prefix reuse (`ablation_scores`) | {L * H} | {t_batched:.1f} s | {cost['forward_equivalents']} "
+        f"({cost['passes']} passes, {cost['heads_per_pass']} heads per pass) |",
+        "",
+        f"**Speed-up: {t_naive / t_batched:.2f}x.** Scores on the {len(subset)} heads checked: max abs difference "
+        f"{max_abs:.2e}, max relative {max_rel:.2e}; ranking identical: {rank_same}.\n",
+        "Where the time goes: the prefix reuse halves the decoder-layer work ((L+1)/2 layers per head instead of L); "
+        "the LM head (49k x 576, about a fifth of a SmolLM2 forward) runs once per ablation in both methods, "
+        "which bounds the FLOP ratio near 1.6x at 30 layers; the rest comes from larger matmuls in the replicated batch.\n",
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""Measured head importance: what zeroing a head does to the model's next-token distribution.
+
+The paper's scores are proxies; ``ablation_kl`` / ``ablation_loss`` measure the effect directly.
+Done naively that is one full forward pass per head. Three things make it cheap, without changing
+the numbers:
+
+- many ablations share one pass: the batch is replicated along a "copy" axis and each copy zeroes a
+  different head (``HeadControl.scale[layer]`` is a ``(copies * B, H)`` multiplier);
+- the reference log-probabilities are computed once per batch;
+- zeroing a head in layer ``l`` changes nothing before ``l``: the hidden states (and every keyword
+  argument: masks, rotary embeddings) entering each decoder layer are captured once, and only layers
+  ``l..L-1``, the final norm and the LM head are run for the copies.
+
+The prefix reuse calls the decoder layers directly, so it is checked once per call against a full
+forward; if a family does something between layers that the check catches, the code falls back to
+replicated full forwards (still batched) with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import get_adapter
+from .control import HeadControl, attach
+from .data import batches
+from .errors import PruneHeadsError
+from .head_scores import HeadScores
+from .score_defs import ABLATION
+
+Head = tuple[int, int]
+Unit = list[Head]
+
+#: memory (bytes) the automatic ``heads_per_pass`` lets one pass use on CPU
+CPU_PASS_BUDGET = 3 * 2**30
+
+
+@dataclass
+class AblationCost:
+    """Work done, in units that compare with the naive loop (one full forward per head per sequence)."""
+
+    passes: int = 0  # tail or full passes run
+    layer_rows: float = 0.0  # sequences x decoder layers evaluated (replicated copies included)
+    num_layers: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def forward_equivalents(self) -> float:
+        """Sequence-forwards: ``layer_rows / L`` (a full forward of one sequence = 1)."""
+        return self.layer_rows / self.num_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": self.passes, "forward_equivalents": round(self.forward_equivalents, 2), **self.extra}
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head plus the final soft-capping some families (Gemma-2) apply in ``forward``."""
+    logits = model.lm_head(hidden)
+    cap = getattr(get_adapter(model).text_config(model.config), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def _per_seq(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over real next-token positions of each sequence."""
+    return (values * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def _replicate(x: Any, batch: int, copies: int) -> Any:
+    """Tile batch-shaped tensors ``copies`` times (copy-major), recursing into tuples/lists/dicts.
+
+    Tensors whose leading axis is 1 broadcast and are left alone (rotary tables, shared masks).
+    """
+    if isinstance(x, torch.Tensor):
+        if batch > 1 and x.dim() >= 2 and x.shape[0] == batch:
+            return x.repeat(copies, *([1] * (x.dim() - 1)))
+        return x
+    if isinstance(x, tuple):
+        return tuple(_replicate(v, batch, copies) for v in x)
+    if isinstance(x, list):
+        return [_replicate(v, batch, copies) for v in x]
+    if isinstance(x, dict):
+        return {k: _replicate(v, batch, copies) for k, v in x.items()}
+    return x
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _bytes_per_copy(model: nn.Module, batch: int, width: int) -> int:
+    """Rough peak activation memory of one replicated copy in a tail pass (float32)."""
+    cfg = get_adapter(model).text_config(model.config)
+    layout = get_adapter(model).layout(model.config)
+    inter = int(getattr(cfg, "intermediate_size", 4 * layout.hidden_size) or 4 * layout.hidden_size)
+    per_token = 8 * layout.hidden_size + 3 * inter + 2 * layout.num_heads * width
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    return 4 * batch * width * per_token + 4 * batch * width * vocab // 4
+
+
+def _memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        import os
+
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(min(CPU_PASS_BUDGET, avail * 0.25))
+    except (ValueError, OSError, AttributeError):
+        return CPU_PASS_BUDGET
+
+
+# ---- the measurement --------------------------------------------------------------------------
+
+class _Capture:
+    """Forward pre-hooks that keep every decoder layer's input (args and kwargs) of one forward."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.inputs: dict[int, tuple[tuple, dict]] = {}
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+        ]
+
+    def _hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.inputs[i] = (args, dict(kwargs))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _layer_call(layer: nn.Module, captured: tuple[tuple, dict], hidden: torch.Tensor, batch: int, copies: int) -> torch.Tensor:
+    args, kwargs = captured
+    kwargs = _replicate(kwargs, batch, copies)
+    if args:
+        args = (hidden, *_replicate(args[1:], batch, copies))
+    else:
+        kwargs["hidden_states"] = hidden
+    out = layer(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Measurer:
+    """One batch's reference, captured prefix, and the passes that measure units on it."""
+
+    def __init__(self, model: nn.Module, removed: torch.Tensor) -> None:
+        self.model = model
+        adapter = get_adapter(model)
+        self.layout = adapter.layout(model.config)
+        self.layers = adapter.decoder(model).layers
+        self.norm = adapter.decoder(model).norm
+        self.removed = removed
+        self.control = HeadControl()
+        self.base_scale = {i: (~removed[i]).float() for i in range(removed.shape[0]) if removed[i].any()}
+        self.prefix_ok: bool | None = None
+
+    # reference + capture for one batch (called inside ``attach``)
+    def prepare(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self.ids, self.mask = ids, mask
+        self.batch = ids.shape[0]
+        self.valid = (mask[:, 1:] * mask[:, :-1]).float()
+        target = ids[:, 1:]
+        self.control.scale = {}
+        cap = _Capture(self.layers) if not self.removed.any() else None
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        finally:
+            if cap is not None:
+                cap.remove()
+        self.ref_lp = torch.log_softmax(logits, -1)
+        self.ref_p = self.ref_lp.exp()
+        self.ref_nll = _per_seq(-self.ref_lp.gather(-1, target[..., None]).squeeze(-1), self.valid)
+        self.start_logits = logits
+        if cap is None:  # the pruned model's prefix differs from the reference's
+            cap = _Capture(self.layers)
+            self.control.scale = dict(self.base_scale)
+            try:
+                self.start_logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            finally:
+                cap.remove()
+        self.captured = cap.inputs
+        if len(self.captured) != len(self.layers):
+            self.prefix_ok = False
+
+    def check_prefix(self) -> bool:
+        """Does running layers 0..L-1 from the captured inputs reproduce the full forward?"""
+        if self.prefix_ok is None:
+            self.control.scale = dict(self.base_scale)
+            hidden = self.captured[0][0][0] if self.captured[0][0] else self.captured[0][1]["hidden_states"]
+            for j in range(len(self.layers)):
+                hidden = _layer_call(self.layers[j], self.captured[j], hidden, self.batch, 1)
+            logits = _final_logits(self.model, self.norm(hidden)[:, :-1])
+            tol = 1e-4 * max(1.0, float(self.start_logits.abs().max()))
+            self.prefix_ok = bool(((logits - self.start_logits).abs() * self.valid[..., None]).max() <= tol)
+            if not self.prefix_ok:
+                warnings.warn(
+                    "ablation: running decoder layers from cached inputs does not reproduce this model's forward; "
+                    "falling back to replicated full forward passes (correct, slower)", stacklevel=3)
+        return self.prefix_ok
+
+    def _scales(self, units: Sequence[Unit], start: int) -> dict[int, torch.Tensor]:
+        k, B, H = len(units), self.batch, self.layout.num_heads
+        scale: dict[int, torch.Tensor] = {j: s for j, s in self.base_scale.items() if j >= start}
+        touched = sorted({layer for u in units for layer, _ in u})
+        for j in touched:
+            m = torch.ones(k, H) if j not in self.base_scale else self.base_scale[j].repeat(k, 1)
+            for c, u in enumerate(units):
+                for layer, h in u:
+                    if layer == j:
+                        m[c, h] = 0.0
+            scale[j] = m.repeat_interleave(B, dim=0).to(self.ids.device)
+        return scale
+
+    def run(self, units: Sequence[Unit], want: Iterable[str], cost: AblationCost) -> dict[str, torch.Tensor]:
+        """``(copies, B)`` per-sequence values for ``units`` (each unit's heads zeroed together)."""
+        k, B = len(units), self.batch
+        start = min(layer for u in units for layer, _ in u)
+        if not self.check_prefix():
+            start = 0
+        self.control.scale = self._scales(units, start)
+        if start == 0 and not self.prefix_ok:
+            ids = self.ids.repeat(k, 1)
+            hidden = get_adapter(self.model).decoder(self.model)(input_ids=ids, attention_mask=self.mask.repeat(k, 1), use_cache=False).last_hidden_state
+        else:
+            args, kwargs = self.captured[start]
+            hidden = (args[0] if args else kwargs["hidden_states"]).repeat(k, 1, 1)
+            for j in range(start, len(self.layers)):
+                hidden = _layer_call(self.layers[j], self.captured[j], hidden, B, k)
+            hidden = self.norm(hidden)
+        cost.passes += 1
+        cost.layer_rows += k * B * (len(self.layers) - start)
+        want = list(want)
+        out: dict[str, list[torch.Tensor]] = {w: [] for w in want}
+        target = self.ids[:, 1:, None]
+        for c in range(k):  # the LM head one copy at a time bounds the (B, T, V) memory
+            lp = torch.log_softmax(_final_logits(self.model, hidden[c * B:(c + 1) * B, :-1]), -1)
+            if "ablation_kl" in out:
+                out["ablation_kl"].append(_per_seq((self.ref_p * (self.ref_lp - lp)).sum(-1), self.valid))
+            if "ablation_loss" in out:
+                nll = _per_seq(-lp.gather(-1, target).squeeze(-1), self.valid)
+                out["ablation_loss"].append(nll - self.ref_nll)
+        self.control.scale = {}
+        return {w: torch.stack(v) for w, v in out.items()}
+
+
+def _group_by_start(units: Sequence[Unit]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, u in enumerate(units):
+        groups.setdefault(min(layer for layer, _ in u), []).append(i)
+    return groups
+
+
+def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequence[Unit], *,
+                  scores: Iterable[str] = ABLATION, removed: torch.Tensor | None = None, batch_size: int = 8,
+                  pad_id: int = 0, heads_per_pass: int | None = None, progress: bool = True,
+                  desc: str = "ablation") -> tuple[dict[str, torch.Tensor], AblationCost]:
+    """Per-sequence effect ``(N, U)`` of zeroing each unit (a set of heads) on top of ``removed``.
+
+    The reference is always the unpruned model: ``ablation_kl`` is ``KL(original || removed+unit)``
+    and ``ablation_loss`` the LM-loss increase over the original, so values under different
+    ``removed`` sets stay on one scale.
+    """
+    want = [s for s in scores if s in ABLATION]
+    if not want:
+        raise PruneHeadsError(f"ablation scores are {', '.join(ABLATION)}; got {list(scores)}")
+    if not seqs:
+        raise PruneHeadsError("ablation needs at least one calibration sequence")
+    if any(len(s) < 2 for s in seqs):
+        raise PruneHeadsError("ablation needs sequences of at least 2 tokens (one next-token prediction)")
+    layout = get_adapter(model).layout(model.config)
+    removed = torch.zeros(layout.num_layers, layout.num_heads, dtype=torch.bool) if removed is None else removed.bool().cpu()
+    if tuple(removed.shape) != (layout.num_layers, layout.num_heads):
+        raise PruneHeadsError(f"removed mask has shape {tuple(removed.shape)}, expected ({layout.num_layers}, {layout.num_heads})")
+    for u in units:
+        if not u:
+            raise PruneHeadsError("an ablation unit has no heads")
+        for layer, h in u:
+            if not (0 <= layer < layout.num_layers and 0 <= h < layout.num_heads):
+                raise PruneHeadsError(f"head [{layer}, {h}] is outside the model ({layout.num_layers} x {layout.num_heads})")
+    if heads_per_pass is not None and heads_per_pass < 1:
+        raise PruneHeadsError(f"heads_per_pass must be >= 1, got {heads_per_pass}")
+
+    device = _device(model)
+    groups = _group_by_start(units)
+    width = max(len(s) for s in seqs)
+    bsz = min(batch_size, len(seqs))
+    auto = heads_per_pass is None
+    if auto:
+        biggest = max(len(g) for g in groups.values()) if groups else 1
+        heads_per_pass = max(1, min(biggest, _memory_budget(device) // max(1, _bytes_per_copy(model, bsz, width))))
+    result = {w: torch.full((len(seqs), len(units)), math.nan) for w in want}
+    cost = AblationCost(num_layers=layout.num_layers)
+    measurer = _Measurer(model, removed)
+    bar = tqdm(total=len(units) * len(seqs), desc=desc, unit="head-seq", disable=not progress)
+    with attach(model, measurer.control), torch.no_grad():
+        for idx, ids, mask in batches(seqs, batch_size, pad_id):
+            measurer.prepare(ids.to(device), mask.to(device))
+            cost.layer_rows += len(idx) * layout.num_layers * (2 if removed.any() else 1)
+            for _, members in sorted(groups.items()):
+                pos = 0
+                while pos < len(members):
+                    chunk = members[pos:pos + heads_per_pass]
+                    try:
+                        vals = measurer.run([units[i] for i in chunk], want, cost)
+                    except (RuntimeError, torch.OutOfMemoryError) as e:
+                        if not _is_oom(e):
+                            raise
+                        measurer.control.scale = {}
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        if auto and heads_per_pass > 1:
+                            heads_per_pass = max(1, heads_per_pass // 2)
+                            continue
+                        raise PruneHeadsError(
+                            f"ablation ran out of memory with heads_per_pass={heads_per_pass}, batch_size={batch_size}: "
+                            f"set heads_per_pass (--heads-per-pass) to {max(1, heads_per_pass // 2)} or lower, "
+                            "or lower batch_size") from e
+                    for w in want:
+                        for c, ui in enumerate(chunk):
+                            result[w][idx, ui] = vals[w][c].float().cpu()
+                    pos += len(chunk)
+                    bar.update(len(chunk) * len(idx))
+    bar.close()
+    cost.extra["heads_per_pass"] = heads_per_pass
+    cost.extra["prefix_reuse"] = bool(measurer.prefix_ok)
+    return result, cost
+
+
+def ablation_scores(model: nn.Module, seqs: Sequence[Sequence[int]], *, scores: Iterable[str] = ABLATION,
+                    batch_size: int = 8, pad_id: int = 0, candidates: Iterable[Head] | None = None,
+                    removed: torch.Tensor | None = None, heads_per_pass: int | None = None,
+                    progress: bool = True) -> HeadScores:
+    """Leave-one-out ablation scores of single heads, as ``HeadScores`` (per-sample ``(N, L, H)``).
+
+    Args:
+        candidates: measure only these heads (e.g. a proxy's shortlist); the rest are NaN.
+        removed: ``(L, H)`` bool, heads already zeroed; each score is then the effect of zeroing the
+            head *in addition* (still relative to the unpruned model). Removed heads are NaN.
+        heads_per_pass: ablations per replicated pass (memory); default: as many as fit.
+    """
+    scores = list(scores)
+    layout = get_adapter(model).layout(model.config)
+    rm = torch.zeros(layout.num_layers, layout.num_heads, dtype=torch.bool) if removed is None else removed.bool().cpu()
+    if candidates is None:
+        heads = [(i, h) for i in range(layout.num_layers) for h in range(layout.num_heads)]
+    else:
+        heads = sorted({(int(i), int(h)) for i, h in candidates})
+    heads = [x for x in heads if not (0 <= x[0] < rm.shape[0] and 0 <= x[1] < rm.shape[1] and rm[x])]
+    seqs = [list(map(int, s)) for s in seqs]
+    vals, cost = measure_units(model, seqs, [[x] for x in heads], scores=scores, removed=rm, batch_size=batch_size,
+                               pad_id=pad_id, heads_per_pass=heads_per_pass, progress=progress)
+    per_sample = {}
+    for sid, v in vals.items():
+        full = torch.full((len(seqs), layout.num_layers, layout.num_heads), math.nan)
+        for j, (i, h) in enumerate(heads):
+            full[:, i, h] = v[:, j]
+        per_sample[sid] = full
+    meta = {
+        "num_layers": layout.num_layers,
+        "num_heads": layout.num_heads,
+        "num_samples": len(seqs),
+        "num_tokens": int(sum(len(s) for s in seqs)),
+        "ablation": {
+            "measured_heads": len(heads),
+            "removed": [list(x) for x in rm.nonzero().tolist()],
+            "reference": "unpruned model",
+            "cost": cost.to_dict(),
+            "naive_forward_equivalents": len(heads) * len(seqs),
+        },
+    }
+    return HeadScores(per_sample, meta)

@@ -1,0 +1,134 @@
+"""Evaluate a model with heads masked: lm-eval tasks (offline too), local multiple choice, perplexity, KL.
+
+``make_evaluator`` prepares a task once (data, documents, few-shot prompts, reference log-probs) and
+returns a callable that scores the model under a head mask. Results of static masks are cached by
+mask, because a selector asks for the same mask (at least the empty one) more than once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import PruneHeadsError
+from ..masking import heads_to_mask, static_mask
+
+__all__ = ["EvalResult", "Evaluator", "make_evaluator", "parse_task"]
+
+
+@dataclass
+class EvalResult:
+    metric: str
+    value: float
+    stderr: float | None
+    higher_is_better: bool
+    n: int
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_task(task: str) -> tuple[str, str]:
+    """``(kind, rest)``: kind is ``mc``, ``ppl``, ``kl`` or ``lm-eval``."""
+    if not isinstance(task, str) or not task.strip():
+        from .lmeval import TASK_NAMING_HELP
+
+        raise PruneHeadsError(f"empty task name; {TASK_NAMING_HELP}")
+    for kind in ("mc", "ppl", "kl"):
+        if task.startswith(kind + ":"):
+            return kind, task[len(kind) + 1:]
+    return "lm-eval", task
+
+
+class Evaluator:
+    """Callable: ``evaluator(removed)`` -> ``EvalResult`` of the model with ``removed`` heads zeroed.
+
+    ``removed`` is an ``(L, H)`` bool mask (True = zeroed), a ``Plan`` or ``[(layer, head)]``; None is the
+    unmasked model. ``context=`` (a callable ``model -> context manager``) replaces the static mask, for
+    instance ``lambda m: dynamic_mask(m, "awft", 0.3)``; such results are not cached.
+    """
+
+    def __init__(self, model: Any, backend: Any, task_config: dict[str, Any]) -> None:
+        self.model = model
+        self.backend = backend
+        self.task_config = task_config
+        self.calls = 0
+        self.seconds = 0.0
+        self._cache: dict[bytes, EvalResult] = {}
+
+    def _key(self, mask: torch.Tensor) -> bytes:
+        return bytes(mask.shape) + mask.to(torch.uint8).flatten().numpy().tobytes()
+
+    def __call__(self, removed: Any = None, *, context: Callable[[Any], Any] | None = None) -> EvalResult:
+        if context is None:
+            if removed is None:
+                from ..adapters import get_adapter
+
+                layout = get_adapter(self.model).layout(self.model.config)
+                mask = torch.zeros(layout.num_layers, layout.num_heads, dtype=torch.bool)
+            else:
+                mask = heads_to_mask(self.model, removed).cpu()
+            key = self._key(mask)
+            if key in self._cache:
+                return self._cache[key]
+            def enter() -> Any:
+                return static_mask(self.model, mask) if mask.any() else contextlib.nullcontext()
+        else:
+            key = None
+            def enter() -> Any:
+                return context(self.model)
+        self.backend.prepare()
+        t0 = time.perf_counter()
+        value, stderr, n, hib, details = self.backend.run(enter)
+        elapsed = time.perf_counter() - t0
+        self.calls += 1
+        self.seconds += elapsed
+        details = {**details, "seconds": round(elapsed, 3)}
+        result = EvalResult(self.task_config["metric"], float(value), stderr, hib, int(n), details)
+        if key is not None:
+            self._cache[key] = result
+        return result
+
+    def cache_info(self) -> dict[str, int]:
+        return {"calls": self.calls, "cached": len(self._cache)}
+
+
+def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None = None, num_fewshot: int | None = None,
+                   split: str = "all", data_dir: str | None = None, batch_size: int = 8, seed: int = 0,
+                   metric: str | None = None) -> Evaluator:
+    """Prepare ``task`` on ``model``; see the module docs of ``lmeval``, ``local_tasks`` and ``perplexity``.
+
+    ``split``: ``search`` and ``verify`` use disjoint halves of the task's documents (seeded by ``seed``),
+    ``all`` uses them in order; ``limit`` caps the documents taken (per subtask for groups).
+    """
+    if split not in ("search", "verify", "all"):
+        raise PruneHeadsError(f"split must be 'search', 'verify' or 'all', not {split!r}")
+    if limit is not None and limit < 1:
+        raise PruneHeadsError(f"limit must be at least 1, got {limit}")
+    kind, rest = parse_task(task)
+    backend: Any
+    if kind in ("ppl", "kl"):
+        from .perplexity import TextBackend
+
+        if num_fewshot:
+            raise PruneHeadsError(f"--num-fewshot does not apply to {kind}: tasks")
+        backend = TextBackend(model, tokenizer, kind, rest, limit=limit, split=split, seed=seed, batch_size=batch_size)
+    else:
+        from .lmeval import LMEvalBackend
+
+        spec: Any = rest
+        if kind == "mc":
+            from .local_tasks import mc_task_config
+
+            spec = mc_task_config(rest)
+        backend = LMEvalBackend(model, tokenizer, spec, limit=limit, num_fewshot=num_fewshot, split=split,
+                                data_dir=data_dir, batch_size=batch_size, seed=seed, metric=metric, kind=kind)
+        if kind == "mc":
+            backend.task_config["task"] = task
+    return Evaluator(model, backend, backend.task_config)

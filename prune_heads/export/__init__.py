@@ -1,0 +1,219 @@
+"""Export a pruned checkpoint: ``sliced`` (smaller, custom code travels along), ``uniform`` (stock
+architecture) or ``masked`` (same shapes, the oracle).
+
+Export streams the source tensor by tensor into an atomic temporary directory; verification runs on
+that directory before it is renamed into place, so the result it writes describes exactly the files
+that land.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..__about__ import __version__
+from ..adapters import get_adapter
+from ..errors import PruneHeadsError
+from ..io_utils import atomic_dir, check_output_dir, write_json_atomic
+from ..plan import Plan
+from . import masked, sliced, uniform
+from .slicing import layer_heads, predicted_removed_params, slicing_rules
+from .streaming import copy_aux_files, iter_tensors, open_source, parse_size
+from .verify import verify_export
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"sliced": sliced, "uniform": uniform, "masked": masked}
+PROVENANCE_FILE = "prune_heads.json"
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    params_before: int
+    params_after: int
+    verification: dict | None
+    files: list[str] = field(default_factory=list)
+    predicted_params_after: int | None = None
+    bytes_written: int = 0
+    peak_buffer_bytes: int = 0
+
+    @property
+    def passed(self) -> bool:
+        """False only when verification ran, was exact by design, and exceeded its tolerance."""
+        v = self.verification
+        return v is None or bool(v["passed"]) or bool(v.get("approximate_norms"))
+
+
+_registered = False
+
+
+def register_auto_classes() -> None:
+    """Let ``AutoConfig``/``AutoModelForCausalLM`` load sliced checkpoints without ``trust_remote_code``."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .remote.configuration_pruned import PRUNED_CONFIGS
+    from .remote.modeling_pruned import PRUNED_MODELS
+
+    for family, config_cls in PRUNED_CONFIGS.items():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, PRUNED_MODELS[family], exist_ok=True)
+    _registered = True
+
+
+def resolve_source(model: str, gguf_file: str | None = None) -> Path:
+    """A local checkpoint directory for ``model`` (directory, Hub id, GGUF, or ``smollm2``)."""
+    from ..loading import gguf_to_plain, resolve_model_spec
+
+    location, gguf = resolve_model_spec(model, gguf_file)
+    if gguf:
+        return Path(gguf_to_plain(location, gguf))
+    p = Path(location)
+    if p.is_dir():
+        return p
+    if p.exists() or location.startswith((".", "/")):
+        raise PruneHeadsError(f"{location} is not a model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                 "*.tiktoken", "*.jinja", "LICENSE*", "NOTICE*"]))
+    except Exception as e:
+        raise PruneHeadsError(f"cannot fetch {location!r} from the Hub ({e}); pass a local checkpoint directory") from e
+
+
+def _tied_duplicate(name: str, src_config: dict, names: set[str]) -> bool:
+    tied = src_config.get("tie_word_embeddings", (src_config.get("text_config") or {}).get("tie_word_embeddings"))
+    return bool(tied) and name == "lm_head.weight" and "model.embed_tokens.weight" in names
+
+
+def export(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
+           shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
+           eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
+           progress: bool = True, verify_tol: float = 1e-4) -> ExportResult:
+    """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring."""
+    import torch
+
+    from ..loading import parse_dtype
+
+    if format not in FORMATS:
+        raise PruneHeadsError(f"unknown format {format!r}; choose sliced, uniform or masked")
+    fmt = FORMATS[format]
+    max_bytes = parse_size(shard_size)
+    torch_dtype = parse_dtype(dtype)
+    dtype_name = str(torch_dtype).removeprefix("torch.") if torch_dtype is not None else None
+    check_output_dir(out_dir, overwrite)
+    src = open_source(resolve_source(model, gguf_file))
+    out = Path(out_dir)
+    if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:
+        raise PruneHeadsError("the output directory must not be (or be inside) the source model directory")
+
+    from transformers import AutoConfig
+
+    register_auto_classes()
+    config = AutoConfig.from_pretrained(src.path)
+    adapter = get_adapter(config)
+    layout = plan.validate(config)
+    heads = layer_heads(plan, layout)
+    fmt.check(adapter, layout, heads, src.config)
+    approximate = bool(approximate_norms and adapter.qk_norm == "full_width")
+    if approximate_norms and not approximate:
+        log.warning("--approximate-norms has no effect on %s (no full-width q/k norm)", adapter.name)
+    out_config = fmt.output_config(src.config, adapter, layout, heads, dtype=dtype_name, approximate_norms=approximate)
+    rules = slicing_rules(adapter, layout, heads, mode=fmt.MODE, approximate_norms=approximate)
+
+    from .streaming import ShardWriter
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, max_bytes)
+        names = set(src.weight_map)
+        params_before = 0
+        for name, tensor in iter_tensors(src, progress=progress):
+            if _tied_duplicate(name, src.config, names):
+                continue
+            params_before += tensor.numel()
+            rule = rules.get(name)
+            if rule is not None:
+                tensor = rule(tensor)
+                if tensor is None:
+                    continue
+            if torch_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(torch_dtype)
+            writer.add(name, tensor)
+            del tensor
+        files = writer.close()
+        write_json_atomic(tmp / "config.json", out_config)
+        files.append("config.json")
+        files += copy_aux_files(src.path, tmp)
+        if fmt.REMOTE_CODE:
+            files += fmt.write_extras(tmp)
+
+        verification = None
+        if verify:
+            verification = verify_export(src.path, tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate)
+        predicted = params_before - (predicted_removed_params(layout, adapter, heads, approximate_norms=approximate)
+                                     if fmt.MODE == "slice" else 0)
+        removed_per_layer = [layout.num_heads - len(h.kept) for h in heads]
+        provenance = {
+            "tool": "prune-heads",
+            "tool_version": __version__,
+            "format": format,
+            "source": {"model": str(model), "path": str(src.path), "sha256": src.fingerprint()},
+            "family": adapter.name,
+            "plan": plan.to_dict(),
+            "removed_per_layer": removed_per_layer,
+            "heads_total": layout.total_heads,
+            "heads_removed": len(plan.removed_heads),
+            "kv_heads_removed": sum(layout.num_kv_heads - len(h.kept_kv) for h in heads),
+            "params_before": params_before,
+            "params_after": writer.total_params,
+            "params_after_predicted": predicted,
+            "dtype": dtype_name or "source",
+            "approximate_norms": approximate,
+            "scores_summary": scores_summary,
+            "eval_results": eval_results,
+            "verification": verification,
+        }
+        write_json_atomic(tmp / PROVENANCE_FILE, provenance)
+        files.append(PROVENANCE_FILE)
+        files += _model_card(tmp, provenance, src, adapter, layout, format)
+
+    return ExportResult(out, params_before, writer.total_params, verification, sorted(files), predicted,
+                        writer.total_bytes, writer.peak_buffer_bytes)
+
+
+def _model_card(tmp: Path, prov: dict[str, Any], src, adapter, layout, format: str) -> list[str]:
+    """The hub engineer's model card, when that module is present."""
+    try:
+        from .model_card import write_model_card
+    except ImportError:
+        return []
+    license_ = src.config.get("license")
+    info = {
+        "base_model": prov["source"]["model"],
+        "format": format,
+        "family": adapter.name,
+        "plan": prov["plan"],
+        "removed_per_layer": prov["removed_per_layer"],
+        "num_heads_per_layer": layout.num_heads,
+        "heads_total": prov["heads_total"],
+        "heads_removed": prov["heads_removed"],
+        "params_before": prov["params_before"],
+        "params_after": prov["params_after"],
+        "eval_results": prov["eval_results"],
+        "verification": prov["verification"],
+        "license": license_,
+        "tool_version": prov["tool_version"],
+        "trust_remote_code": format == "sliced",
+    }
+    path = write_model_card(tmp, info)
+    return [Path(path).name]
+
+
+__all__ = ["FORMATS", "ExportResult", "export", "register_auto_classes", "verify_export"]

@@ -1,0 +1,288 @@
+"""Modelling code of head-pruned checkpoints written by prune-heads (``sliced`` format).
+
+This file travels inside the checkpoint (``auto_map``) and must not import ``prune_heads``.
+
+Each class subclasses the family's stock ``*ForCausalLM`` and, after the stock constructor, swaps every
+attention block's projections for smaller ones holding only the kept heads. The stock attention
+``forward`` views projections as ``(-1, head_dim)``, so it infers the new head counts by itself. What
+it cannot express is GQA when the KV groups of one layer keep different numbers of query heads:
+``repeat_kv`` assumes equal groups. So each attention module carries an explicit query->KV map, and the
+model runs through its own registered attention function ``pruned_sdpa``, which gathers each query
+head's K/V before calling SDPA (the KV cache keeps only the kept KV heads).
+
+Full-width q/k norms (OLMo-2) normalise over all heads at once: by default the full q/k projections are
+kept so the norm statistic is exact, and the kept heads are selected after the norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AttentionInterface,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Olmo2ForCausalLM,
+    Phi3ForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .configuration_pruned import (
+    PrunedGemma2Config,
+    PrunedGemma3TextConfig,
+    PrunedLlamaConfig,
+    PrunedMistralConfig,
+    PrunedOlmo2Config,
+    PrunedPhi3Config,
+    PrunedQwen2Config,
+    PrunedQwen3Config,
+)
+
+ATTN_NAME = "pruned_sdpa"
+
+DEFAULT_LAYOUT = {
+    "attn_name": "self_attn",
+    "q_name": "q_proj",
+    "k_name": "k_proj",
+    "v_name": "v_proj",
+    "o_name": "o_proj",
+    "fused_qkv": None,
+    "qk_norm": "none",
+    "q_norm_name": "q_norm",
+    "k_norm_name": "k_norm",
+}
+
+
+# ---- attention function ---------------------------------------------------------------------------
+def _index(module: nn.Module, attr: str, device: torch.device) -> torch.Tensor | None:
+    """Index tensors are built lazily per device: buffers would be lost to meta-device initialisation."""
+    values = getattr(module, attr, None)
+    if values is None:
+        return None
+    cache = module.__dict__.setdefault("_pruned_index_cache", {})
+    key = (attr, str(device))
+    if key not in cache:
+        cache[key] = torch.tensor(values, dtype=torch.long, device=device)
+    return cache[key]
+
+
+def _eager(query, key, value, attention_mask, scaling, dropout, softcap, training):
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :k_len], torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask[..., :k_len]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def pruned_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA (eager when soft-capping or attention weights are needed) with an explicit query->KV map."""
+    kv_map = _index(module, "pruned_kv_map", key.device)
+    if kv_map is not None:
+        key = key.index_select(1, kv_map)
+        value = value.index_select(1, kv_map)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+    if softcap is not None or kwargs.get("output_attentions"):
+        return _eager(query, key, value, attention_mask, scaling, dropout, softcap, module.training)
+    kwargs.pop("softcap", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _mask(*args, **kwargs):
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_attention() -> None:
+    """Register the function and its mask builder; without the mask entry padding would be ignored."""
+    AttentionInterface.register(ATTN_NAME, pruned_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _mask)
+
+
+register_attention()
+
+
+# ---- module surgery ---------------------------------------------------------------------------------
+class _LayerConfig:
+    """A view of the model config with this layer's head counts (fused-qkv families read them in forward).
+
+    Everything else reads through to the live config, so later changes (attention implementation...)
+    are seen.
+    """
+
+    def __init__(self, config, **overrides):
+        object.__setattr__(self, "_base", config)
+        object.__setattr__(self, "_overrides", overrides)
+
+    def __getattr__(self, name):
+        overrides = object.__getattribute__(self, "_overrides")
+        if name in overrides:
+            return overrides[name]
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_base"), name, value)
+
+
+class _BiasOnly(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+
+class EmptyAttention(nn.Module):
+    """A layer whose every head was removed: it contributes ``o_proj``'s bias (or nothing).
+
+    It still appends zero-head K/V to the cache, so the cache's sequence length stays right for the
+    layers after it.
+    """
+
+    def __init__(self, config, layer_idx: int, head_dim: int, o_name: str, o_bias: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+        self.config = config
+        if o_bias:
+            setattr(self, o_name, _BiasOnly(config.hidden_size))
+        self._o_name = o_name if o_bias else None
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        past = kwargs.pop("past_key_values", None)
+        cache = cache if cache is not None else past
+        b, t = hidden_states.shape[:2]
+        if cache is not None:
+            empty = hidden_states.new_zeros(b, 0, t, self.head_dim)
+            cache.update(empty, empty, self.layer_idx)
+        out = torch.zeros_like(hidden_states)
+        if self._o_name is not None:
+            out = out + getattr(self, self._o_name).bias.to(out.dtype)
+        return out, None
+
+
+def _linear_like(old: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
+    dev = old.weight.device
+    return nn.Linear(
+        in_features if in_features is not None else old.in_features,
+        out_features if out_features is not None else old.out_features,
+        bias=old.bias is not None,
+        device=dev,
+        dtype=old.weight.dtype,
+    )
+
+
+def _select_hook(attr: str):
+    def hook(module, inputs, output):
+        idx = _index(module, attr, output.device)
+        return output.index_select(-1, idx)
+
+    return hook
+
+
+def _shrink_norm(norm: nn.Module, width: int) -> None:
+    norm.weight = nn.Parameter(torch.ones(width, device=norm.weight.device, dtype=norm.weight.dtype))
+
+
+def prune_attention_modules(model: nn.Module, config) -> None:
+    """Replace every attention block's projections by ones holding only the kept heads."""
+    layout = dict(DEFAULT_LAYOUT, **(config.pruned_layout or {}))
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    group = heads // kv_heads
+    layers = model.model.layers
+    kept_all = config.kept_heads
+    if kept_all is None or len(kept_all) != len(layers):
+        raise ValueError("config.kept_heads must list the kept query heads of every layer")
+    full_norm = layout["qk_norm"] == "full_width"
+    exact_norm = full_norm and not config.approximate_norms
+    for i, layer in enumerate(layers):
+        kept = [int(h) for h in kept_all[i]]
+        if kept == list(range(heads)):
+            continue
+        attn = getattr(layer, layout["attn_name"])
+        o_proj = getattr(attn, layout["o_name"])
+        if not kept:
+            setattr(layer, layout["attn_name"], EmptyAttention(config, attn.layer_idx, head_dim, layout["o_name"],
+                                                               o_proj.bias is not None))
+            continue
+        kv_kept = sorted({h // group for h in kept})
+        kv_map = [kv_kept.index(h // group) for h in kept]
+        nq, nkv = len(kept), len(kv_kept)
+        setattr(attn, layout["o_name"], _linear_like(o_proj, in_features=nq * head_dim))
+        if layout["fused_qkv"]:
+            fused = getattr(attn, layout["fused_qkv"])
+            setattr(attn, layout["fused_qkv"], _linear_like(fused, out_features=(nq + 2 * nkv) * head_dim))
+        else:
+            q, k, v = (getattr(attn, layout[n]) for n in ("q_name", "k_name", "v_name"))
+            if not exact_norm:
+                setattr(attn, layout["q_name"], _linear_like(q, out_features=nq * head_dim))
+                setattr(attn, layout["k_name"], _linear_like(k, out_features=nkv * head_dim))
+            setattr(attn, layout["v_name"], _linear_like(v, out_features=nkv * head_dim))
+        if full_norm:
+            q_norm, k_norm = getattr(attn, layout["q_norm_name"]), getattr(attn, layout["k_norm_name"])
+            if exact_norm:
+                q_norm.pruned_select = [h * head_dim + d for h in kept for d in range(head_dim)]
+                k_norm.pruned_select = [g * head_dim + d for g in kv_kept for d in range(head_dim)]
+                q_norm.register_forward_hook(_select_hook("pruned_select"))
+                k_norm.register_forward_hook(_select_hook("pruned_select"))
+            else:
+                _shrink_norm(q_norm, nq * head_dim)
+                _shrink_norm(k_norm, nkv * head_dim)
+        attn.config = _LayerConfig(config, num_attention_heads=nq, num_key_value_heads=nkv)
+        attn.num_key_value_heads = nkv
+        attn.num_key_value_groups = 1
+        attn.pruned_kv_map = kv_map
+
+
+class _PrunedMixin:
+    """Shared by all pruned model classes: shrink attention after the stock constructor."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        prune_attention_modules(self, config)
+        self.post_init()
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, allow_all_kernels=False):
+        # the stock kernels would apply repeat_kv with the original group size: always use ours
+        register_attention()
+        return ATTN_NAME
+
+
+def _pruned_model(base: type, config_class: type, name: str) -> type:
+    return type(name, (_PrunedMixin, base), {"__module__": __name__, "__qualname__": name, "config_class": config_class})
+
+
+PrunedLlamaForCausalLM = _pruned_model(LlamaForCausalLM, PrunedLlamaConfig, "PrunedLlamaForCausalLM")
+PrunedMistralForCausalLM = _pruned_model(MistralForCausalLM, PrunedMistralConfig, "PrunedMistralForCausalLM")
+PrunedQwen2ForCausalLM = _pruned_model(Qwen2ForCausalLM, PrunedQwen2Config, "PrunedQwen2ForCausalLM")
+PrunedQwen3ForCausalLM = _pruned_model(Qwen3ForCausalLM, PrunedQwen3Config, "PrunedQwen3ForCausalLM")
+PrunedOlmo2ForCausalLM = _pruned_model(Olmo2ForCausalLM, PrunedOlmo2Config, "PrunedOlmo2ForCausalLM")
+PrunedGemma2ForCausalLM = _pruned_model(Gemma2ForCausalLM, PrunedGemma2Config, "PrunedGemma2ForCausalLM")
+PrunedGemma3ForCausalLM = _pruned_model(Gemma3ForCausalLM, PrunedGemma3TextConfig, "PrunedGemma3ForCausalLM")
+PrunedPhi3ForCausalLM = _pruned_model(Phi3ForCausalLM, PrunedPhi3Config, "PrunedPhi3ForCausalLM")
+
+#: family model_type -> pruned model class
+PRUNED_MODELS = {
+    "llama": PrunedLlamaForCausalLM,
+    "mistral": PrunedMistralForCausalLM,
+    "qwen2": PrunedQwen2ForCausalLM,
+    "qwen3": PrunedQwen3ForCausalLM,
+    "olmo2": PrunedOlmo2ForCausalLM,
+    "gemma2": PrunedGemma2ForCausalLM,
+    "gemma3_text": PrunedGemma3ForCausalLM,
+    "phi3": PrunedPhi3ForCausalLM,
+}

@@ -1,0 +1,88 @@
+"""``uniform`` format: a stock architecture with fewer heads, loadable with no custom code.
+
+Possible only when every layer keeps the same number of KV groups and every kept group the same
+number of query heads (a plan made with the ``uniform`` policy). The family adapter names the stock
+``model_type`` written (``uniform_model_type``); families whose computation a stock class cannot
+express with fewer heads (OLMo-2's full-width q/k norm) have none and are refused.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ..adapters import FamilyAdapter, HeadLayout
+from ..errors import PruneHeadsError, UnsupportedArchitectureError
+from .formats_common import base_config_dict
+from .slicing import LayerHeads
+
+MODE = "slice"
+REMOTE_CODE = False
+
+
+def covered_families() -> list[str]:
+    from ..adapters.families import ALL_ADAPTERS
+
+    return [a.name for a in ALL_ADAPTERS if a.uniform_model_type]
+
+
+def uniform_shape(layout: HeadLayout, heads: list[LayerHeads]) -> tuple[int, int] | None:
+    """``(query heads, KV heads)`` every layer keeps, or None when layers or groups differ."""
+    shapes = set()
+    for lh in heads:
+        per_group = Counter(layout.kv_of(h) for h in lh.kept)
+        if len(set(per_group.values())) > 1:
+            return None
+        shapes.add((len(lh.kept), len(lh.kept_kv)))
+    return shapes.pop() if len(shapes) == 1 else None
+
+
+def check(adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], src_config: dict[str, Any]) -> None:
+    if not adapter.uniform_model_type:
+        raise UnsupportedArchitectureError(
+            f"the uniform format covers {', '.join(covered_families())}; {adapter.name} can't be written as a stock "
+            f"model with fewer heads ({adapter.caveat or 'no stock equivalent'}). Use --format sliced"
+        )
+    shape = uniform_shape(layout, heads)
+    if shape is None or shape[0] == 0:
+        raise PruneHeadsError(
+            "the uniform format needs every layer to keep the same number of KV groups and every kept group the same "
+            "number of query heads (and no empty layer); select with --policy uniform, or use --format sliced"
+        )
+    _target_config_class(adapter, src_config)
+
+
+def _target_config_class(adapter: FamilyAdapter, src_config: dict[str, Any]):
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    target = CONFIG_MAPPING[adapter.uniform_model_type]
+    source = CONFIG_MAPPING[src_config["model_type"]]
+    if target is not source:
+        # a renamed architecture must not silently lose an option the source uses
+        src_defaults = AutoConfig.for_model(src_config["model_type"]).to_dict()
+        target_keys = set(target().to_dict())
+        lost = [k for k, v in src_config.items()
+                if k not in target_keys and k in src_defaults and v != src_defaults[k] and v not in (None, False)]
+        if lost:
+            raise UnsupportedArchitectureError(
+                f"{adapter.name} is written uniform as {adapter.uniform_model_type}, which has no {', '.join(lost)}; "
+                "use --format sliced"
+            )
+    return target
+
+
+def output_config(src_config: dict[str, Any], adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], *,
+                  dtype: str | None, approximate_norms: bool) -> dict[str, Any]:
+    nq, nkv = uniform_shape(layout, heads)
+    target = _target_config_class(adapter, src_config)
+    d = base_config_dict(src_config, dtype)
+    d.update(num_attention_heads=nq, num_key_value_heads=nkv, head_dim=layout.head_dim)
+    if adapter.uniform_model_type != src_config["model_type"]:
+        d["model_type"] = adapter.uniform_model_type
+        if "sliding_window" in target().to_dict() and "sliding_window" not in src_config:
+            d["sliding_window"] = None  # the source attends to the full context
+        d["architectures"] = [target.__name__.removesuffix("Config") + "ForCausalLM"]
+    else:
+        d["architectures"] = src_config.get("architectures")
+    return d

@@ -1,0 +1,23 @@
+"""Choosing which heads to remove: the budgeted static selector, GQA policies and the paper's sweep.
+
+The measured selectors (``iterative``, ``gates``) live in their own modules and are imported lazily.
+"""
+
+from .policies import POLICIES, candidate_units, heads_of, layer_floor, removal_mask
+from .search import SearchResult, max_probes, search_largest_k
+from .static import RANDOM_SCORE, ranking, select_static, within_budget
+
+__all__ = [
+    "POLICIES",
+    "RANDOM_SCORE",
+    "SearchResult",
+    "candidate_units",
+    "heads_of",
+    "layer_floor",
+    "max_probes",
+    "ranking",
+    "removal_mask",
+    "search_largest_k",
+    "select_static",
+    "within_budget",
+]

@@ -1,0 +1,215 @@
+"""Learned head gates (Voita et al., 2019): hard-concrete gates with an L0 penalty, trained by distillation.
+
+One stochastic gate per head multiplies the head's output before ``o_proj`` (``HeadControl.scale``
+with tensors that require grad). Only the gates' ``log_alpha`` train; the model's weights are frozen.
+The loss is ``KL(original || gated)`` over real next-token positions plus a penalty on the expected
+number of open gates. Sparsity comes from either
+
+- ``target_fraction``: a Lagrange multiplier is adapted toward the target expected L0, and at the end
+  the heads with the smallest ``log_alpha`` are removed so the plan hits the target exactly; or
+- ``l0_penalty``: a fixed penalty; heads whose deterministic gate is closed are removed.
+
+The gates sit on the model's own device(s), so a model loaded with ``device_map="auto"`` (accelerate)
+trains its gates on the GPU(s) it lives on; small models train on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import get_adapter
+from ..control import HeadControl, attach
+from ..data import batches
+from ..errors import PruneHeadsError
+from ..plan import Plan
+from .iterative import layer_floor_of, plan_base_meta, result_dict
+
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
+#: cache the original's log-probabilities up to this many bytes; beyond, recompute them each step
+REF_CACHE_BYTES = 2**30
+#: the run has converged when the expected fraction of open gates is this close to the target
+TARGET_TOLERANCE = 0.1
+
+
+class GatesDidNotConverge(PruneHeadsError):
+    """Training ended without reaching the sparsity target (or the loss became NaN)."""
+
+
+class HardConcreteGates(nn.Module):
+    """``(L, H)`` hard-concrete gates (Louizos et al., 2018) with stretch ``(GAMMA, ZETA)``."""
+
+    def __init__(self, num_layers: int, num_heads: int, init: float = 3.0, device: Any = None) -> None:
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.full((num_layers, num_heads), float(init), device=device))
+
+    def sample(self) -> torch.Tensor:
+        u = torch.rand_like(self.log_alpha).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
+        return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def deterministic(self) -> torch.Tensor:
+        return (torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def expected_open(self) -> torch.Tensor:
+        """Expected number of non-zero gates (the differentiable L0 norm)."""
+        return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA)).sum()
+
+
+def _removal_by_rank(log_alpha: torch.Tensor, n_remove: int, floor: int) -> list[tuple[int, int]]:
+    """The ``n_remove`` heads with the smallest ``log_alpha``, each layer keeping ``floor`` heads."""
+    L, H = log_alpha.shape
+    left = [H - floor] * L
+    heads: list[tuple[int, int]] = []
+    for flat in torch.argsort(log_alpha.reshape(-1), stable=True).tolist():
+        if len(heads) == n_remove:
+            break
+        layer, h = divmod(flat, H)
+        if left[layer] > 0:
+            left[layer] -= 1
+            heads.append((layer, h))
+    return heads
+
+
+def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_fraction: float | None = None,
+                 l0_penalty: float | None = None, steps: int = 200, lr: float = 0.05, batch_size: int = 4,
+                 pad_id: int = 0, min_heads_per_layer: int = 1, allow_empty_layers: bool = False,
+                 evaluator: Any = None, progress: bool = True, seed: int = 0, lambda_lr: float = 0.5,
+                 init: float = 3.0) -> Plan:
+    """Train one gate per head on ``seqs`` and return the plan of the heads whose gates close.
+
+    Exactly one of ``target_fraction`` (fraction of all heads to remove, in [0, 1)) and
+    ``l0_penalty`` (> 0) must be given. Raises ``GatesDidNotConverge`` instead of returning a plan
+    when the loss becomes NaN or the expected sparsity misses the target by more than
+    ``TARGET_TOLERANCE``.
+    """
+    if (target_fraction is None) == (l0_penalty is None):
+        raise PruneHeadsError("gates need exactly one of --target-fraction and --l0-penalty")
+    if target_fraction is not None and not 0.0 <= target_fraction < 1.0:
+        raise PruneHeadsError(f"--target-fraction must be in [0, 1) (a fraction of all heads to remove), got {target_fraction}")
+    if l0_penalty is not None and not l0_penalty > 0:
+        raise PruneHeadsError(f"--l0-penalty must be > 0, got {l0_penalty}")
+    if steps < 1 or lr <= 0:
+        raise PruneHeadsError(f"gates need steps >= 1 and lr > 0 (got steps={steps}, lr={lr})")
+    seqs = [list(map(int, s)) for s in seqs]
+    if not seqs or any(len(s) < 2 for s in seqs):
+        raise PruneHeadsError("gates need calibration sequences of at least 2 tokens")
+    layout = get_adapter(model).layout(model.config)
+    floor = layer_floor_of(layout, min_heads_per_layer, allow_empty_layers)
+    L, H = layout.num_layers, layout.num_heads
+    total = L * H
+    n_remove = round(target_fraction * total) if target_fraction is not None else None
+    if n_remove is not None and n_remove > L * (H - floor):
+        raise PruneHeadsError(
+            f"--target-fraction {target_fraction} removes {n_remove} heads but each layer must keep {floor} "
+            f"(at most {L * (H - floor)} can go); lower the target or --min-heads-per-layer")
+
+    device = next(model.parameters()).device
+    t0 = time.time()
+    torch.manual_seed(seed)
+    gates = HardConcreteGates(L, H, init=init, device=device)
+    opt = torch.optim.Adam(gates.parameters(), lr=lr)
+    batch_list = [(ids.to(device), mask.to(device)) for _, ids, mask in batches(seqs, batch_size, pad_id)]
+    vocab = int(getattr(get_adapter(model).text_config(model.config), "vocab_size", 0) or 0)
+    cache_ok = sum(ids.numel() for ids, _ in batch_list) * vocab * 4 <= REF_CACHE_BYTES
+    ref_cache: dict[int, torch.Tensor] = {}
+    target_open = 1.0 - target_fraction if target_fraction is not None else None
+    lam = 0.0
+    history: list[dict[str, float]] = []
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    control = HeadControl()
+    forwards = 0
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        bar = tqdm(range(steps), desc="training gates", unit="step", disable=not progress)
+        with attach(model, control):
+            for step in bar:
+                b = step % len(batch_list)
+                ids, mask = batch_list[b]
+                valid = (mask[:, 1:] * mask[:, :-1]).float()
+                ref = ref_cache.get(b)
+                if ref is None:
+                    control.scale = {}
+                    with torch.no_grad():
+                        ref = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float(), -1)
+                    forwards += 1
+                    if cache_ok:
+                        ref_cache[b] = ref
+                z = gates.sample()
+                control.scale = {i: z[i] for i in range(L)}
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+                forwards += 1
+                lp = torch.log_softmax(logits, -1)
+                kl = ((ref.exp() * (ref - lp)).sum(-1) * valid).sum() / valid.sum().clamp_min(1)
+                open_frac = gates.expected_open() / total
+                if target_open is not None:
+                    gap = open_frac - target_open
+                    loss = kl + lam * gap + gap * gap
+                else:
+                    loss = kl + l0_penalty * open_frac
+                if not torch.isfinite(loss):
+                    raise GatesDidNotConverge(
+                        f"gate training diverged at step {step} (loss {float(loss)}); lower --lr (now {lr}) "
+                        "or use float32 weights")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if target_open is not None:
+                    lam += lambda_lr * float(open_frac.detach() - target_open)
+                history.append({"step": step, "kl": float(kl), "open_fraction": float(open_frac), "lambda": lam})
+                bar.set_postfix(kl=f"{float(kl):.4f}", open=f"{float(open_frac):.2f}")
+        control.scale = {}
+    finally:
+        for p, req in frozen:
+            p.requires_grad_(req)
+
+    log_alpha = gates.log_alpha.detach().float().cpu()
+    if not torch.isfinite(log_alpha).all():
+        raise GatesDidNotConverge("gate parameters became NaN/inf; lower --lr")
+    final_open = float(gates.expected_open().detach()) / total
+    if target_open is not None:
+        if abs(final_open - target_open) > TARGET_TOLERANCE:
+            raise GatesDidNotConverge(
+                f"gates did not converge: {final_open:.0%} of gates expected open after {steps} steps, target "
+                f"{target_open:.0%}; raise --steps (now {steps}) or --lr (now {lr}). No plan was written.")
+        heads = _removal_by_rank(log_alpha, n_remove, floor)
+    else:
+        closed = gates.deterministic().detach().cpu() <= 0.5
+        masked = log_alpha.masked_fill(~closed, math.inf)
+        heads = _removal_by_rank(masked, int(closed.sum()), floor)
+
+    mask = torch.zeros(L, H, dtype=torch.bool)
+    for i, h in heads:
+        mask[i, h] = True
+    evaluation = baseline = None
+    if evaluator is not None:
+        baseline = evaluator(None)
+        evaluation = evaluator(mask) if heads else baseline
+    meta = plan_base_meta(
+        model, layout,
+        method="gates",
+        target_fraction=target_fraction,
+        l0_penalty=l0_penalty,
+        steps=steps,
+        lr=lr,
+        min_heads_per_layer=min_heads_per_layer,
+        allow_empty_layers=allow_empty_layers,
+        final={"kl": history[-1]["kl"], "expected_open_fraction": final_open, "lambda": lam},
+        history=history[:: max(1, steps // 50)],
+        log_alpha=[[round(float(x), 4) for x in row] for row in log_alpha],
+        task=getattr(evaluator, "task_config", None) if evaluator is not None else None,
+        baseline=result_dict(baseline),
+        evaluation=result_dict(evaluation),
+        calibration={"num_samples": len(seqs), "num_tokens": int(sum(len(s) for s in seqs))},
+        cost={"forward_passes": forwards, "wall_seconds": round(time.time() - t0, 2)},
+        heads_total=total,
+        heads_removed=len(heads),
+    )
+    return Plan(heads, meta)

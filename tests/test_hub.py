@@ -1,0 +1,207 @@
+"""``push``: every file reaches a (fake, local) Hub byte for byte, and failures say what to do, fast."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fake_hub import FakeHub
+from tiny_models import tiny_model
+
+from prune_heads.errors import PruneHeadsError
+from prune_heads.export.model_card import write_model_card
+from prune_heads.hub import check_export_folder, push
+
+TOKEN = "hf_test_token"
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """Online mode for huggingface_hub, and no token from the environment or a saved login."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    token_path = tmp_path / "hf_home" / "token"
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_path))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(token_path.parent / "stored_tokens"))
+    return token_path
+
+
+@pytest.fixture
+def hub():
+    with FakeHub(tokens={TOKEN}) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    """A folder shaped like an export: sharded safetensors + index, config, card, provenance, odd files."""
+    out = tmp_path_factory.mktemp("export") / "out"
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8)
+    model.save_pretrained(out, max_shard_size="20KB")
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
+    (out / "prune_heads.json").write_text(json.dumps({"base_model": "org/tiny", "heads_removed": 2}))
+    write_model_card(out, {"base_model": "org/tiny", "format": "sliced", "heads_total": 8, "heads_removed": 2,
+                           "removed_per_layer": [1, 1], "num_heads_per_layer": 4, "trust_remote_code": True})
+    (out / "remote").mkdir()
+    (out / "remote" / "modeling_pruned.py").write_text("# modelling code\n")
+    (out / "empty.txt").write_bytes(b"")
+    (out / "blob.bin").write_bytes(bytes(range(256)) * 7)
+    return out
+
+
+def _local_files(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def _remote_files(hub: FakeHub, repo_id: str, branch: str = "main") -> dict[str, str]:
+    return {k: hashlib.sha256(v).hexdigest() for k, v in hub.files(repo_id, branch).items()}
+
+
+# ---- delivery ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("xet", [True, False], ids=["pipelined-upload", "single-commit"])
+def test_push_delivers_every_file_intact(hub_env, hub, export_dir, monkeypatch, xet):
+    """Both upload paths of huggingface_hub (with and without hf_xet installed) deliver every byte."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", not xet)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)  # read at call time, after huggingface_hub was imported
+    url = push(export_dir, "tester/tiny-pruned", token=TOKEN, private=True)
+    assert url == f"{hub.endpoint}/tester/tiny-pruned"
+    local = _local_files(export_dir)
+    assert len(local) >= 8
+    assert _remote_files(hub, "tester/tiny-pruned") == local
+    repo = hub.repos["tester/tiny-pruned"]
+    assert repo.private
+    assert hub.validated == [(export_dir / "README.md").read_text()]  # the card's front matter passed the check
+    assert repo.commits[-1]["summary"] == "Upload org/tiny with 2 attention heads removed (prune-heads)"
+
+
+def test_push_again_and_to_a_new_branch(hub_env, hub, export_dir, tmp_path):
+    hub_env.parent.mkdir(parents=True)
+    hub_env.write_text(TOKEN)  # the saved `hf auth login`
+    push(export_dir, "tester/tiny", endpoint=hub.endpoint)
+    assert "visibility" not in hub.created[0] and not hub.repos["tester/tiny"].private  # namespace default
+    # second push: the repo exists (exist_ok), the branch does not yet and is created from main
+    changed = tmp_path / "changed"
+    import shutil
+
+    shutil.copytree(export_dir, changed)
+    (changed / "blob.bin").write_bytes(b"new content")
+    push(changed, "tester/tiny", endpoint=hub.endpoint, revision="heads-v2", commit_message="second")
+    assert _remote_files(hub, "tester/tiny", "heads-v2") == _local_files(changed)
+    assert _remote_files(hub, "tester/tiny", "main") == _local_files(export_dir)  # main untouched
+    assert hub.repos["tester/tiny"].commits[-1]["summary"] == "second"
+    # pushing to an existing branch again works too
+    push(changed, "tester/tiny", endpoint=hub.endpoint, revision="heads-v2")
+    assert ("POST", "/api/models/tester/tiny/branch/heads-v2") in hub.requests
+
+
+def test_token_from_hf_token_env(hub_env, hub, export_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push(export_dir, "tester/env-token", endpoint=hub.endpoint)
+    assert _remote_files(hub, "tester/env-token") == _local_files(export_dir)
+
+
+# ---- clear, fast failures ------------------------------------------------------------------------
+def test_missing_token(hub_env, hub, export_dir):
+    t0 = time.monotonic()
+    with pytest.raises(PruneHeadsError, match=r"no Hugging Face token.*--token.*HF_TOKEN.*hf auth login"):
+        push(export_dir, "tester/x", endpoint=hub.endpoint)
+    assert time.monotonic() - t0 < 5
+    assert hub.requests == []  # nothing was sent
+
+
+def test_rejected_token(hub_env, hub, export_dir):
+    with pytest.raises(PruneHeadsError, match="rejected the token"):
+        push(export_dir, "tester/x", endpoint=hub.endpoint, token="hf_wrong")
+    assert hub.repos == {}
+
+
+def test_unreachable_hub(hub_env, export_dir):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(PruneHeadsError, match=rf"cannot reach the Hugging Face Hub at http://127.0.0.1:{port}.*HF_ENDPOINT"):
+        push(export_dir, "tester/x", endpoint=f"http://127.0.0.1:{port}", token=TOKEN)
+    assert time.monotonic() - t0 < 5
+
+
+def test_forbidden_namespace(hub_env, hub, export_dir):
+    with pytest.raises(PruneHeadsError, match="may not write to someone-else/x.*write access"):
+        push(export_dir, "someone-else/x", endpoint=hub.endpoint, token=TOKEN)
+
+
+def test_offline_mode(hub_env, hub, export_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PruneHeadsError, match="unset HF_HUB_OFFLINE"):
+        push(export_dir, "tester/x", endpoint=hub.endpoint, token=TOKEN)
+    assert hub.requests == []
+
+
+def test_invalid_repo_id(hub_env, hub, export_dir):
+    with pytest.raises(PruneHeadsError, match="invalid repository id"):
+        push(export_dir, "a/b/c", endpoint=hub.endpoint, token=TOKEN)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing_dir", "is not a directory"),
+    ("no_config", "no config.json"),
+    ("no_weights", r"no weights \(\*.safetensors\)"),
+    ("missing_shard", "shard.*missing"),
+])
+def test_refuses_folders_that_are_not_exports(hub_env, hub, export_dir, tmp_path, breakage, message):
+    import shutil
+
+    folder = tmp_path / "f"
+    if breakage != "missing_dir":
+        shutil.copytree(export_dir, folder)
+    if breakage == "no_config":
+        (folder / "config.json").unlink()
+    elif breakage == "no_weights":
+        for p in folder.glob("*.safetensors"):
+            p.unlink()
+    elif breakage == "missing_shard":
+        sorted(folder.glob("*.safetensors"))[-1].unlink()
+    with pytest.raises(PruneHeadsError, match=message):
+        push(folder, "tester/x", endpoint=hub.endpoint, token=TOKEN)
+    assert hub.requests == []
+
+
+def test_check_export_folder_lists_what_upload_folder_sends(export_dir):
+    info = check_export_folder(export_dir)
+    assert {p.as_posix() for p in info.files} == set(_local_files(export_dir))
+    assert info.num_bytes == sum((export_dir / p).stat().st_size for p in info.files)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def test_cli_push(hub_env, hub, export_dir, monkeypatch):
+    from prune_heads.cli.main import cli
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    r = CliRunner().invoke(cli, ["push", str(export_dir), "tester/cli", "--private", "--revision", "v1",
+                                 "--token", TOKEN, "--message", "from the cli"])
+    assert r.exit_code == 0, r.output
+    assert f"to {hub.endpoint}/tester/cli (branch v1)" in r.output
+    assert _remote_files(hub, "tester/cli", "v1") == _local_files(export_dir)
+    assert hub.repos["tester/cli"].private and hub.repos["tester/cli"].commits[-1]["summary"] == "from the cli"
+
+
+def test_cli_push_errors_exit_2_without_traceback(hub_env, hub, export_dir, monkeypatch):
+    from prune_heads.cli.main import cli
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    r = CliRunner().invoke(cli, ["push", str(export_dir), "tester/cli"])
+    assert r.exit_code == 2
+    assert "no Hugging Face token" in r.output and "Traceback" not in r.output

@@ -1,0 +1,385 @@
+"""The resumable pipeline on a tiny Llama (saved with save_pretrained, SmolLM2 tokenizer)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import tiny_model
+
+from prune_heads import pipeline as P
+from prune_heads.errors import PruneHeadsError, UnsupportedArchitectureError
+from prune_heads.plan import Plan
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+def _smollm2_tokenizer_dir() -> Path:
+    from prune_heads.loading import gguf_to_plain, resolve_model_spec
+
+    return gguf_to_plain(*resolve_model_spec("smollm2"))
+
+
+def _copy_tokenizer(dst: Path) -> None:
+    src = _smollm2_tokenizer_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8, vocab=49152)
+    model.save_pretrained(d)
+    _copy_tokenizer(d)
+    return d
+
+
+def tiny_recipe(model_dir: Path, **select) -> dict:
+    return {
+        "name": "tiny",
+        "model": {"id": str(model_dir), "device": "cpu"},
+        "calibration": {"data": "wikitext2", "num_samples": 4, "seq_len": 32, "batch_size": 4,
+                        "scores": ["ahon_ln", "awft"]},
+        "select": {"task": "ppl:wikitext2", "limit": 4, "max_drop": 5.0, "relative": True, "score": "ahon_ln",
+                   "verify": False, **select},
+        "export": {"format": "sliced", "verify_num_sequences": 2, "verify_seq_len": 16},
+        "evaluate": {"tasks": [{"task": "ppl:wikitext2", "limit": 4}], "speed_seq_len": 16, "speed_repeats": 1},
+    }
+
+
+# ---- stand-ins, used only while another engineer's contract module is missing ------------------
+@dataclass
+class _EvalResult:
+    metric: str
+    value: float
+    stderr: float | None
+    higher_is_better: bool
+    n: int
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _PplEvaluator:
+    """Perplexity of the first ``limit`` WikiText-2 documents (64 tokens each)."""
+
+    def __init__(self, model, tokenizer, task, limit=None, split="all", **_):
+        from prune_heads.data import DataSpec, iter_documents, tokenize_documents
+
+        self.model, self.calls = model, 0
+        self.task_config = {"task": task, "limit": limit, "split": split}
+        spec = DataSpec(source="wikitext2", num_samples=limit or 4, seq_len=64, seed=1 if split == "verify" else 0)
+        self.seqs = tokenize_documents(iter_documents("wikitext2"), tokenizer, spec)
+
+    def __call__(self, removed=None, *, context=None):
+        import contextlib
+
+        from prune_heads.masking import static_mask
+
+        self.calls += 1
+        nll, n = 0.0, 0
+        ctx = static_mask(self.model, removed) if removed is not None else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            for s in self.seqs:
+                ids = torch.tensor([s])
+                logits = self.model(input_ids=ids).logits.float()
+                nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+                n += len(s) - 1
+        return _EvalResult("perplexity", math.exp(nll / n), None, False, n)
+
+
+def _stub_evaluation() -> types.ModuleType:
+    mod = types.ModuleType("prune_heads.evaluation")
+    mod.EvalResult = _EvalResult
+    mod.make_evaluator = lambda model, tokenizer, task, **kw: _PplEvaluator(model, tokenizer, task, **kw)
+    return mod
+
+
+@dataclass
+class _ExportResult:
+    out_dir: Path
+    params_before: int
+    params_after: int
+    verification: dict | None = None
+    files: list = field(default_factory=list)
+
+
+def _stub_export() -> types.ModuleType:
+    """'masked' export: same shapes, removed heads' o_proj columns zeroed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prune_heads.adapters import get_adapter
+
+    def export(model, plan, out_dir, **kw):
+        m = AutoModelForCausalLM.from_pretrained(model)
+        ad = get_adapter(m)
+        D = ad.layout(m.config).head_dim
+        layers = ad.layers(m)
+        with torch.no_grad():
+            for layer, h in plan.removed_heads:
+                ad.o_proj(ad.attention(layers[layer])).weight[:, h * D:(h + 1) * D] = 0
+        m.save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(model).save_pretrained(out_dir)
+        n = sum(p.numel() for p in m.parameters())
+        return _ExportResult(Path(out_dir), n, n)
+
+    def verify_export(original, exported, plan, *, num_sequences=4, seq_len=64, tol=1e-4):
+        from prune_heads.masking import static_mask
+
+        a = AutoModelForCausalLM.from_pretrained(original).eval()
+        b = AutoModelForCausalLM.from_pretrained(exported).eval()
+        ids = torch.randint(0, a.config.vocab_size, (num_sequences, seq_len), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), static_mask(a, plan):
+            d = (a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max().item()
+        return {"max_abs_diff": d, "passed": d <= tol}
+
+    mod = types.ModuleType("prune_heads.export")
+    mod.export, mod.verify_export = export, verify_export
+    return mod
+
+
+@pytest.fixture
+def contracts(monkeypatch):
+    """Real modules where they exist; stand-ins for the missing ones (reported in the test output)."""
+    stubbed = []
+    for name, attrs, make in (("prune_heads.evaluation", ("make_evaluator",), _stub_evaluation),
+                              ("prune_heads.export", ("export", "verify_export"), _stub_export)):
+        try:
+            mod = importlib.import_module(name)
+            ok = all(hasattr(mod, a) for a in attrs)
+        except ImportError:
+            ok = False
+        if not ok:
+            monkeypatch.setitem(sys.modules, name, make())
+            stubbed.append(name)
+    if stubbed:
+        print(f"stubbed: {stubbed}")
+    return stubbed
+
+
+def quiet_run(recipe, wd, overrides=None, **kw):
+    return P.run(recipe, wd, overrides, progress=False, echo=None, **kw)
+
+
+# ---- end to end --------------------------------------------------------------------------------
+def test_end_to_end_tiny(tiny_dir, tmp_path, contracts):
+    wd = tmp_path / "run"
+    s = quiet_run(tiny_recipe(tiny_dir), wd)
+    assert s.complete
+    assert s.stages["calibrate"] == s.stages["select"] == s.stages["export"] == s.stages["evaluate"] == "ran"
+    plan = Plan.load(wd / "select" / "plan.json")
+    assert s.heads_removed == len(plan.removed_heads) > 0  # a 500% relative budget lets it remove heads
+    assert s.heads_total == 8
+    # the pruned metric is what the original model gives with the plan's heads zeroed (independent reference)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prune_heads.evaluation import make_evaluator
+
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ref = make_evaluator(ref_model, AutoTokenizer.from_pretrained(tiny_dir), "ppl:wikitext2", limit=4, split="all")
+    base, masked = ref(None), ref(plan.mask(type("L", (), {"num_layers": 2, "num_heads": 4})()))
+    row = s.metrics[0]
+    assert row["baseline"]["value"] == pytest.approx(base.value, rel=1e-5)
+    assert row["pruned"]["value"] == pytest.approx(masked.value, rel=1e-4)
+    # parameters: what the exported checkpoint really holds
+    if "prune_heads.export" not in contracts:
+        exported = P.load_exported(wd / "export" / "model", P.load_recipe(tiny_recipe(tiny_dir)))
+        assert s.params_after == sum(p.numel() for p in exported.parameters())
+        assert s.params_before == sum(p.numel() for p in ref_model.parameters())
+        assert s.params_after < s.params_before
+    assert s.verification["passed"] and s.verification["max_abs_diff"] <= 1e-4
+    assert s.speed["original"]["tokens_per_s"] > 0 and s.speed["pruned"]["seq_len"] == 16
+    md = (wd / "summary.md").read_text()
+    assert "attention heads" in md and f"-{s.heads_removed}" in md
+    assert json.loads((wd / "summary.json").read_text())["heads_removed"] == s.heads_removed
+    for stage in ("calibrate", "select", "export", "evaluate"):
+        assert json.loads((wd / stage / "stage.json").read_text())["hash"]
+    assert not [p for p in wd.iterdir() if ".tmp-" in p.name]
+
+
+def _counting(monkeypatch) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for stage in P.STAGES:
+        orig = getattr(P.Pipeline, f"stage_{stage}")
+
+        def wrapped(self, out, _orig=orig, _stage=stage):
+            calls[_stage] = calls.get(_stage, 0) + 1
+            return _orig(self, out)
+
+        monkeypatch.setattr(P.Pipeline, f"stage_{stage}", wrapped)
+    return calls
+
+
+def _result(wd: Path) -> tuple:
+    plan = json.loads((wd / "select" / "plan.json").read_text())["removed_heads"]
+    metrics = json.loads((wd / "evaluate" / "results.json").read_text())["metrics"]
+    return plan, [(m["baseline"]["value"], m["pruned"]["value"]) for m in metrics]
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_dir, tmp_path, contracts, monkeypatch):
+    recipe = tiny_recipe(tiny_dir)
+    calls = _counting(monkeypatch)
+    quiet_run(recipe, tmp_path / "straight")
+    straight = _result(tmp_path / "straight")
+    calls.clear()
+
+    wd = tmp_path / "resumed"
+    orig_export = P.Pipeline.stage_export
+
+    def boom(self, out):
+        (out / "half-written").write_text("x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P.Pipeline, "stage_export", boom)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_run(recipe, wd)
+    assert (wd / "select" / "stage.json").exists() and not (wd / "export").exists()  # nothing half-written
+    assert not (wd / "summary.md").exists()
+    mtimes = {s: (wd / s / "stage.json").stat().st_mtime_ns for s in ("calibrate", "select")}
+    assert calls == {"calibrate": 1, "select": 1}
+
+    monkeypatch.setattr(P.Pipeline, "stage_export", orig_export)
+    calls = _counting(monkeypatch)
+    s = quiet_run(recipe, wd)
+    assert "calibrate" not in calls and "select" not in calls and calls["export"] == 1
+    assert s.stages["calibrate"] == s.stages["select"] == "cached" and s.stages["export"] == "ran"
+    assert {k: (wd / k / "stage.json").stat().st_mtime_ns for k in mtimes} == mtimes
+    assert _result(wd) == straight
+
+    calls.clear()
+    s = quiet_run(recipe, wd)  # everything finished: nothing recomputed
+    assert calls == {} and set(s.stages.values()) <= {"cached", "skipped"}
+
+
+def test_changed_input_reruns_only_downstream(tiny_dir, tmp_path, contracts, monkeypatch):
+    wd = tmp_path / "run"
+    quiet_run(tiny_recipe(tiny_dir), wd, stop_after="select")
+    first_plan = json.loads((wd / "select" / "plan.json").read_text())
+    calls = _counting(monkeypatch)
+    s = quiet_run(tiny_recipe(tiny_dir), wd, ["select.max_drop=0.0001"], stop_after="select")
+    assert calls == {"select": 1} and s.stages == {"calibrate": "cached", "select": "ran"} and not s.complete
+    plan = json.loads((wd / "select" / "plan.json").read_text())
+    assert plan["budget"]["max_drop"] == 0.0001 != first_plan["budget"]["max_drop"]
+    # an evaluation-only change reruns evaluate (and nothing upstream)
+    quiet_run(tiny_recipe(tiny_dir), wd, ["select.max_drop=0.0001"])
+    calls.clear()
+    s = quiet_run(tiny_recipe(tiny_dir), wd, ["select.max_drop=0.0001", "evaluate.speed_seq_len=8"])
+    assert calls == {"evaluate": 1}
+    assert s.speed["original"]["seq_len"] == 8
+    # --force recomputes everything
+    calls.clear()
+    quiet_run(tiny_recipe(tiny_dir), wd, ["select.max_drop=0.0001", "evaluate.speed_seq_len=8"], force=True)
+    assert {"calibrate", "select", "export", "evaluate"} <= set(calls)
+
+
+def test_stale_downstream_is_never_reused(tiny_dir, tmp_path, contracts):
+    """Calibration changes; the old select/export directories must not be picked up afterwards."""
+    wd = tmp_path / "run"
+    quiet_run(tiny_recipe(tiny_dir), wd)
+    old = json.loads((wd / "export" / "stage.json").read_text())["hash"]
+    s = quiet_run(tiny_recipe(tiny_dir), wd, ["calibration.seed=1"], stop_after="calibrate")
+    assert s.stages == {"calibrate": "ran"}
+    s = quiet_run(tiny_recipe(tiny_dir), wd, ["calibration.seed=1"])
+    assert s.stages["select"] == s.stages["export"] == s.stages["evaluate"] == "ran"
+    assert json.loads((wd / "export" / "stage.json").read_text())["hash"] != old
+    sel = json.loads((wd / "select" / "stage.json").read_text())
+    assert sel["inputs"]["calibrate"] == json.loads((wd / "calibrate" / "stage.json").read_text())["hash"]
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_foreign_workdir_is_refused(tmp_path):
+    wd = tmp_path / "mine"
+    wd.mkdir()
+    (wd / "precious.txt").write_text("keep me")
+    with pytest.raises(P.WorkdirError, match="not made by `prune-heads run`"):
+        P.prepare_workdir(wd)
+    assert (wd / "precious.txt").read_text() == "keep me" and len(list(wd.iterdir())) == 1
+
+
+def test_workdir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(P.WorkdirError, match="is a file"):
+        P.prepare_workdir(f)
+    with pytest.raises(P.WorkdirError, match="cannot write"):
+        P.prepare_workdir(f / "sub")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root ignores permissions: simulate the failing write
+        def denied(*a, **k):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(P.tempfile, "NamedTemporaryFile", denied)
+    else:
+        ro.chmod(0o500)
+    try:
+        with pytest.raises(P.WorkdirError, match="cannot write to work directory"):
+            P.prepare_workdir(ro / "run")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_empty_or_marked_workdir_is_accepted_and_leftovers_cleaned(tmp_path):
+    wd = tmp_path / "empty"
+    wd.mkdir()
+    P.prepare_workdir(wd)
+    assert (wd / P.MARKER).exists()
+    (wd / ".select.tmp-abc").mkdir()
+    P.prepare_workdir(wd)
+    assert not (wd / ".select.tmp-abc").exists()
+
+
+def test_unknown_family_is_reported_when_loading(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=49152, n_positions=64)).save_pretrained(d)
+    _copy_tokenizer(d)
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
+        quiet_run(tiny_recipe(d), tmp_path / "run")
+
+
+def test_push_without_repo_is_refused(tiny_dir, tmp_path):
+    with pytest.raises(PruneHeadsError, match="hub.repo_id"):
+        quiet_run(tiny_recipe(tiny_dir), tmp_path / "run", push=True)
+
+
+def test_cli_reports_recipe_errors_without_traceback(tmp_path):
+    from prune_heads.cli.main import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {id: m\n")
+    res = CliRunner().invoke(cli, ["run", str(bad), "-o", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "not valid YAML" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["run", "recipes/smollm2-135m.yaml", "--set", "select.max_drop=2",
+                                   "-o", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "select.max_drop: must be a number in [0, 1)" in res.output
+
+
+def test_cli_run_end_to_end(tiny_dir, tmp_path, contracts):
+    import yaml
+
+    from prune_heads.cli.main import cli
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_dir)))
+    wd = tmp_path / "w"
+    res = CliRunner().invoke(cli, ["run", str(path), "-o", str(wd), "--no-progress", "--stop-after", "calibrate"])
+    assert res.exit_code == 0, res.output
+    assert "rerun the same command" in res.output
+    res = CliRunner().invoke(cli, ["run", str(path), "-o", str(wd), "--no-progress", "--set", "evaluate.speed_seq_len=0"])
+    assert res.exit_code == 0, res.output
+    assert "[calibrate] up to date" in res.output and "summary written" in res.output
+    assert "| attention heads | 8 |" in (wd / "summary.md").read_text()
