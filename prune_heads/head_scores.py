@@ -120,8 +120,11 @@ class HeadScores:
             meta = json.loads((d / META_FILE).read_text())
         except Exception as e:  # corrupt file: say which
             raise PruneHeadsError(f"cannot read scores in {d}: {e}") from e
-        means = {k: v for k, v in tensors.items() if not k.startswith("per_sample/")}
-        per = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("per_sample/")}
+        # safetensors sorts its keys; keep the order the scores were saved in
+        order = {sid: i for i, sid in enumerate(meta.get("scores") or [])}
+        keys = sorted(tensors, key=lambda k: (order.get(k.split("/", 1)[-1], len(order)), k))
+        means = {k: tensors[k] for k in keys if not k.startswith("per_sample/")}
+        per = {k.split("/", 1)[1]: tensors[k] for k in keys if k.startswith("per_sample/")}
         return cls(per, meta, means)
 
     def summary(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ class ExportFolder:
     num_bytes: int
 
 
-def check_export_folder(folder: str | os.PathLike) -> ExportFolder:
+def check_export_folder(folder: str | os.PathLike, *, warn: bool = True) -> ExportFolder:
     """Refuse folders that are not a complete model export, before anything is sent."""
     p = Path(folder)
     hint = "pass the output folder of `prune-heads export MODEL --plan plan.json -o OUT`"
@@ -55,9 +55,9 @@ def check_export_folder(folder: str | os.PathLike) -> ExportFolder:
         if missing:
             raise PruneHeadsError(f"{p} is incomplete: shard(s) {', '.join(missing)} listed in {index.name} are "
                                   "missing; export again")
-    if not (p / "prune_heads.json").is_file():
+    if warn and not (p / "prune_heads.json").is_file():
         log.warning("%s has no prune_heads.json: it was not made by `prune-heads export`; pushing it as is", p)
-    if not (p / "README.md").is_file():
+    if warn and not (p / "README.md").is_file():
         log.warning("%s has no README.md: the Hub page will have no model card", p)
     files = sorted(f.relative_to(p) for f in p.rglob("*") if f.is_file() and not _ignored(f.relative_to(p)))
     return ExportFolder(p, files, sum((p / f).stat().st_size for f in files))
@@ -164,7 +164,10 @@ def _default_message(folder: Path) -> str:
         if removed is None:
             removed = len((info.get("plan") or {}).get("removed_heads", []))
         if base:
-            return f"Upload {base} with {removed} attention heads removed (prune-heads)"
+            from .export.model_card import hub_base_model
+
+            name = hub_base_model(base) or Path(str(base)).name
+            return f"Upload {name} with {removed} attention heads removed (prune-heads)"
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     return "Upload pruned model (prune-heads)"
@@ -175,8 +178,11 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     """Create ``repo_id`` if needed (and the branch ``revision``), upload every file of ``folder``; return the
     repository URL."""
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import validate_repo_id
 
     export = check_export_folder(folder)
+    with _hub_errors("", repo_id):
+        validate_repo_id(repo_id)
     if constants.is_offline_mode():
         raise PruneHeadsError("offline mode is on (HF_HUB_OFFLINE=1); pushing needs the network: unset "
                               "HF_HUB_OFFLINE and try again")

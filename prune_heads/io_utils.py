@@ -36,6 +36,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """
     out = check_output_dir(path, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared like any directory
     try:
         yield tmp
     except BaseException:
@@ -60,8 +61,15 @@ def write_json_atomic(path: str | os.PathLike, data: Any, overwrite: bool = True
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, default=_json_default)
         f.write("\n")
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(obj: Any) -> Any:

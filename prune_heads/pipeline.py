@@ -245,7 +245,7 @@ class Pipeline:
             return {"export": self._hash_of("export"), "tasks": [asdict(t) for t in self.eval_tasks()],
                     "evaluate": r.section("evaluate")}
         if name == "report":
-            return {"calibrate": self._hash_of("calibrate")}
+            return {"calibrate": self._hash_of("calibrate"), "report": r.section("report")}
         if name == "push":
             return {"export": self._hash_of("export"), "hub": r.section("hub")}
         raise KeyError(name)
@@ -254,6 +254,8 @@ class Pipeline:
         """None when the stage runs, else why it is skipped."""
         if name == "verify" and not self.recipe.export.verify:
             return "export.verify is false"
+        if name == "report" and not self.recipe.report.enabled:
+            return "report.enabled is false"
         if name == "report":
             try:
                 from .report import write_report  # noqa: F401
@@ -476,7 +478,10 @@ class Pipeline:
         from .head_scores import HeadScores
         from .report import write_report
 
-        write_report(HeadScores.load(self.stage_dir("calibrate") / "scores"), out / "plots")
+        rep = self.recipe.report
+        scores = HeadScores.load(self.stage_dir("calibrate") / "scores")
+        ids = [s for s in rep.scores if s in scores.score_ids] if rep.scores else None
+        write_report(scores, out / "plots", score_ids=ids or None, fraction=rep.fraction)
         return {"report": "plots/report.md"}
 
     def stage_push(self, out: Path) -> dict[str, Any]:

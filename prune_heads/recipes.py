@@ -153,6 +153,13 @@ class EvaluateSection:
 
 
 @dataclass
+class ReportSection:
+    enabled: bool = field(default=True, metadata=_meta("plots of the calibration scores beside the summary"))
+    scores: list[str] | None = field(default=None, metadata=_meta("score ids to plot (default: the report's choice)", check=_score_ids))
+    fraction: float = field(default=0.1, metadata=_meta(check=_range(0, 1, lo_open=True)))
+
+
+@dataclass
 class HubSection:
     repo_id: str | None = None
     private: bool = False
@@ -168,6 +175,7 @@ class Recipe:
     select: SelectSection = field(default_factory=SelectSection, metadata=_meta(required=True))
     export: ExportSection = field(default_factory=ExportSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    report: ReportSection = field(default_factory=ReportSection)
     hub: HubSection = field(default_factory=HubSection)
     description: str = ""
     notes: str = ""

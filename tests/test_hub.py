@@ -81,7 +81,8 @@ def test_push_delivers_every_file_intact(hub_env, hub, export_dir, monkeypatch, 
     assert _remote_files(hub, "tester/tiny-pruned") == local
     repo = hub.repos["tester/tiny-pruned"]
     assert repo.private
-    assert hub.validated == [(export_dir / "README.md").read_text()]  # the card's front matter passed the check
+    # the card's front matter passed the Hub's metadata check
+    assert hub.validated and set(hub.validated) == {(export_dir / "README.md").read_text()}
     assert repo.commits[-1]["summary"] == "Upload org/tiny with 2 attention heads removed (prune-heads)"
 
 
@@ -109,6 +110,27 @@ def test_token_from_hf_token_env(hub_env, hub, export_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     push(export_dir, "tester/env-token", endpoint=hub.endpoint)
     assert _remote_files(hub, "tester/env-token") == _local_files(export_dir)
+
+
+def test_export_then_push(hub_env, hub, tmp_path):
+    """A real `export` output (sliced, with remote code and card) goes up whole, and its card passes the
+    Hub's metadata check."""
+    import warnings
+
+    from prune_heads.export import export
+    from prune_heads.plan import Plan
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_model("qwen2", layers=2, heads=4, kv_heads=2, head_dim=8).save_pretrained(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hand-written plan: no fingerprint
+        export(str(src), Plan([(0, 1), (1, 2), (1, 3)], {"score_id": "ahon_ln"}), out, progress=False)
+    url = push(out, "tester/exported", token=TOKEN, endpoint=hub.endpoint)
+    assert url.endswith("/tester/exported")
+    assert _remote_files(hub, "tester/exported") == _local_files(out)
+    assert {"config.json", "README.md", "prune_heads.json"} <= set(hub.files("tester/exported"))
+    assert hub.validated and "3 of 8" in hub.validated[0]
+    assert hub.repos["tester/exported"].commits[-1]["summary"].endswith("with 3 attention heads removed (prune-heads)")
 
 
 # ---- clear, fast failures ------------------------------------------------------------------------
@@ -150,9 +172,11 @@ def test_offline_mode(hub_env, hub, export_dir, monkeypatch):
     assert hub.requests == []
 
 
-def test_invalid_repo_id(hub_env, hub, export_dir):
+@pytest.mark.parametrize("repo_id", ["a/b/c", "bad name", "org/x--y"])
+def test_invalid_repo_id(hub_env, hub, export_dir, repo_id):
     with pytest.raises(PruneHeadsError, match="invalid repository id"):
-        push(export_dir, "a/b/c", endpoint=hub.endpoint, token=TOKEN)
+        push(export_dir, repo_id, endpoint=hub.endpoint, token=TOKEN)
+    assert hub.requests == []  # refused before anything was sent
 
 
 @pytest.mark.parametrize("breakage, message", [

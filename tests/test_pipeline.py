@@ -45,16 +45,32 @@ def tiny_dir(tmp_path_factory) -> Path:
     return d
 
 
-def tiny_recipe(model_dir: Path, **select) -> dict:
+SHORT_TEXT = "\n\n".join(
+    f"Paragraph {i} talks about {topic}, which people study for many reasons and write about at length."
+    for i, topic in enumerate(["rivers", "stars", "bread", "music", "trains", "birds", "glass", "salt"] * 2)
+)
+
+
+@pytest.fixture(scope="module")
+def short_text(tmp_path_factory) -> Path:
+    """Short documents keep perplexity cheap with a 49k vocabulary."""
+    p = tmp_path_factory.mktemp("text") / "short.txt"
+    p.write_text(SHORT_TEXT)
+    return p
+
+
+def tiny_recipe(model_dir: Path, text: Path | None = None, *, report: bool = False, **select) -> dict:
+    task = f"ppl:{text}" if text else "ppl:wikitext2"
     return {
         "name": "tiny",
         "model": {"id": str(model_dir), "device": "cpu"},
         "calibration": {"data": "wikitext2", "num_samples": 4, "seq_len": 32, "batch_size": 4,
                         "scores": ["ahon_ln", "awft"]},
-        "select": {"task": "ppl:wikitext2", "limit": 4, "max_drop": 5.0, "relative": True, "score": "ahon_ln",
+        "select": {"task": task, "limit": 4, "max_drop": 5.0, "relative": True, "score": "ahon_ln",
                    "verify": False, **select},
         "export": {"format": "sliced", "verify_num_sequences": 2, "verify_seq_len": 16},
-        "evaluate": {"tasks": [{"task": "ppl:wikitext2", "limit": 4}], "speed_seq_len": 16, "speed_repeats": 1},
+        "evaluate": {"tasks": [{"task": task, "limit": 4}], "speed_seq_len": 16, "speed_repeats": 1},
+        "report": {"enabled": report, "scores": ["ahon_ln"]},
     }
 
 
@@ -174,9 +190,9 @@ def quiet_run(recipe, wd, overrides=None, **kw):
 
 
 # ---- end to end --------------------------------------------------------------------------------
-def test_end_to_end_tiny(tiny_dir, tmp_path, contracts):
+def test_end_to_end_tiny(tiny_dir, short_text, tmp_path, contracts):
     wd = tmp_path / "run"
-    s = quiet_run(tiny_recipe(tiny_dir), wd)
+    s = quiet_run(tiny_recipe(tiny_dir, short_text, report=True), wd)
     assert s.complete
     assert s.stages["calibrate"] == s.stages["select"] == s.stages["export"] == s.stages["evaluate"] == "ran"
     plan = Plan.load(wd / "select" / "plan.json")
@@ -188,19 +204,20 @@ def test_end_to_end_tiny(tiny_dir, tmp_path, contracts):
     from prune_heads.evaluation import make_evaluator
 
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
-    ref = make_evaluator(ref_model, AutoTokenizer.from_pretrained(tiny_dir), "ppl:wikitext2", limit=4, split="all")
+    ref = make_evaluator(ref_model, AutoTokenizer.from_pretrained(tiny_dir), f"ppl:{short_text}", limit=4, split="all")
     base, masked = ref(None), ref(plan.mask(type("L", (), {"num_layers": 2, "num_heads": 4})()))
     row = s.metrics[0]
     assert row["baseline"]["value"] == pytest.approx(base.value, rel=1e-5)
     assert row["pruned"]["value"] == pytest.approx(masked.value, rel=1e-4)
     # parameters: what the exported checkpoint really holds
     if "prune_heads.export" not in contracts:
-        exported = P.load_exported(wd / "export" / "model", P.load_recipe(tiny_recipe(tiny_dir)))
+        exported = P.load_exported(wd / "export" / "model", P.load_recipe(tiny_recipe(tiny_dir, short_text)))
         assert s.params_after == sum(p.numel() for p in exported.parameters())
         assert s.params_before == sum(p.numel() for p in ref_model.parameters())
         assert s.params_after < s.params_before
     assert s.verification["passed"] and s.verification["max_abs_diff"] <= 1e-4
     assert s.speed["original"]["tokens_per_s"] > 0 and s.speed["pruned"]["seq_len"] == 16
+    assert Path(s.report).is_file() and list((wd / "report" / "plots").glob("*.png"))
     md = (wd / "summary.md").read_text()
     assert "attention heads" in md and f"-{s.heads_removed}" in md
     assert json.loads((wd / "summary.json").read_text())["heads_removed"] == s.heads_removed
@@ -228,8 +245,8 @@ def _result(wd: Path) -> tuple:
     return plan, [(m["baseline"]["value"], m["pruned"]["value"]) for m in metrics]
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_dir, tmp_path, contracts, monkeypatch):
-    recipe = tiny_recipe(tiny_dir)
+def test_resume_after_interruption_matches_uninterrupted(tiny_dir, short_text, tmp_path, contracts, monkeypatch):
+    recipe = tiny_recipe(tiny_dir, short_text)
     calls = _counting(monkeypatch)
     quiet_run(recipe, tmp_path / "straight")
     straight = _result(tmp_path / "straight")
@@ -263,35 +280,35 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_dir, tmp_path, con
     assert calls == {} and set(s.stages.values()) <= {"cached", "skipped"}
 
 
-def test_changed_input_reruns_only_downstream(tiny_dir, tmp_path, contracts, monkeypatch):
+def test_changed_input_reruns_only_downstream(tiny_dir, short_text, tmp_path, contracts, monkeypatch):
     wd = tmp_path / "run"
-    quiet_run(tiny_recipe(tiny_dir), wd, stop_after="select")
+    quiet_run(tiny_recipe(tiny_dir, short_text), wd, stop_after="select")
     first_plan = json.loads((wd / "select" / "plan.json").read_text())
     calls = _counting(monkeypatch)
-    s = quiet_run(tiny_recipe(tiny_dir), wd, ["select.max_drop=0.0001"], stop_after="select")
+    s = quiet_run(tiny_recipe(tiny_dir, short_text), wd, ["select.max_drop=0.0001"], stop_after="select")
     assert calls == {"select": 1} and s.stages == {"calibrate": "cached", "select": "ran"} and not s.complete
     plan = json.loads((wd / "select" / "plan.json").read_text())
     assert plan["budget"]["max_drop"] == 0.0001 != first_plan["budget"]["max_drop"]
     # an evaluation-only change reruns evaluate (and nothing upstream)
-    quiet_run(tiny_recipe(tiny_dir), wd, ["select.max_drop=0.0001"])
+    quiet_run(tiny_recipe(tiny_dir, short_text), wd, ["select.max_drop=0.0001"])
     calls.clear()
-    s = quiet_run(tiny_recipe(tiny_dir), wd, ["select.max_drop=0.0001", "evaluate.speed_seq_len=8"])
+    s = quiet_run(tiny_recipe(tiny_dir, short_text), wd, ["select.max_drop=0.0001", "evaluate.speed_seq_len=8"])
     assert calls == {"evaluate": 1}
     assert s.speed["original"]["seq_len"] == 8
     # --force recomputes everything
     calls.clear()
-    quiet_run(tiny_recipe(tiny_dir), wd, ["select.max_drop=0.0001", "evaluate.speed_seq_len=8"], force=True)
+    quiet_run(tiny_recipe(tiny_dir, short_text), wd, ["select.max_drop=0.0001", "evaluate.speed_seq_len=8"], force=True)
     assert {"calibrate", "select", "export", "evaluate"} <= set(calls)
 
 
-def test_stale_downstream_is_never_reused(tiny_dir, tmp_path, contracts):
+def test_stale_downstream_is_never_reused(tiny_dir, short_text, tmp_path, contracts):
     """Calibration changes; the old select/export directories must not be picked up afterwards."""
     wd = tmp_path / "run"
-    quiet_run(tiny_recipe(tiny_dir), wd)
+    quiet_run(tiny_recipe(tiny_dir, short_text), wd)
     old = json.loads((wd / "export" / "stage.json").read_text())["hash"]
-    s = quiet_run(tiny_recipe(tiny_dir), wd, ["calibration.seed=1"], stop_after="calibrate")
+    s = quiet_run(tiny_recipe(tiny_dir, short_text), wd, ["calibration.seed=1"], stop_after="calibrate")
     assert s.stages == {"calibrate": "ran"}
-    s = quiet_run(tiny_recipe(tiny_dir), wd, ["calibration.seed=1"])
+    s = quiet_run(tiny_recipe(tiny_dir, short_text), wd, ["calibration.seed=1"])
     assert s.stages["select"] == s.stages["export"] == s.stages["evaluate"] == "ran"
     assert json.loads((wd / "export" / "stage.json").read_text())["hash"] != old
     sel = json.loads((wd / "select" / "stage.json").read_text())
@@ -351,9 +368,9 @@ def test_unknown_family_is_reported_when_loading(tmp_path):
         quiet_run(tiny_recipe(d), tmp_path / "run")
 
 
-def test_push_without_repo_is_refused(tiny_dir, tmp_path):
+def test_push_without_repo_is_refused(tiny_dir, short_text, tmp_path):
     with pytest.raises(PruneHeadsError, match="hub.repo_id"):
-        quiet_run(tiny_recipe(tiny_dir), tmp_path / "run", push=True)
+        quiet_run(tiny_recipe(tiny_dir, short_text), tmp_path / "run", push=True)
 
 
 def test_cli_reports_recipe_errors_without_traceback(tmp_path):
@@ -368,13 +385,13 @@ def test_cli_reports_recipe_errors_without_traceback(tmp_path):
     assert res.exit_code == 2 and "select.max_drop: must be a number in [0, 1)" in res.output
 
 
-def test_cli_run_end_to_end(tiny_dir, tmp_path, contracts):
+def test_cli_run_end_to_end(tiny_dir, short_text, tmp_path, contracts):
     import yaml
 
     from prune_heads.cli.main import cli
 
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe(tiny_dir)))
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_dir, short_text)))
     wd = tmp_path / "w"
     res = CliRunner().invoke(cli, ["run", str(path), "-o", str(wd), "--no-progress", "--stop-after", "calibrate"])
     assert res.exit_code == 0, res.output

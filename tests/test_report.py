@@ -198,3 +198,21 @@ def test_cli_report_and_compare(tmp_path):
     expected = wasserstein_distance(synthetic(0).per_sample("ahon_ln").numpy().ravel(),
                                     synthetic(1).per_sample("ahon_ln").numpy().ravel())
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["scores"]["ahon_ln"]["w1"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_report_on_real_smollm2_scores(smollm2, tmp_path):
+    """Real calibration metadata (dict data spec, GQA) flows into the report; awft is a probability."""
+    from prune_heads.calibrate import calibrate
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(10, 1000, (40,), generator=g) for _ in range(2)]
+    hs = calibrate(smollm2.model, seqs, scores=["awft", "ahon_ln"], batch_size=2, progress=False, model_name="smollm2")
+    out = write_report(hs, tmp_path / "r", fraction=0.1)
+    data = json.loads((out / "report.json").read_text())
+    assert data["num_layers"] == 30 and data["num_heads"] == 9 and data["top_k"] == 27
+    assert 0.0 <= hs.mean("awft").min() and hs.mean("awft").max() <= 1.0
+    assert {tuple(x) for x in data["scores"]["awft"]["inactive_set"]} == top_set(hs.mean("awft").double().numpy(), True, 27)
+    md = (out / "report.md").read_text()
+    assert "3 KV heads per layer" in md and "| `awft` |" in md
+    assert is_png(out / "heatmap_awft.png") and is_png(out / "overlap_iou.png")

@@ -18,7 +18,7 @@ def push(out, repo_id, private, revision, token, message):
     from ..hub import check_export_folder
     from ..hub import push as run_push
 
-    export = check_export_folder(out)
     url = run_push(out, repo_id, private=private, revision=revision, token=token, commit_message=message)
+    export = check_export_folder(out, warn=False)
     where = f" (branch {revision})" if revision else ""
     click.echo(f"pushed {len(export.files)} files ({export.num_bytes / 1e6:.1f} MB) to {url}{where}")

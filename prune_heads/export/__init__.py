@@ -98,8 +98,6 @@ def export(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = 
            eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
            progress: bool = True, verify_tol: float = 1e-4) -> ExportResult:
     """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring."""
-    import torch
-
     from ..loading import parse_dtype
 
     if format not in FORMATS:
@@ -188,13 +186,31 @@ def export(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = 
                         writer.total_bytes, writer.peak_buffer_bytes)
 
 
+def source_license(path: Path) -> str | None:
+    """The ``license:`` of the source's model card front matter, if any."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
+
+
 def _model_card(tmp: Path, prov: dict[str, Any], src, adapter, layout, format: str) -> list[str]:
     """The hub engineer's model card, when that module is present."""
     try:
         from .model_card import write_model_card
     except ImportError:
         return []
-    license_ = src.config.get("license")
+    license_ = source_license(src.path)
     info = {
         "base_model": prov["source"]["model"],
         "format": format,

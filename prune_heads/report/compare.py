@@ -21,7 +21,7 @@ from ..head_scores import HeadScores
 from ..io_utils import atomic_dir, write_json_atomic
 from . import metrics as M
 from . import plots
-from .summary import DEFAULT_SCORES, arrays, file_stem
+from .summary import DEFAULT_SCORES, arrays, file_stem, kv_heads
 from .tables import pct, table
 
 
@@ -72,7 +72,7 @@ def write_compare(a: HeadScores, b: HeadScores, out_dir: str | os.PathLike, *, s
                           "inactive_iou": M.iou(M.inactive_set(mean_a, sid, fraction), M.inactive_set(mean_b, sid, fraction))})
                 if sid in plot_ids:
                     r["diff_heatmap"] = f"diff_{file_stem(sid)}.png"
-                    plots.diff_heatmap(delta, sid, labels, tmp / r["diff_heatmap"])
+                    plots.diff_heatmap(delta, sid, labels, tmp / r["diff_heatmap"], num_kv_heads=kv_heads(a))
             if sid in plot_ids:
                 series[sid] = (va, vb)
             results[sid] = r

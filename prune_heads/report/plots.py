@@ -52,8 +52,16 @@ def _head_ticks(ax, num_layers: int, num_heads: int) -> None:
     ax.set_ylabel("layer")
 
 
+def _kv_lines(ax, num_heads: int, num_kv_heads: int | None) -> None:
+    """Thin white lines between GQA groups: heads of one group share keys/values and often behave alike."""
+    if num_kv_heads and 1 < num_kv_heads < num_heads and num_heads % num_kv_heads == 0:
+        group = num_heads // num_kv_heads
+        for x in range(group, num_heads, group):
+            ax.axvline(x - 0.5, color="white", lw=1.0, alpha=0.8)
+
+
 def heatmap(mean: np.ndarray, score_id: str, path: Path, *, marked: np.ndarray | None = None,
-            marked_label: str = "", subtitle: str = "") -> Path:
+            marked_label: str = "", subtitle: str = "", num_kv_heads: int | None = None) -> Path:
     """Layers x heads map of one score's head means; ``marked`` heads get a red x."""
     num_layers, num_heads = mean.shape
     width = min(16.0, 3.2 + 0.42 * num_heads)
@@ -71,6 +79,7 @@ def heatmap(mean: np.ndarray, score_id: str, path: Path, *, marked: np.ndarray |
         ax.legend(loc="upper left", bbox_to_anchor=(-0.02, -0.5 / (height - 1.6)),
                   fontsize="small", frameon=False)
     _head_ticks(ax, num_layers, num_heads)
+    _kv_lines(ax, num_heads, num_kv_heads)
     ax.set_title(f"{score_id}: head means, {direction_text(score_id)}" + (f"\n{subtitle}" if subtitle else ""),
                  fontsize="medium")
     return _save(fig, path)
@@ -154,7 +163,8 @@ def compare_cdfs(series: dict[str, tuple[np.ndarray, np.ndarray]], w1: dict[str,
     return _save(fig, path)
 
 
-def diff_heatmap(delta: np.ndarray, score_id: str, labels: tuple[str, str], path: Path) -> Path:
+def diff_heatmap(delta: np.ndarray, score_id: str, labels: tuple[str, str], path: Path, *,
+                 num_kv_heads: int | None = None) -> Path:
     """Per-head mean difference ``B − A`` on a symmetric diverging scale."""
     num_layers, num_heads = delta.shape
     lim = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 1.0
@@ -165,5 +175,6 @@ def diff_heatmap(delta: np.ndarray, score_id: str, labels: tuple[str, str], path
     im = ax.imshow(delta, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.1, pad=0.03, aspect=30).set_label(f"Δ {score_id} ({labels[1]} − {labels[0]})")
     _head_ticks(ax, num_layers, num_heads)
+    _kv_lines(ax, num_heads, num_kv_heads)
     ax.set_title(f"{score_id}: head-mean difference ({direction_text(score_id)})", fontsize="medium")
     return _save(fig, path)

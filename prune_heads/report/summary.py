@@ -45,6 +45,19 @@ def arrays(scores: HeadScores, score_id: str) -> tuple[np.ndarray, np.ndarray | 
     return mean, (per.float().numpy().astype(np.float64) if per is not None else None)
 
 
+def kv_heads(scores: HeadScores) -> int | None:
+    kv = scores.meta.get("num_kv_heads")
+    return int(kv) if isinstance(kv, int) else None
+
+
+def data_text(data: Any) -> str:
+    """The calibration data spec as one readable line (it is a dict in files from ``calibrate``)."""
+    if isinstance(data, dict):
+        rest = ", ".join(f"{k}={v}" for k, v in data.items() if k != "source" and v is not None)
+        return f"`{data.get('source', '?')}`" + (f" ({rest})" if rest else "")
+    return f"`{data if data is not None else '?'}`"
+
+
 def threshold_rows(score_id: str, mean: np.ndarray, per: np.ndarray | None,
                    fractions: list[float]) -> list[dict[str, Any]]:
     """τ for each fraction (from per-sample values, or head means for whole-set scores) and what it marks."""
@@ -86,7 +99,8 @@ def write_report(scores: HeadScores, out_dir: str | os.PathLike, *, score_ids: l
             stem = file_stem(sid)
             plots.heatmap(mean, sid, tmp / f"heatmap_{stem}.png", marked=M.set_to_mask(sets[sid], (L, H)),
                           marked_label=f"top {fraction:.0%} inactive ({k} heads)",
-                          subtitle=f"{L} layers x {H} heads, mean over {per.shape[0] if per is not None else '?'} sequences")
+                          subtitle=f"{L} layers x {H} heads" + (f", mean over {per.shape[0]} sequences" if per is not None else ", whole-set score"),
+                          num_kv_heads=kv_heads(scores))
             plots.distribution(sid, tmp / f"dist_{stem}.png", per_sample=per, mean=mean, tau=at["tau"],
                                fraction=fraction)
             data["scores"][sid] = {
@@ -114,8 +128,9 @@ def _markdown(scores: HeadScores, ids: list[str], data: dict[str, Any], overlap:
     f, k, L, H = data["fraction"], data["top_k"], data["num_layers"], data["num_heads"]
     meta = scores.meta
     out = ["# Head scores report", ""]
-    out.append(f"- model: `{meta.get('model', '?')}`; {L} layers x {H} heads = {L * H} heads")
-    out.append(f"- data: `{meta.get('data', '?')}`; {meta.get('num_samples', '?')} sequences, "
+    kv = f" ({meta['num_kv_heads']} KV heads per layer; white lines split GQA groups)" if kv_heads(scores) else ""
+    out.append(f"- model: `{meta.get('model', '?')}`; {L} layers x {H} heads = {L * H} heads{kv}")
+    out.append(f"- data: {data_text(meta.get('data'))}; {meta.get('num_samples', '?')} sequences, "
                f"{meta.get('num_tokens', '?')} tokens")
     out.append(f"- scores shown: {', '.join(f'`{s}`' for s in ids)} (file has {len(scores.score_ids)})")
     out.append(f"- chosen fraction: {f:.0%} (the top {k} heads by inactivity for the overlap tables)")

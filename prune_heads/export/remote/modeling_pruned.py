@@ -7,7 +7,7 @@ attention block's projections for smaller ones holding only the kept heads. The 
 ``forward`` views projections as ``(-1, head_dim)``, so it infers the new head counts by itself. What
 it cannot express is GQA when the KV groups of one layer keep different numbers of query heads:
 ``repeat_kv`` assumes equal groups. So each attention module carries an explicit query->KV map, and the
-model runs through its own registered attention function ``pruned_sdpa``, which gathers each query
+model runs through its own registered attention function ``pruned_attention``, which gathers each query
 head's K/V before calling SDPA (the KV cache keeps only the kept KV heads).
 
 Full-width q/k norms (OLMo-2) normalise over all heads at once: by default the full q/k projections are
@@ -43,7 +43,8 @@ from .configuration_pruned import (
     PrunedQwen3Config,
 )
 
-ATTN_NAME = "pruned_sdpa"
+# no "sdpa" in the name: transformers would then apply its SDPA support checks (Gemma-2 has none)
+ATTN_NAME = "pruned_attention"
 
 DEFAULT_LAYOUT = {
     "attn_name": "self_attn",

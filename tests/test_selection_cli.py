@@ -1,0 +1,89 @@
+"""``prune-heads select`` / ``sweep`` end to end on a tiny saved model with the real evaluator (perplexity)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer, words
+
+from prune_heads.calibrate import calibrate
+from prune_heads.cli.main import cli
+from prune_heads.plan import Plan
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sel")
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8)
+    model.save_pretrained(root / "model")
+    tok = tiny_tokenizer(save_to=root / "model")
+    text = "\n\n".join(words(30, seed=i) for i in range(24))
+    (root / "docs.txt").write_text(text)
+    seqs = [tok(words(20, seed=100 + i)).input_ids for i in range(8)]
+    calibrate(model, seqs, scores=["ahon_ln", "awft"], batch_size=8, progress=False).save(root / "scores")
+    return root
+
+
+def _run(args):
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return r
+
+
+def test_select_writes_a_valid_plan(setup):
+    root = setup
+    out = root / "plan.json"
+    r = _run(["select", str(root / "scores"), "--model", str(root / "model"), "--task", f"ppl:{root / 'docs.txt'}",
+              "--max-drop", "0.05", "--relative", "--limit", "6", "--gqa", "uniform", "-o", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    assert d["policy"] == "uniform" and d["method"] == "static" and d["budget"]["relative"] is True
+    assert d["budget"]["metric"] == "perplexity" and d["budget"]["higher_is_better"] is False
+    assert d["task"]["split"] == "search" and d["verification"]["task"]["split"] == "verify"
+    assert d["search_evaluations"] == len(d["trace"]) <= d["max_search_evaluations"]
+    # uniform: every KV group of every layer lost the same number of heads
+    plan = Plan.load(out)
+    m = plan.mask(plan.validate(_config(root)))
+    assert (m.reshape(2, 2, 2).sum(-1) == d["k"]).all()
+    # existing output refused
+    r = CliRunner().invoke(cli, ["select", str(root / "scores"), "--model", str(root / "model"), "--task",
+                                 f"ppl:{root / 'docs.txt'}", "--max-drop", "0.05", "-o", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def _config(root):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(root / "model")
+
+
+def test_select_bad_inputs(setup, tmp_path):
+    root = setup
+    base = ["select", str(root / "scores"), "--model", str(root / "model"), "--task", f"ppl:{root / 'docs.txt'}",
+            "--limit", "4", "--device", "cpu", "-o", str(tmp_path / "p.json")]
+    r = CliRunner().invoke(cli, [*base, "--max-drop", "-0.1"])
+    assert r.exit_code == 2 and "max-drop" in r.output
+    r = CliRunner().invoke(cli, [*base, "--max-drop", "0.1", "--score", "bogus"])
+    assert r.exit_code == 2 and "unknown score" in r.output
+    r = CliRunner().invoke(cli, [*base, "--max-drop", "0.1", "--min-heads-per-layer", "0"])
+    assert r.exit_code == 2 and "allow-empty-layers" in r.output
+    other = tiny_model("llama", layers=3, heads=4, kv_heads=2, head_dim=8)
+    other.save_pretrained(tmp_path / "other")
+    tiny_tokenizer(save_to=tmp_path / "other")
+    r = CliRunner().invoke(cli, ["select", str(root / "scores"), "--model", str(tmp_path / "other"), "--task",
+                                 f"ppl:{root / 'docs.txt'}", "--max-drop", "0.1", "-o", str(tmp_path / "q.json")])
+    assert r.exit_code == 2 and "another model" in r.output
+
+
+def test_sweep_cli(setup):
+    root = setup
+    out = root / "sweep"
+    r = _run(["sweep", str(root / "scores"), "--model", str(root / "model"), "--task", f"ppl:{root / 'docs.txt'}",
+              "--scores", "ahon_ln", "--fractions", "0,25,50", "--limit", "4", "-o", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "sweep.json").read_text())
+    assert {(row["score"], row["fraction"]) for row in d["rows"]} == {
+        (s, f) for s in ("ahon_ln", "random") for f in (0.0, 0.25, 0.5)}
+    assert (out / "sweep.png").exists() and "| ahon_ln |" in (out / "table.md").read_text()
