@@ -66,7 +66,7 @@ def main() -> None:
     subset = all_heads[::step][: args.naive_heads]
 
     t0 = time.perf_counter()
-    hs = ablation_scores(model, seqs, scores=["ablation_kl"], batch_size=args.batch_size, progress=False)
+    hs = ablation_scores(model, seqs, scores=["ablation_kl"], batch_size=args.batch_size, progress=True)
     t_batched = time.perf_counter() - t0
     naive_vals, t_naive_subset = naive_kl(model, ids, subset)
     t_naive = t_naive_subset / len(subset) * len(all_heads)

@@ -1,28 +1,62 @@
-"""prune-heads: find attention heads that do no work, and remove them for real."""
+"""prune-heads: find attention heads that do no work, and remove them for real.
+
+The public API is imported lazily, so the CLI and light commands (``push``, ``report``) start in about
+a second instead of paying for torch and transformers up front. ``import prune_heads`` still registers
+the pruned model types with transformers' Auto classes (when transformers is importable), so exported
+``sliced`` checkpoints load without ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .__about__ import __version__
-from .adapters import get_adapter, register_adapter, supported_model_types
-from .calibrate import calibrate
-from .control import HeadControl, attach
-from .head_scores import HeadScores
-from .loading import load_model
-from .masking import dynamic_mask, static_mask, threshold_for_fraction
-from .plan import Plan
-from .score_defs import register_score
 
-__all__ = [
-    "HeadControl",
-    "HeadScores",
-    "Plan",
-    "__version__",
-    "attach",
-    "calibrate",
-    "dynamic_mask",
-    "get_adapter",
-    "load_model",
-    "register_adapter",
-    "register_score",
-    "static_mask",
-    "supported_model_types",
-    "threshold_for_fraction",
-]
+_EXPORTS: dict[str, str] = {
+    "HeadControl": "control",
+    "attach": "control",
+    "HeadScores": "head_scores",
+    "Plan": "plan",
+    "calibrate": "calibrate",
+    "get_adapter": "adapters",
+    "register_adapter": "adapters",
+    "supported_model_types": "adapters",
+    "load_model": "loading",
+    "static_mask": "masking",
+    "dynamic_mask": "masking",
+    "threshold_for_fraction": "masking",
+    "register_score": "score_defs",
+    "make_evaluator": "evaluation",
+    "select_static": "selection",
+    "select_iterative": "selection.iterative",
+    "select_gates": "selection.gates",
+    "ablation_scores": "ablation",
+    "export": "export",
+    "verify_export": "export",
+    "push": "hub",
+    "write_report": "report",
+    "run": "pipeline",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prune_heads' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def _register_auto_classes() -> None:
+    try:
+        from .export import register_auto_classes
+    except ImportError:  # transformers missing or export unavailable: nothing to register
+        return
+    register_auto_classes()
+
+
+_register_auto_classes()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-#: elements of one float32 logits block we allow (64 MiB); the block size adapts to B, H and S
-BLOCK_ELEMENTS = 1 << 24
+#: elements of one float32 logits block (8 MiB): the block size adapts to B, H and S. Kept under glibc's
+#: mmap threshold (32 MiB at most) so blocks reuse heap memory instead of page-faulting fresh pages each
+#: time, which on CPU cost more than the arithmetic (benchmarks/bench_calibration.py).
+BLOCK_ELEMENTS = 1 << 21
 
 
 def pick_block(batch: int, heads: int, q_len: int, kv_len: int, block: int | None = None) -> int:
@@ -98,42 +100,55 @@ def attention_with_stats(
     step = pick_block(bsz, hq, q_len, kv_len, block)
     first_idx = first.view(bsz, 1, 1, 1, 1)
 
+    # in-place ops keep one logits-sized buffer plus the probabilities; autograd (gemma-2 under a
+    # backward pass) needs the out-of-place forms
+    inplace = not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
     for t0 in range(0, q_len, step):
         t1 = min(q_len, t0 + step)
-        qb = query[:, :, t0:t1].float().view(bsz, hkv, groups, t1 - t0, dim)
-        logits = torch.einsum("bkgtd,bksd->bkgts", qb, k32) * scaling
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        allowed = _allowed_block(attention_mask, t0, t1, q_len, kv_len, device).unsqueeze(1)  # (B|1,1,1,tb,S)
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        tb = t1 - t0
+        qb = query[:, :, t0:t1].float().view(bsz, hkv, groups, tb, dim)
+        logits = torch.einsum("bkgtd,bksd->bkgts", qb, k32)
+        blocked = ~_allowed_block(attention_mask, t0, t1, q_len, kv_len, device).unsqueeze(1)  # (B|1,1,1,tb,S)
+        if inplace:
+            logits.mul_(scaling)
+            if softcap:
+                logits.div_(softcap).tanh_().mul_(softcap)
+            logits.masked_fill_(blocked, float("-inf"))
+        else:
+            logits = logits * scaling
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            logits = logits.masked_fill(blocked, float("-inf"))
         # shift by the row max: d <= 0 with the max at exactly 0, so the entropy log(z) - sum p*d has no
         # cancellation (lse - sum p*logit loses |logit|*eps for peaked rows) and the max weight is 1/z
         row_max = logits.amax(-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # fully masked rows
-        shifted = logits - row_max
+        shifted = logits.sub_(row_max) if inplace else logits - row_max
         del logits
         probs = torch.exp(shifted)
         z = probs.sum(-1).clamp_min(1e-30)  # (B,Hkv,g,tb), >= 1 on every real row
-        probs = probs / z.unsqueeze(-1)
+        probs = probs.div_(z.unsqueeze(-1)) if inplace else probs / z.unsqueeze(-1)
         ob = torch.einsum("bkgts,bksd->bkgtd", probs, v32)
-        out[:, t0:t1] = ob.reshape(bsz, hq, t1 - t0, dim).transpose(1, 2).to(query.dtype)
+        out[:, t0:t1] = ob.reshape(bsz, hq, tb, dim).transpose(1, 2).to(query.dtype)
 
-        qv = query_valid[:, t0:t1].float().view(bsz, 1, 1, t1 - t0)
-        first_w = probs.gather(-1, first_idx.expand(bsz, hkv, groups, t1 - t0, 1)).squeeze(-1)
+        qv = query_valid[:, t0:t1].float().view(bsz, 1, 1, tb)
+        first_w = probs.gather(-1, first_idx.expand(bsz, hkv, groups, tb, 1)).squeeze(-1)
         acc["awft"] += (first_w * qv).sum(-1)
-        ent = torch.log(z) - (probs * shifted.masked_fill(~allowed, 0.0)).sum(-1)
+        shifted = shifted.masked_fill_(blocked, 0.0) if inplace else shifted.masked_fill(blocked, 0.0)
+        # sum_j p_j * d_j as a batched dot product: no second block-sized temporary
+        p_dot_d = torch.matmul(probs.unsqueeze(-2), shifted.unsqueeze(-1)).view(bsz, hkv, groups, tb)
+        ent = torch.log(z) - p_dot_d
         acc["aeqd"] += (ent * qv).sum(-1)
         acc["confidence"] += (qv / z).sum(-1)
         o_norm = ob.norm(dim=-1)
         acc["ahon"] += (o_norm * qv).sum(-1)
         if gram is not None:
-            quad = torch.einsum("bkgtd,kgde,bkgte->bkgt", ob, gram, ob)
+            proj = torch.einsum("bkgtd,kgde->bkgte", ob, gram)
+            quad = (proj * ob).sum(-1)
             acc["fhon"] += (quad.clamp_min(0).sqrt() * qv).sum(-1)
-        in_block = (last >= t0) & (last < t1)
-        if in_block.any():
-            idx = (last - t0).clamp(0, t1 - t0 - 1).view(bsz, 1, 1, 1).expand(bsz, hkv, groups, 1)
-            lt = o_norm.gather(-1, idx).squeeze(-1)
-            acc["lthon"] = torch.where(in_block.view(bsz, 1, 1), lt, acc["lthon"])
+        in_block = ((last >= t0) & (last < t1)).view(bsz, 1, 1)
+        idx = (last - t0).clamp(0, tb - 1).view(bsz, 1, 1, 1).expand(bsz, hkv, groups, 1)
+        acc["lthon"] = torch.where(in_block, o_norm.gather(-1, idx).squeeze(-1), acc["lthon"])
         del shifted, probs, ob
 
     stats = {k: v.reshape(bsz, hq) for k, v in acc.items()}

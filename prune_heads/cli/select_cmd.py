@@ -50,7 +50,7 @@ def calibration_sequences(data: str | None, scores: Any, tokenizer: Any, model: 
 @click.option("--model", "model_spec", required=True, help="Model the scores were computed on (path, Hub id or smollm2).")
 @click.option("--score", "score_id", default=None, help="Ranking score (static: default ahon_ln; 'random' for a random ranking; iterative: default ablation_kl).")
 @click.option("--task", required=True, help="Budget task: lm-eval name (arc_easy, hellaswag, mmlu, ...), mc:FILE.jsonl, ppl:DATA or kl:DATA.")
-@click.option("--max-drop", required=True, type=float, help="Allowed loss: 0.01 = one accuracy point (or a fraction with --relative).")
+@click.option("--max-drop", default=None, type=float, help="Allowed loss: 0.01 = one accuracy point (or a fraction with --relative); required except for gates.")
 @click.option("--relative", is_flag=True, help="--max-drop is a fraction of the baseline value.")
 @click.option("--limit", default=None, type=int, help="Documents of the search split to evaluate.")
 @click.option("--num-fewshot", default=None, type=int)
@@ -90,8 +90,10 @@ def select(scores_dir, model_spec, score_id, task, max_drop, relative, limit, nu
         score_id = score_id or "ablation_kl"
     if score_id and score_id != RANDOM_SCORE:
         validate_score_ids([score_id])
-    if max_drop < 0:
-        raise PruneHeadsError(f"--max-drop must be >= 0, got {max_drop}")
+    if max_drop is None and method != "gates":
+        raise PruneHeadsError(f"--method {method} needs a budget: pass --max-drop (0.01 = one accuracy point)")
+    if max_drop is not None and max_drop < 0:
+        raise PruneHeadsError(f"--max-drop must be >= 0, got {max_drop}: even the unpruned model (k = 0) fails it")
     scores = HeadScores.load(scores_dir)
     loaded = load_from_options(model_spec, **load_kw)
     model, tok = loaded.model, loaded.tokenizer

@@ -43,7 +43,7 @@ TASK_NAMING_HELP = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def task_manager(subdir: str | None = None) -> Any:
     """One ``TaskManager`` per process (per folder for the fast path): building the full index is slow."""
     from lm_eval.tasks import TaskManager

@@ -80,14 +80,16 @@ def _removal_by_rank(log_alpha: torch.Tensor, n_remove: int, floor: int) -> list
 def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_fraction: float | None = None,
                  l0_penalty: float | None = None, steps: int = 200, lr: float = 0.05, batch_size: int = 4,
                  pad_id: int = 0, min_heads_per_layer: int = 1, allow_empty_layers: bool = False,
-                 evaluator: Any = None, progress: bool = True, seed: int = 0, lambda_lr: float = 0.5,
-                 init: float = 3.0) -> Plan:
+                 evaluator: Any = None, progress: bool = True, seed: int = 0, lambda_lr: float = 0.2,
+                 init: float = 3.0, penalty_mu: float = 50.0, betas: tuple[float, float] = (0.5, 0.9)) -> Plan:
     """Train one gate per head on ``seqs`` and return the plan of the heads whose gates close.
 
     Exactly one of ``target_fraction`` (fraction of all heads to remove, in [0, 1)) and
     ``l0_penalty`` (> 0) must be given. Raises ``GatesDidNotConverge`` instead of returning a plan
     when the loss becomes NaN or the expected sparsity misses the target by more than
-    ``TARGET_TOLERANCE``.
+    ``TARGET_TOLERANCE``. With a target, the loss is ``KL + lambda * gap + penalty_mu * gap**2`` where
+    ``gap`` = expected open fraction - target and ``lambda`` follows ``lambda += lambda_lr * gap`` each
+    step (a Lagrangian with a damping quadratic term; low Adam momentum keeps it from oscillating).
     """
     if (target_fraction is None) == (l0_penalty is None):
         raise PruneHeadsError("gates need exactly one of --target-fraction and --l0-penalty")
@@ -114,7 +116,7 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
     t0 = time.time()
     torch.manual_seed(seed)
     gates = HardConcreteGates(L, H, init=init, device=device)
-    opt = torch.optim.Adam(gates.parameters(), lr=lr)
+    opt = torch.optim.Adam(gates.parameters(), lr=lr, betas=betas)
     batch_list = [(ids.to(device), mask.to(device)) for _, ids, mask in batches(seqs, batch_size, pad_id)]
     vocab = int(getattr(get_adapter(model).text_config(model.config), "vocab_size", 0) or 0)
     cache_ok = sum(ids.numel() for ids, _ in batch_list) * vocab * 4 <= REF_CACHE_BYTES
@@ -151,7 +153,7 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
                 open_frac = gates.expected_open() / total
                 if target_open is not None:
                     gap = open_frac - target_open
-                    loss = kl + lam * gap + gap * gap
+                    loss = kl + lam * gap + penalty_mu * gap * gap
                 else:
                     loss = kl + l0_penalty * open_frac
                 if not torch.isfinite(loss):
@@ -163,8 +165,8 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
                 opt.step()
                 if target_open is not None:
                     lam += lambda_lr * float(open_frac.detach() - target_open)
-                history.append({"step": step, "kl": float(kl), "open_fraction": float(open_frac), "lambda": lam})
-                bar.set_postfix(kl=f"{float(kl):.4f}", open=f"{float(open_frac):.2f}")
+                history.append({"step": step, "kl": float(kl.detach()), "open_fraction": float(open_frac.detach()), "lambda": lam})
+                bar.set_postfix(kl=f"{history[-1]['kl']:.4f}", open=f"{history[-1]['open_fraction']:.2f}")
         control.scale = {}
     finally:
         for p, req in frozen:

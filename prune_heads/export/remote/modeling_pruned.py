@@ -212,9 +212,12 @@ def prune_attention_modules(model: nn.Module, config) -> None:
     exact_norm = full_norm and not config.approximate_norms
     for i, layer in enumerate(layers):
         kept = [int(h) for h in kept_all[i]]
-        if kept == list(range(heads)):
-            continue
         attn = getattr(layer, layout["attn_name"])
+        if kept == list(range(heads)):
+            # untouched layer: only the GQA expansion moves into the attention function
+            attn.num_key_value_groups = 1
+            attn.pruned_kv_map = [h // group for h in kept]
+            continue
         o_proj = getattr(attn, layout["o_name"])
         if not kept:
             setattr(layer, layout["attn_name"], EmptyAttention(config, attn.layer_idx, head_dim, layout["o_name"],
