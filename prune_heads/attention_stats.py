@@ -100,43 +100,49 @@ def attention_with_stats(
     step = pick_block(bsz, hq, q_len, kv_len, block)
     first_idx = first.view(bsz, 1, 1, 1, 1)
 
-    # in-place ops keep one logits-sized buffer plus the probabilities; autograd (gemma-2 under a
-    # backward pass) needs the out-of-place forms
+    # Causal attention: queries [t0, t1) see no key past t1 + offset, so each block only computes
+    # logits for keys [0, t1 + offset), halving the quadratic work. Masked logits get the most negative
+    # finite float instead of -inf: exp gives exactly 0 and 0 * d stays 0 (no NaN) in the entropy.
+    # In-place ops keep one logits-sized buffer plus the exponentials; autograd (gemma-2 soft-capping
+    # under a backward pass) needs the out-of-place forms.
     inplace = not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+    offset = kv_len - q_len
+    fill = torch.finfo(torch.float32).min
+    q_scale = scaling / softcap if softcap else scaling
     for t0 in range(0, q_len, step):
         t1 = min(q_len, t0 + step)
         tb = t1 - t0
-        qb = query[:, :, t0:t1].float().view(bsz, hkv, groups, tb, dim)
-        logits = torch.einsum("bkgtd,bksd->bkgts", qb, k32)
-        blocked = ~_allowed_block(attention_mask, t0, t1, q_len, kv_len, device).unsqueeze(1)  # (B|1,1,1,tb,S)
-        if inplace:
-            logits.mul_(scaling)
-            if softcap:
-                logits.div_(softcap).tanh_().mul_(softcap)
-            logits.masked_fill_(blocked, float("-inf"))
+        kv_end = t1 + offset
+        qb = query[:, :, t0:t1].float().view(bsz, hkv, groups, tb, dim) * q_scale
+        logits = torch.einsum("bkgtd,bksd->bkgts", qb, k32[:, :, :kv_end])
+        if softcap:
+            logits = logits.tanh_().mul_(softcap) if inplace else torch.tanh(logits) * softcap
+        if attention_mask is None:  # plain causal: only the diagonal tb x tb corner is masked
+            corner = torch.ones(tb, tb, dtype=torch.bool, device=device).triu_(1)
+            if inplace:
+                logits[..., kv_end - tb :].masked_fill_(corner, fill)
+            else:
+                blocked = torch.cat([torch.zeros(tb, kv_end - tb, dtype=torch.bool, device=device), corner], -1)
+                logits = logits.masked_fill(blocked, fill)
         else:
-            logits = logits * scaling
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            logits = logits.masked_fill(blocked, float("-inf"))
+            blocked = ~_allowed_block(attention_mask, t0, t1, q_len, kv_len, device)[..., :kv_end].unsqueeze(1)
+            logits = logits.masked_fill_(blocked, fill) if inplace else logits.masked_fill(blocked, fill)
         # shift by the row max: d <= 0 with the max at exactly 0, so the entropy log(z) - sum p*d has no
         # cancellation (lse - sum p*logit loses |logit|*eps for peaked rows) and the max weight is 1/z
         row_max = logits.amax(-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # fully masked rows
         shifted = logits.sub_(row_max) if inplace else logits - row_max
         del logits
-        probs = torch.exp(shifted)
-        z = probs.sum(-1).clamp_min(1e-30)  # (B,Hkv,g,tb), >= 1 on every real row
-        probs = probs.div_(z.unsqueeze(-1)) if inplace else probs / z.unsqueeze(-1)
-        ob = torch.einsum("bkgts,bksd->bkgtd", probs, v32)
+        expd = torch.exp(shifted)  # unnormalised probabilities; dividing the small results by z is cheaper
+        z = expd.sum(-1)  # (B,Hkv,g,tb), >= 1
+        ob = torch.einsum("bkgts,bksd->bkgtd", expd, v32[:, :, :kv_end]) / z.unsqueeze(-1)
         out[:, t0:t1] = ob.reshape(bsz, hq, tb, dim).transpose(1, 2).to(query.dtype)
 
         qv = query_valid[:, t0:t1].float().view(bsz, 1, 1, tb)
-        first_w = probs.gather(-1, first_idx.expand(bsz, hkv, groups, tb, 1)).squeeze(-1)
+        # (a real query always sees its first token; the clamp only guards left-padded rows)
+        first_w = expd.gather(-1, first_idx.clamp(max=kv_end - 1).expand(bsz, hkv, groups, tb, 1)).squeeze(-1) / z
         acc["awft"] += (first_w * qv).sum(-1)
-        shifted = shifted.masked_fill_(blocked, 0.0) if inplace else shifted.masked_fill(blocked, 0.0)
         # sum_j p_j * d_j as a batched dot product: no second block-sized temporary
-        p_dot_d = torch.matmul(probs.unsqueeze(-2), shifted.unsqueeze(-1)).view(bsz, hkv, groups, tb)
+        p_dot_d = torch.matmul(expd.unsqueeze(-2), shifted.unsqueeze(-1)).view(bsz, hkv, groups, tb) / z
         ent = torch.log(z) - p_dot_d
         acc["aeqd"] += (ent * qv).sum(-1)
         acc["confidence"] += (qv / z).sum(-1)
@@ -149,7 +155,7 @@ def attention_with_stats(
         in_block = ((last >= t0) & (last < t1)).view(bsz, 1, 1)
         idx = (last - t0).clamp(0, tb - 1).view(bsz, 1, 1, 1).expand(bsz, hkv, groups, 1)
         acc["lthon"] = torch.where(in_block, o_norm.gather(-1, idx).squeeze(-1), acc["lthon"])
-        del shifted, probs, ob
+        del shifted, expd, ob
 
     stats = {k: v.reshape(bsz, hq) for k, v in acc.items()}
     for k in ("awft", "aeqd", "ahon", "fhon", "confidence"):

@@ -58,6 +58,7 @@ def test_eval_dynamic_records_fraction_zeroed(saved, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["fraction_heads_zeroed"] == 1.0 and res["mask"]["type"] == "dynamic"
+    assert res["masked"]["details"]["batch_size_used"] == 1  # no padding enters per-input scores
     all_heads = [(i, h) for i in range(2) for h in range(4)]
     sub = tmp_path / "sub.jsonl"
     sub.write_text("".join(open(d / "q.jsonl").readlines()[:4]))

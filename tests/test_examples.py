@@ -34,6 +34,7 @@ def test_every_example_is_tested():
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
+@pytest.mark.slow
 def test_calibrate_in_python(capsys, tmp_path):
     out = run_example("calibrate_in_python", [*SMALL, "--top", "5", "-o", str(tmp_path / "s")], capsys)
     assert "30 layers x 9 heads" in out

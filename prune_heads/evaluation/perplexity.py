@@ -152,7 +152,9 @@ class TextBackend:
         self.reference = ref
         self.task_config["reference_storage"] = "disk" if ref.spilled else "memory"
 
-    def run(self, enter: Callable[[], contextlib.AbstractContextManager]) -> tuple[float, float | None, int, bool, dict]:
+    def run(self, enter: Callable[[], contextlib.AbstractContextManager], per_input: bool = False
+            ) -> tuple[float, float | None, int, bool, dict]:
+        """Evaluate under ``enter()``; batches carry attention masks, so ``per_input`` needs nothing here."""
         n_docs = len(self.seqs)
         num = torch.zeros(n_docs, dtype=torch.float64)
         den = torch.zeros(n_docs, dtype=torch.float64)

@@ -119,7 +119,9 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
 
     def passes(k: int) -> bool:
         ok = within_budget(baseline, evaluate(k), max_drop, relative)
-        trace[-1]["within_budget"] = ok
+        for entry in trace:
+            if entry["k"] == k:
+                entry["within_budget"] = ok
         return ok
 
     if not units:

@@ -1,0 +1,202 @@
+"""``prune-heads compare-selectors``: every selector on the same model, data and budget, side by side.
+
+Selectors: static with each proxy score in the scores file, ``random``, static ranked by measured
+``ablation_kl``, ``iterative`` and ``gates`` (trained once, then its ``log_alpha`` ranking is searched
+under the same budget as the static ones). Each plan is scored on held-out documents (the
+evaluator's ``verify`` split) and, optionally, perplexity. Writes ``results.md``, ``results.json``,
+``accuracy_vs_removed.png`` and every plan under ``plans/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from .options import load_from_options, model_options
+
+PROXY_EXCLUDE = ("ablation_kl", "ablation_loss")
+
+
+def _calibration_seqs(tokenizer: Any, model: Any, data: str, num: int, seq_len: int) -> list[list[int]]:
+    from ..adapters import get_adapter
+    from ..data import DataSpec, iter_documents, tokenize_documents
+
+    ctx = getattr(get_adapter(model).text_config(model.config), "max_position_embeddings", None)
+    spec = DataSpec(source=data, num_samples=num, seq_len=seq_len, seed=1)
+    return tokenize_documents(iter_documents(data), tokenizer, spec, ctx)
+
+
+def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops: list[float], out: str | Path, *,
+                   ppl_data: str | None = None, limit: int | None = None, ppl_limit: int | None = None,
+                   calib_data: str = "wikitext2", calib_samples: int = 8, calib_len: int = 128,
+                   relative: bool = False, round_size: int = 4, gates_fraction: float = 0.3, gates_steps: int = 100, gates_lr: float = 0.1,
+                   selectors: list[str] | None = None, overwrite: bool = False, progress: bool = True,
+                   calib_seqs: list[list[int]] | None = None) -> list[dict[str, Any]]:
+    """Run the selectors and write the comparison to ``out``; returns one row per (selector, budget)."""
+    from ..ablation import ablation_scores
+    from ..adapters import get_adapter
+    from ..evaluation import make_evaluator
+    from ..head_scores import HeadScores
+    from ..io_utils import atomic_dir, check_output_dir, write_json_atomic
+    from ..selection.gates import select_gates
+    from ..selection.iterative import select_iterative
+    from ..selection.static import RANDOM_SCORE, select_static
+
+    check_output_dir(out, overwrite)
+    scores.check(model)
+    layout = get_adapter(model).layout(model.config)
+    pad_id = int(tokenizer.pad_token_id) if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    seqs = calib_seqs if calib_seqs is not None else _calibration_seqs(tokenizer, model, calib_data, calib_samples, calib_len)
+    search = make_evaluator(model, tokenizer, task, limit=limit, split="search")
+    held = make_evaluator(model, tokenizer, task, limit=limit, split="verify")
+    ppl = make_evaluator(model, tokenizer, f"ppl:{ppl_data}", limit=ppl_limit) if ppl_data else None
+
+    proxies = [s for s in scores.score_ids if s not in PROXY_EXCLUDE]
+    names = [f"static:{s}" for s in proxies] + ["random", "static:ablation_kl", "iterative", "gates"]
+    if selectors:
+        unknown = set(selectors) - set(names)
+        if unknown:
+            from ..errors import PruneHeadsError
+
+            raise PruneHeadsError(f"unknown selector(s) {sorted(unknown)}; available: {', '.join(names)}")
+        names = [n for n in names if n in selectors]
+
+    # one-off measurements shared by the measured selectors (their cost is charged to each user)
+    shared: dict[str, tuple[Any, float, float]] = {}
+    if "static:ablation_kl" in names:
+        t0 = time.time()
+        abl = ablation_scores(model, seqs, scores=["ablation_kl"], pad_id=pad_id, progress=progress)
+        cost = ablation_cost(abl)
+        abl.meta = dict(scores.meta)
+        shared["ablation"] = (scores.merged(abl), time.time() - t0, cost)
+    if "gates" in names:
+        t0 = time.time()
+        gplan = select_gates(model, seqs, target_fraction=gates_fraction, steps=gates_steps, lr=gates_lr, pad_id=pad_id,
+                             progress=progress)
+        la = torch.tensor(gplan.meta["log_alpha"])[None]
+        shared["gates"] = (HeadScores({"ablation_kl": la}, dict(scores.meta)), time.time() - t0,
+                           float(gplan.meta["cost"]["forward_passes"]))
+
+    held_base, ppl_base = held(None), (ppl(None) if ppl else None)
+    rows: list[dict[str, Any]] = [{"selector": "unpruned", "max_drop": None, "heads_removed": 0, "percent_removed": 0.0,
+                                   "held_out": held_base.value, "perplexity": ppl_base.value if ppl_base else None,
+                                   "evaluations": 0, "forward_equivalents": 0.0, "wall_seconds": 0.0}]
+    plans: dict[str, Any] = {}
+    for drop in max_drops:
+        for name in names:
+            calls0, t0 = search.calls, time.time()
+            fwd, extra_wall = 0.0, 0.0
+            if name == "iterative":
+                plan = select_iterative(model, seqs, search, max_drop=drop, relative=relative, round_size=round_size,
+                                        pad_id=pad_id, progress=progress)
+                fwd = plan.meta["cost"]["ablation_forward_equivalents"]
+            elif name in ("gates", "static:ablation_kl"):
+                hs, extra_wall, fwd = shared["gates" if name == "gates" else "ablation"]
+                plan = select_static(model, hs, search, score_id="ablation_kl", max_drop=drop, relative=relative, progress=False)
+                plan.meta["method"] = name
+            else:
+                sid = RANDOM_SCORE if name == "random" else name.split(":", 1)[1]
+                plan = select_static(model, scores, search, score_id=sid, max_drop=drop, relative=relative, progress=False)
+            wall = time.time() - t0 + extra_wall
+            mask = plan.mask(layout)
+            h, p = held(mask), (ppl(mask) if ppl else None)
+            n = len(plan.removed_heads)
+            rows.append({"selector": name, "max_drop": drop, "heads_removed": n,
+                         "percent_removed": round(100.0 * n / layout.total_heads, 2), "held_out": h.value,
+                         "perplexity": p.value if p else None, "evaluations": search.calls - calls0,
+                         "forward_equivalents": round(fwd, 1), "wall_seconds": round(wall, 1)})
+            plans[f"{name.replace(':', '_')}_{drop}"] = plan
+
+    metric = held_base.metric
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_json_atomic(tmp / "results.json", {"task": task, "metric": metric, "max_drops": max_drops,
+                                                  "ppl_data": ppl_data, "rows": rows,
+                                                  "calibration": {"num_samples": len(seqs)}})
+        (tmp / "results.md").write_text(markdown_table(rows, metric, task, ppl_data))
+        plot(rows, metric, tmp / "accuracy_vs_removed.png")
+        (tmp / "plans").mkdir()
+        for key, plan in plans.items():
+            plan.save(tmp / "plans" / f"{key}.json")
+    return rows
+
+
+def ablation_cost(hs: Any) -> float:
+    return float(hs.meta.get("ablation", {}).get("cost", {}).get("forward_equivalents", 0.0))
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str, task: str, ppl_data: str | None) -> str:
+    def f(x: Any, nd: int = 4) -> str:
+        return "-" if x is None else (f"{x:.{nd}g}" if isinstance(x, float) else str(x))
+
+    lines = [f"| selector | max drop | heads removed | % removed | held-out {metric} ({task}) | perplexity"
+             f"{' (' + ppl_data + ')' if ppl_data else ''} | evaluations | forward passes (seq-equiv.) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['selector']} | {f(r['max_drop'])} | {r['heads_removed']} | {r['percent_removed']} | "
+                     f"{f(r['held_out'])} | {f(r['perplexity'])} | {r['evaluations']} | {r['forward_equivalents']} | "
+                     f"{r['wall_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in rows if r["selector"] == "unpruned")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["selector"] for r in rows if r["selector"] != "unpruned"):
+        pts = sorted((r["percent_removed"], r["held_out"]) for r in rows if r["selector"] == name)
+        pts = [(0.0, base["held_out"]), *pts]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("% of heads removed")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@click.command("compare-selectors")
+@click.option("--model", "model_spec", required=True, help="Model (local dir, Hub id or smollm2).")
+@click.option("--scores", "scores_dir", required=True, type=click.Path(exists=True), help="Scores directory (proxy scores).")
+@click.option("--task", required=True, help="Evaluation task (lm-eval name, mc:FILE.jsonl, ppl:DATA or kl:DATA).")
+@click.option("--max-drop", required=True, help="Budget(s), comma-separated (one line per selector over them).")
+@click.option("--relative", is_flag=True, help="--max-drop is a fraction of the baseline.")
+@click.option("--ppl-data", default=None, help="Also report perplexity on this data spec (e.g. wikitext2).")
+@click.option("--limit", default=None, type=int, help="Documents per evaluation split.")
+@click.option("--ppl-limit", default=None, type=int)
+@click.option("--calib-data", default="wikitext2", show_default=True, help="Data the measured selectors train/measure on.")
+@click.option("--calib-samples", default=8, show_default=True, type=int)
+@click.option("--calib-len", default=128, show_default=True, type=int)
+@click.option("--round-size", default=4, show_default=True, type=int)
+@click.option("--gates-fraction", default=0.3, show_default=True, type=float)
+@click.option("--gates-steps", default=100, show_default=True, type=int)
+@click.option("--selectors", default=None, help="Comma-separated subset (static:ID, random, iterative, gates).")
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--overwrite", is_flag=True)
+@model_options
+def compare_selectors(model_spec, scores_dir, task, max_drop, relative, ppl_data, limit, ppl_limit, calib_data,
+                      calib_samples, calib_len, round_size, gates_fraction, gates_steps, selectors, output, overwrite,
+                      **load_kw):
+    """Run every selector on MODEL under the same budget and write a table and a plot."""
+    from ..head_scores import HeadScores
+    from ..io_utils import check_output_dir
+
+    check_output_dir(output, overwrite)
+    drops = [float(x) for x in max_drop.split(",")]
+    loaded = load_from_options(model_spec, **load_kw)
+    rows = run_comparison(loaded.model, loaded.tokenizer, HeadScores.load(scores_dir), task, drops, output,
+                          ppl_data=ppl_data, limit=limit, ppl_limit=ppl_limit, calib_data=calib_data,
+                          calib_samples=calib_samples, calib_len=calib_len, relative=relative, round_size=round_size,
+                          gates_fraction=gates_fraction, gates_steps=gates_steps,
+                          selectors=selectors.split(",") if selectors else None, overwrite=overwrite)
+    click.echo(Path(output, "results.md").read_text())
+    click.echo(json.dumps({"rows": len(rows), "output": str(output)}))
