@@ -127,9 +127,10 @@ def write_markdown(args: argparse.Namespace, results: list[dict], t_calib: float
         lines.append(row)
     lines += [
         "",
-        "Evaluations count the baseline; \"new\" excludes results the evaluator had cached (the shared baseline). "
-        "Accuracy here is measured on a few hundred documents, so its standard error (about 2-3 points at n=100-200) "
-        "is larger than the budget: differences of a few heads between scores are within noise. The paper's "
+        "Evaluations count the baseline (verification is extra); \"new\" excludes results the evaluator had cached "
+        f"(the shared baseline). With {args.limit} documents the accuracy's standard error is up to "
+        f"{100 * (0.25 / max(1, args.limit)) ** 0.5:.1f} points, so it can exceed the budget: differences of a few "
+        "heads between scores are within noise. The paper's "
         "Table 2 uses dynamic (per-input) zeroing; this is the static, exportable version of the same comparison.",
         "",
     ]

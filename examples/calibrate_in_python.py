@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 import prune_heads
+from prune_heads.calibrate import calibrate
 from prune_heads.score_defs import inactivity
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     loaded = prune_heads.load_model(args.model)
-    scores = prune_heads.calibrate(loaded.model, args.data, tokenizer=loaded.tokenizer, scores=[args.score, "awft"],
+    scores = calibrate(loaded.model, args.data, tokenizer=loaded.tokenizer, scores=[args.score, "awft"],
                                    num_samples=args.num_samples, seq_len=args.seq_len, batch_size=4)
     print(f"{scores.num_layers} layers x {scores.num_heads} heads, {scores.meta['num_tokens']} tokens")
     order = inactivity(scores.mean(args.score), args.score).flatten().argsort(descending=True)

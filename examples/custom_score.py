@@ -13,6 +13,7 @@ import argparse
 import torch
 
 import prune_heads
+from prune_heads.calibrate import calibrate
 
 
 def output_per_value(raw: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prune_heads.register_score("output_per_value", output_per_value, inactive_when="low")
     loaded = prune_heads.load_model(args.model)
-    scores = prune_heads.calibrate(loaded.model, "wikitext2", tokenizer=loaded.tokenizer,
+    scores = calibrate(loaded.model, "wikitext2", tokenizer=loaded.tokenizer,
                                    scores=["output_per_value", "ahon", "avvn"],
                                    num_samples=args.num_samples, seq_len=args.seq_len, batch_size=4)
     custom = scores.mean("output_per_value")

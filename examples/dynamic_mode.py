@@ -12,6 +12,7 @@ import argparse
 import contextlib
 
 import prune_heads
+from prune_heads.calibrate import calibrate
 from prune_heads.evaluation import make_evaluator
 
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
     loaded = prune_heads.load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
-    scores = prune_heads.calibrate(model, "wikitext2", tokenizer=tok, scores=[args.score],
+    scores = calibrate(model, "wikitext2", tokenizer=tok, scores=[args.score],
                                    num_samples=args.num_samples, seq_len=args.seq_len, batch_size=4)
     tau = prune_heads.threshold_for_fraction(scores, args.score, args.fraction)
     print(f"threshold for {args.fraction:.0%} of heads by {args.score}: {tau:.4f}")

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prune_heads
+from prune_heads.calibrate import calibrate
 from prune_heads.export import export
 from prune_heads.score_defs import inactivity
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     loaded = prune_heads.load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
-    scores = prune_heads.calibrate(model, "wikitext2", tokenizer=tok, scores=["ahon_ln"],
+    scores = calibrate(model, "wikitext2", tokenizer=tok, scores=["ahon_ln"],
                                    num_samples=args.num_samples, seq_len=args.seq_len, batch_size=4)
     k = max(1, int(args.fraction * scores.num_layers * scores.num_heads))
     order = inactivity(scores.mean("ahon_ln"), "ahon_ln").flatten().argsort(descending=True)[:k]

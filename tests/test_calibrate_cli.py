@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from tiny_models import tiny_model
-from tiny_tokenizer import WORDS, SPECIAL, tiny_tokenizer, words
+from tiny_tokenizer import SPECIAL, WORDS, tiny_tokenizer, words
 
 from prune_heads import HeadScores, calibrate, load_model
 from prune_heads.cli.main import cli

@@ -41,7 +41,7 @@ def test_smollm2_sliced_reloads_without_package(smollm2, tmp_path):
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"p = {str(tmp_path / 's')!r}\n"
         "m = AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True, dtype=torch.float32).double()\n"
-        "tok = AutoTokenizer.from_pretrained(p)\n"
+        "tok = AutoTokenizer.from_pretrained(p, trust_remote_code=True)\n"
         f"d = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
         "with torch.no_grad():\n"
         "    out = m(input_ids=d['ids'], attention_mask=d['mask']).logits\n"

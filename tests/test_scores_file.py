@@ -11,7 +11,12 @@ from tiny_models import tiny_config, tiny_model
 
 from prune_heads import HeadScores, calibrate, get_adapter
 from prune_heads.__about__ import __version__
-from prune_heads.errors import ModelMismatchError, OutputExistsError, PruneHeadsError, UnsupportedArchitectureError
+from prune_heads.errors import (
+    ModelMismatchError,
+    OutputExistsError,
+    PruneHeadsError,
+    UnsupportedArchitectureError,
+)
 from prune_heads.io_utils import atomic_dir
 from prune_heads.score_defs import FORWARD_SCORES
 

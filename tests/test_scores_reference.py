@@ -117,3 +117,18 @@ def test_real_smollm2_matches_reference(smollm2):
     hs = calibrate(model, seqs, batch_size=3, progress=False)
     assert hs.per_sample("awft").shape == (3, 30, 9)
     _assert_matches(hs, seqs, model)
+
+
+def test_left_padding_matches_unpadded():
+    """The block-wise kernel also handles left padding (a padded query/key never counts)."""
+    from prune_heads.attention_stats import attention_with_stats
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :3] = False
+    mask = (torch.tril(torch.ones(9, 9, dtype=torch.bool))[None] & valid[:, None, :])[:, None]
+    _, padded = attention_with_stats(q, k, v, mask, 8**-0.5, block=2)
+    _, alone = attention_with_stats(q[1:, :, 3:], k[1:, :, 3:], v[1:, :, 3:], None, 8**-0.5)
+    for sid in ("awft", "aeqd", "confidence", "ahon", "lthon", "avvn", "ftvvn"):
+        torch.testing.assert_close(padded[sid][1], alone[sid][0], rtol=1e-5, atol=1e-6)

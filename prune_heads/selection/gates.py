@@ -158,7 +158,7 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
                     loss = kl + l0_penalty * open_frac
                 if not torch.isfinite(loss):
                     raise GatesDidNotConverge(
-                        f"gate training diverged at step {step} (loss {float(loss)}); lower --lr (now {lr}) "
+                        f"gate training diverged at step {step} (loss {float(loss.detach())}); lower --lr (now {lr}) "
                         "or use float32 weights")
                 opt.zero_grad()
                 loss.backward()
