@@ -1,7 +1,7 @@
 """prune-heads: find attention heads that do no work, and remove them for real.
 
-The public API is imported lazily, so the CLI and light commands (``push``, ``report``) start in about
-a second instead of paying for torch and transformers up front. ``import prune_heads`` still registers
+Optional parts of the API (evaluation, selection, report, hub, pipeline) are imported on first use, so
+lm-eval and matplotlib load only when needed. ``import prune_heads`` registers
 the pruned model types with transformers' Auto classes (when transformers is importable), so exported
 ``sliced`` checkpoints load without ``trust_remote_code``.
 """
@@ -13,12 +13,16 @@ from typing import Any
 
 from .__about__ import __version__
 
+# Names that equal a submodule's name are imported eagerly: importing the submodule later would
+# otherwise rebind the package attribute to the module.
+from .calibrate import calibrate  # noqa: E402
+from .export import export  # noqa: E402
+
 _EXPORTS: dict[str, str] = {
     "HeadControl": "control",
     "attach": "control",
     "HeadScores": "head_scores",
     "Plan": "plan",
-    "calibrate": "calibrate",
     "get_adapter": "adapters",
     "register_adapter": "adapters",
     "supported_model_types": "adapters",
@@ -32,14 +36,13 @@ _EXPORTS: dict[str, str] = {
     "select_iterative": "selection.iterative",
     "select_gates": "selection.gates",
     "ablation_scores": "ablation",
-    "export": "export",
     "verify_export": "export",
     "push": "hub",
     "write_report": "report",
     "run": "pipeline",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = ["__version__", "calibrate", "export", *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:
