@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import weakref
 
@@ -10,12 +11,13 @@ import pytest
 from click.testing import CliRunner
 from export_helpers import make_source
 
-import prune_heads.export as export_mod
 from prune_heads.errors import OutputExistsError, PruneHeadsError
 from prune_heads.export import export
 from prune_heads.plan import Plan
 
 pytestmark = pytest.mark.filterwarnings("ignore:plan has no model fingerprint")
+# the package re-exports the function ``export`` under the submodule's name: fetch the module itself
+export_mod = importlib.import_module("prune_heads.export")
 
 
 def tree_hash(path) -> str:
