@@ -61,7 +61,9 @@ def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan
 
     torch_dtype = parse_dtype(dtype)
     compute = {"float64": torch.float64, "float32": torch.float32}[compute_dtype]
-    ref = _load(str(original), torch_dtype, compute)
+    from . import resolve_source
+
+    ref = _load(str(resolve_source(str(original))), torch_dtype, compute)
     cand = _load(str(exported), torch_dtype, compute)
     ids, mask = verification_batch(ref.config.get_text_config().vocab_size, num_sequences, seq_len)
     with static_mask(ref, plan):
