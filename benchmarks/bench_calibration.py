@@ -188,7 +188,7 @@ def main() -> None:
         "",
         f"Command: `{cmd}`  ",
         f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads), shared with other jobs while measured, so timings are noisy.  ",
+        f"{torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.1f} when written.  ",
         f"Data: WikiText-2 test articles, {args.num_samples} x {args.seq_len} tokens, batch size {args.batch_size}; "
         f"query blocks of at most {BLOCK_ELEMENTS:,} logits.",
         "",
