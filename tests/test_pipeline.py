@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
 import os
 import shutil
-import sys
-import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from tiny_models import tiny_model
 
@@ -74,123 +68,12 @@ def tiny_recipe(model_dir: Path, text: Path | None = None, *, report: bool = Fal
     }
 
 
-# ---- stand-ins, used only while another engineer's contract module is missing ------------------
-@dataclass
-class _EvalResult:
-    metric: str
-    value: float
-    stderr: float | None
-    higher_is_better: bool
-    n: int
-    details: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-class _PplEvaluator:
-    """Perplexity of the first ``limit`` WikiText-2 documents (64 tokens each)."""
-
-    def __init__(self, model, tokenizer, task, limit=None, split="all", **_):
-        from prune_heads.data import DataSpec, iter_documents, tokenize_documents
-
-        self.model, self.calls = model, 0
-        self.task_config = {"task": task, "limit": limit, "split": split}
-        spec = DataSpec(source="wikitext2", num_samples=limit or 4, seq_len=64, seed=1 if split == "verify" else 0)
-        self.seqs = tokenize_documents(iter_documents("wikitext2"), tokenizer, spec)
-
-    def __call__(self, removed=None, *, context=None):
-        import contextlib
-
-        from prune_heads.masking import static_mask
-
-        self.calls += 1
-        nll, n = 0.0, 0
-        ctx = static_mask(self.model, removed) if removed is not None else contextlib.nullcontext()
-        with ctx, torch.no_grad():
-            for s in self.seqs:
-                ids = torch.tensor([s])
-                logits = self.model(input_ids=ids).logits.float()
-                nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
-                n += len(s) - 1
-        return _EvalResult("perplexity", math.exp(nll / n), None, False, n)
-
-
-def _stub_evaluation() -> types.ModuleType:
-    mod = types.ModuleType("prune_heads.evaluation")
-    mod.EvalResult = _EvalResult
-    mod.make_evaluator = lambda model, tokenizer, task, **kw: _PplEvaluator(model, tokenizer, task, **kw)
-    return mod
-
-
-@dataclass
-class _ExportResult:
-    out_dir: Path
-    params_before: int
-    params_after: int
-    verification: dict | None = None
-    files: list = field(default_factory=list)
-
-
-def _stub_export() -> types.ModuleType:
-    """'masked' export: same shapes, removed heads' o_proj columns zeroed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from prune_heads.adapters import get_adapter
-
-    def export(model, plan, out_dir, **kw):
-        m = AutoModelForCausalLM.from_pretrained(model)
-        ad = get_adapter(m)
-        D = ad.layout(m.config).head_dim
-        layers = ad.layers(m)
-        with torch.no_grad():
-            for layer, h in plan.removed_heads:
-                ad.o_proj(ad.attention(layers[layer])).weight[:, h * D:(h + 1) * D] = 0
-        m.save_pretrained(out_dir)
-        AutoTokenizer.from_pretrained(model).save_pretrained(out_dir)
-        n = sum(p.numel() for p in m.parameters())
-        return _ExportResult(Path(out_dir), n, n)
-
-    def verify_export(original, exported, plan, *, num_sequences=4, seq_len=64, tol=1e-4):
-        from prune_heads.masking import static_mask
-
-        a = AutoModelForCausalLM.from_pretrained(original).eval()
-        b = AutoModelForCausalLM.from_pretrained(exported).eval()
-        ids = torch.randint(0, a.config.vocab_size, (num_sequences, seq_len), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad(), static_mask(a, plan):
-            d = (a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max().item()
-        return {"max_abs_diff": d, "passed": d <= tol}
-
-    mod = types.ModuleType("prune_heads.export")
-    mod.export, mod.verify_export = export, verify_export
-    return mod
-
-
-@pytest.fixture
-def contracts(monkeypatch):
-    """Real modules where they exist; stand-ins for the missing ones (reported in the test output)."""
-    stubbed = []
-    for name, attrs, make in (("prune_heads.evaluation", ("make_evaluator",), _stub_evaluation),
-                              ("prune_heads.export", ("export", "verify_export"), _stub_export)):
-        try:
-            mod = importlib.import_module(name)
-            ok = all(hasattr(mod, a) for a in attrs)
-        except ImportError:
-            ok = False
-        if not ok:
-            monkeypatch.setitem(sys.modules, name, make())
-            stubbed.append(name)
-    if stubbed:
-        print(f"stubbed: {stubbed}")
-    return stubbed
-
-
 def quiet_run(recipe, wd, overrides=None, **kw):
     return P.run(recipe, wd, overrides, progress=False, echo=None, **kw)
 
 
 # ---- end to end --------------------------------------------------------------------------------
-def test_end_to_end_tiny(tiny_dir, short_text, tmp_path, contracts):
+def test_end_to_end_tiny(tiny_dir, short_text, tmp_path):
     wd = tmp_path / "run"
     s = quiet_run(tiny_recipe(tiny_dir, short_text, report=True), wd)
     assert s.complete
@@ -210,11 +93,10 @@ def test_end_to_end_tiny(tiny_dir, short_text, tmp_path, contracts):
     assert row["baseline"]["value"] == pytest.approx(base.value, rel=1e-5)
     assert row["pruned"]["value"] == pytest.approx(masked.value, rel=1e-4)
     # parameters: what the exported checkpoint really holds
-    if "prune_heads.export" not in contracts:
-        exported = P.load_exported(wd / "export" / "model", P.load_recipe(tiny_recipe(tiny_dir, short_text)))
-        assert s.params_after == sum(p.numel() for p in exported.parameters())
-        assert s.params_before == sum(p.numel() for p in ref_model.parameters())
-        assert s.params_after < s.params_before
+    exported = P.load_exported(wd / "export" / "model", P.load_recipe(tiny_recipe(tiny_dir, short_text)))
+    assert s.params_after == sum(p.numel() for p in exported.parameters())
+    assert s.params_before == sum(p.numel() for p in ref_model.parameters())
+    assert s.params_after < s.params_before
     assert s.verification["passed"] and s.verification["max_abs_diff"] <= 1e-4
     assert s.speed["original"]["tokens_per_s"] > 0 and s.speed["pruned"]["seq_len"] == 16
     assert Path(s.report).is_file() and list((wd / "report" / "plots").glob("*.png"))
@@ -245,7 +127,7 @@ def _result(wd: Path) -> tuple:
     return plan, [(m["baseline"]["value"], m["pruned"]["value"]) for m in metrics]
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_dir, short_text, tmp_path, contracts, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted(tiny_dir, short_text, tmp_path, monkeypatch):
     recipe = tiny_recipe(tiny_dir, short_text)
     calls = _counting(monkeypatch)
     quiet_run(recipe, tmp_path / "straight")
@@ -280,7 +162,7 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_dir, short_text, t
     assert calls == {} and set(s.stages.values()) <= {"cached", "skipped"}
 
 
-def test_changed_input_reruns_only_downstream(tiny_dir, short_text, tmp_path, contracts, monkeypatch):
+def test_changed_input_reruns_only_downstream(tiny_dir, short_text, tmp_path, monkeypatch):
     wd = tmp_path / "run"
     quiet_run(tiny_recipe(tiny_dir, short_text), wd, stop_after="select")
     first_plan = json.loads((wd / "select" / "plan.json").read_text())
@@ -301,7 +183,7 @@ def test_changed_input_reruns_only_downstream(tiny_dir, short_text, tmp_path, co
     assert calls == {"calibrate": 1}
 
 
-def test_stale_downstream_is_never_reused(tiny_dir, short_text, tmp_path, contracts):
+def test_stale_downstream_is_never_reused(tiny_dir, short_text, tmp_path):
     """Calibration changes; the old select/export directories must not be picked up afterwards."""
     wd = tmp_path / "run"
     quiet_run(tiny_recipe(tiny_dir, short_text), wd, stop_after="export")
@@ -385,7 +267,7 @@ def test_cli_reports_recipe_errors_without_traceback(tmp_path):
     assert res.exit_code == 2 and "select.max_drop: must be a number in [0, 1)" in res.output
 
 
-def test_cli_run_end_to_end(tiny_dir, short_text, tmp_path, contracts):
+def test_cli_run_end_to_end(tiny_dir, short_text, tmp_path):
     import yaml
 
     from prune_heads.cli.main import cli
