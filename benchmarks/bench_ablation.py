@@ -84,7 +84,7 @@ def main() -> None:
         f"Command: `python benchmarks/bench_ablation.py --num-seqs {args.num_seqs} --seq-len {args.seq_len} "
         f"--layers {args.layers} --batch-size {args.batch_size}`  ",
         f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads), shared with other jobs, so timings are noisy.  ",
+        f"{torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.1f} when written.  ",
         f"Model: SmolLM2-135M (float32), {L} layers x {H} heads = {L * H} heads; data: {len(seqs)} WikiText-2 "
         f"sequences x {args.seq_len} tokens.\n",
         "| method | heads | wall time | forward passes (sequence-equivalents) |",
