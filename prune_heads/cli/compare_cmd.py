@@ -34,7 +34,8 @@ def _calibration_seqs(tokenizer: Any, model: Any, data: str, num: int, seq_len: 
 def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops: list[float], out: str | Path, *,
                    ppl_data: str | None = None, limit: int | None = None, ppl_limit: int | None = None,
                    calib_data: str = "wikitext2", calib_samples: int = 8, calib_len: int = 128,
-                   relative: bool = False, round_size: int = 4, gates_fraction: float = 0.3, gates_steps: int = 100, gates_lr: float = 0.1,
+                   relative: bool = False, round_size: int = 4, candidates_fraction: float | None = None,
+                   gates_fraction: float = 0.3, gates_steps: int = 100, gates_lr: float = 0.1,
                    selectors: list[str] | None = None, overwrite: bool = False, progress: bool = True,
                    calib_seqs: list[list[int]] | None = None) -> list[dict[str, Any]]:
     """Run the selectors and write the comparison to ``out``; returns one row per (selector, budget)."""
@@ -93,7 +94,7 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
             fwd, extra_wall = 0.0, 0.0
             if name == "iterative":
                 plan = select_iterative(model, seqs, search, max_drop=drop, relative=relative, round_size=round_size,
-                                        pad_id=pad_id, progress=progress)
+                                        candidates_fraction=candidates_fraction, pad_id=pad_id, progress=progress)
                 fwd = plan.meta["cost"]["ablation_forward_equivalents"]
             elif name in ("gates", "static:ablation_kl"):
                 hs, extra_wall, fwd = shared["gates" if name == "gates" else "ablation"]
@@ -177,6 +178,8 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
 @click.option("--calib-samples", default=8, show_default=True, type=int)
 @click.option("--calib-len", default=128, show_default=True, type=int)
 @click.option("--round-size", default=4, show_default=True, type=int)
+@click.option("--candidates-fraction", default=None, type=float,
+              help="Iterative: re-measure only this fraction of heads (least harmful at the first measurement).")
 @click.option("--gates-fraction", default=0.3, show_default=True, type=float)
 @click.option("--gates-steps", default=100, show_default=True, type=int)
 @click.option("--selectors", default=None, help="Comma-separated subset (static:ID, random, iterative, gates).")
@@ -184,8 +187,8 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
 @click.option("--overwrite", is_flag=True)
 @model_options
 def compare_selectors(model_spec, scores_dir, task, max_drop, relative, ppl_data, limit, ppl_limit, calib_data,
-                      calib_samples, calib_len, round_size, gates_fraction, gates_steps, selectors, output, overwrite,
-                      **load_kw):
+                      calib_samples, calib_len, round_size, candidates_fraction, gates_fraction, gates_steps, selectors, output,
+                      overwrite, **load_kw):
     """Run every selector on MODEL under the same budget and write a table and a plot."""
     from ..head_scores import HeadScores
     from ..io_utils import check_output_dir
@@ -196,7 +199,7 @@ def compare_selectors(model_spec, scores_dir, task, max_drop, relative, ppl_data
     rows = run_comparison(loaded.model, loaded.tokenizer, HeadScores.load(scores_dir), task, drops, output,
                           ppl_data=ppl_data, limit=limit, ppl_limit=ppl_limit, calib_data=calib_data,
                           calib_samples=calib_samples, calib_len=calib_len, relative=relative, round_size=round_size,
-                          gates_fraction=gates_fraction, gates_steps=gates_steps,
+                          candidates_fraction=candidates_fraction, gates_fraction=gates_fraction, gates_steps=gates_steps,
                           selectors=selectors.split(",") if selectors else None, overwrite=overwrite)
     click.echo(Path(output, "results.md").read_text())
     click.echo(json.dumps({"rows": len(rows), "output": str(output)}))
