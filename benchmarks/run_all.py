@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["calibration", "ablation", "selection", "compare_selectors", "export"]
+ORDER = ["calibration", "ablation", "ablation_accuracy", "selection", "compare_selectors", "export"]
 SCRIPTS = {
     "calibration": "bench_calibration.py",
     "ablation": "bench_ablation.py",
+    "ablation_accuracy": "check_ablation_accuracy.py",
     "selection": "bench_selection.py",
     "compare_selectors": "compare_selectors.py",
     "export": "bench_export.py",

@@ -10,14 +10,9 @@ the numbers:
 - zeroing a head in layer ``l`` changes nothing before ``l``: the hidden states (and every keyword
   argument: masks, rotary embeddings) entering each decoder layer are captured once, and only layers
   ``l..L-1``, the final norm and the LM head are run for the copies;
-- the KL needs no per-copy log-softmax over the vocabulary. With logits ``z = W h + b`` and
-  ``d = W (h_q - h_p)`` (the bias cancels), ``KL(p || q) = log(1 + A + B) - B`` with
-  ``A = sum_v p_v (e^{d_v} - 1 - d_v)`` and ``B = sum_v p_v d_v = u . (h_q - h_p)``, ``u = p W``
-  computed once per batch. ``A`` is one elementwise pass per copy over terms that are all >= 0, so
-  float32 sums it without cancellation; the rest is done in float64 on ``(B, T)`` numbers. (A plain
-  log-sum-exp of ``log p + d`` carries about 1e-5 of summation error over a 49k vocabulary, the size of
-  a quiet head's KL.) The same ``log(1 + A + B)`` gives the loss increase. Families that soft-cap
-  their logits (Gemma-2) are not linear in ``h`` and keep the elementwise formula.
+- the KL needs no per-copy log-softmax over the vocabulary: with a linear LM head it follows from
+  the hidden-state difference in one elementwise pass (``logit_shift``), as accurately as the direct
+  formula. Families that soft-cap their logits (Gemma-2) keep the direct formula.
 
 The prefix reuse calls the decoder layers directly, so it is checked once per call against a full
 forward; if a family does something between layers that the check catches, the code falls back to
@@ -41,6 +36,7 @@ from .control import HeadControl, attach
 from .data import batches
 from .errors import PruneHeadsError
 from .head_scores import HeadScores
+from .logit_shift import LinearHeadReference
 from .score_defs import ABLATION
 
 Head = tuple[int, int]
@@ -48,11 +44,6 @@ Unit = list[Head]
 
 #: memory (bytes) the automatic ``heads_per_pass`` lets one pass use on CPU
 CPU_PASS_BUDGET = 3 * 2**30
-#: size of the (rows, vocab) logit block handled at once on CPU (about what stays in cache)
-_LSE_CHUNK_BYTES = 2**25
-#: largest logit change for which float32 ``p (e^d - 1 - d)`` loses nothing: a float32 p underflows
-#: below e^-103, so a token needs d > 103 - 40 before its term reaches 1e-17
-_FAST_MAX_D = 60.0
 
 
 @dataclass
@@ -207,16 +198,14 @@ class _Measurer:
             if cap is not None:
                 cap.remove()
         ref_lp = torch.log_softmax(logits, -1)
-        ref_p = ref_lp.exp()
         self.ref_nll = _per_seq(-ref_lp.gather(-1, target[..., None]).squeeze(-1), self.valid)
         self.linear_head = _softcap(self.model) is None and isinstance(self.model.lm_head, nn.Linear) and len(normed) == 1
-        self.ref_p, self.ref_lp = ref_p, ref_lp
         if self.linear_head:
-            # what the per-copy KL needs besides p: the reference's final hidden states and u = p W
-            # (float64: an error in u enters the KL directly)
-            self.ref_h = normed[0][:, :-1].float()
-            self.ref_u = ref_p.double() @ self.model.lm_head.weight.double()
-            self.ref_psum = ref_p.sum(-1, dtype=torch.float64)  # 1 up to float32 rounding, which matters here
+            hidden = normed[0][:, :-1]
+            self.shift = LinearHeadReference.build(self.model.lm_head.weight, hidden.reshape(-1, hidden.shape[-1]),
+                                                   ref_lp.reshape(-1, ref_lp.shape[-1]))
+        else:
+            self.ref_lp, self.ref_p = ref_lp, ref_lp.exp()
         self.start_logits = logits
         if cap is None:  # the pruned model's prefix differs from the reference's
             cap = _Capture(self.layers)
@@ -241,42 +230,9 @@ class _Measurer:
                 out["ablation_loss"] = out["ablation_loss"] - self.ref_nll
             return out
         B, T, D = hidden.shape
-        delta = (hidden.float() - self.ref_h).reshape(B * T, D)
-        ref_p = self.ref_p.reshape(B * T, -1)
-        ref_lp = self.ref_lp.reshape(B * T, -1)
-        tgt = target.reshape(B * T, 1)
-        weight = self.model.lm_head.weight
-        excess = torch.empty(B * T, dtype=torch.float64, device=delta.device)  # A per position
-        d_target = torch.empty(B * T, dtype=torch.float32, device=delta.device)
-        rows = B * T if delta.device.type != "cpu" else max(32, _LSE_CHUNK_BYTES // (4 * ref_p.shape[1]))
-        for r in range(0, B * T, rows):  # row chunks keep the (rows, V) block in cache on CPU
-            sl = slice(r, r + rows)
-            d = torch.nn.functional.linear(delta[sl].to(weight.dtype), weight).float()
-            d_target[sl] = d.gather(-1, tgt[sl]).squeeze(-1)
-            if float(d.amax()) < _FAST_MAX_D:
-                excess[sl] = torch.expm1(d).sub_(d).mul_(ref_p[sl]).sum(-1).double()  # terms >= 0: float32 sums them well
-            else:  # a logit rose so far that p e^d matters where p underflows float32: go to float64
-                d = d.double()
-                excess[sl] = (torch.expm1(d) - d).mul_(ref_lp[sl].double().exp()).sum(-1)
-        psum = self.ref_psum.reshape(B * T)
-        cross = (self.ref_u.reshape(B * T, D) * delta.double()).sum(-1) / psum  # B per position
-        total = (excess / psum + cross).clamp_min(-1.0)
-        log_ratio = torch.log1p(total)  # log sum_v p_v e^{d_v} = lse(z_q) - lse(z_p)
-        bad = (total < -0.5) | ~torch.isfinite(total)
-        if bool(bad.any()):
-            # the copy moved most of p's mass away (KL of nats): 1 + A + B cancels, so take these rows'
-            # log-sum-exp directly instead
-            d = torch.nn.functional.linear(delta[bad].to(weight.dtype), weight).double()
-            lp = ref_lp[bad].double()
-            log_ratio[bad] = torch.logsumexp(lp + d, -1) - torch.logsumexp(lp, -1)
-        lse = log_ratio.view(B, T)
-        cross = cross.view(B, T)
-        out = {}
-        if "ablation_kl" in want:
-            out["ablation_kl"] = _per_seq((lse - cross).float(), self.valid)
-        if "ablation_loss" in want:
-            out["ablation_loss"] = _per_seq((lse - d_target.view(B, T).double()).float(), self.valid)
-        return out
+        kl, dloss = self.shift.effects(hidden.reshape(B * T, D), target.reshape(B * T))
+        per_pos = {"ablation_kl": kl.view(B, T).float(), "ablation_loss": dloss.view(B, T).float()}
+        return {w: _per_seq(per_pos[w], self.valid) for w in want}
 
     def check_prefix(self) -> bool:
         """Does running layers 0..L-1 from the captured inputs reproduce the full forward?"""

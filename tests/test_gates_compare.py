@@ -46,6 +46,44 @@ def test_compare_selectors_writes_table_plot_and_plans(tmp_path):
     assert len(list((out / "plans").glob("*.json"))) == 12
 
 
+def test_shared_measurement_is_done_once_across_budgets(tmp_path, monkeypatch):
+    """Two budgets on one model: the ablation and the gates run once, and both tables charge their cost."""
+    import prune_heads.ablation as ablation_mod
+    import prune_heads.selection.gates as gates_mod
+    from prune_heads.calibrate import calibrate
+    from prune_heads.cli.compare_cmd import run_comparison
+
+    calls = {"ablation": 0, "gates": 0}
+    real_abl, real_gates = ablation_mod.ablation_scores, gates_mod.select_gates
+
+    def count_abl(*a, **k):
+        calls["ablation"] += 1
+        return real_abl(*a, **k)
+
+    def count_gates(*a, **k):
+        calls["gates"] += 1
+        return real_gates(*a, **k)
+
+    monkeypatch.setattr(ablation_mod, "ablation_scores", count_abl)
+    monkeypatch.setattr(gates_mod, "select_gates", count_gates)
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
+    tok = tiny_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(4, 90, (12,), generator=g).tolist() for _ in range(3)]
+    scores = calibrate(model, seqs, scores=["ahon_ln"], progress=False)
+    text = _corpus(tmp_path)
+    shared: dict = {}
+    tables = []
+    for name, task in (("a", f"ppl:{text}"), ("b", f"kl:{text}")):
+        rows = run_comparison(model, tok, scores, task, [0.2], tmp_path / name, relative=(name == "a"), limit=6,
+                              calib_seqs=seqs, selectors=["static:ablation_kl", "gates"], gates_fraction=0.25,
+                              gates_steps=60, progress=False, shared=shared)
+        tables.append({r["selector"]: r for r in rows})
+    assert calls == {"ablation": 1, "gates": 1}
+    for sel in ("static:ablation_kl", "gates"):
+        assert tables[0][sel]["forward_equivalents"] == tables[1][sel]["forward_equivalents"] > 0
+
+
 def test_measured_plans_export_exactly(tmp_path):
     try:
         from prune_heads.export import export

@@ -37,8 +37,14 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
                    relative: bool = False, round_size: int = 4, candidates_fraction: float | None = None,
                    gates_fraction: float = 0.3, gates_steps: int = 100, gates_lr: float = 0.1,
                    selectors: list[str] | None = None, overwrite: bool = False, progress: bool = True,
-                   calib_seqs: list[list[int]] | None = None) -> list[dict[str, Any]]:
-    """Run the selectors and write the comparison to ``out``; returns one row per (selector, budget)."""
+                   calib_seqs: list[list[int]] | None = None,
+                   shared: dict[str, tuple[Any, float, float]] | None = None) -> list[dict[str, Any]]:
+    """Run the selectors and write the comparison to ``out``; returns one row per (selector, budget).
+
+    ``shared``: pass the same dict to several calls on one model and calibration set (e.g. an
+    accuracy budget and a perplexity budget) and the budget-independent work, the ablation
+    measurement and the gate training, is done once; its cost is still charged to each row.
+    """
     from ..ablation import ablation_scores
     from ..adapters import get_adapter
     from ..evaluation import make_evaluator
@@ -68,14 +74,14 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
         names = [n for n in names if n in selectors]
 
     # one-off measurements shared by the measured selectors (their cost is charged to each user)
-    shared: dict[str, tuple[Any, float, float]] = {}
-    if "static:ablation_kl" in names:
+    shared = {} if shared is None else shared
+    if "static:ablation_kl" in names and "ablation" not in shared:
         t0 = time.time()
         abl = ablation_scores(model, seqs, scores=["ablation_kl"], pad_id=pad_id, progress=progress)
         cost = ablation_cost(abl)
         abl.meta = dict(scores.meta)
         shared["ablation"] = (scores.merged(abl), time.time() - t0, cost)
-    if "gates" in names:
+    if "gates" in names and "gates" not in shared:
         t0 = time.time()
         gplan = select_gates(model, seqs, target_fraction=gates_fraction, steps=gates_steps, lr=gates_lr, pad_id=pad_id,
                              progress=progress)
