@@ -84,6 +84,31 @@ def test_shared_measurement_is_done_once_across_budgets(tmp_path, monkeypatch):
         assert tables[0][sel]["forward_equivalents"] == tables[1][sel]["forward_equivalents"] > 0
 
 
+def test_gates_that_do_not_converge_give_a_row_not_a_lost_comparison(tmp_path, monkeypatch):
+    import prune_heads.selection.gates as gates_mod
+    from prune_heads.calibrate import calibrate
+    from prune_heads.cli.compare_cmd import run_comparison
+
+    def fail(*a, **k):
+        raise gates_mod.GatesDidNotConverge("expected open fraction 0.95 after 3 steps, target 0.75")
+
+    monkeypatch.setattr(gates_mod, "select_gates", fail)
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(4, 90, (12,), generator=g).tolist() for _ in range(3)]
+    scores = calibrate(model, seqs, scores=["ahon_ln"], progress=False)
+    text = _corpus(tmp_path)
+    rows = run_comparison(model, tiny_tokenizer(), scores, f"ppl:{text}", [0.2], tmp_path / "cmp", relative=True,
+                          limit=6, calib_seqs=seqs, selectors=["static:ahon_ln", "gates"], progress=False)
+    by = {r["selector"]: r for r in rows}
+    assert by["gates"]["heads_removed"] is None and "target 0.75" in by["gates"]["error"]
+    assert by["static:ahon_ln"]["heads_removed"] is not None
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| gates | 0.2 | no plan: expected open fraction" in table
+    assert (tmp_path / "cmp" / "accuracy_vs_removed.png").exists()
+    assert not list((tmp_path / "cmp" / "plans").glob("gates*"))
+
+
 def test_measured_plans_export_exactly(tmp_path):
     try:
         from prune_heads.export import export

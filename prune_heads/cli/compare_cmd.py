@@ -50,7 +50,7 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
     from ..evaluation import make_evaluator
     from ..head_scores import HeadScores
     from ..io_utils import atomic_dir, check_output_dir, write_json_atomic
-    from ..selection.gates import select_gates
+    from ..selection.gates import GatesDidNotConverge, select_gates
     from ..selection.iterative import select_iterative
     from ..selection.static import RANDOM_SCORE, select_static
 
@@ -83,11 +83,15 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
         shared["ablation"] = (scores.merged(abl), time.time() - t0, cost)
     if "gates" in names and "gates" not in shared:
         t0 = time.time()
-        gplan = select_gates(model, seqs, target_fraction=gates_fraction, steps=gates_steps, lr=gates_lr, pad_id=pad_id,
-                             progress=progress)
-        la = torch.tensor(gplan.meta["log_alpha"])[None]
-        shared["gates"] = (HeadScores({"ablation_kl": la}, dict(scores.meta)), time.time() - t0,
-                           float(gplan.meta["cost"]["forward_passes"]))
+        try:
+            gplan = select_gates(model, seqs, target_fraction=gates_fraction, steps=gates_steps, lr=gates_lr,
+                                 pad_id=pad_id, progress=progress)
+        except GatesDidNotConverge as e:  # a row that says so, not a lost comparison
+            shared["gates"] = (None, time.time() - t0, str(e))
+        else:
+            la = torch.tensor(gplan.meta["log_alpha"])[None]
+            shared["gates"] = (HeadScores({"ablation_kl": la}, dict(scores.meta)), time.time() - t0,
+                               float(gplan.meta["cost"]["forward_passes"]))
 
     held_base, ppl_base = held(None), (ppl(None) if ppl else None)
     rows: list[dict[str, Any]] = [{"selector": "unpruned", "max_drop": None, "heads_removed": 0, "percent_removed": 0.0,
@@ -104,6 +108,11 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
                 fwd = plan.meta["cost"]["ablation_forward_equivalents"]
             elif name in ("gates", "static:ablation_kl"):
                 hs, extra_wall, fwd = shared["gates" if name == "gates" else "ablation"]
+                if hs is None:
+                    rows.append({"selector": name, "max_drop": drop, "heads_removed": None, "percent_removed": None,
+                                 "held_out": None, "perplexity": None, "evaluations": 0, "forward_equivalents": None,
+                                 "wall_seconds": round(extra_wall, 1), "error": fwd})
+                    continue
                 plan = select_static(model, hs, search, score_id="ablation_kl", max_drop=drop, relative=relative, progress=False)
                 plan.meta["method"] = name
             else:
@@ -144,6 +153,10 @@ def markdown_table(rows: list[dict[str, Any]], metric: str, task: str, ppl_data:
              f"{' (' + ppl_data + ')' if ppl_data else ''} | evaluations | forward passes (seq-equiv.) | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['selector']} | {f(r['max_drop'])} | no plan: {r['error']} | - | - | - | - | - | "
+                         f"{r['wall_seconds']} |")
+            continue
         lines.append(f"| {r['selector']} | {f(r['max_drop'])} | {r['heads_removed']} | {r['percent_removed']} | "
                      f"{f(r['held_out'])} | {f(r['perplexity'])} | {r['evaluations']} | {r['forward_equivalents']} | "
                      f"{r['wall_seconds']} |")
@@ -159,7 +172,7 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     base = next(r for r in rows if r["selector"] == "unpruned")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["selector"] for r in rows if r["selector"] != "unpruned"):
-        pts = sorted((r["percent_removed"], r["held_out"]) for r in rows if r["selector"] == name)
+        pts = sorted((r["percent_removed"], r["held_out"]) for r in rows if r["selector"] == name and not r.get("error"))
         pts = [(0.0, base["held_out"]), *pts]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xlabel("% of heads removed")
