@@ -30,6 +30,8 @@ CHUNK_BYTES = 2**25
 FAST_MAX_D = 60.0
 #: below this ``1 + A + B`` the log-sum-exp is taken directly
 CANCEL_LIMIT = 0.5
+#: vocabulary rows of the LM head converted to float32 at once when building ``u``
+VOCAB_CHUNK = 8192
 
 
 @dataclass
@@ -47,8 +49,15 @@ class LinearHeadReference:
     def build(cls, weight: torch.Tensor, hidden: torch.Tensor, log_p: torch.Tensor) -> LinearHeadReference:
         """From the reference's hidden states ``(N, D)`` and log-probabilities ``(N, V)``."""
         p = log_p.float().exp()
-        return cls(weight=weight, hidden=hidden.float(), p=p, log_p=log_p.float(),
-                   u=p.double() @ weight.double(), p_sum=p.sum(-1, dtype=torch.float64))
+        n, vocab = p.shape
+        u = torch.zeros(n, weight.shape[1], dtype=torch.float64, device=p.device)
+        p_sum = torch.zeros(n, dtype=torch.float64, device=p.device)
+        # vocabulary chunks: float32 products, float64 across chunks, and never a float64 copy of W or p
+        for v in range(0, vocab, VOCAB_CHUNK):
+            block = p[:, v:v + VOCAB_CHUNK]
+            u += (block @ weight[v:v + VOCAB_CHUNK].float()).double()
+            p_sum += block.sum(-1).double()
+        return cls(weight=weight, hidden=hidden.float(), p=p, log_p=log_p.float(), u=u, p_sum=p_sum)
 
     def _shift(self, delta: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(delta.to(self.weight.dtype), self.weight)

@@ -83,3 +83,18 @@ def test_logit_rise_where_p_underflows_float32():
     assert ref_kl.item() > 1e-7  # the underflowed token's term is all of it
     torch.testing.assert_close(kl, ref_kl, rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(dloss, ref_dloss, rtol=1e-5, atol=1e-6)
+
+
+def test_vocabulary_and_row_chunks_give_the_same_result(monkeypatch):
+    """Small chunk sizes (as a 128k vocabulary or a long batch would get) change nothing."""
+    import prune_heads.logit_shift as ls
+
+    weight, bias, h_p, h_q, target = _case(3, 300, 12, 50, shift=0.3, weight_scale=0.5)
+    whole = _ours(weight, bias, h_p, h_q, target)
+    monkeypatch.setattr(ls, "VOCAB_CHUNK", 7)
+    monkeypatch.setattr(ls, "CHUNK_BYTES", 4 * 300 * 3)  # 3 rows per block -> 32-row floor
+    chunked = _ours(weight, bias, h_p, h_q, target)
+    ref_kl, _ = _direct(weight, bias, h_p, h_q, target)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(chunked[0], ref_kl, rtol=1e-4, atol=1e-6)
