@@ -94,7 +94,7 @@ def test_vocabulary_and_row_chunks_give_the_same_result(monkeypatch):
     monkeypatch.setattr(ls, "VOCAB_CHUNK", 7)
     monkeypatch.setattr(ls, "CHUNK_BYTES", 4 * 300 * 3)  # 3 rows per block -> 32-row floor
     chunked = _ours(weight, bias, h_p, h_q, target)
-    ref_kl, _ = _direct(weight, bias, h_p, h_q, target)
-    for a, b in zip(whole, chunked):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(chunked[0], ref_kl, rtol=1e-4, atol=1e-6)
+    ref = _direct(weight, bias, h_p, h_q, target)
+    for a, b, r in zip(whole, chunked, ref):  # summation order differs: equal to float32 rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b, r, rtol=1e-4, atol=1e-6)
