@@ -52,11 +52,12 @@ class LinearHeadReference:
         n, vocab = p.shape
         u = torch.zeros(n, weight.shape[1], dtype=torch.float64, device=p.device)
         p_sum = torch.zeros(n, dtype=torch.float64, device=p.device)
-        # vocabulary chunks: float32 products, float64 across chunks, and never a float64 copy of W or p
+        # float64 (an error in u enters the KL undamped when a copy moves the logits far), one
+        # vocabulary chunk at a time so no float64 copy of the whole LM head or of p is made
         for v in range(0, vocab, VOCAB_CHUNK):
-            block = p[:, v:v + VOCAB_CHUNK]
-            u += (block @ weight[v:v + VOCAB_CHUNK].float()).double()
-            p_sum += block.sum(-1).double()
+            block = p[:, v:v + VOCAB_CHUNK].double()
+            u += block @ weight[v:v + VOCAB_CHUNK].double()
+            p_sum += block.sum(-1)
         return cls(weight=weight, hidden=hidden.float(), p=p, log_p=log_p.float(), u=u, p_sum=p_sum)
 
     def _shift(self, delta: torch.Tensor) -> torch.Tensor:
