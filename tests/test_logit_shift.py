@@ -47,9 +47,10 @@ def test_matches_direct_formula(seed, vocab, dim, n, shift, weight_scale):
     weight, bias, h_p, h_q, target = _case(seed, vocab, dim, n, shift, weight_scale)
     kl, dloss = _ours(weight, bias, h_p, h_q, target)
     ref_kl, ref_dloss = _direct(weight, bias, h_p, h_q, target)
-    # the float32 log-probabilities it starts from carry ~6e-8 * |logit| of rounding, as the direct
-    # float32 formula's do
-    scale = 4e-7 * (1 + (h_p.double() @ weight.double().T + bias.double()).abs().max())
+    # float32 logits (reference and shifted) carry ~6e-8 * |logit| of rounding, as the direct float32
+    # formula's do
+    logits = torch.cat([h_p, h_q]).double() @ weight.double().T + bias.double()
+    scale = 4e-7 * (1 + logits.abs().max())
     assert ((kl - ref_kl).abs() <= scale * (1 + ref_kl)).all(), (kl - ref_kl).abs().max()
     assert ((dloss - ref_dloss).abs() <= scale * (1 + ref_dloss.abs() + ref_kl)).all()
     assert (kl >= -scale).all()
