@@ -38,7 +38,7 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
                    gates_fraction: float = 0.3, gates_steps: int = 100, gates_lr: float = 0.1,
                    selectors: list[str] | None = None, overwrite: bool = False, progress: bool = True,
                    calib_seqs: list[list[int]] | None = None,
-                   shared: dict[str, tuple[Any, float, float]] | None = None) -> list[dict[str, Any]]:
+                   shared: dict[str, tuple[Any, float, Any]] | None = None) -> list[dict[str, Any]]:
     """Run the selectors and write the comparison to ``out``; returns one row per (selector, budget).
 
     ``shared``: pass the same dict to several calls on one model and calibration set (e.g. an
