@@ -43,7 +43,7 @@ class LinearHeadReference:
     p: torch.Tensor  # (N, V) float32 reference probabilities
     log_p: torch.Tensor  # (N, V) float32 reference log-probabilities
     u: torch.Tensor  # (N, D) float64, p W
-    p_sum: torch.Tensor  # (N,) float64, sum_v p_v (1 up to float32 rounding, which matters here)
+    p_sum: torch.Tensor  # (N,) float64, sum_v p_v: 1 up to float32 rounding, divided out exactly
 
     @classmethod
     def build(cls, weight: torch.Tensor, hidden: torch.Tensor, log_p: torch.Tensor) -> LinearHeadReference:
@@ -61,6 +61,8 @@ class LinearHeadReference:
         return cls(weight=weight, hidden=hidden.float(), p=p, log_p=log_p.float(), u=u, p_sum=p_sum)
 
     def _shift(self, delta: torch.Tensor) -> torch.Tensor:
+        # in the head's own dtype, as the model's logits are; for bf16 heads the small difference loses
+        # far less than the model's own bf16 logits do
         return torch.nn.functional.linear(delta.to(self.weight.dtype), self.weight)
 
     def effects(self, hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
