@@ -8,7 +8,7 @@ Writes ``benchmarks/results/ablation.md``.
     python benchmarks/bench_ablation.py [--num-seqs 4 --seq-len 128 --layers 0,7,15,22,29 --shortlist 0.3]
 
 ``--shortlist F`` also times the issue's cheaper mode: only the fraction ``F`` of heads that a proxy
-(``ahon_ln``, calibrated on the same sequences) ranks least active is measured, against the naive
+(``ahon_ln``, calibrated on the same sequences) ranks least active (``inactivity``) is measured, against the naive
 loop over those same heads (extrapolated from its per-head time).
 """
 
@@ -110,7 +110,7 @@ def main() -> None:
         f"{max_abs:.2e}, max relative {max_rel:.2e}; ranking identical: {rank_same}.\n",
         f"Where the time goes: per ablation the naive loop runs {L} decoder layers, the LM head and a full-vocabulary "
         f"log-softmax + KL; the batched method runs {tail:.1f} layers on average (prefix reuse), the LM head on the "
-        "hidden-state difference, and one elementwise pass (`KL = log(1 + A + B) - B`, see `prune_heads/ablation.py`). "
+        "hidden-state difference, and one elementwise pass (`KL = log(1 + A + B) - B`, see `prune_heads/logit_shift.py`). "
         f"The LM head ({lm_params / 1e6:.1f} M weights) weighs as much as {lm_layers:.1f} of SmolLM2's "
         f"{layer_params / 1e6:.2f} M-weight layers, so with exact scores the matmul work can shrink at most "
         f"({L} + {lm_layers:.1f}) / ({tail:.1f} + {lm_layers:.1f}) = **{flop_bound:.2f}x**; what the measured "
@@ -118,19 +118,19 @@ def main() -> None:
     ]
     if args.shortlist > 0:
         from prune_heads.calibrate import calibrate
+        from prune_heads.selection.static import inactivity
 
         t0 = time.perf_counter()
         proxy = calibrate(model, seqs, scores=["ahon_ln"], batch_size=args.batch_size, progress=False).mean("ahon_ln")
         t_proxy = time.perf_counter() - t0
-        order = torch.argsort(proxy.flatten())[: max(1, round(args.shortlist * L * H))]
+        order = torch.argsort(inactivity(proxy, "ahon_ln").flatten(), descending=True)[: max(1, round(args.shortlist * L * H))]
         short = [divmod(int(i), H) for i in order]
         t0 = time.perf_counter()
         ablation_scores(model, seqs, scores=["ablation_kl"], batch_size=args.batch_size, candidates=short, progress=True)
         t_short = time.perf_counter() - t0 + t_proxy
         t_naive_short = t_naive_subset / len(subset) * len(short)
         lines += [
-            f"Shortlist mode (`candidates`: the {len(short)} heads, {args.shortlist:.0%}, that `ahon_ln` ranks least active; "
-            f"their scores are the same numbers as above): proxy calibration + batched ablation {t_short:.1f} s vs the naive "
+            f"Shortlist mode (`candidates`: the {len(short)} heads, {args.shortlist:.0%}, that `ahon_ln` ranks least active): proxy calibration + batched ablation {t_short:.1f} s vs the naive "
             f"loop over the same heads {t_naive_short:.1f} s (its per-head time above) = **{t_naive_short / t_short:.2f}x**; "
             f"against the naive loop over all {L * H} heads, {t_naive / t_short:.1f}x.\n",
         ]
