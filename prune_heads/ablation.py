@@ -223,11 +223,11 @@ class _Measurer:
         target = self.ids[:, 1:, None]
         if not self.linear_head:
             lp = torch.log_softmax(_final_logits(self.model, hidden), -1)
-            per_pos = {"ablation_kl": (self.ref_p * (self.ref_lp - lp)).sum(-1),
-                       "ablation_loss": -lp.gather(-1, target).squeeze(-1)}
-            out = {w: _per_seq(per_pos[w], self.valid) for w in want}
-            if "ablation_loss" in out:
-                out["ablation_loss"] = out["ablation_loss"] - self.ref_nll
+            out = {}
+            if "ablation_kl" in want:
+                out["ablation_kl"] = _per_seq((self.ref_p * (self.ref_lp - lp)).sum(-1), self.valid)
+            if "ablation_loss" in want:
+                out["ablation_loss"] = _per_seq(-lp.gather(-1, target).squeeze(-1), self.valid) - self.ref_nll
             return out
         B, T, D = hidden.shape
         kl, dloss = self.shift.effects(hidden.reshape(B * T, D), target.reshape(B * T))

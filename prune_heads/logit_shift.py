@@ -30,7 +30,7 @@ CHUNK_BYTES = 2**25
 FAST_MAX_D = 60.0
 #: below this ``1 + A + B`` the log-sum-exp is taken directly
 CANCEL_LIMIT = 0.5
-#: vocabulary rows of the LM head converted to float32 at once when building ``u``
+#: vocabulary rows of the LM head converted to float64 at once when building ``u``
 VOCAB_CHUNK = 8192
 
 

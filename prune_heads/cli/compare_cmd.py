@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import torch
@@ -20,6 +20,15 @@ import torch
 from .options import load_from_options, model_options
 
 PROXY_EXCLUDE = ("ablation_kl", "ablation_loss")
+
+
+class SharedMeasurement(NamedTuple):
+    """Budget-independent work a measured selector ranks by, with its cost (charged to every row using it)."""
+
+    scores: Any  # HeadScores whose ``ablation_kl`` ranks the heads; None when it failed
+    wall_seconds: float
+    forward_equivalents: float
+    error: str | None = None
 
 
 def _calibration_seqs(tokenizer: Any, model: Any, data: str, num: int, seq_len: int) -> list[list[int]]:
@@ -38,7 +47,7 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
                    gates_fraction: float = 0.3, gates_steps: int = 100, gates_lr: float = 0.1,
                    selectors: list[str] | None = None, overwrite: bool = False, progress: bool = True,
                    calib_seqs: list[list[int]] | None = None,
-                   shared: dict[str, tuple[Any, float, Any]] | None = None) -> list[dict[str, Any]]:
+                   shared: dict[str, SharedMeasurement] | None = None) -> list[dict[str, Any]]:
     """Run the selectors and write the comparison to ``out``; returns one row per (selector, budget).
 
     ``shared``: pass the same dict to several calls on one model and calibration set (e.g. an
@@ -80,18 +89,18 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
         abl = ablation_scores(model, seqs, scores=["ablation_kl"], pad_id=pad_id, progress=progress)
         cost = ablation_cost(abl)
         abl.meta = dict(scores.meta)
-        shared["ablation"] = (scores.merged(abl), time.time() - t0, cost)
+        shared["ablation"] = SharedMeasurement(scores.merged(abl), time.time() - t0, cost)
     if "gates" in names and "gates" not in shared:
         t0 = time.time()
         try:
             gplan = select_gates(model, seqs, target_fraction=gates_fraction, steps=gates_steps, lr=gates_lr,
                                  pad_id=pad_id, progress=progress)
         except GatesDidNotConverge as e:  # a row that says so, not a lost comparison
-            shared["gates"] = (None, time.time() - t0, str(e))
+            shared["gates"] = SharedMeasurement(None, time.time() - t0, 0.0, str(e))
         else:
             la = torch.tensor(gplan.meta["log_alpha"])[None]
-            shared["gates"] = (HeadScores({"ablation_kl": la}, dict(scores.meta)), time.time() - t0,
-                               float(gplan.meta["cost"]["forward_passes"]))
+            shared["gates"] = SharedMeasurement(HeadScores({"ablation_kl": la}, dict(scores.meta)), time.time() - t0,
+                                                float(gplan.meta["cost"]["forward_passes"]))
 
     held_base, ppl_base = held(None), (ppl(None) if ppl else None)
     rows: list[dict[str, Any]] = [{"selector": "unpruned", "max_drop": None, "heads_removed": 0, "percent_removed": 0.0,
@@ -107,13 +116,14 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
                                         candidates_fraction=candidates_fraction, pad_id=pad_id, progress=progress)
                 fwd = plan.meta["cost"]["ablation_forward_equivalents"]
             elif name in ("gates", "static:ablation_kl"):
-                hs, extra_wall, fwd = shared["gates" if name == "gates" else "ablation"]
-                if hs is None:
+                measured = shared["gates" if name == "gates" else "ablation"]
+                extra_wall, fwd = measured.wall_seconds, measured.forward_equivalents
+                if measured.error:
                     rows.append({"selector": name, "max_drop": drop, "heads_removed": None, "percent_removed": None,
                                  "held_out": None, "perplexity": None, "evaluations": 0, "forward_equivalents": None,
-                                 "wall_seconds": round(extra_wall, 1), "error": fwd})
+                                 "wall_seconds": round(extra_wall, 1), "error": measured.error})
                     continue
-                plan = select_static(model, hs, search, score_id="ablation_kl", max_drop=drop, relative=relative, progress=False)
+                plan = select_static(model, measured.scores, search, score_id="ablation_kl", max_drop=drop, relative=relative, progress=False)
                 plan.meta["method"] = name
             else:
                 sid = RANDOM_SCORE if name == "random" else name.split(":", 1)[1]
