@@ -35,15 +35,18 @@ HERE = Path(__file__).resolve().parent
 
 
 def naive_kl(model, ids: torch.Tensor, heads: list[tuple[int, int]]) -> tuple[torch.Tensor, float]:
-    """``(N, len(heads))`` KL per sequence, one full forward per head (no padding: equal lengths)."""
+    """``(N, len(heads))`` KL per sequence, one full forward per head (no padding: equal lengths).
+
+    Computed in the model's dtype (float32 here; a float64 copy gives the ground truth).
+    """
     with torch.no_grad():
-        ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+        ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1], -1)
         p = ref.exp()
         t0 = time.perf_counter()
         cols = []
         for head in heads:
             with static_mask(model, [head]):
-                lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+                lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1], -1)
             cols.append((p * (ref - lp)).sum(-1).mean(-1))
         return torch.stack(cols, 1), time.perf_counter() - t0
 

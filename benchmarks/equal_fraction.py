@@ -34,6 +34,7 @@ def main() -> None:
     from prune_heads.cli.compare_cmd import _calibration_seqs
     from prune_heads.evaluation import make_evaluator
     from prune_heads.loading import load_model
+    from prune_heads.selection.policies import candidate_units, removal_mask
     from prune_heads.selection.static import RANDOM_SCORE, ranking
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,13 +69,12 @@ def main() -> None:
     for name in [*proxies, RANDOM_SCORE, "ablation_kl"]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # awft is a raw score; the warning is expected
-            order = ranking(abl if name == "ablation_kl" else scores, name, layout).flatten().argsort(descending=True)
+            inactive = ranking(abl if name == "ablation_kl" else scores, name, layout)
+        units = candidate_units(inactive, layout, "free", allow_empty_layers=True)  # plain top-k, no floor
         cells = []
         for f in fracs:
             k = round(f * layout.total_heads)
-            mask = torch.zeros(layout.total_heads, dtype=torch.bool)
-            mask[order[:k]] = True
-            mask = mask.view(layout.num_layers, layout.num_heads)
+            mask = removal_mask(units, k, layout)
             a, p = acc(mask), ppl(mask)
             cells.append(f"ppl {p.value:.1f}, {args.task} {a.value:.3f}")
             print(name, k, p.value, a.value, flush=True)
@@ -88,7 +88,7 @@ def main() -> None:
         f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads); total {time.time() - t_start:.0f} s (ablation {t_abl:.0f} s).  ",
         f"Top-k heads of each ranking zeroed together (no per-layer floor). Held-out: {args.task} verify split "
-        f"({base_acc.n} documents; `compare-selectors` reports the same split) and WikiText-2 perplexity ({args.ppl_limit} documents).\n",
+        f"({base_acc.n} documents) and WikiText-2 perplexity ({args.ppl_limit} documents).\n",
         f"Without pruning: ppl {base_ppl.value:.1f}, {args.task} {base_acc.value:.3f}.\n",
         f"| ranked by | {header} |",
         "|---|" + "---|" * len(fracs),
