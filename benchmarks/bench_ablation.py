@@ -26,10 +26,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from prune_heads.ablation import ablation_scores  # noqa: E402
 from prune_heads.data import DataSpec, iter_documents, tokenize_documents  # noqa: E402
-from prune_heads.loading import load_model  # noqa: E402
-from prune_heads.masking import static_mask  # noqa: E402
+from prune_heads.model.loading import load_model  # noqa: E402
+from prune_heads.model.masking import static_mask  # noqa: E402
+from prune_heads.scoring.ablation import ablation_scores  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -120,7 +120,7 @@ def main() -> None:
         "ratio gains beyond that comes from the naive loop's elementwise KL and per-forward overhead.\n",
     ]
     if args.shortlist > 0:
-        from prune_heads.calibrate import calibrate
+        from prune_heads.scoring.calibrate import calibrate
         from prune_heads.selection.static import inactivity
 
         t0 = time.perf_counter()

@@ -30,7 +30,7 @@ RAW = ("awft", "aeqd", "ftvvn", "avvn", "lthon", "ahon", "fhon", "confidence")
 
 
 def load():
-    from prune_heads.loading import load_model
+    from prune_heads.model.loading import load_model
 
     return load_model("smollm2", dtype="float32", device="cpu")
 
@@ -179,7 +179,7 @@ def main() -> None:
     print(f"(c) peak RSS plain {peak['plain']:.0f} MiB, ours {peak['ours']:.0f} MiB: {peak['ours'] / peak['plain']:.2f}x "
           f"(above the loaded model: {delta['plain']:.0f} vs {delta['ours']:.0f} MiB)", flush=True)
 
-    from prune_heads.attention_stats import BLOCK_ELEMENTS
+    from prune_heads.model.attention_stats import BLOCK_ELEMENTS
 
     cmd = "python benchmarks/bench_calibration.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "memory_child" and v != ap.get_default(k))

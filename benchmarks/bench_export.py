@@ -83,7 +83,7 @@ def export_rss(src: Path, plan_path: Path, out: Path, shard: str) -> dict:
         "import json, sys, warnings; warnings.filterwarnings('ignore')\n"
         "def hwm():\n"
         "    return int([ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0])\n"
-        "from prune_heads.export import export; from prune_heads.plan import Plan\n"
+        "from prune_heads.export import export_checkpoint as export; from prune_heads.plan import Plan\n"
         "base = hwm()\n"
         f"r = export({str(src)!r}, Plan.load({str(plan_path)!r}), {str(out)!r}, shard_size={shard!r}, verify=False,"
         " progress=False)\n"
@@ -106,10 +106,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from prune_heads.adapters import get_adapter
-    from prune_heads.export import export, register_auto_classes
+    from prune_heads.export import export_checkpoint as export
+    from prune_heads.export import register_auto_classes
     from prune_heads.export.slicing import layer_heads
-    from prune_heads.loading import gguf_to_plain, resolve_model_spec
+    from prune_heads.model.adapters import get_adapter
+    from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
 
     register_auto_classes()
     src = gguf_to_plain(*resolve_model_spec("smollm2"), progress=False)

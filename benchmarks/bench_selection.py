@@ -33,9 +33,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from prune_heads.calibrate import calibrate  # noqa: E402
 from prune_heads.evaluation import make_evaluator  # noqa: E402
-from prune_heads.loading import load_model  # noqa: E402
+from prune_heads.model.loading import load_model  # noqa: E402
+from prune_heads.scoring.calibrate import calibrate  # noqa: E402
 from prune_heads.selection import RANDOM_SCORE, select_static  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -26,9 +26,9 @@ sys.path.insert(0, str(HERE))
 
 from bench_ablation import naive_kl  # noqa: E402
 
-from prune_heads.ablation import ablation_scores  # noqa: E402
 from prune_heads.data import DataSpec, iter_documents, tokenize_documents  # noqa: E402
-from prune_heads.loading import load_model  # noqa: E402
+from prune_heads.model.loading import load_model  # noqa: E402
+from prune_heads.scoring.ablation import ablation_scores  # noqa: E402
 
 
 def main() -> None:

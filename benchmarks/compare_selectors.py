@@ -1,7 +1,7 @@
 """Every selector on SmolLM2-135M under the two budgets of issue 6: 1 ARC-Easy point and +5% perplexity.
 
 One process calibrates the proxy scores, measures ``ablation_kl`` and trains the gates once, then
-runs ``compare-selectors`` (``prune_heads.cli.compare_cmd.run_comparison``) under each budget; the
+runs ``compare-selectors`` (``prune_heads.selection.compare.run_comparison``) under each budget; the
 shared measurement's cost is charged to every row that uses it. Writes
 ``benchmarks/results/compare_selectors.md`` and, beside it, ``compare_selectors_<budget>/`` (plot,
 plans, JSON). Defaults are sized for a 2-core CPU (about 1.5 h); raise ``--limit`` and
@@ -28,9 +28,9 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     import torch
 
-    from prune_heads.calibrate import calibrate
-    from prune_heads.cli.compare_cmd import run_comparison
-    from prune_heads.loading import load_model
+    from prune_heads.model.loading import load_model
+    from prune_heads.scoring.calibrate import calibrate
+    from prune_heads.selection.compare import run_comparison
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="arc_easy")

@@ -28,12 +28,12 @@ def main() -> None:
 
     import torch
 
-    from prune_heads.ablation import ablation_scores
-    from prune_heads.adapters import get_adapter
-    from prune_heads.calibrate import calibrate
-    from prune_heads.cli.compare_cmd import _calibration_seqs
     from prune_heads.evaluation import make_evaluator
-    from prune_heads.loading import load_model
+    from prune_heads.model.adapters import get_adapter
+    from prune_heads.model.loading import load_model
+    from prune_heads.scoring.ablation import ablation_scores
+    from prune_heads.scoring.calibrate import calibrate
+    from prune_heads.selection.compare import _calibration_seqs
     from prune_heads.selection.policies import candidate_units, removal_mask
     from prune_heads.selection.static import RANDOM_SCORE, ranking
 

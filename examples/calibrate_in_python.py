@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 import prune_heads
-from prune_heads.calibrate import calibrate
-from prune_heads.score_defs import inactivity
+from prune_heads.scoring.calibrate import calibrate
+from prune_heads.scoring.score_defs import inactivity
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import prune_heads
-from prune_heads.calibrate import calibrate
+from prune_heads.scoring.calibrate import calibrate
 
 
 def output_per_value(raw: dict[str, torch.Tensor]) -> torch.Tensor:

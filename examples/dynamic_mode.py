@@ -12,8 +12,8 @@ import argparse
 import contextlib
 
 import prune_heads
-from prune_heads.calibrate import calibrate
 from prune_heads.evaluation import make_evaluator
+from prune_heads.scoring.calibrate import calibrate
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prune_heads
-from prune_heads.calibrate import calibrate
-from prune_heads.export import export
-from prune_heads.score_defs import inactivity
+from prune_heads.export import export_checkpoint as export
+from prune_heads.scoring.calibrate import calibrate
+from prune_heads.scoring.score_defs import inactivity
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,9 @@
 """prune-heads: find attention heads that do no work, and remove them for real.
 
-Optional parts of the API (evaluation, selection, report, hub, pipeline) are imported on first use, so
-lm-eval and matplotlib load only when needed. ``import prune_heads`` registers
-the pruned model types with transformers' Auto classes (when transformers is importable), so exported
-``sliced`` checkpoints load without ``trust_remote_code``.
+Every public name is imported on first use, so ``import prune_heads`` (and ``prune-heads --help``)
+stays cheap: torch, transformers, lm-eval and matplotlib load only when a name that needs them is
+touched. ``import prune_heads`` registers the pruned model types with transformers' Auto classes, so
+exported ``sliced`` checkpoints load without ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -11,53 +11,51 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .__about__ import __version__
+from prune_heads.__about__ import __version__
 
-# Names that equal a submodule's name are imported eagerly: importing the submodule later would
-# otherwise rebind the package attribute to the module.
-from .calibrate import calibrate  # noqa: E402
-from .export import export  # noqa: E402
-
+#: public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "HeadControl": "control",
-    "attach": "control",
-    "HeadScores": "head_scores",
-    "Plan": "plan",
-    "get_adapter": "adapters",
-    "register_adapter": "adapters",
-    "supported_model_types": "adapters",
-    "load_model": "loading",
-    "static_mask": "masking",
-    "dynamic_mask": "masking",
-    "threshold_for_fraction": "masking",
-    "register_score": "score_defs",
-    "make_evaluator": "evaluation",
-    "select_static": "selection",
-    "select_iterative": "selection.iterative",
-    "select_gates": "selection.gates",
-    "ablation_scores": "ablation",
-    "verify_export": "export",
-    "push": "hub",
-    "write_report": "report",
-    "run": "pipeline",
+    "HeadControl": "prune_heads.model.attention",
+    "attach": "prune_heads.model.attention",
+    "get_adapter": "prune_heads.model.adapters",
+    "register_adapter": "prune_heads.model.adapters",
+    "supported_model_types": "prune_heads.model.adapters",
+    "load_model": "prune_heads.model.loading",
+    "static_mask": "prune_heads.model.masking",
+    "dynamic_mask": "prune_heads.model.masking",
+    "threshold_for_fraction": "prune_heads.model.masking",
+    "calibrate": "prune_heads.scoring.calibrate",
+    "HeadScores": "prune_heads.scoring.head_scores",
+    "register_score": "prune_heads.scoring.score_defs",
+    "ablation_scores": "prune_heads.scoring.ablation",
+    "Plan": "prune_heads.plan",
+    "make_evaluator": "prune_heads.evaluation",
+    "select_static": "prune_heads.selection.static",
+    "select_iterative": "prune_heads.selection.iterative",
+    "select_gates": "prune_heads.selection.gates",
+    "export_checkpoint": "prune_heads.export",
+    "verify_export": "prune_heads.export.verify",
+    "push": "prune_heads.publish.hub",
+    "write_report": "prune_heads.report",
+    "run": "prune_heads.pipeline",
 }
 
-__all__ = ["__version__", "calibrate", "export", *sorted(_EXPORTS)]
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'prune_heads' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
 def _register_auto_classes() -> None:
     try:
-        from .export import register_auto_classes
-    except ImportError:  # transformers missing or export unavailable: nothing to register
+        from prune_heads.export import register_auto_classes
+    except ImportError:  # transformers missing: nothing to register
         return
     register_auto_classes()
 

@@ -1,5 +1,5 @@
 """``python -m prune_heads``: the CLI."""
 
-from .cli.main import cli
+from prune_heads.cli.main import cli
 
 cli()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputExistsError, PruneHeadsError
+from prune_heads.errors import OutputExistsError, PruneHeadsError
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:

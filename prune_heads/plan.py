@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from .__about__ import __version__
-from .adapters import HeadLayout, get_adapter
-from .errors import PruneHeadsError
-from .fingerprint import check_fingerprint
-from .io_utils import write_json_atomic
+from prune_heads.__about__ import __version__
+from prune_heads.errors import PruneHeadsError
+from prune_heads.io_utils import write_json_atomic
+from prune_heads.model.adapters import HeadLayout, get_adapter
+from prune_heads.model.fingerprint import check_fingerprint
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Plan:
         elif check_weights is not None:
             check_fingerprint(fp, check_weights, "this plan")
         elif fp.get("config"):
-            from .fingerprint import config_fingerprint
+            from prune_heads.model.fingerprint import config_fingerprint
 
             if fp["config"] != config_fingerprint(config):
                 raise PruneHeadsError("this plan was made on a model with a different architecture")

@@ -15,6 +15,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (float32), loaded once per test session."""
-    from prune_heads.loading import load_model
+    from prune_heads.model.loading import load_model
 
     return load_model("smollm2", dtype="float32", device="cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tiny_models import tiny_model
 
-from prune_heads.masking import static_mask
+from prune_heads.model.masking import static_mask
 from prune_heads.plan import Plan
 
 

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import FAMILIES, tiny_model
 
-from prune_heads.ablation import ablation_scores, measure_units
 from prune_heads.errors import PruneHeadsError
-from prune_heads.masking import static_mask
+from prune_heads.model.masking import static_mask
+from prune_heads.scoring.ablation import ablation_scores, measure_units
 
 
 def _pad(seqs):
@@ -104,7 +104,7 @@ def test_multi_head_units_across_layers():
 
 
 def test_calibrate_computes_ablation_ids():
-    from prune_heads.calibrate import calibrate
+    from prune_heads.scoring.calibrate import calibrate
 
     model = tiny_model("llama", layers=2)
     seqs = _seqs(3, (7, 7))
@@ -126,7 +126,7 @@ def test_bad_inputs_are_clear():
 
 
 def test_out_of_memory_chunks_automatically_or_says_what_to_set(monkeypatch):
-    import prune_heads.ablation as ab
+    import prune_heads.scoring.ablation as ab
 
     model = tiny_model("llama", layers=2)
     seqs = _seqs(4, (6, 6))

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from tiny_models import tiny_model
 
 from prune_heads import calibrate
-from prune_heads.calibrate import _dist
+from prune_heads.scoring.distributed import rank_and_world as _dist
 
 SEQS = [[1, 5, 9, 13, 2, 7, 30, 4], [1, 8, 8, 4], [1, 60, 3, 17, 22], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 9, 9]]
 SCORES = ["awft", "aeqd_ln", "fhon", "lthon_hn", "confidence", "grad"]

@@ -111,7 +111,7 @@ def test_results_cached_by_mask_and_context_not_cached(tiny, tmp_path):
     assert ev(None) is a and ev(torch.zeros(2, 4, dtype=torch.bool)) is a and ev.calls == 1
     b = ev(REMOVED)
     assert ev(Plan(REMOVED)) is b and ev.calls == 2
-    from prune_heads.masking import static_mask
+    from prune_heads.model.masking import static_mask
 
     c1 = ev(context=lambda m: static_mask(m, REMOVED))
     ev(context=lambda m: static_mask(m, REMOVED))

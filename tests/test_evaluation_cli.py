@@ -10,7 +10,7 @@ from test_evaluation import REMOVED, char_tokenizer, hand_mc, write_mc, zeroed_c
 from tiny_models import tiny_model
 
 from prune_heads.cli.main import cli
-from prune_heads.fingerprint import fingerprint
+from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
 
 

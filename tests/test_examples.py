@@ -47,7 +47,7 @@ def test_calibrate_in_python(capsys, tmp_path):
 
 
 def test_custom_score(capsys, monkeypatch):
-    from prune_heads import score_defs
+    from prune_heads.scoring import score_defs
 
     monkeypatch.setattr(score_defs, "CUSTOM_SCORES", dict(score_defs.CUSTOM_SCORES))
     monkeypatch.setattr(score_defs, "INACTIVE_WHEN_HIGH", set(score_defs.INACTIVE_WHEN_HIGH))

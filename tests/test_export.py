@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from tiny_models import FAMILIES
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from prune_heads.export import export, register_auto_classes
+from prune_heads.export import export_checkpoint as export
+from prune_heads.export import register_auto_classes
 from prune_heads.plan import Plan
 
 pytestmark = pytest.mark.filterwarnings("ignore:plan has no model fingerprint")
@@ -94,7 +95,7 @@ def test_generate_with_cache_matches_masked_original(family, tmp_path):
     out = load(tmp_path / "s")
     ids = torch.tensor([[5, 17, 3, 99, 42, 7]])
     with torch.no_grad():
-        from prune_heads.masking import static_mask
+        from prune_heads.model.masking import static_mask
 
         with static_mask(model, plan):
             want = model.generate(ids, max_new_tokens=10, do_sample=False)
@@ -114,7 +115,7 @@ def test_empty_layer_allowed_by_plan(tmp_path):
     out = load(tmp_path / "s")
     assert max_diff_vs_oracle(model, plan, out) <= TOL
     ids = torch.tensor([[1, 2, 3, 4]])
-    from prune_heads.masking import static_mask
+    from prune_heads.model.masking import static_mask
 
     with torch.no_grad(), static_mask(model, plan):
         want = model.generate(ids, max_new_tokens=6, do_sample=False)
@@ -184,7 +185,7 @@ def test_sliced_loads_without_package_with_trust_remote_code(tmp_path):
     got = torch.load(tmp_path / "out.pt")
     keep = mask.bool()
     assert float((got[keep] - want[keep]).abs().max()) <= TOL
-    from prune_heads.masking import static_mask
+    from prune_heads.model.masking import static_mask
 
     with torch.no_grad(), static_mask(model, plan):
         assert model.generate(ids[:1], max_new_tokens=5, do_sample=False).tolist() == info["gen"]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from export_helpers import make_source
 
 from prune_heads.errors import OutputExistsError, PruneHeadsError
-from prune_heads.export import export
+from prune_heads.export import export_checkpoint as export
 from prune_heads.plan import Plan
 
 pytestmark = pytest.mark.filterwarnings("ignore:plan has no model fingerprint")

@@ -22,8 +22,8 @@ def smollm2_plan() -> Plan:
 
 
 def test_smollm2_sliced_reloads_without_package(smollm2, tmp_path):
-    from prune_heads.export import export
-    from prune_heads.loading import gguf_to_plain, resolve_model_spec
+    from prune_heads.export import export_checkpoint as export
+    from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
 
     src = gguf_to_plain(*resolve_model_spec("smollm2"))
     plan = smollm2_plan()
@@ -55,7 +55,7 @@ def test_smollm2_sliced_reloads_without_package(smollm2, tmp_path):
     got = torch.load(tmp_path / "out.pt")
     keep = mask.bool()
     assert float((got[keep] - want[keep]).abs().max()) <= 1e-4
-    from prune_heads.masking import static_mask
+    from prune_heads.model.masking import static_mask
 
     enc = smollm2.tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad(), static_mask(smollm2.model, plan):

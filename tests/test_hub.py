@@ -15,7 +15,7 @@ from tiny_models import tiny_model
 
 from prune_heads.errors import PruneHeadsError
 from prune_heads.export.model_card import write_model_card
-from prune_heads.hub import check_export_folder, push
+from prune_heads.publish.hub import check_export_folder, push
 
 TOKEN = "hf_test_token"
 
@@ -117,7 +117,7 @@ def test_export_then_push(hub_env, hub, tmp_path):
     Hub's metadata check."""
     import warnings
 
-    from prune_heads.export import export
+    from prune_heads.export import export_checkpoint as export
     from prune_heads.plan import Plan
 
     src, out = tmp_path / "src", tmp_path / "out"

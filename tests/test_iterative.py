@@ -9,7 +9,7 @@ import torch
 from tiny_models import tiny_model
 
 from prune_heads.errors import PruneHeadsError
-from prune_heads.masking import static_mask
+from prune_heads.model.masking import static_mask
 from prune_heads.selection.iterative import select_iterative
 
 

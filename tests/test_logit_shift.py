@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune_heads.logit_shift import LinearHeadReference
+from prune_heads.scoring.logit_shift import LinearHeadReference
 
 
 def _direct(weight, bias, h_p, h_q, target):
@@ -88,7 +88,7 @@ def test_logit_rise_where_p_underflows_float32():
 
 def test_vocabulary_and_row_chunks_give_the_same_result(monkeypatch):
     """Small chunk sizes (as a 128k vocabulary or a long batch would get) change nothing."""
-    import prune_heads.logit_shift as ls
+    import prune_heads.scoring.logit_shift as ls
 
     weight, bias, h_p, h_q, target = _case(3, 300, 12, 50, shift=0.3, weight_scale=0.5)
     whole = _ours(weight, bias, h_p, h_q, target)

@@ -14,8 +14,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from prune_heads import calibrate, dynamic_mask, get_adapter, static_mask
 from prune_heads.errors import PruneHeadsError
-from prune_heads.head_scores import HeadScores
-from prune_heads.masking import threshold_for_fraction
+from prune_heads.model.masking import threshold_for_fraction
+from prune_heads.scoring.head_scores import HeadScores
 
 
 def zero_o_proj_columns(model, heads):

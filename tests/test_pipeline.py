@@ -11,14 +11,14 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import tiny_model
 
-from prune_heads import pipeline as P
 from prune_heads.errors import PruneHeadsError, UnsupportedArchitectureError
+from prune_heads.pipeline import runner as P
 from prune_heads.plan import Plan
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
 def _smollm2_tokenizer_dir() -> Path:
-    from prune_heads.loading import gguf_to_plain, resolve_model_spec
+    from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
 
     return gguf_to_plain(*resolve_model_spec("smollm2"))
 

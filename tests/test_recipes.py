@@ -9,7 +9,14 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune_heads.recipes import Recipe, RecipeError, apply_overrides, dump_recipe, load_recipe, parse_override
+from prune_heads.pipeline.recipe import (
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+    parse_override,
+)
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 DEMO = Path(__file__).parent.parent / "recipes" / "smollm2-135m.yaml"

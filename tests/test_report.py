@@ -12,8 +12,8 @@ from scipy.stats import wasserstein_distance
 
 from prune_heads.cli.main import cli
 from prune_heads.errors import OutputExistsError, PruneHeadsError
-from prune_heads.head_scores import HeadScores
 from prune_heads.report import write_compare, write_report
+from prune_heads.scoring.head_scores import HeadScores
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N, L, H = 5, 4, 3
@@ -203,7 +203,7 @@ def test_cli_report_and_compare(tmp_path):
 @pytest.mark.slow
 def test_report_on_real_smollm2_scores(smollm2, tmp_path):
     """Real calibration metadata (dict data spec, GQA) flows into the report; awft is a probability."""
-    from prune_heads.calibrate import calibrate
+    from prune_heads.scoring.calibrate import calibrate
 
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(10, 1000, (40,), generator=g) for _ in range(2)]

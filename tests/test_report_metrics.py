@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from scipy.stats import wasserstein_distance
 
 from prune_heads.errors import PruneHeadsError
-from prune_heads.head_scores import HeadScores
-from prune_heads.masking import threshold_for_fraction
+from prune_heads.model.masking import threshold_for_fraction
 from prune_heads.report import metrics as M
 from prune_heads.report.summary import threshold_rows
+from prune_heads.scoring.head_scores import HeadScores
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

@@ -18,7 +18,7 @@ from prune_heads.errors import (
     UnsupportedArchitectureError,
 )
 from prune_heads.io_utils import atomic_dir
-from prune_heads.score_defs import FORWARD_SCORES
+from prune_heads.scoring.score_defs import FORWARD_SCORES
 
 SEQS = [[1, 5, 9, 13, 2, 7, 30], [1, 8, 8, 4], [1, 60, 3, 17, 22]]
 
@@ -72,7 +72,7 @@ def test_existing_output_refused(scored, tmp_path):
 
 def test_interrupted_write_leaves_nothing(scored, tmp_path, monkeypatch):
     _, hs = scored
-    import prune_heads.head_scores as mod
+    import prune_heads.scoring.head_scores as mod
 
     def boom(*a, **k):
         raise KeyboardInterrupt

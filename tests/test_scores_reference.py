@@ -10,7 +10,7 @@ from reference import reference_scores
 from tiny_models import FAMILIES, tiny_model
 
 from prune_heads import calibrate
-from prune_heads.score_defs import FORWARD_SCORES
+from prune_heads.scoring.score_defs import FORWARD_SCORES
 
 RTOL = 1e-4
 
@@ -121,7 +121,7 @@ def test_real_smollm2_matches_reference(smollm2):
 
 def test_left_padding_matches_unpadded():
     """The block-wise kernel also handles left padding (a padded query/key never counts)."""
-    from prune_heads.attention_stats import attention_with_stats
+    from prune_heads.model.attention_stats import attention_with_stats
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer, words
 
-from prune_heads.calibrate import calibrate
 from prune_heads.cli.main import cli
 from prune_heads.plan import Plan
+from prune_heads.scoring.calibrate import calibrate
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune_heads.adapters import HeadLayout
 from prune_heads.errors import PruneHeadsError
+from prune_heads.model.adapters import HeadLayout
 from prune_heads.selection.policies import candidate_units, layer_floor, removal_mask
 
 

@@ -10,8 +10,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_select_static_on_smollm2_arc_easy(smollm2):
-    from prune_heads.calibrate import calibrate
     from prune_heads.evaluation import make_evaluator
+    from prune_heads.scoring.calibrate import calibrate
     from prune_heads.selection import max_probes, select_static
 
     model, tok = smollm2.model, smollm2.tokenizer

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from tiny_models import tiny_model
 
 from prune_heads.errors import BudgetError, ModelMismatchError, PruneHeadsError
-from prune_heads.fingerprint import fingerprint
-from prune_heads.head_scores import HeadScores
+from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
+from prune_heads.scoring.head_scores import HeadScores
 from prune_heads.selection import candidate_units, max_probes, select_static, within_budget
 from prune_heads.selection.policies import heads_of
 
@@ -68,7 +68,7 @@ def model():
 
 
 def _layout(model):
-    from prune_heads.adapters import get_adapter
+    from prune_heads.model.adapters import get_adapter
 
     return get_adapter(model).layout(model.config)
 

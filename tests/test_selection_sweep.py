@@ -6,7 +6,7 @@ import torch
 from test_selection_static import FakeEvaluator, FakeResult, make_scores
 from tiny_models import tiny_model
 
-from prune_heads.calibrate import calibrate
+from prune_heads.scoring.calibrate import calibrate
 from prune_heads.selection.sweep import load_sweep, run_sweep
 
 
@@ -54,7 +54,7 @@ class ForwardEvaluator:
         self.calls += 1
         import contextlib
 
-        from prune_heads.masking import static_mask
+        from prune_heads.model.masking import static_mask
 
         cm = context(self.model) if context is not None else (
             static_mask(self.model, removed) if removed is not None else contextlib.nullcontext())

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from .options import load_from_options, model_options
+from prune_heads.cli.options import load_from_options, model_options
 
 
 @click.command()
@@ -23,9 +23,9 @@ from .options import load_from_options, model_options
 @model_options
 def calibrate(model, data_spec, output, scores, num_samples, seq_len, batch_size, seed, block_size, overwrite, **load_kw):
     """Score every head of MODEL on calibration data in one pass and write a scores directory."""
-    from ..calibrate import calibrate as run_calibrate
-    from ..io_utils import check_output_dir
-    from ..score_defs import validate_score_ids
+    from prune_heads.io_utils import check_output_dir
+    from prune_heads.scoring.calibrate import calibrate as run_calibrate
+    from prune_heads.scoring.score_defs import validate_score_ids
 
     check_output_dir(output, overwrite)  # fail before the expensive part
     ids = validate_score_ids(scores.split(",")) if scores else None
@@ -70,7 +70,7 @@ def _init_distributed(device: str | None, device_map: str | None) -> str | None:
 
 def _summary(hs, output) -> None:
     """One line of totals, then the five most inactive heads by each of a few headline scores."""
-    from ..score_defs import inactivity
+    from prune_heads.scoring.score_defs import inactivity
 
     click.echo(f"scored {hs.num_layers * hs.num_heads} heads ({hs.num_layers} layers x {hs.num_heads}) with "
                f"{len(hs.score_ids)} scores on {hs.meta['num_samples']} samples / {hs.meta['num_tokens']} tokens "

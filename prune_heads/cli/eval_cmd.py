@@ -10,11 +10,11 @@ from typing import Any
 
 import click
 
-from .options import load_from_options, model_options
+from prune_heads.cli.options import load_from_options, model_options
 
 
 def _split_pair(value: str, option: str) -> tuple[str, float]:
-    from ..errors import PruneHeadsError
+    from prune_heads.errors import PruneHeadsError
 
     score, sep, num = value.rpartition(":")
     try:
@@ -49,11 +49,11 @@ def eval_(model, task, plan_path, dynamic, dynamic_fraction, scores_dir, num_few
     """Evaluate MODEL on a task, unmasked (baseline) and with heads zeroed by a plan or the dynamic mode."""
     from pathlib import Path
 
-    from ..__about__ import __version__
-    from ..adapters import get_adapter
-    from ..errors import OutputExistsError, PruneHeadsError
-    from ..evaluation import make_evaluator
-    from ..io_utils import write_json_atomic
+    from prune_heads.__about__ import __version__
+    from prune_heads.errors import OutputExistsError, PruneHeadsError
+    from prune_heads.evaluation import make_evaluator
+    from prune_heads.io_utils import write_json_atomic
+    from prune_heads.model.adapters import get_adapter
 
     if Path(output).exists() and not overwrite:
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
@@ -72,7 +72,7 @@ def eval_(model, task, plan_path, dynamic, dynamic_fraction, scores_dir, num_few
     context = None
     stats_box: dict[str, Any] = {}
     if plan_path:
-        from ..plan import Plan
+        from prune_heads.plan import Plan
 
         plan = Plan.load(plan_path)
         plan.validate(m, check_weights=m)
@@ -80,14 +80,14 @@ def eval_(model, task, plan_path, dynamic, dynamic_fraction, scores_dir, num_few
         mask_info = {"type": "plan", "plan": str(Path(plan_path).resolve()), "removed_heads": [list(x) for x in plan.removed_heads],
                      "plan_meta": {k: plan.meta.get(k) for k in ("score_id", "policy", "budget", "k", "method") if k in plan.meta}}
     elif dynamic or dynamic_fraction:
-        from ..masking import dynamic_mask, threshold_for_fraction
-        from ..score_defs import validate_score_ids
+        from prune_heads.model.masking import dynamic_mask, threshold_for_fraction
+        from prune_heads.scoring.score_defs import validate_score_ids
 
         score, number = _split_pair(dynamic or dynamic_fraction, "--dynamic" if dynamic else "--dynamic-fraction")
         validate_score_ids([score])
         hs = None
         if scores_dir:
-            from ..head_scores import HeadScores
+            from prune_heads.scoring.head_scores import HeadScores
 
             hs = HeadScores.load(scores_dir)
             hs.check(m)
@@ -115,7 +115,7 @@ def eval_(model, task, plan_path, dynamic, dynamic_fraction, scores_dir, num_few
         fraction = stats.fraction_zeroed
         mask_info["per_layer_zeroed"] = {str(k): v for k, v in sorted(stats.per_layer_zeroed.items())}
 
-    from ..fingerprint import fingerprint
+    from prune_heads.model.fingerprint import fingerprint
 
     result = {
         "tool": "prune-heads",

@@ -26,8 +26,8 @@ def export(model, plan_path, output, fmt, dtype, shard_size, verify, tolerance, 
     Exits with status 1 when verification exceeds the tolerance (the checkpoint and its
     prune_heads.json are still written, so the failure can be inspected).
     """
-    from ..export import export as run_export
-    from ..plan import Plan
+    from prune_heads.export import export_checkpoint as run_export
+    from prune_heads.plan import Plan
 
     plan = Plan.load(plan_path)
     result = run_export(model, plan, output, format=fmt, dtype=dtype, shard_size=shard_size, verify=verify,

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..__about__ import __version__
+from prune_heads.__about__ import __version__
 
 #: command name -> "module:attribute" under prune_heads.cli
 COMMANDS: dict[str, str] = {
@@ -45,7 +45,7 @@ class LazyGroup(click.Group):
         return getattr(mod, attr)
 
     def invoke(self, ctx: click.Context) -> Any:
-        from ..errors import PruneHeadsError
+        from prune_heads.errors import PruneHeadsError
 
         try:
             return super().invoke(ctx)

@@ -27,7 +27,7 @@ def load_from_options(model: str, dtype: str, device: str | None, device_map: st
                       revision: str | None, trust_remote_code: bool):
     import torch
 
-    from ..loading import load_model
+    from prune_heads.model.loading import load_model
 
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

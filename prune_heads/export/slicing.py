@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..adapters import FamilyAdapter, HeadLayout
-from ..plan import Plan
+from prune_heads.model.adapters import FamilyAdapter, HeadLayout
+from prune_heads.plan import Plan
 
 Rule = Callable[[torch.Tensor], "torch.Tensor | None"]
 

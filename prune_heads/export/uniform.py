@@ -11,17 +11,17 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from ..adapters import FamilyAdapter, HeadLayout
-from ..errors import PruneHeadsError, UnsupportedArchitectureError
-from .formats_common import base_config_dict
-from .slicing import LayerHeads
+from prune_heads.errors import PruneHeadsError, UnsupportedArchitectureError
+from prune_heads.export.formats_common import base_config_dict
+from prune_heads.export.slicing import LayerHeads
+from prune_heads.model.adapters import FamilyAdapter, HeadLayout
 
 MODE = "slice"
 REMOTE_CODE = False
 
 
 def covered_families() -> list[str]:
-    from ..adapters.families import ALL_ADAPTERS
+    from prune_heads.model.adapters.families import ALL_ADAPTERS
 
     return [a.name for a in ALL_ADAPTERS if a.uniform_model_type]
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from ..loading import parse_dtype
-from ..plan import Plan
+from prune_heads.model.loading import parse_dtype
+from prune_heads.plan import Plan
 
 
 def _load(path: str, dtype: torch.dtype | None, compute: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    from . import register_auto_classes
+    from prune_heads.export import register_auto_classes
 
     register_auto_classes()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
@@ -57,11 +57,11 @@ def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan
     ``dtype`` is the dtype the export was written in: the original's weights are rounded through it
     first, so a bfloat16 export is still compared exactly (in float32 arithmetic).
     """
-    from ..masking import static_mask
+    from prune_heads.model.masking import static_mask
 
     torch_dtype = parse_dtype(dtype)
     compute = {"float64": torch.float64, "float32": torch.float32}[compute_dtype]
-    from . import resolve_source
+    from prune_heads.export import resolve_source
 
     ref = _load(str(resolve_source(str(original))), torch_dtype, compute)
     cand = _load(str(exported), torch_dtype, compute)
@@ -84,5 +84,5 @@ def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan
         "compute_dtype": compute_dtype,
         "weights_dtype": dtype or "source",
         "approximate_norms": approximate,
-        "reference": "original model with the plan's heads zeroed (prune_heads.masking.static_mask)",
+        "reference": "original model with the plan's heads zeroed (prune_heads.model.masking.static_mask)",
     }

@@ -3,9 +3,9 @@
 Only numpy and matplotlib (Agg) are used, never a model, so reports are cheap to (re)make.
 """
 
-from .compare import write_compare
-from .metrics import inactive_set, iou, precision, quantile_threshold, wasserstein1
-from .summary import DEFAULT_SCORES, write_report
+from prune_heads.report.compare import write_compare
+from prune_heads.report.metrics import inactive_set, iou, precision, quantile_threshold, wasserstein1
+from prune_heads.report.summary import DEFAULT_SCORES, write_report
 
 __all__ = ["DEFAULT_SCORES", "inactive_set", "iou", "precision", "quantile_threshold", "wasserstein1",
            "write_compare", "write_report"]

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PruneHeadsError
-from ..head_scores import HeadScores
-from ..io_utils import atomic_dir, write_json_atomic
-from . import metrics as M
-from . import plots
-from .summary import DEFAULT_SCORES, arrays, file_stem, kv_heads
-from .tables import pct, table
+from prune_heads.errors import PruneHeadsError
+from prune_heads.io_utils import atomic_dir, write_json_atomic
+from prune_heads.report import metrics as M
+from prune_heads.report import plots
+from prune_heads.report.summary import DEFAULT_SCORES, arrays, file_stem, kv_heads
+from prune_heads.report.tables import pct, table
+from prune_heads.scoring.head_scores import HeadScores
 
 
 def common_score_ids(a: HeadScores, b: HeadScores, score_ids: list[str] | None) -> list[str]:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import PruneHeadsError
-from ..score_defs import inactive_when_high
+from prune_heads.errors import PruneHeadsError
+from prune_heads.scoring.score_defs import inactive_when_high
 
 #: the paper's grid: τ is picked to mark 0, 5, ..., 30% of the calibration distribution
 PAPER_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)

@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..score_defs import inactive_when_high
-from .metrics import ecdf
+from prune_heads.report.metrics import ecdf
+from prune_heads.scoring.score_defs import inactive_when_high
 
 DPI = 110
 

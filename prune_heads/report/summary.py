@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import PruneHeadsError
-from ..head_scores import HeadScores
-from ..io_utils import atomic_dir, write_json_atomic
-from ..score_defs import ABLATION, GRADIENT, inactive_when_high
-from . import metrics as M
-from . import plots
-from .tables import pct, table
+from prune_heads.errors import PruneHeadsError
+from prune_heads.io_utils import atomic_dir, write_json_atomic
+from prune_heads.report import metrics as M
+from prune_heads.report import plots
+from prune_heads.report.tables import pct, table
+from prune_heads.scoring.head_scores import HeadScores
+from prune_heads.scoring.score_defs import ABLATION, GRADIENT, inactive_when_high
 
 #: shown when the user names no scores: the paper's baseline, its best functions, and measured scores
 DEFAULT_SCORES: tuple[str, ...] = ("awft", "ahon_ln", "lthon_ln", "aeqd_ln") + GRADIENT + ABLATION

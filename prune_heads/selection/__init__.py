@@ -3,9 +3,9 @@
 The measured selectors (``iterative``, ``gates``) live in their own modules and are imported lazily.
 """
 
-from .policies import POLICIES, candidate_units, heads_of, layer_floor, removal_mask
-from .search import SearchResult, max_probes, search_largest_k
-from .static import RANDOM_SCORE, ranking, select_static, within_budget
+from prune_heads.selection.policies import POLICIES, candidate_units, heads_of, layer_floor, removal_mask
+from prune_heads.selection.search import SearchResult, max_probes, search_largest_k
+from prune_heads.selection.static import RANDOM_SCORE, ranking, select_static, within_budget
 
 __all__ = [
     "POLICIES",

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import get_adapter
-from ..control import HeadControl, attach
-from ..data import batches
-from ..errors import PruneHeadsError
-from ..plan import Plan
-from .iterative import layer_floor_of, plan_base_meta, result_dict
+from prune_heads.data import batches
+from prune_heads.errors import PruneHeadsError
+from prune_heads.model.adapters import get_adapter
+from prune_heads.model.attention import HeadControl, attach
+from prune_heads.plan import Plan
+from prune_heads.selection.iterative import layer_floor_of, plan_base_meta, result_dict
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 #: cache the original's log-probabilities up to this many bytes; beyond, recompute them each step

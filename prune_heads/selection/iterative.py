@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import HeadLayout, get_adapter
-from ..errors import PruneHeadsError
-from ..fingerprint import fingerprint
-from ..plan import Plan
-from ..score_defs import ABLATION
+from prune_heads.errors import PruneHeadsError
+from prune_heads.model.adapters import HeadLayout, get_adapter
+from prune_heads.model.fingerprint import fingerprint
+from prune_heads.plan import Plan
+from prune_heads.scoring.score_defs import ABLATION
 
 Unit = list[tuple[int, int]]
 POLICIES_SUPPORTED = ("free", "kv-groups")
@@ -32,7 +32,7 @@ POLICIES_SUPPORTED = ("free", "kv-groups")
 def budget_check(baseline: Any, result: Any, max_drop: float, relative: bool) -> bool:
     """``within_budget`` from the selector package (contract 2), with a local equivalent until it exists."""
     try:
-        from . import within_budget  # type: ignore[attr-defined]
+        from prune_heads.selection import within_budget  # type: ignore[attr-defined]
     except ImportError:
         within_budget = None
     if within_budget is not None:
@@ -45,7 +45,7 @@ def budget_check(baseline: Any, result: Any, max_drop: float, relative: bool) ->
 
 def layer_floor_of(layout: HeadLayout, min_heads_per_layer: int, allow_empty_layers: bool) -> int:
     """Heads each layer must keep (the selector's rule; see ``policies.layer_floor``)."""
-    from .policies import layer_floor
+    from prune_heads.selection.policies import layer_floor
 
     return layer_floor(layout, min_heads_per_layer, allow_empty_layers)
 
@@ -130,7 +130,7 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
             least harmful first, as candidates for later rounds (cheaper re-measurement).
         max_rounds: stop after this many accepted rounds (None: until the budget or the floor stops it).
     """
-    from ..ablation import measure_units
+    from prune_heads.scoring.ablation import measure_units
 
     if score_id not in ABLATION:
         raise PruneHeadsError(f"iterative selection measures {' or '.join(ABLATION)}, not {score_id!r}")

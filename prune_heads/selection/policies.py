@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from ..adapters import HeadLayout
-from ..errors import PruneHeadsError
+from prune_heads.errors import PruneHeadsError
+from prune_heads.model.adapters import HeadLayout
 
 POLICIES: tuple[str, ...] = ("free", "kv-groups", "uniform")
 Unit = list[tuple[int, int]]

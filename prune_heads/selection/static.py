@@ -17,15 +17,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..__about__ import __version__
-from ..adapters import HeadLayout, get_adapter
-from ..errors import BudgetError, PruneHeadsError
-from ..fingerprint import fingerprint
-from ..head_scores import HeadScores
-from ..plan import Plan
-from ..score_defs import inactivity, is_layer_comparable, validate_score_ids
-from .policies import candidate_units, heads_of, removal_mask
-from .search import max_probes, search_largest_k
+from prune_heads.__about__ import __version__
+from prune_heads.errors import BudgetError, PruneHeadsError
+from prune_heads.model.adapters import HeadLayout, get_adapter
+from prune_heads.model.fingerprint import fingerprint
+from prune_heads.plan import Plan
+from prune_heads.scoring.head_scores import HeadScores
+from prune_heads.scoring.score_defs import inactivity, is_layer_comparable, validate_score_ids
+from prune_heads.selection.policies import candidate_units, heads_of, removal_mask
+from prune_heads.selection.search import max_probes, search_largest_k
 
 #: pseudo score id: a seeded random ranking, the baseline every real score must beat
 RANDOM_SCORE = "random"

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import get_adapter
-from ..errors import PruneHeadsError
-from ..head_scores import HeadScores
-from ..io_utils import atomic_dir, write_json_atomic
-from .policies import candidate_units, removal_mask
-from .static import RANDOM_SCORE, _result_dict, ranking, within_budget
+from prune_heads.errors import PruneHeadsError
+from prune_heads.io_utils import atomic_dir, write_json_atomic
+from prune_heads.model.adapters import get_adapter
+from prune_heads.scoring.head_scores import HeadScores
+from prune_heads.selection.policies import candidate_units, removal_mask
+from prune_heads.selection.static import RANDOM_SCORE, _result_dict, ranking, within_budget
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
 
@@ -164,7 +164,7 @@ def _csv(rows: Sequence[dict[str, Any]], columns: list[str]) -> str:
 
 @contextlib.contextmanager
 def _capturing_dynamic(model: nn.Module, score_id: str, threshold: float, sink: dict[str, Any]) -> Iterator[Any]:
-    from ..masking import dynamic_mask
+    from prune_heads.model.masking import dynamic_mask
 
     with dynamic_mask(model, score_id, threshold) as stats:
         sink["stats"] = stats
@@ -211,7 +211,7 @@ def run_sweep(model: nn.Module, scores: HeadScores, evaluator: Any, *, score_ids
             if f == 0.0:
                 result, zeroed = baseline, 0.0
             elif dynamic and sid != RANDOM_SCORE:
-                from ..masking import threshold_for_fraction
+                from prune_heads.model.masking import threshold_for_fraction
 
                 threshold = threshold_for_fraction(scores, sid, f)
                 sink: dict[str, Any] = {}

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .errors import PruneHeadsError
+from prune_heads.errors import PruneHeadsError
 
 
 class RecipeError(PruneHeadsError):
@@ -51,7 +51,7 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 
 def _score_id(v: Any) -> str | None:
-    from .score_defs import all_score_ids
+    from prune_heads.scoring.score_defs import all_score_ids
 
     known = all_score_ids()
     if v == "random":  # the selector's random-ranking baseline

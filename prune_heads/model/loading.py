@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .errors import PruneHeadsError
-from .io_utils import atomic_dir
+from prune_heads.errors import PruneHeadsError
+from prune_heads.io_utils import atomic_dir
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -134,7 +134,7 @@ def load_model(
     """Load model and tokenizer in eval mode, with gradients off."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .adapters import get_adapter
+    from prune_heads.model.adapters import get_adapter
 
     location, gguf = resolve_model_spec(spec, gguf_file)
     if gguf:

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import get_adapter
-from .control import HeadControl, attach
-from .data import batches
-from .errors import PruneHeadsError
-from .head_scores import HeadScores
-from .logit_shift import LinearHeadReference
-from .score_defs import ABLATION
+from prune_heads.data import batches
+from prune_heads.errors import PruneHeadsError
+from prune_heads.model.adapters import get_adapter
+from prune_heads.model.attention import HeadControl, attach
+from prune_heads.scoring.head_scores import HeadScores
+from prune_heads.scoring.logit_shift import LinearHeadReference
+from prune_heads.scoring.score_defs import ABLATION
 
 Head = tuple[int, int]
 Unit = list[Head]

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import get_adapter
-from .control import HeadControl, attach
-from .errors import PruneHeadsError
-from .head_scores import HeadScores
-from .plan import Plan
-from .score_defs import FORWARD_SCORES, derive, inactive_when_high, validate_score_ids
+from prune_heads.errors import PruneHeadsError
+from prune_heads.model.adapters import get_adapter
+from prune_heads.model.attention import HeadControl, attach
+from prune_heads.plan import Plan
+from prune_heads.scoring.head_scores import HeadScores
+from prune_heads.scoring.score_defs import FORWARD_SCORES, derive, inactive_when_high, validate_score_ids
 
 Heads = Iterable[tuple[int, int]] | Plan | torch.Tensor
 

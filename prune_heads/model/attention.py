@@ -20,8 +20,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .adapters import get_adapter
-from .attention_stats import attention_with_stats, o_proj_gram
+from prune_heads.model.adapters import get_adapter
+from prune_heads.model.attention_stats import attention_with_stats, o_proj_gram
 
 ATTN_NAME = "prune_heads"
 

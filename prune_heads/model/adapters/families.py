@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FamilyAdapter
+from prune_heads.model.adapters.base import FamilyAdapter
 
 
 class LlamaAdapter(FamilyAdapter):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PruneHeadsError
+from prune_heads.errors import PruneHeadsError
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _default_message(folder: Path) -> str:
         if removed is None:
             removed = len((info.get("plan") or {}).get("removed_heads", []))
         if base:
-            from .export.model_card import hub_base_model
+            from prune_heads.export.model_card import hub_base_model
 
             name = hub_base_model(base) or Path(str(base)).name
             return f"Upload {name} with {removed} attention heads removed (prune-heads)"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from prune_heads.model.adapters import get_adapter
 
 SIGNATURE_SIZE = 64
 
@@ -63,7 +63,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 
 def check_fingerprint(recorded: dict[str, Any] | None, model: nn.Module, what: str) -> None:
     """Raise ``ModelMismatchError`` when ``recorded`` was made on a different model."""
-    from .errors import ModelMismatchError
+    from prune_heads.errors import ModelMismatchError
 
     if not recorded:
         return

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import PruneHeadsError
+from prune_heads.errors import PruneHeadsError
 
 #: raw scores computed inside the attention function in one forward pass
 RAW_FORWARD: tuple[str, ...] = ("awft", "aeqd", "ftvvn", "avvn", "lthon", "ahon", "fhon", "confidence")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import UnsupportedArchitectureError
-from .base import FamilyAdapter, HeadLayout
-from .families import ALL_ADAPTERS
+from prune_heads.errors import UnsupportedArchitectureError
+from prune_heads.model.adapters.base import FamilyAdapter, HeadLayout
+from prune_heads.model.adapters.families import ALL_ADAPTERS
 
 _BY_TYPE: dict[str, FamilyAdapter] = {t: a for a in ALL_ADAPTERS for t in a.model_types}
 
@@ -30,7 +30,7 @@ def get_adapter(model_or_config: Any) -> FamilyAdapter:
         raise UnsupportedArchitectureError(
             f"model_type {model_type!r} is not supported. Supported families: "
             f"{', '.join(supported_model_types())}. Add one by subclassing "
-            "prune_heads.adapters.FamilyAdapter and calling register_adapter()."
+            "prune_heads.model.adapters.FamilyAdapter and calling register_adapter()."
         )
     return _BY_TYPE[model_type]
 

@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .__about__ import __version__
-from .errors import PruneHeadsError
-from .io_utils import atomic_dir, write_json_atomic
-from .recipes import EvalTaskSection, Recipe, dump_recipe, load_recipe
+from prune_heads.__about__ import __version__
+from prune_heads.errors import PruneHeadsError
+from prune_heads.io_utils import atomic_dir, write_json_atomic
+from prune_heads.pipeline.recipe import EvalTaskSection, Recipe, dump_recipe, load_recipe
 
 MARKER = ".prune-heads-workdir.json"
 LOCK = ".prune-heads.lock"
@@ -208,7 +208,7 @@ class Pipeline:
         if self._loaded is None:
             import torch
 
-            from .loading import load_model
+            from prune_heads.model.loading import load_model
 
             m = self.recipe.model
             device = m.device
@@ -258,7 +258,7 @@ class Pipeline:
             return "report.enabled is false"
         if name == "report":
             try:
-                from .report import write_report  # noqa: F401
+                from prune_heads.report import write_report  # noqa: F401
             except ImportError:
                 return "prune_heads.report is not available"
         if name == "push" and not self.push:
@@ -266,7 +266,7 @@ class Pipeline:
         return None
 
     def _calibration_scores(self) -> list[str] | None:
-        from .score_defs import ABLATION
+        from prune_heads.scoring.score_defs import ABLATION
 
         wanted = self.recipe.calibration.scores
         if wanted is None:
@@ -328,8 +328,8 @@ class Pipeline:
 
     # -- stages ----------------------------------------------------------------------------------
     def stage_calibrate(self, out: Path) -> dict[str, Any]:
-        from .calibrate import calibrate
-        from .data import DataSpec, iter_documents, tokenize_documents
+        from prune_heads.data import DataSpec, iter_documents, tokenize_documents
+        from prune_heads.scoring.calibrate import calibrate
 
         loaded = self.model()
         cal = self.recipe.calibration
@@ -349,13 +349,13 @@ class Pipeline:
 
     def _evaluator(self, model: Any, tokenizer: Any, task: str, *, limit: int | None, num_fewshot: int | None,
                    split: str, batch_size: int) -> Any:
-        from .evaluation import make_evaluator
+        from prune_heads.evaluation import make_evaluator
 
         return make_evaluator(model, tokenizer, task, limit=limit, num_fewshot=num_fewshot, split=split,
                               batch_size=batch_size, seed=self.recipe.select.seed)
 
     def stage_select(self, out: Path) -> dict[str, Any]:
-        from .head_scores import HeadScores
+        from prune_heads.scoring.head_scores import HeadScores
 
         loaded = self.model()
         s = self.recipe.select
@@ -376,20 +376,20 @@ class Pipeline:
         common = {"min_heads_per_layer": s.min_heads_per_layer, "allow_empty_layers": s.allow_empty_layers,
                   "progress": self.progress}
         if s.method == "static":
-            from .selection import select_static
+            from prune_heads.selection import select_static
 
             plan = select_static(loaded.model, scores, ev, score_id=s.score, max_drop=s.max_drop, relative=s.relative,
                                  policy=s.policy, verify_evaluator=verify_ev, **common)
         elif s.method == "iterative":
-            from .score_defs import ABLATION
-            from .selection.iterative import select_iterative
+            from prune_heads.scoring.score_defs import ABLATION
+            from prune_heads.selection.iterative import select_iterative
 
             plan = select_iterative(loaded.model, seqs, ev, max_drop=s.max_drop, relative=s.relative,
                                     round_size=s.round_size, score_id=s.score if s.score in ABLATION else "ablation_kl",
                                     policy=s.policy, candidates_fraction=s.candidates_fraction,
                                     verify_evaluator=verify_ev, batch_size=s.batch_size, pad_id=pad_id, **common)
         else:
-            from .selection.gates import select_gates
+            from prune_heads.selection.gates import select_gates
 
             plan = select_gates(loaded.model, seqs, target_fraction=s.target_fraction, l0_penalty=s.l0_penalty,
                                 steps=s.steps, lr=s.lr, batch_size=s.batch_size, pad_id=pad_id, evaluator=ev, **common)
@@ -404,12 +404,12 @@ class Pipeline:
                 "verification": plan.meta.get("verification")}
 
     def _plan(self) -> Any:
-        from .plan import Plan
+        from prune_heads.plan import Plan
 
         return Plan.load(self.stage_dir("select") / "plan.json")
 
     def stage_export(self, out: Path) -> dict[str, Any]:
-        from .export import export
+        from prune_heads.export import export_checkpoint as export
 
         e, m = self.recipe.export, self.recipe.model
         sel = self.outcomes["select"].outputs
@@ -423,7 +423,7 @@ class Pipeline:
                 "files": sorted(Path(f).name for f in (getattr(res, "files", None) or []))}
 
     def stage_verify(self, out: Path) -> dict[str, Any]:
-        from .export import verify_export
+        from prune_heads.export import verify_export
 
         e = self.recipe.export
         result = dict(verify_export(self.recipe.model.id, str(self.stage_dir("export") / "model"), self._plan(),
@@ -475,8 +475,8 @@ class Pipeline:
         return result
 
     def stage_report(self, out: Path) -> dict[str, Any]:
-        from .head_scores import HeadScores
-        from .report import write_report
+        from prune_heads.report import write_report
+        from prune_heads.scoring.head_scores import HeadScores
 
         rep = self.recipe.report
         scores = HeadScores.load(self.stage_dir("calibrate") / "scores")
@@ -485,7 +485,7 @@ class Pipeline:
         return {"report": "plots/report.md"}
 
     def stage_push(self, out: Path) -> dict[str, Any]:
-        from .hub import push
+        from prune_heads.publish.hub import push
 
         h = self.recipe.hub
         assert h.repo_id is not None
@@ -522,7 +522,7 @@ class Pipeline:
 
 # ---- helpers -----------------------------------------------------------------------------------
 def _layout(model: Any) -> Any:
-    from .adapters import get_adapter
+    from prune_heads.model.adapters import get_adapter
 
     return get_adapter(model).layout(model.config)
 
@@ -544,10 +544,10 @@ def load_exported(path: Path, recipe: Recipe) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .loading import parse_dtype
+    from prune_heads.model.loading import parse_dtype
 
     with contextlib.suppress(ImportError, AttributeError):
-        from .export import register_auto_classes
+        from prune_heads.export import register_auto_classes
 
         register_auto_classes()
     kwargs: dict[str, Any] = {"trust_remote_code": True}

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .__about__ import __version__
-from .errors import ModelMismatchError, PruneHeadsError
-from .fingerprint import check_fingerprint
-from .io_utils import atomic_dir, write_json_atomic
+from prune_heads.__about__ import __version__
+from prune_heads.errors import ModelMismatchError, PruneHeadsError
+from prune_heads.io_utils import atomic_dir, write_json_atomic
+from prune_heads.model.fingerprint import check_fingerprint
 
 SCORES_FILE = "scores.safetensors"
 META_FILE = "scores.json"
@@ -83,7 +83,7 @@ class HeadScores:
     # ---- checks ---------------------------------------------------------------------------
     def check(self, model: Any) -> None:
         """Raise a clear error when these scores were made on another model."""
-        from .adapters import get_adapter
+        from prune_heads.model.adapters import get_adapter
 
         layout = get_adapter(model).layout(model.config)
         if (layout.num_layers, layout.num_heads) != (self.num_layers, self.num_heads):

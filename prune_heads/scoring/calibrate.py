@@ -15,13 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import get_adapter
-from .control import HeadControl, attach
-from .data import DataSpec, as_token_lists, batches, iter_documents, tokenize_documents
-from .errors import DataError
-from .fingerprint import fingerprint
-from .head_scores import HeadScores
-from .score_defs import (
+from prune_heads.data import DataSpec, as_token_lists, batches, iter_documents, tokenize_documents
+from prune_heads.errors import DataError
+from prune_heads.model.adapters import get_adapter
+from prune_heads.model.attention import HeadControl, attach
+from prune_heads.model.fingerprint import fingerprint
+from prune_heads.scoring.distributed import gather_rows, rank_and_world
+from prune_heads.scoring.head_scores import HeadScores
+from prune_heads.scoring.score_defs import (
     ABLATION,
     CUSTOM_SCORES,
     FORWARD_SCORES,
@@ -52,29 +53,6 @@ class ScoreCollector:
         raw = {k: torch.stack([self.layers[i][k] for i in range(self.num_layers)], dim=1) for k in self.layers[0]}
         self.layers = {}
         return raw
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(per_sample: dict[str, list[tuple[int, torch.Tensor]]]) -> dict[str, list[tuple[int, torch.Tensor]]]:
-    import torch.distributed as dist
-
-    rank, world = _dist()
-    if world == 1:
-        return per_sample
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, per_sample)
-    out: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for part in gathered:
-        for k, rows in part.items():
-            out.setdefault(k, []).extend(rows)
-    return out
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -130,7 +108,7 @@ def calibrate(
         data: a data spec string (see ``prune_heads.data``; needs ``tokenizer``) or an iterable of
             token-id sequences (lists or 1-D tensors), each one sample.
         scores: score ids; default every forward-pass score. ``grad`` adds a backward pass;
-            ``ablation_kl``/``ablation_loss`` run the batched ablation (see ``prune_heads.ablation``).
+            ``ablation_kl``/``ablation_loss`` run the batched ablation (see ``prune_heads.scoring.ablation``).
     """
     wanted = validate_score_ids(scores or default_scores())
     adapter = get_adapter(model)
@@ -145,7 +123,7 @@ def calibrate(
         pad_id = int(tokenizer.pad_token_id)
 
     forward_ids = [s for s in wanted if s not in GRADIENT and s not in ABLATION]
-    rank, world = _dist()
+    rank, world = rank_and_world()
     mine = list(range(rank, len(seqs), world))
     my_seqs = [seqs[i] for i in mine]
     device = _model_device(model)
@@ -168,7 +146,7 @@ def calibrate(
         g = gradient_scores(model, my_seqs, batch_size=batch_size, pad_id=pad_id, progress=progress and rank == 0)
         per_sample["grad"] = [(mine[r], g[r]) for r in range(len(my_seqs))]
 
-    per_sample = _gather(per_sample)
+    per_sample = gather_rows(per_sample)
     stacked = {k: torch.stack([t for _, t in sorted(rows, key=lambda r: r[0])]) for k, rows in per_sample.items()}
     meta = {
         "model": model_name or getattr(model.config, "name_or_path", None),
@@ -188,7 +166,7 @@ def calibrate(
     }
     result = HeadScores(stacked, meta)
     if any(s in ABLATION for s in wanted):
-        from .ablation import ablation_scores
+        from prune_heads.scoring.ablation import ablation_scores
 
         abl = ablation_scores(model, seqs, scores=[s for s in wanted if s in ABLATION], batch_size=batch_size,
                               pad_id=pad_id, progress=progress)

@@ -1,0 +1,1 @@
+"""Publishing an export: the Hugging Face Hub upload."""
