@@ -234,7 +234,7 @@ def test_bfloat16_export_verifies_through_the_same_rounding(tmp_path):
 
 def test_provenance_records_plan_source_hash_and_verification(tmp_path):
     _, src = make_source(tmp_path, "qwen2", heads=4, kv_heads=2)
-    plan = Plan([(0, 1), (1, 1)], {"score_id": "awft", "eval_results": {"arc_easy": {"value": 0.5}}})
+    plan = Plan([(0, 1), (1, 1)], {"score_id": "awft"})
     res = export(str(src), plan, tmp_path / "s", progress=False, eval_results={"arc_easy": {"acc": 0.5}},
                  scores_summary={"score_id": "awft"})
     prov = json.loads((tmp_path / "s" / "prune_heads.json").read_text())

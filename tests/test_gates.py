@@ -50,8 +50,8 @@ def test_target_is_met_and_dead_heads_are_found():
     plan = select_gates(model, _seqs(), target_fraction=0.25, steps=150, lr=0.1, progress=False)
     assert len(plan.removed_heads) == 2  # exactly 25% of 8 heads
     assert plan.removed_heads == [(0, 1), (1, 3)]
-    assert abs(plan.meta["final"]["expected_open_fraction"] - 0.75) <= 0.1
-    assert plan.meta["method"] == "gates"
+    assert abs(plan.selection.details.final["expected_open_fraction"] - 0.75) <= 0.1
+    assert plan.selection.method == "gates"
     # the weights stayed frozen and untouched, and trainability was restored
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
@@ -63,7 +63,7 @@ def test_fixed_penalty_respects_layer_floor():
     model = _model_with_dead_heads()
     plan = select_gates(model, _seqs(2), l0_penalty=0.5, steps=40, lr=0.1, min_heads_per_layer=3, progress=False)
     counts = [sum(1 for a, _ in plan.removed_heads if a == i) for i in range(2)]
-    closed = (torch.tensor(plan.meta["log_alpha"]) < 0).sum()  # a strong penalty closes gates...
+    closed = (torch.tensor(plan.selection.details.log_alpha) < 0).sum()  # a strong penalty closes gates...
     assert closed > 2 and max(counts) <= 1  # ...but each layer keeps its floor of 3 heads
     plan.validate(model)
 

@@ -85,13 +85,13 @@ def test_round_size_one_equals_greedy_brute_force():
     ev = CountingEvaluator()
     plan = select_iterative(model, seqs, ev, max_drop=k, round_size=1, progress=False)
     expected = greedy_brute_force(model, seqs, k)
-    order = [tuple(r["heads"][0]) for r in plan.meta["rounds"] if r["accepted_units"]]
+    order = [tuple(r["heads"][0]) for r in plan.selection.details.rounds if r["accepted_units"]]
     assert order == expected
     assert plan.removed_heads == sorted(expected)
-    assert plan.meta["method"] == "iterative" and plan.meta["stop_reason"] == "budget reached"
+    assert plan.selection.method == "iterative" and plan.selection.details.stop_reason == "budget reached"
     # the round that broke the budget is recorded with its evaluation and nothing accepted
-    assert plan.meta["rounds"][-1]["accepted_units"] == 0
-    assert len(plan.meta["rounds"]) == k + 1
+    assert plan.selection.details.rounds[-1]["accepted_units"] == 0
+    assert len(plan.selection.details.rounds) == k + 1
 
 
 def test_overshooting_round_is_bisected():
@@ -100,11 +100,11 @@ def test_overshooting_round_is_bisected():
     ev = CountingEvaluator()
     plan = select_iterative(model, seqs, ev, max_drop=4, round_size=3, progress=False)
     assert len(plan.removed_heads) == 4
-    r1, r2 = plan.meta["rounds"]
+    r1, r2 = plan.selection.details.rounds
     assert r1["accepted_units"] == 3 and r2["accepted_units"] == 1
     assert sorted(map(tuple, r1["heads"] + r2["heads"][:1])) == plan.removed_heads
     assert [b["units"] for b in r2["backoff"]] == [1, 2]  # bisection of the 3-head round
-    assert plan.meta["evaluation"]["value"] == -4
+    assert plan.selection.result["value"] == -4
     # within a round, heads are the least harmful given round 1 (measured conditionally)
     assert r2["scores"] == sorted(r2["scores"])
 
@@ -115,7 +115,7 @@ def test_floor_and_kv_groups_policy():
     plan = select_iterative(model, seqs, CountingEvaluator(), max_drop=100, round_size=2, min_heads_per_layer=3,
                             progress=False)
     assert [sum(1 for a, _ in plan.removed_heads if a == i) for i in range(2)] == [1, 1]
-    assert plan.meta["stop_reason"] == "no removable units left"
+    assert plan.selection.details.stop_reason == "no removable units left"
     plan = select_iterative(model, seqs, CountingEvaluator(), max_drop=100, round_size=1, policy="kv-groups",
                             min_heads_per_layer=2, progress=False)
     assert len(plan.removed_heads) == 4
@@ -130,8 +130,8 @@ def test_candidates_fraction_restricts_later_rounds():
     seqs = _seqs(3, (8, 8))
     plan = select_iterative(model, seqs, CountingEvaluator(), max_drop=3, round_size=1, candidates_fraction=0.5,
                             progress=False)
-    assert plan.meta["rounds"][0]["measured"]["n"] == 8
-    assert plan.meta["rounds"][1]["measured"]["n"] == 3  # 4 kept candidates minus the one removed
+    assert plan.selection.details.rounds[0]["measured"]["n"] == 8
+    assert plan.selection.details.rounds[1]["measured"]["n"] == 3  # 4 kept candidates minus the one removed
     assert len(plan.removed_heads) == 3
 
 

@@ -42,11 +42,11 @@ def test_select_writes_a_valid_plan(setup):
     assert d["policy"] == "uniform" and d["method"] == "static" and d["budget"]["relative"] is True
     assert d["budget"]["metric"] == "perplexity" and d["budget"]["higher_is_better"] is False
     assert d["task"]["split"] == "search" and d["verification"]["task"]["split"] == "verify"
-    assert d["search_evaluations"] == len(d["trace"]) <= d["max_search_evaluations"]
+    assert d["cost"]["evaluations"] == len(d["trace"]) <= d["cost"]["max_evaluations"]
     # uniform: every KV group of every layer lost the same number of heads
     plan = Plan.load(out)
     m = plan.mask(plan.validate(_config(root)))
-    assert (m.reshape(2, 2, 2).sum(-1) == d["k"]).all()
+    assert (m.reshape(2, 2, 2).sum(-1) == d["details"]["k"]).all()
     # existing output refused
     r = CliRunner().invoke(cli, ["select", str(root / "scores"), "--model", str(root / "model"), "--task",
                                  f"ppl:{root / 'docs.txt'}", "--max-drop", "0.05", "-o", str(out)])

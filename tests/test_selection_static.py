@@ -93,12 +93,12 @@ def test_exact_k_against_brute_force(model, seed, max_drop, policy, higher):
             mask[layer, h] = True
         if float(harm[mask].sum()) <= max_drop + 1e-9:
             best = k
-    assert plan.meta["k"] == best
+    assert plan.selection.details.k == best
     assert plan.removed_heads == sorted(heads_of(units, best))
-    assert plan.meta["search_evaluations"] == ev.calls <= max_probes(len(units)) + 1
-    assert len(plan.meta["trace"]) == ev.calls
-    assert plan.meta["trace"][0]["k"] == 0 and ev.masks[0] is None  # baseline is the unmasked model
-    assert plan.meta["per_layer_counts"] == plan.mask(layout).sum(1).tolist()
+    assert plan.selection.cost.evaluations == ev.calls <= max_probes(len(units)) + 1
+    assert len(plan.selection.trace) == ev.calls
+    assert plan.selection.trace[0].k == 0 and ev.masks[0] is None  # baseline is the unmasked model
+    assert plan.selection.per_layer_counts == plan.mask(layout).sum(1).tolist()
     plan.validate(model)  # a structure the plan loader accepts
 
 
@@ -110,9 +110,9 @@ def test_noisy_evaluator_result_was_evaluated_within_budget(model, seed):
     ev = FakeEvaluator(harm, noise=0.02, seed=seed)
     plan = select_static(model, make_scores(model, torch.rand(3, 4, generator=g)), ev, score_id="ahon_ln",
                          max_drop=0.02, progress=False)
-    hit = [t for t in plan.meta["trace"] if t["k"] == plan.meta["k"]]
-    assert len(hit) == 1 and hit[0]["within_budget"]
-    assert plan.meta["baseline"]["value"] - plan.meta["result"]["value"] <= 0.02 + 1e-9
+    hit = [t for t in plan.selection.trace if t.k == plan.selection.details.k]
+    assert len(hit) == 1 and hit[0].within_budget
+    assert plan.selection.baseline["value"] - plan.selection.result["value"] <= 0.02 + 1e-9
 
 
 def test_plan_meta_and_verification(model, tmp_path):
@@ -122,19 +122,20 @@ def test_plan_meta_and_verification(model, tmp_path):
     with warnings.catch_warnings(), pytest.warns(UserWarning, match="held-out"):
         warnings.filterwarnings("error", message=".*not normalised")  # an LN score ranks without that warning
         plan = select_static(model, scores, ev, score_id="ahon_ln", max_drop=0.01, verify_evaluator=ver, progress=False)
-    m = plan.meta
-    assert m["k"] == 2 and len(plan.removed_heads) == 2  # 2 heads x 0.004 <= 0.01 < 3 x 0.004
-    for key in ("fingerprint", "score_id", "policy", "budget", "baseline", "k", "per_layer_counts", "trace",
-                "verification", "tool_version", "allow_empty_layers"):
+    m = plan.to_dict()  # the plan file's shape
+    assert m["details"]["k"] == 2 and len(plan.removed_heads) == 2  # 2 heads x 0.004 <= 0.01 < 3 x 0.004
+    for key in ("fingerprint", "score_id", "policy", "budget", "baseline", "result", "per_layer_counts", "trace",
+                "verification", "tool_version", "allow_empty_layers", "cost"):
         assert key in m
-    assert m["budget"] == {"max_drop": 0.01, "relative": False, "metric": "acc", "higher_is_better": True}
+    assert m["budget"] == {"max_drop": 0.01, "relative": False, "metric": "acc", "higher_is_better": True,
+                           "confidence": 0.0}
     v = m["verification"]
     assert v["baseline"]["value"] == pytest.approx(0.6) and v["result"]["value"] == pytest.approx(0.6 - 0.016)
     assert v["within_budget"] is False
     # round trip through the plan file
     path = plan.save(tmp_path / "plan.json")
     back = Plan.load(path)
-    assert back.removed_heads == plan.removed_heads and back.meta["k"] == 2
+    assert back.removed_heads == plan.removed_heads and back.selection.details.k == 2
     back.validate(model)
 
 
@@ -143,7 +144,7 @@ def test_relative_budget_and_perplexity(model):
     ev = FakeEvaluator(harm, base=10.0, higher_is_better=False, metric="perplexity")
     plan = select_static(model, make_scores(model, torch.rand(3, 4)), ev, score_id="ahon_ln", max_drop=0.1,
                          relative=True, progress=False)
-    assert plan.meta["k"] == 2  # +1.0 perplexity = 10% of 10
+    assert plan.selection.details.k == 2  # +1.0 perplexity = 10% of 10
 
 
 def test_within_budget_directions():
@@ -186,9 +187,9 @@ def test_empty_layers_only_with_opt_in(model):
     ev = FakeEvaluator(torch.zeros(3, 4))  # nothing hurts: the search takes everything it may
     scores = make_scores(model, torch.rand(3, 4))
     plan = select_static(model, scores, ev, score_id="ahon_ln", max_drop=0.01, progress=False)
-    assert plan.meta["per_layer_counts"] == [3, 3, 3]
+    assert plan.selection.per_layer_counts == [3, 3, 3]
     plan = select_static(model, scores, ev, score_id="ahon_ln", max_drop=0.01, allow_empty_layers=True, progress=False)
-    assert plan.meta["per_layer_counts"] == [4, 4, 4] and plan.meta["allow_empty_layers"]
+    assert plan.selection.per_layer_counts == [4, 4, 4] and plan.selection.allow_empty_layers
     plan.validate(model)  # the plan carries the opt-in
     with pytest.raises(PruneHeadsError, match="allow-empty-layers"):
         Plan(plan.removed_heads).validate(model)
@@ -201,4 +202,4 @@ def test_raw_score_warns_and_random_ranking(model):
         select_static(model, scores, ev, score_id="ahon", max_drop=0.01, progress=False)
     a = select_static(model, None, ev, score_id="random", max_drop=0.01, seed=1, progress=False)
     b = select_static(model, None, ev, score_id="random", max_drop=0.01, seed=1, progress=False)
-    assert a.removed_heads == b.removed_heads and a.meta["seed"] == 1 and a.meta["k"] == 2
+    assert a.removed_heads == b.removed_heads and a.selection.details.seed == 1 and a.selection.details.k == 2

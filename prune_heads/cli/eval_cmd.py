@@ -78,7 +78,7 @@ def eval_(model, task, plan_path, dynamic, dynamic_fraction, scores_dir, num_few
         plan.validate(m, check_weights=m)
         removed = plan.mask(layout)
         mask_info = {"type": "plan", "plan": str(Path(plan_path).resolve()), "removed_heads": [list(x) for x in plan.removed_heads],
-                     "plan_meta": {k: plan.meta.get(k) for k in ("score_id", "policy", "budget", "k", "method") if k in plan.meta}}
+                     "plan_meta": {k: v for k, v in plan.to_dict().items() if k in ("score_id", "policy", "budget", "method")}}
     elif dynamic or dynamic_fraction:
         from prune_heads.model.masking import dynamic_mask, threshold_for_fraction
         from prune_heads.scoring.score_defs import validate_score_ids

@@ -32,7 +32,7 @@ def export(model, plan_path, output, fmt, dtype, shard_size, verify, tolerance, 
     plan = Plan.load(plan_path)
     result = run_export(model, plan, output, format=fmt, dtype=dtype, shard_size=shard_size, verify=verify,
                         overwrite=overwrite, approximate_norms=approximate_norms, gguf_file=gguf_file,
-                        eval_results=plan.meta.get("eval_results"), scores_summary=plan.meta.get("scores_summary"),
+                        scores_summary=plan.selection.scores,
                         verify_tol=tolerance)
     removed = 1 - result.params_after / result.params_before
     click.echo(f"{fmt}: {result.params_before:,} -> {result.params_after:,} parameters ({removed:.1%} removed), "

@@ -127,10 +127,9 @@ def select(scores_dir, model_spec, score_id, task, max_drop, relative, limit, nu
         else:
             plan = fn(model, seqs, target_fraction=target_fraction, batch_size=min(batch_size, 4), pad_id=pad_id,
                       evaluator=search_ev, **common)
-    plan.meta["model"] = model_spec
-    plan.meta.setdefault("scores_dir", str(scores_dir))
+    plan.selection.model = model_spec
     plan.save(output, overwrite=overwrite)
-    m = plan.meta
+    m = plan.to_dict()
     msg = f"{method}: removing {len(plan.removed_heads)} of {m.get('heads_total', '?')} heads"
     base, res = m.get("baseline"), m.get("result")
     if base and res:
@@ -139,6 +138,5 @@ def select(scores_dir, model_spec, score_id, task, max_drop, relative, limit, nu
     if ver:
         msg += (f"; held out {ver['baseline']['value']:.4f} -> {ver['result']['value']:.4f}"
                 f" ({'within' if ver['within_budget'] else 'OUTSIDE'} budget)")
-    if m.get("search_evaluations") is not None:
-        msg += f"; {m['search_evaluations']} evaluations"
+    msg += f"; {m['cost']['evaluations']} evaluations"
     click.echo(f"{msg} -> {output}")

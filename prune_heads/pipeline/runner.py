@@ -393,15 +393,16 @@ class Pipeline:
 
             plan = select_gates(loaded.model, seqs, target_fraction=s.target_fraction, l0_penalty=s.l0_penalty,
                                 steps=s.steps, lr=s.lr, batch_size=s.batch_size, pad_id=pad_id, evaluator=ev, **common)
-        plan.meta.setdefault("scores", scores.summary())
-        plan.meta["recipe"] = self.recipe.name
+        if plan.selection.scores is None:
+            plan.selection.scores = scores.summary()
+        plan.selection.recipe = self.recipe.name
         plan.save(out / "plan.json")
         layout = _layout(loaded.model)
         return {"plan": "plan.json", "heads_removed": len(plan.removed_heads), "heads_total": layout.total_heads,
                 "method": s.method, "score": s.score, "policy": s.policy,
                 "budget": {"max_drop": s.max_drop, "relative": s.relative}, "task": s.task,
-                "baseline": plan.meta.get("baseline"), "result": plan.meta.get("result"),
-                "verification": plan.meta.get("verification")}
+                "baseline": plan.selection.baseline, "result": plan.selection.result,
+                "verification": plan.to_dict()["verification"]}
 
     def _plan(self) -> Any:
         from prune_heads.plan import Plan

@@ -94,9 +94,9 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
         except GatesDidNotConverge as e:  # a row that says so, not a lost comparison
             shared["gates"] = SharedMeasurement(None, time.time() - t0, 0.0, str(e))
         else:
-            la = torch.tensor(gplan.meta["log_alpha"])[None]
+            la = torch.tensor(gplan.selection.details.log_alpha)[None]
             shared["gates"] = SharedMeasurement(HeadScores({"ablation_kl": la}, dict(scores.meta)), time.time() - t0,
-                                                float(gplan.meta["cost"]["forward_passes"]))
+                                                float(gplan.selection.cost.forward_equivalents or 0.0))
 
     held_base, ppl_base = held(None), (ppl(None) if ppl else None)
     rows: list[dict[str, Any]] = [{"selector": "unpruned", "max_drop": None, "heads_removed": 0, "percent_removed": 0.0,
@@ -110,7 +110,7 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
             if name == "iterative":
                 plan = select_iterative(model, seqs, search, max_drop=drop, relative=relative, round_size=round_size,
                                         candidates_fraction=candidates_fraction, pad_id=pad_id, progress=progress)
-                fwd = plan.meta["cost"]["ablation_forward_equivalents"]
+                fwd = plan.selection.cost.forward_equivalents or 0.0
             elif name in ("gates", "static:ablation_kl"):
                 measured = shared["gates" if name == "gates" else "ablation"]
                 extra_wall, fwd = measured.wall_seconds, measured.forward_equivalents
@@ -120,7 +120,6 @@ def run_comparison(model: Any, tokenizer: Any, scores: Any, task: str, max_drops
                                  "wall_seconds": round(extra_wall, 1), "error": measured.error})
                     continue
                 plan = select_static(model, measured.scores, search, score_id="ablation_kl", max_drop=drop, relative=relative, progress=False)
-                plan.meta["method"] = name
             else:
                 sid = RANDOM_SCORE if name == "random" else name.split(":", 1)[1]
                 plan = select_static(model, scores, search, score_id=sid, max_drop=drop, relative=relative, progress=False)

@@ -28,8 +28,10 @@ from prune_heads.data import batches
 from prune_heads.errors import PruneHeadsError
 from prune_heads.model.adapters import get_adapter
 from prune_heads.model.attention import HeadControl, attach
+from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
-from prune_heads.selection.iterative import layer_floor_of, plan_base_meta, result_dict
+from prune_heads.plan.record import Cost, GatesDetails, SelectionResult, result_dict
+from prune_heads.selection.policies import layer_floor
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 #: cache the original's log-probabilities up to this many bytes; beyond, recompute them each step
@@ -103,7 +105,7 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
     if not seqs or any(len(s) < 2 for s in seqs):
         raise PruneHeadsError("gates need calibration sequences of at least 2 tokens")
     layout = get_adapter(model).layout(model.config)
-    floor = layer_floor_of(layout, min_heads_per_layer, allow_empty_layers)
+    floor = layer_floor(layout, min_heads_per_layer, allow_empty_layers)
     L, H = layout.num_layers, layout.num_heads
     total = L * H
     n_remove = round(target_fraction * total) if target_fraction is not None else None
@@ -194,24 +196,24 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
     if evaluator is not None:
         baseline = evaluator(None)
         evaluation = evaluator(mask) if heads else baseline
-    meta = plan_base_meta(
-        model, layout,
+    selection = SelectionResult(
         method="gates",
-        target_fraction=target_fraction,
-        l0_penalty=l0_penalty,
-        steps=steps,
-        lr=lr,
-        min_heads_per_layer=min_heads_per_layer,
-        allow_empty_layers=allow_empty_layers,
-        final={"kl": history[-1]["kl"], "expected_open_fraction": final_open, "lambda": lam},
-        history=history[:: max(1, steps // 50)],
-        log_alpha=[[round(float(x), 4) for x in row] for row in log_alpha],
-        task=getattr(evaluator, "task_config", None) if evaluator is not None else None,
-        baseline=result_dict(baseline),
-        evaluation=result_dict(evaluation),
-        calibration={"num_samples": len(seqs), "num_tokens": int(sum(len(s) for s in seqs))},
-        cost={"forward_passes": forwards, "wall_seconds": round(time.time() - t0, 2)},
         heads_total=total,
         heads_removed=len(heads),
+        per_layer_counts=mask.sum(1).tolist(),
+        model=getattr(model.config, "name_or_path", None) or None,
+        fingerprint=fingerprint(model),
+        min_heads_per_layer=min_heads_per_layer,
+        allow_empty_layers=bool(allow_empty_layers),
+        task=getattr(evaluator, "task_config", None) if evaluator is not None else None,
+        baseline=result_dict(baseline),
+        result=result_dict(evaluation),
+        cost=Cost(evaluations=0 if evaluator is None else (2 if heads else 1), wall_seconds=round(time.time() - t0, 2),
+                  forward_equivalents=float(forwards)),
+        calibration={"num_samples": len(seqs), "num_tokens": int(sum(len(s) for s in seqs))},
+        details=GatesDetails(target_fraction=target_fraction, l0_penalty=l0_penalty, steps=steps, lr=lr,
+                             final={"kl": history[-1]["kl"], "expected_open_fraction": final_open, "lambda": lam},
+                             history=history[:: max(1, steps // 50)],
+                             log_alpha=[[round(float(x), 4) for x in row] for row in log_alpha]),
     )
-    return Plan(heads, meta)
+    return Plan(heads, selection)

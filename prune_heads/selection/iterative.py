@@ -21,54 +21,20 @@ from prune_heads.errors import PruneHeadsError
 from prune_heads.model.adapters import HeadLayout, get_adapter
 from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
+from prune_heads.plan.record import Budget, Cost, IterativeDetails, SelectionResult, Verification, result_dict
 from prune_heads.scoring.score_defs import ABLATION
+from prune_heads.selection.policies import layer_floor
+from prune_heads.selection.static import within_budget
 
 Unit = list[tuple[int, int]]
 POLICIES_SUPPORTED = ("free", "kv-groups")
 
 
-# ---- shared with gates / compare --------------------------------------------------------------
+# ---- shared with gates -----------------------------------------------------------------------
 
 def budget_check(baseline: Any, result: Any, max_drop: float, relative: bool) -> bool:
-    """``within_budget`` from the selector package (contract 2), with a local equivalent until it exists."""
-    try:
-        from prune_heads.selection import within_budget  # type: ignore[attr-defined]
-    except ImportError:
-        within_budget = None
-    if within_budget is not None:
-        return bool(within_budget(baseline, result, max_drop, relative))
-    drop = (baseline.value - result.value) if baseline.higher_is_better else (result.value - baseline.value)
-    if relative:
-        drop = drop / max(abs(baseline.value), 1e-12)
-    return bool(math.isfinite(result.value) and drop <= max_drop)
-
-
-def layer_floor_of(layout: HeadLayout, min_heads_per_layer: int, allow_empty_layers: bool) -> int:
-    """Heads each layer must keep (the selector's rule; see ``policies.layer_floor``)."""
-    from prune_heads.selection.policies import layer_floor
-
-    return layer_floor(layout, min_heads_per_layer, allow_empty_layers)
-
-
-def result_dict(result: Any) -> dict[str, Any] | None:
-    if result is None:
-        return None
-    to_dict = getattr(result, "to_dict", None)
-    if to_dict is not None:
-        return to_dict()
-    return {"metric": getattr(result, "metric", None), "value": getattr(result, "value", None)}
-
-
-def plan_base_meta(model: nn.Module, layout: HeadLayout, **extra: Any) -> dict[str, Any]:
-    return {
-        "model": getattr(model.config, "name_or_path", None),
-        "family": get_adapter(model).name,
-        "fingerprint": fingerprint(model),
-        "num_layers": layout.num_layers,
-        "num_heads": layout.num_heads,
-        "num_kv_heads": layout.num_kv_heads,
-        **extra,
-    }
+    """The static selector's budget rule, so every method judges a drop the same way."""
+    return bool(within_budget(baseline, result, max_drop, relative))
 
 
 # ---- units ------------------------------------------------------------------------------------
@@ -141,7 +107,7 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
     if candidates_fraction is not None and not 0 < candidates_fraction <= 1:
         raise PruneHeadsError(f"--candidates-fraction must be in (0, 1], got {candidates_fraction}")
     layout = get_adapter(model).layout(model.config)
-    floor = layer_floor_of(layout, min_heads_per_layer, allow_empty_layers)
+    floor = layer_floor(layout, min_heads_per_layer, allow_empty_layers)
     pool = all_units(layout, policy)
     seqs = [list(map(int, s)) for s in seqs]
 
@@ -223,33 +189,33 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
     bar.close()
 
     heads = [tuple(x) for x in removed.nonzero().tolist()]
-    verify = None
+    verification = None
     if verify_evaluator is not None:
         vb = verify_evaluator(None)
         vr = verify_evaluator(removed) if heads else vb
-        verify = {"baseline": result_dict(vb), "result": result_dict(vr),
-                  "within_budget": budget_check(vb, vr, max_drop, relative)}
-    meta = plan_base_meta(
-        model, layout,
+        verification = Verification(task=getattr(verify_evaluator, "task_config", None), baseline=result_dict(vb),
+                                    result=result_dict(vr), within_budget=budget_check(vb, vr, max_drop, relative))
+    selection = SelectionResult(
         method="iterative",
-        score_id=score_id,
-        round_size=round_size,
-        policy=policy,
-        min_heads_per_layer=min_heads_per_layer,
-        allow_empty_layers=allow_empty_layers,
-        candidates_fraction=candidates_fraction,
-        max_drop=max_drop,
-        relative=relative,
-        task=getattr(evaluator, "task_config", None),
-        baseline=result_dict(baseline),
-        evaluation=result_dict(final),
-        verification=verify,
-        rounds=rounds,
-        stop_reason=stop_reason,
-        calibration={"num_samples": len(seqs), "num_tokens": int(sum(len(s) for s in seqs))},
-        cost={"evaluations": evaluations, "ablation_forward_equivalents": round(forward_equivalents, 2),
-              "wall_seconds": round(time.time() - t0, 2)},
         heads_total=layout.total_heads,
         heads_removed=len(heads),
+        per_layer_counts=removed.sum(1).tolist(),
+        model=getattr(model.config, "name_or_path", None) or None,
+        fingerprint=fingerprint(model),
+        score_id=score_id,
+        policy=policy,
+        min_heads_per_layer=min_heads_per_layer,
+        allow_empty_layers=bool(allow_empty_layers),
+        budget=Budget(max_drop=max_drop, relative=relative, metric=baseline.metric,
+                      higher_is_better=bool(baseline.higher_is_better)),
+        task=getattr(evaluator, "task_config", None),
+        baseline=result_dict(baseline),
+        result=result_dict(final),
+        verification=verification,
+        cost=Cost(evaluations=evaluations, wall_seconds=round(time.time() - t0, 2),
+                  forward_equivalents=round(forward_equivalents, 2)),
+        calibration={"num_samples": len(seqs), "num_tokens": int(sum(len(s) for s in seqs))},
+        details=IterativeDetails(round_size=round_size, candidates_fraction=candidates_fraction, rounds=rounds,
+                                 stop_reason=stop_reason),
     )
-    return Plan(heads, meta)
+    return Plan(heads, selection)

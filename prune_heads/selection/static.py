@@ -17,11 +17,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prune_heads.__about__ import __version__
 from prune_heads.errors import BudgetError, PruneHeadsError
 from prune_heads.model.adapters import HeadLayout, get_adapter
 from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
+from prune_heads.plan.record import (
+    Budget,
+    Cost,
+    Probe,
+    SelectionResult,
+    StaticDetails,
+    Verification,
+    result_dict,
+)
 from prune_heads.scoring.head_scores import HeadScores
 from prune_heads.scoring.score_defs import inactivity, is_layer_comparable, validate_score_ids
 from prune_heads.selection.policies import candidate_units, heads_of, removal_mask
@@ -63,10 +71,6 @@ def ranking(scores: HeadScores | None, score_id: str, layout: HeadLayout, seed: 
     return inactivity(scores.mean(score_id), score_id)
 
 
-def _result_dict(r: Any) -> dict[str, Any]:
-    return r.to_dict() if hasattr(r, "to_dict") else dict(r.__dict__)
-
-
 def _task_config(evaluator: Any) -> Any:
     return getattr(evaluator, "task_config", None)
 
@@ -94,7 +98,7 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
     units = candidate_units(values, layout, policy, min_heads_per_layer, allow_empty_layers)
 
     cache: dict[bytes, Any] = {}
-    trace: list[dict[str, Any]] = []
+    trace: list[Probe] = []
 
     def evaluate(k: int) -> Any:
         mask = removal_mask(units, k, layout)
@@ -102,16 +106,15 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         if key not in cache:
             tic = time.time()
             cache[key] = evaluator(mask if k else None)
-            trace.append({"k": k, "heads_removed": int(mask.sum()), **_brief(cache[key]),
-                          "seconds": round(time.time() - tic, 2)})
+            trace.append(_probe(k, int(mask.sum()), cache[key], time.time() - tic))
         return cache[key]
 
     bar = tqdm(total=max_probes(len(units)) + 1, desc=f"select ({score_id}, {policy})", unit="eval",
                disable=not progress)
     baseline = evaluate(0)
     bar.update(1)
-    trace[0]["within_budget"] = within_budget(baseline, baseline, max_drop, relative)
-    if not trace[0]["within_budget"]:
+    trace[0].within_budget = within_budget(baseline, baseline, max_drop, relative)
+    if not trace[0].within_budget:
         raise BudgetError(f"the unpruned model (k = 0) does not meet the budget: its {baseline.metric} is "
                           f"{baseline.value}; check the task and --limit")
     if relative and float(baseline.value) == 0.0:
@@ -119,9 +122,9 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
 
     def passes(k: int) -> bool:
         ok = within_budget(baseline, evaluate(k), max_drop, relative)
-        for entry in trace:
-            if entry["k"] == k:
-                entry["within_budget"] = ok
+        for probe in trace:
+            if probe.k == k:
+                probe.within_budget = ok
         return ok
 
     if not units:
@@ -138,8 +141,8 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         vb = verify_evaluator(None)
         vr = verify_evaluator(mask) if k else vb
         ok = within_budget(vb, vr, max_drop, relative)
-        verification = {"task": _task_config(verify_evaluator), "baseline": _result_dict(vb), "result": _result_dict(vr),
-                        "within_budget": ok}
+        verification = Verification(task=_task_config(verify_evaluator), baseline=result_dict(vb),
+                                    result=result_dict(vr), within_budget=ok)
         if not ok:
             warnings.warn(
                 f"the chosen {len(removed)} heads stay within budget on the search data but not on the held-out "
@@ -147,38 +150,32 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
                 "or a larger --limit", stacklevel=2
             )
 
-    meta: dict[str, Any] = {
-        "method": "static",
-        "fingerprint": fingerprint(model),
-        "model": getattr(model.config, "name_or_path", None) or None,
-        "score_id": score_id,
-        "scores": scores.summary() if scores is not None else None,
-        "policy": policy,
-        "min_heads_per_layer": min_heads_per_layer,
-        "allow_empty_layers": bool(allow_empty_layers),
-        "budget": {"max_drop": max_drop, "relative": relative, "metric": baseline.metric,
-                   "higher_is_better": bool(baseline.higher_is_better)},
-        "task": _task_config(evaluator),
-        "baseline": _result_dict(baseline),
-        "result": _result_dict(chosen),
-        "k": k,
-        "num_units": len(units),
-        "heads_removed": len(removed),
-        "heads_total": layout.total_heads,
-        "fraction_removed": len(removed) / layout.total_heads,
-        "per_layer_counts": mask.sum(1).tolist(),
-        "trace": trace,
-        "search_evaluations": len(trace),
-        "max_search_evaluations": max_probes(len(units)) + 1,
-        "verification": verification,
-        "wall_seconds": round(time.time() - t0, 2),
-        "tool_version": __version__,
-    }
-    if score_id == RANDOM_SCORE:
-        meta["seed"] = seed
-    return Plan(removed, meta)
+    selection = SelectionResult(
+        method="static",
+        heads_total=layout.total_heads,
+        heads_removed=len(removed),
+        per_layer_counts=mask.sum(1).tolist(),
+        model=getattr(model.config, "name_or_path", None) or None,
+        fingerprint=fingerprint(model),
+        score_id=score_id,
+        policy=policy,
+        min_heads_per_layer=min_heads_per_layer,
+        allow_empty_layers=bool(allow_empty_layers),
+        budget=Budget(max_drop=max_drop, relative=relative, metric=baseline.metric,
+                      higher_is_better=bool(baseline.higher_is_better)),
+        task=_task_config(evaluator),
+        baseline=result_dict(baseline),
+        result=result_dict(chosen),
+        verification=verification,
+        trace=trace,
+        cost=Cost(evaluations=len(trace), max_evaluations=max_probes(len(units)) + 1,
+                  wall_seconds=round(time.time() - t0, 2)),
+        scores=scores.summary() if scores is not None else None,
+        details=StaticDetails(k=k, num_units=len(units), seed=seed if score_id == RANDOM_SCORE else None),
+    )
+    return Plan(removed, selection)
 
 
-def _brief(r: Any) -> dict[str, Any]:
-    return {"metric": r.metric, "value": float(r.value), "stderr": None if r.stderr is None else float(r.stderr),
-            "n": int(r.n)}
+def _probe(k: int, heads_removed: int, r: Any, seconds: float) -> Probe:
+    return Probe(k=k, heads_removed=heads_removed, metric=r.metric, value=float(r.value),
+                 stderr=None if r.stderr is None else float(r.stderr), n=int(r.n), seconds=round(seconds, 2))

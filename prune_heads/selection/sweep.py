@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from prune_heads.errors import PruneHeadsError
 from prune_heads.io_utils import atomic_dir, write_json_atomic
 from prune_heads.model.adapters import get_adapter
+from prune_heads.plan.record import result_dict
 from prune_heads.scoring.head_scores import HeadScores
 from prune_heads.selection.policies import candidate_units, removal_mask
-from prune_heads.selection.static import RANDOM_SCORE, _result_dict, ranking, within_budget
+from prune_heads.selection.static import RANDOM_SCORE, ranking, within_budget
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
 
@@ -199,7 +200,7 @@ def run_sweep(model: nn.Module, scores: HeadScores, evaluator: Any, *, score_ids
         rankings[(RANDOM_SCORE, int(seed))] = ranking(None, RANDOM_SCORE, layout, int(seed))
 
     baseline = evaluator(None)
-    base_d = _result_dict(baseline)
+    base_d = result_dict(baseline)
     total = layout.total_heads
     rows: list[dict[str, Any]] = []
     n_evals = len(rankings) * (len(fractions) - 1)

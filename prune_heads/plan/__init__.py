@@ -1,34 +1,57 @@
-"""Plan files: which heads to remove, and how that choice was made.
+"""Plan files: which heads to remove, and the typed record of how that choice was made.
 
-The only required key is ``removed_heads`` (a list of ``[layer, head]``), so a hand-written plan works
-for masking and export (with a warning that nothing ties it to a model).
+The only required key is ``removed_heads`` (a list of ``[layer, head]`` integer pairs), so a hand-written
+plan works for masking and export (with a warning that nothing ties it to a model). Every other key is
+a field of ``SelectionResult`` (``prune_heads.plan.record``), type-checked on load.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from prune_heads.__about__ import __version__
 from prune_heads.errors import PruneHeadsError
 from prune_heads.io_utils import write_json_atomic
 from prune_heads.model.adapters import HeadLayout, get_adapter
 from prune_heads.model.fingerprint import check_fingerprint
+from prune_heads.plan.record import PlanFormatError, SelectionResult
+
+Head = tuple[int, int]
+
+
+def parse_heads(entries: Any, where: str = "plan") -> list[Head]:
+    """``[[layer, head], ...]`` with integer entries; anything else (floats, booleans, strings) is refused."""
+    if not isinstance(entries, (list, tuple)):
+        raise PlanFormatError(f"{where}: removed_heads must be a list of [layer, head] pairs")
+    heads = []
+    for i, e in enumerate(entries):
+        ok = isinstance(e, (list, tuple)) and len(e) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in e)
+        if not ok:
+            raise PlanFormatError(f"{where}: removed_heads[{i}] = {e!r} is not a [layer, head] pair of "
+                                  "non-negative integers")
+        heads.append((int(e[0]), int(e[1])))
+    return heads
 
 
 @dataclass
 class Plan:
-    removed_heads: list[tuple[int, int]]
-    meta: dict[str, Any] = field(default_factory=dict)
+    removed_heads: list[Head]
+    selection: SelectionResult = field(default_factory=SelectionResult)
 
     def __post_init__(self) -> None:
-        self.removed_heads = sorted({(int(layer), int(h)) for layer, h in self.removed_heads})
+        if isinstance(self.selection, Mapping):
+            self.selection = SelectionResult.from_dict(dict(self.selection))
+        # operator.index: numpy/torch integers are fine here, floats are not (files are parsed strictly)
+        self.removed_heads = sorted({(operator.index(a), operator.index(b)) for a, b in self.removed_heads})
 
     # ---- views ----------------------------------------------------------------------------
     def by_layer(self, num_layers: int) -> dict[int, list[int]]:
@@ -46,7 +69,11 @@ class Plan:
 
     @property
     def allow_empty_layers(self) -> bool:
-        return bool(self.meta.get("allow_empty_layers", False))
+        return self.selection.allow_empty_layers
+
+    @property
+    def handwritten(self) -> bool:
+        return self.selection.method == "manual" and self.selection.fingerprint is None
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self, model_or_config: Any, *, check_weights: Any = None) -> HeadLayout:
@@ -59,7 +86,7 @@ class Plan:
                     f"plan removes head [{layer}, {h}] but the model has {layout.num_layers} layers x "
                     f"{layout.num_heads} heads: the plan was made for another model"
                 )
-        fp = self.meta.get("fingerprint")
+        fp = self.selection.fingerprint
         if fp is None:
             warnings.warn("plan has no model fingerprint (hand-written?); it cannot be checked against the model", stacklevel=2)
         elif check_weights is not None:
@@ -80,13 +107,17 @@ class Plan:
 
     # ---- persistence ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = {"removed_heads": [list(x) for x in self.removed_heads]}
-        d.update({k: v for k, v in self.meta.items() if k != "removed_heads"})
-        d.setdefault("tool_version", __version__)
-        return d
+        return {"removed_heads": [list(x) for x in self.removed_heads], **self.selection.to_dict()}
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         return write_json_atomic(path, self.to_dict(), overwrite=overwrite)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "plan") -> Plan:
+        if not isinstance(d, dict) or "removed_heads" not in d:
+            raise PlanFormatError(f"{where} has no 'removed_heads' list")
+        heads = parse_heads(d["removed_heads"], where)
+        return cls(heads, SelectionResult.from_dict({k: v for k, v in d.items() if k != "removed_heads"}, where))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -95,13 +126,9 @@ class Plan:
             d = json.loads(p.read_text())
         except FileNotFoundError:
             raise PruneHeadsError(f"plan file {p} not found") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PruneHeadsError(f"plan file {p} is not valid JSON: {e}") from e
-        if not isinstance(d, dict) or "removed_heads" not in d:
-            raise PruneHeadsError(f"plan file {p} has no 'removed_heads' list")
-        try:
-            heads = [(int(a), int(b)) for a, b in d["removed_heads"]]
-        except (TypeError, ValueError) as e:
-            raise PruneHeadsError(f"plan file {p}: removed_heads must be a list of [layer, head] pairs") from e
-        meta = {k: v for k, v in d.items() if k != "removed_heads"}
-        return cls(heads, meta)
+        return cls.from_dict(d, f"plan file {p}")
+
+
+__all__ = ["Plan", "PlanFormatError", "SelectionResult", "parse_heads"]

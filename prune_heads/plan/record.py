@@ -1,0 +1,237 @@
+"""The typed record every plan file carries: what a selection produced and how.
+
+Every selector returns a ``SelectionResult``; the plan file is written from it and parsed back into it,
+with every known field's type checked on load. Consumers (export provenance, model cards, the run summary,
+``eval --plan``) read attributes, never ``dict.get`` fallbacks, so a selector that records its evaluation
+under another name is a type error at the source instead of a silently empty summary downstream.
+
+Method-specific records (the static search's ``k``, iterative rounds, gate parameters) live in
+``details``, typed per method by ``DETAILS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from prune_heads.__about__ import __version__
+from prune_heads.errors import PruneHeadsError
+
+
+class PlanFormatError(PruneHeadsError):
+    """A plan file whose metadata does not have the documented types."""
+
+
+# ---- parts ------------------------------------------------------------------------------------
+@dataclass
+class Budget:
+    """The budget a selection was held to: ``max_drop`` in metric units, or a fraction with ``relative``."""
+
+    max_drop: float
+    relative: bool = False
+    metric: str | None = None
+    higher_is_better: bool = True
+    #: one-sided confidence level of the drop's upper bound (0: the point estimate decides)
+    confidence: float = 0.0
+
+
+@dataclass
+class Probe:
+    """One evaluation of the search: ``k`` units (``heads_removed`` heads) removed."""
+
+    k: int
+    heads_removed: int
+    metric: str
+    value: float
+    stderr: float | None = None
+    n: int = 0
+    seconds: float = 0.0
+    within_budget: bool | None = None
+    #: the paired drop statistics of this probe (estimate, stderr, bound), when the budget is paired
+    drop: dict[str, Any] | None = None
+
+
+@dataclass
+class Verification:
+    """The chosen plan judged on data the search never saw (held-out documents or another task)."""
+
+    task: dict[str, Any] | None
+    baseline: dict[str, Any]
+    result: dict[str, Any]
+    within_budget: bool
+    drop: dict[str, Any] | None = None
+
+
+@dataclass
+class Cost:
+    evaluations: int = 0
+    max_evaluations: int | None = None
+    wall_seconds: float = 0.0
+    #: full forward passes of one sequence spent on measurements (ablation, gate training)
+    forward_equivalents: float | None = None
+
+
+# ---- method-specific details ------------------------------------------------------------------
+@dataclass
+class ManualDetails:
+    """A hand-written plan: nothing but the heads."""
+
+
+@dataclass
+class StaticDetails:
+    k: int = 0
+    num_units: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class IterativeDetails:
+    round_size: int = 4
+    candidates_fraction: float | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+@dataclass
+class GatesDetails:
+    target_fraction: float | None = None
+    l0_penalty: float | None = None
+    steps: int = 0
+    lr: float = 0.0
+    final: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    log_alpha: list[list[float]] = field(default_factory=list)
+
+
+DETAILS: dict[str, type] = {"manual": ManualDetails, "static": StaticDetails, "iterative": IterativeDetails,
+                            "gates": GatesDetails}
+
+
+def register_details(method: str, cls: type) -> None:
+    """Let a selector defined outside this package record typed details under its method name."""
+    DETAILS[method] = cls
+
+
+# ---- the record --------------------------------------------------------------------------------
+@dataclass
+class SelectionResult:
+    method: str = "manual"
+    heads_total: int | None = None
+    heads_removed: int | None = None
+    per_layer_counts: list[int] | None = None
+    model: str | None = None
+    fingerprint: dict[str, Any] | None = None
+    score_id: str | None = None
+    policy: str = "free"
+    min_heads_per_layer: int = 1
+    allow_empty_layers: bool = False
+    budget: Budget | None = None
+    #: the search task's exact configuration (``Evaluator.task_config``)
+    task: dict[str, Any] | None = None
+    #: ``EvalResult.to_dict()`` of the unpruned model and of the chosen plan, on the search data
+    baseline: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    verification: Verification | None = None
+    #: the plan failed its verification and was written anyway (``--accept-unverified``)
+    accepted_unverified: bool = False
+    trace: list[Probe] = field(default_factory=list)
+    cost: Cost = field(default_factory=Cost)
+    #: ``CompensationSpec.to_dict()`` plus the moments' fingerprint, when removed heads are compensated
+    compensation: dict[str, Any] | None = None
+    scores: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    recipe: str | None = None
+    details: Any = field(default_factory=ManualDetails)
+    tool_version: str = __version__
+
+    NESTED: ClassVar[dict[str, type]] = {"budget": Budget, "verification": Verification, "cost": Cost}
+
+    @property
+    def fraction_removed(self) -> float | None:
+        if not self.heads_total or self.heads_removed is None:
+            return None
+        return self.heads_removed / self.heads_total
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["details"] = dataclasses.asdict(self.details)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "plan") -> SelectionResult:
+        """Parse and type-check the metadata of a plan file (unknown keys are refused)."""
+        if not isinstance(raw, dict):
+            raise PlanFormatError(f"{where}: metadata must be a JSON object")
+        method = raw.get("method", "manual")
+        if method not in DETAILS:
+            raise PlanFormatError(f"{where}: unknown selection method {method!r} (known: {', '.join(DETAILS)})")
+        kwargs = _typed_fields(cls, {k: v for k, v in raw.items() if k != "details"}, where)
+        kwargs["details"] = DETAILS[method](**_typed_fields(DETAILS[method], raw.get("details") or {},
+                                                            f"{where}: details"))
+        return cls(**kwargs)
+
+
+def _typed_fields(cls: type, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise PlanFormatError(f"{where}: must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise PlanFormatError(f"{where}: unknown key(s) {', '.join(unknown)}; a plan's metadata has "
+                              f"{', '.join(sorted(names))}")
+    return {k: _typed(v, hints[k], f"{where}: {k}") for k, v in raw.items()}
+
+
+def _typed(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _typed(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        return tp(**_typed_fields(tp, value, where))
+    if origin is list:
+        if not isinstance(value, list):
+            raise PlanFormatError(f"{where}: must be a list")
+        return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise PlanFormatError(f"{where}: must be a JSON object")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PlanFormatError(f"{where}: must be true or false, not {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PlanFormatError(f"{where}: must be an integer, not {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PlanFormatError(f"{where}: must be a number, not {value!r}")
+        return float(value) if not (isinstance(value, float) and math.isnan(value)) else value
+    if tp is str:
+        if not isinstance(value, str):
+            raise PlanFormatError(f"{where}: must be a string, not {value!r}")
+        return value
+    return value
+
+
+def result_dict(result: Any) -> dict[str, Any] | None:
+    """``EvalResult`` (or anything with ``to_dict``) as the plain dict a ``SelectionResult`` stores."""
+    if result is None:
+        return None
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    return dict(result.__dict__)
+
+
+__all__ = ["DETAILS", "Budget", "Cost", "GatesDetails", "IterativeDetails", "ManualDetails", "PlanFormatError",
+           "Probe", "SelectionResult", "StaticDetails", "Verification", "register_details", "result_dict"]
