@@ -85,16 +85,16 @@ def main() -> None:
                 plan = select_static(model, scores, ev, score_id=sid, max_drop=args.max_drop, policy=args.policy,
                                      verify_evaluator=ver, seed=args.seed, progress=False)
             wall = time.perf_counter() - t0
-            m = plan.meta
+            m = plan.to_dict()
             results.append({
                 "task": task, "score": sid, "heads": len(plan.removed_heads), "pct": 100 * len(plan.removed_heads) / total,
                 "baseline": m["baseline"]["value"], "result": m["result"]["value"], "metric": m["baseline"]["metric"],
-                "n": m["baseline"]["n"], "evals": m["search_evaluations"], "new_evals": ev.calls - calls0,
-                "bound": m["max_search_evaluations"], "wall": wall,
+                "n": m["baseline"]["n"], "evals": m["cost"]["evaluations"], "new_evals": ev.calls - calls0,
+                "bound": m["cost"]["max_evaluations"], "wall": wall,
                 "verify": m["verification"],
             })
             print(f"{task:10s} {sid:9s} {len(plan.removed_heads):4d} heads ({results[-1]['pct']:.1f}%) "
-                  f"{m['baseline']['value']:.4f} -> {m['result']['value']:.4f}  {m['search_evaluations']} evals "
+                  f"{m['baseline']['value']:.4f} -> {m['result']['value']:.4f}  {m['cost']['evaluations']} evals "
                   f"({ev.calls - calls0} new) {wall:.0f}s", flush=True)
 
     write_markdown(args, results, t_calib, time.perf_counter() - t_start, total, device)
