@@ -30,7 +30,7 @@ def main() -> None:
 
     from prune_heads.model.loading import load_model
     from prune_heads.scoring.calibrate import calibrate
-    from prune_heads.selection.compare import run_comparison
+    from prune_heads.selection.compare import CompareConfig, run_comparison
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="arc_easy")
@@ -56,9 +56,9 @@ def main() -> None:
     t0 = time.time()
     scores = calibrate(loaded.model, "wikitext2", tokenizer=loaded.tokenizer, scores=args.scores.split(","),
                        num_samples=args.proxy_samples, seq_len=args.calib_len, model_name="smollm2")
-    common = dict(limit=args.limit, ppl_limit=args.ppl_limit, calib_samples=args.calib_samples, calib_len=args.calib_len,
-                  round_size=args.round_size, candidates_fraction=args.candidates_fraction,
-                  gates_steps=args.gates_steps, gates_fraction=args.gates_fraction, overwrite=True)
+    common = dict(limit=args.limit, ppl_limit=args.ppl_limit, calib_data="wikitext2", calib_samples=args.calib_samples,
+                  calib_len=args.calib_len, round_size=args.round_size, candidates_fraction=args.candidates_fraction,
+                  gates_steps=args.gates_steps, gates_fraction=args.gates_fraction)
     shared: dict = {}
     budgets = [(args.task, args.max_drop, False, f"{args.task} within {args.max_drop * 100:g} point(s)")]
     if args.ppl_budget > 0:
@@ -67,8 +67,9 @@ def main() -> None:
     for task, drop, relative, title in budgets:
         out = HERE / "results" / f"compare_selectors_{task.replace(':', '_')}"
         t1 = time.time()
-        run_comparison(loaded.model, loaded.tokenizer, scores, task, [drop], out, relative=relative,
-                       ppl_data=args.ppl_data if not task.startswith("ppl:") else None, shared=shared, **common)
+        cfg = CompareConfig(task=task, max_drop=[drop], relative=relative,
+                            ppl_data=args.ppl_data if not task.startswith("ppl:") else None, **common)
+        run_comparison(cfg, loaded.model, loaded.tokenizer, scores, out, overwrite=True, shared=shared)
         sections += [f"### Budget: {title}\n",
                      f"{time.time() - t1:.0f} s for this budget. Plot: `results/{out.name}/accuracy_vs_removed.png`.\n",
                      (out / "results.md").read_text()]

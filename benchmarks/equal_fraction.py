@@ -28,12 +28,12 @@ def main() -> None:
 
     import torch
 
+    from prune_heads.data import DataSpec, calibration_sequences
     from prune_heads.evaluation import make_evaluator
     from prune_heads.model.adapters import get_adapter
     from prune_heads.model.loading import load_model
     from prune_heads.scoring.ablation import ablation_scores
     from prune_heads.scoring.calibrate import calibrate
-    from prune_heads.selection.compare import _calibration_seqs
     from prune_heads.selection.policies import candidate_units, removal_mask
     from prune_heads.selection.static import RANDOM_SCORE, ranking
 
@@ -57,7 +57,8 @@ def main() -> None:
     proxies = args.scores.split(",")
     scores = calibrate(model, "wikitext2", tokenizer=tok, scores=proxies, num_samples=args.proxy_samples,
                        seq_len=args.calib_len, progress=False)
-    seqs = _calibration_seqs(tok, model, "wikitext2", args.calib_samples, args.calib_len)  # as compare-selectors
+    seqs = calibration_sequences(DataSpec(source="wikitext2", num_samples=args.calib_samples, seq_len=args.calib_len),
+                                 tok, model)  # as compare-selectors --calib-data wikitext2
     t0 = time.time()
     abl = ablation_scores(model, seqs, scores=["ablation_kl"], progress=False)
     t_abl = time.time() - t0

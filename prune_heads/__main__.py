@@ -1,5 +1,5 @@
 """``python -m prune_heads``: the CLI."""
 
-from prune_heads.cli.main import cli
+from prune_heads.cli.main import main
 
-cli()
+main()

@@ -69,7 +69,7 @@ def test_cli_errors(model_dir, data_file, tmp_path):
     r = _run("calibrate", model_dir, "--data", data_file, "-o", out)
     assert r.exit_code == 2 and "already exists; pass --overwrite" in r.stderr
     r = _run("calibrate", model_dir, "--data", data_file, "-o", tmp_path / "b", "--scores", "ahon,nope")
-    assert r.exit_code == 2 and "unknown score id(s) 'nope'" in r.stderr
+    assert r.exit_code == 2 and "--scores: unknown score(s) nope" in r.stderr
     r = _run("calibrate", model_dir, "--data", data_file, "-o", tmp_path / "c", "--seq-len", 1000)
     assert r.exit_code == 2 and "beyond the model's context of 256" in r.stderr
     r = _run("calibrate", model_dir, "--data", data_file, "-o", tmp_path / "d", "--num-samples", 50)

@@ -36,18 +36,20 @@ def test_eval_plan_writes_baseline_masked_and_fraction(saved, tmp_path):
     r = run(d / "model", "--task", f"mc:{d / 'q.jsonl'}", "--plan", d / "plan.json", "--batch-size", 4, "-o", out)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert res["baseline"]["value"] == pytest.approx(hand_mc(model, tok, d / "q.jsonl")[0])
-    assert res["masked"]["value"] == pytest.approx(hand_mc(zeroed_copy(model, REMOVED), tok, d / "q.jsonl")[0])
+    (t,) = res["tasks"]
+    assert t["baseline"]["value"] == pytest.approx(hand_mc(model, tok, d / "q.jsonl")[0])
+    assert t["pruned"]["value"] == pytest.approx(hand_mc(zeroed_copy(model, REMOVED), tok, d / "q.jsonl")[0])
+    assert t["difference"] == pytest.approx(t["pruned"]["value"] - t["baseline"]["value"])
     assert res["fraction_heads_zeroed"] == pytest.approx(len(REMOVED) / 8) and res["heads_total"] == 8
     assert res["mask"]["removed_heads"] == [list(x) for x in sorted(REMOVED)]
-    assert res["task"]["task"] == f"mc:{d / 'q.jsonl'}" and res["task"]["num_docs"] == 10
-    assert res["baseline"]["stderr"] > 0 and res["tool_version"] and res["evaluations"] == 2
+    assert t["task"]["task"] == f"mc:{d / 'q.jsonl'}" and t["task"]["num_docs"] == 10
+    assert t["baseline"]["stderr"] > 0 and res["tool_version"] and res["evaluations"] == 2
     # refuses to overwrite, then does with --overwrite
     r = CliRunner().invoke(cli, ["eval", str(d / "model"), "--task", f"mc:{d / 'q.jsonl'}", "-o", str(out)])
     assert r.exit_code == 2 and "--overwrite" in r.output
     r = run(d / "model", "--task", f"mc:{d / 'q.jsonl'}", "--limit", 3, "-o", out, "--overwrite")
     res = json.loads(out.read_text())
-    assert r.exit_code == 0 and res["masked"] is None and res["baseline"]["n"] == 3
+    assert r.exit_code == 0 and res["tasks"][0]["pruned"] is None and res["tasks"][0]["baseline"]["n"] == 3
 
 
 def test_eval_dynamic_records_fraction_zeroed(saved, tmp_path):
@@ -58,11 +60,12 @@ def test_eval_dynamic_records_fraction_zeroed(saved, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["fraction_heads_zeroed"] == 1.0 and res["mask"]["type"] == "dynamic"
-    assert res["masked"]["details"]["batch_size_used"] == 1  # no padding enters per-input scores
+    assert res["mask"]["threshold_method"] == "quantile"
+    assert res["tasks"][0]["pruned"]["details"]["batch_size_used"] == 1  # no padding enters per-input scores
     all_heads = [(i, h) for i in range(2) for h in range(4)]
     sub = tmp_path / "sub.jsonl"
     sub.write_text("".join(open(d / "q.jsonl").readlines()[:4]))
-    assert res["masked"]["value"] == pytest.approx(hand_mc(zeroed_copy(model, all_heads), tok, sub)[0])
+    assert res["tasks"][0]["pruned"]["value"] == pytest.approx(hand_mc(zeroed_copy(model, all_heads), tok, sub)[0])
 
 
 def test_eval_bad_inputs_give_clear_errors(saved, tmp_path):
@@ -74,6 +77,8 @@ def test_eval_bad_inputs_give_clear_errors(saved, tmp_path):
         (["--task", f"mc:{tmp_path / 'none.jsonl'}"], "not found"),
         (["--task", f"mc:{d / 'q.jsonl'}", "--dynamic-fraction", "awft:0.2"], "--scores"),
         (["--task", f"mc:{d / 'q.jsonl'}", "--dynamic", "awft"], "SCORE:NUMBER"),
+        (["--task", f"mc:{d / 'q.jsonl'}", "--limit", "0"], "--limit: must be an integer >= 1"),
+        (["--task", f"mc:{d / 'q.jsonl'}", "--split", "train"], "'train' is not one of"),
         (["--task", f"mc:{d / 'q.jsonl'}", "--plan", d / "plan.json", "--dynamic", "awft:1"], "at most one"),
     ]
     for args, msg in cases:

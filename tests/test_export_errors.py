@@ -139,7 +139,8 @@ def test_streaming_sharded_input_holds_about_one_shard(tmp_path, monkeypatch):
     assert tree_hash(src) == before  # the source is never modified
 
 
-def test_cli_export_and_failed_verification_exit_code(tmp_path):
+def test_cli_export_and_failed_verification_exit_code(tmp_path, monkeypatch):
+    import prune_heads.export as export_pkg
     from prune_heads.cli.main import cli
 
     _, src = make_source(tmp_path, "llama", heads=4)
@@ -151,8 +152,17 @@ def test_cli_export_and_failed_verification_exit_code(tmp_path):
     assert "verification" in r.output and "ok" in r.output
     r = runner.invoke(cli, ["export", str(src), "--plan", str(plan), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "already exists" in r.output
-    # a tolerance nothing can meet: the output is written (for inspection) but the exit status says so
+    # an impossible tolerance is refused before any work
     r = runner.invoke(cli, ["export", str(src), "--plan", str(plan), "-o", str(tmp_path / "bad"), "--tolerance", "-1"])
+    assert r.exit_code == 2 and "--tolerance: must be a number > 0" in r.output and not (tmp_path / "bad").exists()
+    # a verification that fails: the output is written (for inspection) but the exit status says so
+    real = export_pkg.verify_export
+
+    def failing(*a, **k):
+        return {**real(*a, **k), "max_abs_logit_diff": 1.0, "passed": False}
+
+    monkeypatch.setattr(export_pkg, "verify_export", failing)
+    r = runner.invoke(cli, ["export", str(src), "--plan", str(plan), "-o", str(tmp_path / "bad")])
     assert r.exit_code == 1 and "EXCEEDED" in r.output
     assert json.loads((tmp_path / "bad" / "prune_heads.json").read_text())["verification"]["passed"] is False
     r = runner.invoke(cli, ["export", str(src), "--plan", str(plan), "-o", str(tmp_path / "m"), "--format", "masked",

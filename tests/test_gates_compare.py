@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer, words
@@ -17,9 +16,8 @@ def _corpus(tmp_path, n=12):
 
 
 def test_compare_selectors_writes_table_plot_and_plans(tmp_path):
-    pytest.importorskip("prune_heads.evaluation")
     from prune_heads.scoring.calibrate import calibrate
-    from prune_heads.selection.compare import run_comparison
+    from prune_heads.selection.compare import CompareConfig, run_comparison
 
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
     tok = tiny_tokenizer()
@@ -27,9 +25,9 @@ def test_compare_selectors_writes_table_plot_and_plans(tmp_path):
     seqs = [torch.randint(4, 90, (12,), generator=g).tolist() for _ in range(3)]
     scores = calibrate(model, seqs, scores=["awft_ln", "ahon_ln"], progress=False)
     text = _corpus(tmp_path)
-    rows = run_comparison(model, tok, scores, f"ppl:{text}", [0.05, 0.5], tmp_path / "cmp", ppl_data=str(text),
-                          relative=True, limit=6, calib_seqs=seqs, round_size=2, gates_fraction=0.25, gates_steps=80,
-                          progress=False)
+    cfg = CompareConfig(task=f"ppl:{text}", max_drop=[0.05, 0.5], ppl_data=str(text), relative=True, limit=6,
+                        round_size=2, gates_fraction=0.25, gates_steps=80)
+    rows = run_comparison(cfg, model, tok, scores, tmp_path / "cmp", calib_seqs=seqs, progress=False)
     sel = {r["selector"] for r in rows}
     assert sel == {"unpruned", "static:awft_ln", "static:ahon_ln", "random", "static:ablation_kl", "iterative", "gates"}
     out = tmp_path / "cmp"
@@ -51,7 +49,7 @@ def test_shared_measurement_is_done_once_across_budgets(tmp_path, monkeypatch):
     import prune_heads.scoring.ablation as ablation_mod
     import prune_heads.selection.gates as gates_mod
     from prune_heads.scoring.calibrate import calibrate
-    from prune_heads.selection.compare import run_comparison
+    from prune_heads.selection.compare import CompareConfig, run_comparison
 
     calls = {"ablation": 0, "gates": 0}
     real_abl, real_gates = ablation_mod.ablation_scores, gates_mod.select_gates
@@ -75,9 +73,9 @@ def test_shared_measurement_is_done_once_across_budgets(tmp_path, monkeypatch):
     shared: dict = {}
     tables = []
     for name, task in (("a", f"ppl:{text}"), ("b", f"kl:{text}")):
-        rows = run_comparison(model, tok, scores, task, [0.2], tmp_path / name, relative=(name == "a"), limit=6,
-                              calib_seqs=seqs, selectors=["static:ablation_kl", "gates"], gates_fraction=0.25,
-                              gates_steps=60, progress=False, shared=shared)
+        cfg = CompareConfig(task=task, max_drop=[0.2], relative=(name == "a"), limit=6,
+                            selectors=["static:ablation_kl", "gates"], gates_fraction=0.25, gates_steps=60)
+        rows = run_comparison(cfg, model, tok, scores, tmp_path / name, calib_seqs=seqs, progress=False, shared=shared)
         tables.append({r["selector"]: r for r in rows})
     assert calls == {"ablation": 1, "gates": 1}
     for sel in ("static:ablation_kl", "gates"):
@@ -87,7 +85,7 @@ def test_shared_measurement_is_done_once_across_budgets(tmp_path, monkeypatch):
 def test_gates_that_do_not_converge_give_a_row_not_a_lost_comparison(tmp_path, monkeypatch):
     import prune_heads.selection.gates as gates_mod
     from prune_heads.scoring.calibrate import calibrate
-    from prune_heads.selection.compare import run_comparison
+    from prune_heads.selection.compare import CompareConfig, run_comparison
 
     def fail(*a, **k):
         raise gates_mod.GatesDidNotConverge("expected open fraction 0.95 after 3 steps, target 0.75")
@@ -98,8 +96,8 @@ def test_gates_that_do_not_converge_give_a_row_not_a_lost_comparison(tmp_path, m
     seqs = [torch.randint(4, 90, (12,), generator=g).tolist() for _ in range(3)]
     scores = calibrate(model, seqs, scores=["ahon_ln"], progress=False)
     text = _corpus(tmp_path)
-    rows = run_comparison(model, tiny_tokenizer(), scores, f"ppl:{text}", [0.2], tmp_path / "cmp", relative=True,
-                          limit=6, calib_seqs=seqs, selectors=["static:ahon_ln", "gates"], progress=False)
+    cfg = CompareConfig(task=f"ppl:{text}", max_drop=[0.2], relative=True, limit=6, selectors=["static:ahon_ln", "gates"])
+    rows = run_comparison(cfg, model, tiny_tokenizer(), scores, tmp_path / "cmp", calib_seqs=seqs, progress=False)
     by = {r["selector"]: r for r in rows}
     assert by["gates"]["heads_removed"] is None and "target 0.75" in by["gates"]["error"]
     assert by["static:ahon_ln"]["heads_removed"] is not None
@@ -110,14 +108,10 @@ def test_gates_that_do_not_converge_give_a_row_not_a_lost_comparison(tmp_path, m
 
 
 def test_measured_plans_export_exactly(tmp_path):
-    try:
-        from prune_heads.export import export_checkpoint as export
-    except ImportError as e:  # pragma: no cover - depends on the export package being present
-        pytest.skip(f"prune_heads.export.export is not importable yet: {e}")
     from test_iterative import CountingEvaluator
     from transformers import AutoModelForCausalLM
 
-    import prune_heads.export  # noqa: F401  (registers the pruned model types)
+    from prune_heads.export import export_checkpoint as export
     from prune_heads.model.masking import static_mask
     from prune_heads.plan import Plan
     from prune_heads.selection.gates import select_gates

@@ -115,19 +115,40 @@ def test_measured_methods_dispatch(setup, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "--data" in r.output
 
 
-def test_missing_measured_selector_is_a_clear_error(monkeypatch):
+def test_a_registered_selector_is_a_cli_method_without_any_branch(setup, tmp_path, monkeypatch):
+    """Selection dispatches on the method config's type: a new selector is one registration, and its
+    options become CLI flags and recipe keys with their checks."""
+    from dataclasses import dataclass
+
+    from prune_heads.schema import Config, option
+    from prune_heads.selection import stage
+
+    @dataclass
+    class FirstHeads(Config):
+        count: int = option(1, ge=1, help="heads of layer 0 to remove")
+
+    def first_heads(cfg, ctx):
+        return Plan([(0, h) for h in range(cfg.method.count)], {"method": "manual"})
+
+    monkeypatch.setitem(stage.METHODS, "first", FirstHeads)
+    monkeypatch.setitem(stage.SELECTORS, FirstHeads, first_heads)
+    # the command is built from the registry when its module is imported: rebuild it with the new method
     import importlib
 
-    from prune_heads.cli import select_cmd
-    from prune_heads.errors import PruneHeadsError
+    import prune_heads.cli.select_cmd as select_cmd
 
-    real = importlib.import_module
-
-    def fake(name, *a):
-        if name == "prune_heads.selection.gates":
-            raise ModuleNotFoundError(name=name)
-        return real(name, *a)
-
-    monkeypatch.setattr(select_cmd.importlib, "import_module", fake)
-    with pytest.raises(PruneHeadsError, match="not available"):
-        select_cmd._measured("gates")
+    importlib.reload(select_cmd)
+    try:
+        out = tmp_path / "first.json"
+        base = ["select", str(setup / "scores"), "--model", str(setup / "model"), "--task",
+                f"ppl:{setup / 'docs.txt'}", "--max-drop", "0.1", "--no-verify", "--compensate", "none"]
+        r = CliRunner().invoke(cli, [*base, "-o", str(out), "--method", "first", "--count", "3"])
+        assert r.exit_code == 0, r.output
+        assert Plan.load(out).removed_heads == [(0, 0), (0, 1), (0, 2)]
+        r = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "x.json"), "--method", "first", "--count", "0"])
+        assert r.exit_code == 2 and "--count: must be an integer >= 1" in r.output
+        r = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "y.json"), "--count", "2"])
+        assert r.exit_code == 2 and "--count: applies to method first, not static" in r.output
+    finally:
+        monkeypatch.undo()
+        importlib.reload(select_cmd)

@@ -1,5 +1,9 @@
-"""``prune-heads`` command line. Commands live in their own modules and load lazily, so
-``prune-heads --help`` stays fast and one command's imports never slow another."""
+"""``prune-heads`` command line.
+
+Commands live in their own modules and load only when run, so ``prune-heads --help`` imports no torch:
+the command list is printed from the short descriptions below. Every failure a user can cause ends in one
+line starting with ``error:`` and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,17 @@ import click
 
 from prune_heads.__about__ import __version__
 
-#: command name -> "module:attribute" under prune_heads.cli
-COMMANDS: dict[str, str] = {
-    "calibrate": "calibrate_cmd:calibrate",
-    "report": "report_cmd:report",
-    "eval": "eval_cmd:eval_",
-    "select": "select_cmd:select",
-    "sweep": "sweep_cmd:sweep",
-    "export": "export_cmd:export",
-    "push": "push_cmd:push",
-    "run": "run_cmd:run",
-    "compare-selectors": "compare_cmd:compare_selectors",
+#: command name -> ("module:attribute" under prune_heads.cli, one-line description for --help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "calibrate": ("calibrate_cmd:calibrate", "Score every head of MODEL on calibration data in one pass."),
+    "report": ("report_cmd:report", "Heatmaps, distributions, thresholds and overlaps of a scores directory."),
+    "eval": ("eval_cmd:eval_", "Evaluate MODEL on a task, unmasked and with heads removed."),
+    "select": ("select_cmd:select", "Choose heads to remove under an accuracy, perplexity or KL budget."),
+    "sweep": ("sweep_cmd:sweep", "The paper's accuracy vs % heads zeroed curves and Table 2."),
+    "export": ("export_cmd:export", "Write MODEL with a plan's heads removed as a new checkpoint."),
+    "push": ("push_cmd:push", "Upload an export folder to the Hugging Face Hub."),
+    "run": ("run_cmd:run", "Calibrate, select, export, verify, evaluate (and push) as a recipe says."),
+    "compare-selectors": ("compare_cmd:compare_selectors", "Every selector under the same budget, side by side."),
 }
 
 
@@ -35,14 +39,12 @@ class LazyGroup(click.Group):
         target = COMMANDS.get(name)
         if target is None:
             return None
-        module, attr = target.split(":")
-        try:
-            mod = importlib.import_module(f"prune_heads.cli.{module}")
-        except ModuleNotFoundError as e:
-            if e.name == f"prune_heads.cli.{module}":
-                return None
-            raise
-        return getattr(mod, attr)
+        module, attr = target[0].split(":")
+        return getattr(importlib.import_module(f"prune_heads.cli.{module}"), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in sorted(COMMANDS)])
 
     def invoke(self, ctx: click.Context) -> Any:
         from prune_heads.errors import PruneHeadsError
@@ -50,8 +52,19 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except PruneHeadsError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+            _fail(str(e))
+        except click.UsageError as e:
+            _fail(e.format_message() + (f" (see `prune-heads {e.ctx.command_path.split(' ', 1)[-1]} --help`)"
+                                        if e.ctx is not None and " " in e.ctx.command_path else ""))
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                _fail(f"no space left on the device ({e.filename or 'output'}); free some space and run again")
+            raise
+
+
+def _fail(message: str) -> None:
+    click.secho("error: " + " ".join(message.split()), fg="red", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,5 +77,17 @@ def cli(verbose: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def main() -> None:
+    """Console entry point: usage errors raised while parsing the top level also end in one line."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted")
+    except click.UsageError as e:
+        _fail(e.format_message())
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
 if __name__ == "__main__":
-    cli()
+    main()

@@ -1,4 +1,4 @@
-"""Options shared by several commands (model loading)."""
+"""What several commands share: the model options (generated from ``ModelConfig``) and output checks."""
 
 from __future__ import annotations
 
@@ -7,29 +7,50 @@ from typing import Any
 
 import click
 
+from prune_heads.model.config import ModelConfig
+from prune_heads.schema import click_options, from_cli
+
+#: the ModelConfig fields, as click passes them to a command
+MODEL_FIELDS = ("dtype", "device", "device_map", "revision", "gguf_file", "trust_remote_code")
+
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--dtype, --device, --device-map, --gguf-file, --revision, --trust-remote-code."""
-    opts = [
-        click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16, float16 or auto."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
-        click.option("--device-map", default=None, help="'auto' to spread a large model over GPUs (accelerate)."),
-        click.option("--gguf-file", default=None, help="GGUF file name inside MODEL's directory."),
-        click.option("--revision", default=None, help="Hub revision of MODEL."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow modelling code from the checkpoint."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    """--dtype, --device, --device-map, --revision, --gguf-file, --trust-remote-code."""
+    return click_options(ModelConfig)(f)
 
 
-def load_from_options(model: str, dtype: str, device: str | None, device_map: str | None, gguf_file: str | None,
-                      revision: str | None, trust_remote_code: bool):
-    import torch
+def model_config(model_id: str, kw: dict[str, Any], fields: tuple[str, ...] = MODEL_FIELDS) -> ModelConfig:
+    """The ``ModelConfig`` of ``model_id`` and the model options, popped from a command's keyword arguments."""
+    return from_cli(ModelConfig, {k: kw.pop(k) for k in fields if k in kw}, id=model_id)
 
-    from prune_heads.model.loading import load_model
 
-    if device is None and device_map is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_model(model, dtype=dtype, device=device, device_map=device_map, gguf_file=gguf_file,
-                      revision=revision, trust_remote_code=trust_remote_code)
+def output_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--overwrite", is_flag=True, help="Replace an existing output.")(f)
+        return click.option("-o", "--output", required=True, type=click.Path(), help=help)(f)
+
+    return apply
+
+
+def check_output(output: Any, overwrite: bool, inputs: tuple[Any, ...] = ()) -> None:
+    """Refuse an existing output without --overwrite, and an output that is, holds or lies in an input."""
+    from prune_heads import io_utils
+
+    guard = getattr(io_utils, "check_output_path", None)
+    if guard is not None:
+        guard(output, overwrite=overwrite, inputs=[i for i in inputs if i])
+        return
+    from pathlib import Path
+
+    from prune_heads.errors import OutputExistsError, PruneHeadsError
+
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    o = out.resolve()
+    for i in inputs:
+        if not i:
+            continue
+        p = Path(i).resolve()
+        if o == p or o in p.parents or p in o.parents:
+            raise PruneHeadsError(f"the output {out} would overwrite the input {i}; choose another -o")

@@ -4,45 +4,44 @@ from __future__ import annotations
 
 import click
 
+from prune_heads.cli.options import check_output, output_option
+from prune_heads.report.stage import ReportConfig
+from prune_heads.schema import click_options
+
 
 @click.command()
 @click.argument("scores_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Report directory to write.")
-@click.option("--scores", "score_ids", default=None,
-              help="Comma-separated score ids (default: awft, ahon_ln, lthon_ln, aeqd_ln and grad/ablation scores present).")
-@click.option("--fraction", default=0.1, show_default=True, type=float,
-              help="Fraction of heads in each inactive set (overlap tables, per-layer counts).")
+@click_options(ReportConfig)
+@click.option("--plan", "plan_path", default=None, type=click.Path(exists=True, dir_okay=False), help="Mark this plan's heads in the heatmaps.")
 @click.option("--compare", is_flag=True, help="Compare two scores files A B (Wasserstein-1 per score, per-head differences).")
 @click.option("--labels", default=None, help="With --compare: two comma-separated names for A and B.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def report(scores_dirs, output, score_ids, fraction, compare, labels, overwrite):
+@output_option("Report directory to write.")
+def report(scores_dirs, plan_path, compare, labels, output, overwrite, **kw):
     """Write heatmaps, distributions, threshold and overlap tables of SCORES_DIR to a report directory.
 
     With --compare, give two scores directories A B instead.
     """
     from prune_heads.errors import PruneHeadsError
-    from prune_heads.io_utils import check_output_dir
-    from prune_heads.report import write_compare, write_report
+    from prune_heads.plan import Plan
+    from prune_heads.report import write_compare
+    from prune_heads.report.stage import run_report
+    from prune_heads.schema import from_cli
     from prune_heads.scoring.head_scores import HeadScores
 
-    check_output_dir(output, overwrite)
-    ids = [s.strip() for s in score_ids.split(",") if s.strip()] if score_ids else None
+    cfg = from_cli(ReportConfig, kw)
+    check_output(output, overwrite, inputs=(*scores_dirs, plan_path))
+    if compare and len(scores_dirs) != 2:
+        raise PruneHeadsError(f"--compare needs two scores directories A B, got {len(scores_dirs)}")
+    if not compare and len(scores_dirs) != 1:
+        raise PruneHeadsError(f"give one scores directory (or two with --compare), got {len(scores_dirs)}")
+    pair = tuple(s.strip() for s in labels.split(",")) if labels else None
+    if pair is not None and (not compare or len(pair) != 2):
+        raise PruneHeadsError("--labels takes two comma-separated names (e.g. base,instruct) and only with --compare")
+    hs = [HeadScores.load(d) for d in scores_dirs]
     if compare:
-        if len(scores_dirs) != 2:
-            raise PruneHeadsError(f"--compare needs two scores directories A B, got {len(scores_dirs)}")
-        pair = tuple(s.strip() for s in labels.split(",")) if labels else None
-        if pair is not None and len(pair) != 2:
-            raise PruneHeadsError("--labels needs two comma-separated names, e.g. --labels base,instruct")
-        a, b = HeadScores.load(scores_dirs[0]), HeadScores.load(scores_dirs[1])
-        out = write_compare(a, b, output, score_ids=ids, fraction=fraction, labels=pair, overwrite=overwrite)
-        if (a.num_layers, a.num_heads) != (b.num_layers, b.num_heads):
-            click.echo(f"note: different head grids ({a.num_layers}x{a.num_heads} vs {b.num_layers}x{b.num_heads}); "
-                       "only the pooled per-score distances were compared", err=True)
+        out = write_compare(hs[0], hs[1], output, score_ids=cfg.scores, fraction=cfg.fraction, labels=pair,
+                            overwrite=overwrite)
         click.echo(f"comparison -> {out / 'compare.md'}")
         return
-    if len(scores_dirs) != 1:
-        raise PruneHeadsError(f"give one scores directory (or two with --compare), got {len(scores_dirs)}")
-    if labels:
-        raise PruneHeadsError("--labels only applies with --compare")
-    out = write_report(HeadScores.load(scores_dirs[0]), output, score_ids=ids, fraction=fraction, overwrite=overwrite)
+    out = run_report(cfg, hs[0], output, plan=Plan.load(plan_path) if plan_path else None, overwrite=overwrite)
     click.echo(f"report -> {out / 'report.md'}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-STAGE_NAMES = ("calibrate", "select", "export", "verify", "evaluate", "report", "push")
+from prune_heads.pipeline.stages import STAGES
 
 
 @click.command()
@@ -15,7 +15,7 @@ STAGE_NAMES = ("calibrate", "select", "export", "verify", "evaluate", "report", 
               help="Work directory (default: runs/<recipe name>). Rerunning with the same one resumes.")
 @click.option("--push/--no-push", default=None, help="Push the exported model to hub.repo_id (default: the recipe's hub.push).")
 @click.option("--force", is_flag=True, help="Rerun every stage even when its inputs are unchanged.")
-@click.option("--stop-after", type=click.Choice(STAGE_NAMES), default=None, help="Stop once this stage is done.")
+@click.option("--stop-after", type=click.Choice(STAGES), default=None, help="Stop once this stage is done.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run(recipe, overrides, workdir, push, force, stop_after, no_progress):
     """Calibrate, select, export, verify, evaluate (and push) as RECIPE says.
@@ -23,14 +23,11 @@ def run(recipe, overrides, workdir, push, force, stop_after, no_progress):
     Each stage's output is kept in WORKDIR/<stage>/ with a hash of its inputs: a rerun skips finished
     stages, continues an interrupted run, and reruns only what a changed input affects.
     """
-    from prune_heads.pipeline.recipe import load_recipe
-    from prune_heads.pipeline.runner import Pipeline
+    from prune_heads.pipeline.stages import run as run_pipeline
 
-    r = load_recipe(recipe, list(overrides))
-    wd = workdir or f"runs/{r.name}"
-    summary = Pipeline(r, wd, force=force, push=push, stop_after=stop_after, progress=not no_progress,
-                       echo=lambda s: click.echo(s, err=True)).run()
+    summary = run_pipeline(recipe, workdir, list(overrides), force=force, push=push, stop_after=stop_after,
+                           progress=not no_progress, echo=lambda s: click.echo(s, err=True))
     click.echo("")
     click.echo(summary.to_markdown())
     if summary.complete:
-        click.echo(f"summary written to {wd}/summary.md")
+        click.echo(f"summary written to {summary.workdir}/summary.md")

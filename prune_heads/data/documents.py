@@ -32,6 +32,14 @@ _SOURCES: dict[str, Callable[[str], Iterable[str]] | str] = {
 }
 
 
+def offline_requested() -> bool:
+    """True when the user switched the Hub off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+    import os
+
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def register_source(prefix: str, documents: Callable[[str], Iterable[str]] | str) -> None:
     """Make ``--data PREFIX...`` yield ``documents(rest of the spec)``."""
     _SOURCES[prefix] = documents

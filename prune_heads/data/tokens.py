@@ -94,3 +94,18 @@ def batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iter
             ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
             mask[r, : len(seqs[i])] = 1
         yield idx, ids, mask
+
+
+def calibration_sequences(spec: DataSpec, tokenizer: Any, model: Any = None) -> list[list[int]]:
+    """The token sequences of ``spec``: the one way every stage builds calibration data.
+
+    ``model`` (optional) bounds ``seq_len`` by its context length.
+    """
+    from prune_heads.data.documents import iter_documents
+
+    context = None
+    if model is not None:
+        from prune_heads.model.adapters import get_adapter
+
+        context = getattr(get_adapter(model).text_config(model.config), "max_position_embeddings", None)
+    return tokenize_documents(iter_documents(spec.source), tokenizer, spec, context)

@@ -96,7 +96,8 @@ def _tied_duplicate(name: str, src_config: dict, names: set[str]) -> bool:
 def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
            shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
            eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
-           progress: bool = True, verify_tol: float = 1e-4) -> ExportResult:
+           progress: bool = True, verify_tol: float = 1e-4,
+                      verify_num_sequences: int = 4, verify_seq_len: int = 64) -> ExportResult:
     """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring."""
     from prune_heads.model.loading import parse_dtype
 
@@ -154,7 +155,8 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
 
         verification = None
         if verify:
-            verification = verify_export(src.path, tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate)
+            verification = verify_export(src.path, tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate,
+                                         num_sequences=verify_num_sequences, seq_len=verify_seq_len)
         predicted = params_before - (predicted_removed_params(layout, adapter, heads, approximate_norms=approximate)
                                      if fmt.MODE == "slice" else 0)
         removed_per_layer = [layout.num_heads - len(h.kept) for h in heads]

@@ -1,5 +1,6 @@
-"""The resumable ``prune-heads run``: recipes, the generic stage runner, and the run summary."""
+"""The resumable ``prune-heads run``: recipes, the generic stage runner, the stage declarations, the summary."""
 
-from .runner import Pipeline, Summary, run
+from prune_heads.pipeline.stages import STAGES, run
+from prune_heads.pipeline.summary import Summary
 
-__all__ = ["Pipeline", "Summary", "run"]
+__all__ = ["STAGES", "Summary", "run"]

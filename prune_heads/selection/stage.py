@@ -1,0 +1,295 @@
+"""The select stage: its config (CLI options and the recipe's ``select:`` section) and its function.
+
+The method is a typed variant of the config (``StaticMethod``, ``IterativeMethod``, ``GatesMethod``) and
+``run_select`` dispatches on its type through ``SELECTORS`` (torchao's ``quantize_(model, config)`` pattern):
+a new selector is one ``register_selector`` call, with no ``if method == ...`` anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prune_heads.errors import PruneHeadsError
+from prune_heads.schema import Config, ConfigError, option
+from prune_heads.scoring.stage import check_score_ids
+
+POLICY_CHOICES = ("free", "kv-groups", "uniform")
+
+
+def _ranking_score(v: Any) -> str | None:
+    return None if v == "random" else check_score_ids([v])
+
+
+# ---- method variants --------------------------------------------------------------------------
+@dataclass
+class StaticMethod(Config):
+    """Rank heads once by a calibration score; gallop + bisect to the most heads within budget."""
+
+    score: str = option("ahon_ln", check=_ranking_score,
+                        help="Ranking score (static: ahon_ln by default; 'random' for a seeded random ranking; "
+                             "iterative: ablation_kl or ablation_loss).")
+
+
+@dataclass
+class IterativeMethod(Config):
+    """Remove heads in measured rounds, re-measuring the rest given what is gone (Michel et al.)."""
+
+    score: str = option("ablation_kl", choices=("ablation_kl", "ablation_loss"))
+    round_size: int = option(4, ge=1, help="iterative: units (heads, or KV groups) removed per round.")
+    candidates_fraction: float | None = option(None, gt=0, le=1,
+                                               help="iterative: after the first measurement, re-measure only this "
+                                                    "fraction of the units (least harmful first).")
+
+
+@dataclass
+class GatesMethod(Config):
+    """Hard-concrete L0 gates trained by distillation with frozen weights (Voita et al.)."""
+
+    target_fraction: float | None = option(None, ge=0, lt=1, help="gates: fraction of all heads to remove.")
+    l0_penalty: float | None = option(None, gt=0, help="gates: fixed L0 penalty (instead of --target-fraction).")
+    steps: int = option(200, ge=1, help="gates: training steps.")
+    lr: float = option(0.05, gt=0, help="gates: learning rate of the gate parameters.")
+    gate_batch_size: int = option(4, ge=1, help="gates: sequences per training step.")
+
+    def check(self) -> None:
+        if (self.target_fraction is None) == (self.l0_penalty is None):
+            raise ConfigError("target_fraction", "the gates method needs exactly one of target_fraction "
+                              "(--target-fraction) and l0_penalty (--l0-penalty)")
+
+
+#: method name -> its config class (the CLI's --method choices and the recipe's select.method values)
+METHODS: dict[str, type] = {"static": StaticMethod, "iterative": IterativeMethod, "gates": GatesMethod}
+
+
+# ---- the stage config -------------------------------------------------------------------------
+@dataclass
+class SelectConfig(Config):
+    method: Any = option(default_factory=StaticMethod, variants=METHODS, key="method",
+                         help="How heads are chosen.")
+    task: str | None = option(None, help="Budget task: an lm-eval task (arc_easy, hellaswag, mmlu, ...), "
+                                         "mc:FILE.jsonl, ppl:DATA or kl:DATA (gates: optional, evaluation only).")
+    max_drop: float | None = option(None, ge=0,
+                                    help="Allowed loss: 0.01 = one accuracy point; a fraction of the baseline with "
+                                         "--relative; perplexity/KL units for ppl:/kl: tasks.")
+    relative: bool = option(False, help="--max-drop is a fraction of the baseline value.")
+    confidence: float = option(0.0, ge=0, lt=1,
+                               help="A k passes only if the upper bound of its drop at this one-sided confidence "
+                                    "is within --max-drop (0: the point estimate).")
+    allow_underpowered: bool = option(False, help="Search even when the documents cannot resolve --max-drop.")
+    accept_unverified: bool = option(False, help="Write the plan even when it fails its held-out verification "
+                                                 "(it is marked so).")
+    limit: int | None = option(None, ge=1, help="Documents of the search split to evaluate.")
+    num_fewshot: int | None = option(None, ge=0, help="Few-shot examples (default: the task's own).")
+    verify: bool = option(True, help="Check the plan on the held-out half of the task's documents.")
+    verify_task: str | None = option(None, help="Task to verify on (default: the held-out split of --task).")
+    verify_limit: int | None = option(None, ge=1, help="Documents to verify on (default: --limit).")
+    policy: str = option("free", choices=POLICY_CHOICES, cli="gqa",
+                         help="free: any head; kv-groups: whole KV groups (the KV cache shrinks); uniform: the same "
+                              "number of heads from every group (stock architecture on export).")
+    min_heads_per_layer: int = option(1, ge=0, help="Heads every layer keeps.")
+    allow_empty_layers: bool = option(False, help="Let a layer lose every head.")
+    compensate: str = option("lsq", choices=("none", "mean", "lsq"),
+                             help="How removed heads' output is made up for: lsq folds the least-squares prediction "
+                                  "into the kept heads' o_proj and a bias; mean adds their mean as a bias; none zeroes.")
+    sequential: bool = option(False, help="Compensation statistics of each layer taken from the model whose earlier "
+                                          "layers are already pruned and compensated.")
+    data: str | None = option(None, help="Calibration data for measured methods (default: the scores' own tokens).")
+    data_dir: str | None = option(None, help="Folder of offline task data (default: found automatically).")
+    batch_size: int = option(8, ge=1, help="Batch size of evaluations and measurements.")
+    seed: int = option(0, ge=0, help="Seed of the search/verify split and of the random ranking.")
+
+    def check(self) -> None:
+        needs_budget = not isinstance(self.method, GatesMethod)
+        if needs_budget and not self.task:
+            raise ConfigError("task", "this method needs a budget task (e.g. arc_easy, ppl:wikitext2)")
+        if needs_budget and self.max_drop is None:
+            raise ConfigError("max_drop", "this method needs a budget (0.01 = one accuracy point)")
+        label_free = bool(self.task) and self.task.startswith(("ppl:", "kl:"))
+        if self.max_drop is not None and not label_free and not self.relative and self.max_drop >= 1:
+            raise ConfigError("max_drop", f"must be below 1 for an accuracy task (0.01 = one point), got {self.max_drop}")
+        if isinstance(self.method, IterativeMethod) and self.policy == "uniform":
+            raise ConfigError("policy", "iterative selection supports free and kv-groups (select a uniform plan with "
+                                        "the static method)")
+
+    @property
+    def method_name(self) -> str:
+        from prune_heads.schema import variant_name
+
+        return variant_name(METHODS, self.method)
+
+
+# ---- what a selector gets -------------------------------------------------------------------
+@dataclass
+class SelectContext:
+    """Everything a selector needs, built once from the config by ``run_select``."""
+
+    model: Any
+    tokenizer: Any
+    scores: Any
+    search: Any
+    verify: Any
+    progress: bool = True
+    _seqs: list[list[int]] | None = field(default=None, repr=False)
+    data: str | None = None
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id) if self.tokenizer.pad_token_id is not None else 0
+
+    def calibration_tokens(self) -> list[list[int]]:
+        """``--data`` tokenised like the scores' own calibration data, else the scores' own tokens."""
+        if self._seqs is None:
+            if self.data:
+                from prune_heads.data import DataSpec, calibration_sequences
+
+                rec = self.scores.meta.get("data") or {}
+                spec = DataSpec(source=self.data, num_samples=rec.get("num_samples") or 64,
+                                seq_len=rec.get("seq_len") or 256, seed=rec.get("seed") or 0)
+                self._seqs = calibration_sequences(spec, self.tokenizer, self.model)
+            else:
+                self._seqs = self.scores.require_tokens()
+        return self._seqs
+
+
+Selector = Callable[[SelectConfig, SelectContext], Any]
+
+
+def _static(cfg: SelectConfig, ctx: SelectContext) -> Any:
+    from prune_heads.selection.static import select_static
+
+    return select_static(ctx.model, ctx.scores, ctx.search, score_id=cfg.method.score, max_drop=cfg.max_drop,
+                         relative=cfg.relative, policy=cfg.policy, min_heads_per_layer=cfg.min_heads_per_layer,
+                         allow_empty_layers=cfg.allow_empty_layers, verify_evaluator=ctx.verify,
+                         progress=ctx.progress, seed=cfg.seed)
+
+
+def _iterative(cfg: SelectConfig, ctx: SelectContext) -> Any:
+    from prune_heads.selection.iterative import select_iterative
+
+    m: IterativeMethod = cfg.method
+    return select_iterative(ctx.model, ctx.calibration_tokens(), ctx.search, max_drop=cfg.max_drop,
+                            relative=cfg.relative, round_size=m.round_size, score_id=m.score, policy=cfg.policy,
+                            min_heads_per_layer=cfg.min_heads_per_layer, allow_empty_layers=cfg.allow_empty_layers,
+                            candidates_fraction=m.candidates_fraction, verify_evaluator=ctx.verify,
+                            batch_size=cfg.batch_size, pad_id=ctx.pad_id, progress=ctx.progress)
+
+
+def _gates(cfg: SelectConfig, ctx: SelectContext) -> Any:
+    from prune_heads.selection.gates import select_gates
+
+    m: GatesMethod = cfg.method
+    return select_gates(ctx.model, ctx.calibration_tokens(), target_fraction=m.target_fraction,
+                        l0_penalty=m.l0_penalty, steps=m.steps, lr=m.lr, batch_size=m.gate_batch_size,
+                        pad_id=ctx.pad_id, min_heads_per_layer=cfg.min_heads_per_layer,
+                        allow_empty_layers=cfg.allow_empty_layers, evaluator=ctx.search, progress=ctx.progress,
+                        seed=cfg.seed)
+
+
+SELECTORS: dict[type, Selector] = {StaticMethod: _static, IterativeMethod: _iterative, GatesMethod: _gates}
+
+
+def register_selector(name: str, config_cls: type, fn: Selector) -> None:
+    """Add a selection method: ``--method NAME`` / ``select.method: NAME`` with ``config_cls``'s options."""
+    METHODS[name] = config_cls
+    SELECTORS[config_cls] = fn
+
+
+# ---- the stage --------------------------------------------------------------------------------
+def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """The search evaluator and the verification one (held-out half of the task, or --verify-task)."""
+    from prune_heads.evaluation import make_evaluator
+
+    if not cfg.task:
+        return None, None
+
+    def make(task: str, split: str, limit: int | None) -> Any:
+        return make_evaluator(model, tokenizer, task, limit=limit, num_fewshot=cfg.num_fewshot, split=split,
+                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed)
+
+    other_task = cfg.verify_task is not None and cfg.verify_task != cfg.task
+    search = make(cfg.task, "all" if other_task else "search", cfg.limit)
+    verify = None
+    if cfg.verify:
+        verify = make(cfg.verify_task, "all", cfg.verify_limit or cfg.limit) if other_task else \
+            make(cfg.task, "verify", cfg.verify_limit or cfg.limit)
+    return search, verify
+
+
+def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *, model_id: str | None = None,
+               recipe: str | None = None, overwrite: bool = False, progress: bool = True) -> Any:
+    """Choose the heads to remove; write the plan to ``out`` (when given) and return it."""
+    scores.check(loaded.model)
+    search, verify = evaluators(cfg, loaded.model, loaded.tokenizer)
+    ctx = SelectContext(loaded.model, loaded.tokenizer, scores, search, verify, progress=progress, data=cfg.data)
+    try:
+        selector = SELECTORS[type(cfg.method)]
+    except KeyError:
+        raise PruneHeadsError(f"no selector is registered for {type(cfg.method).__name__}") from None
+    plan = selector(cfg, ctx)
+    sel = plan.selection
+    sel.model = model_id or sel.model
+    sel.recipe = recipe
+    if sel.scores is None:
+        sel.scores = scores.summary()
+    if out is not None:
+        plan.save(out, overwrite=overwrite)
+    return plan
+
+
+def plan_line(plan: Any, out: Any) -> str:
+    """The one line ``select`` prints."""
+    s = plan.selection
+    msg = f"{s.method}: removing {len(plan.removed_heads)} of {s.heads_total} heads"
+    if s.baseline and s.result:
+        msg += f"; {s.baseline['metric']} {s.baseline['value']:.4f} -> {s.result['value']:.4f} on the search split"
+    v = s.verification
+    if v is not None:
+        msg += (f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f}"
+                f" ({'within' if v.within_budget else 'OUTSIDE'} budget)")
+    if s.cost.evaluations:
+        msg += f"; {s.cost.evaluations} evaluations"
+    return f"{msg} -> {out}"
+
+
+# ---- the sweep (the paper's curves) ------------------------------------------------------------
+@dataclass
+class SweepConfig(Config):
+    task: str = option("", required=True, help="lm-eval task name, mc:FILE.jsonl, ppl:DATA or kl:DATA.")
+    scores: list[str] = option(default_factory=lambda: ["ahon_ln", "awft", "lthon_ln"], check=check_score_ids,
+                               help="Score ids to sweep (a random baseline is always added).")
+    dynamic: bool = option(False, help="Zero heads per input as in the paper (default: static, the same heads "
+                                       "for every input).")
+    fractions: list[float] = option(default_factory=lambda: [0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30],
+                                    help="Fractions of heads (values above 1 are read as percentages).")
+    random_seeds: list[int] = option(default_factory=lambda: [0], help="Seeds of the random baseline (empty: none).")
+    max_drop: float = option(0.01, ge=0, help="Budget of the summary table (0.01 = one point).")
+    limit: int | None = option(None, ge=1, help="Documents per (sub)task.")
+    num_fewshot: int | None = option(None, ge=0, help="Few-shot examples (default: the task's own).")
+    data_dir: str | None = option(None, help="Folder of offline task data (default: found automatically).")
+    batch_size: int = option(8, ge=1, help="Requests per forward pass.")
+
+    def check(self) -> None:
+        if any(f > 1 for f in self.fractions):
+            self.fractions = [f / 100 for f in self.fractions]
+        if not self.fractions or not all(0 <= f <= 1 for f in self.fractions):
+            raise ConfigError("fractions", f"must lie in [0, 1] (or be percentages in [0, 100]), got {self.fractions}")
+
+
+def run_sweep_stage(cfg: SweepConfig, loaded: Any, scores: Any, out: Path, *, model_id: str,
+                    overwrite: bool = False) -> Any:
+    """Evaluate every (score, fraction) pair and write sweep.json/.csv, table.md/.csv and sweep.png."""
+    from prune_heads.evaluation import make_evaluator
+    from prune_heads.selection.sweep import run_sweep
+
+    scores.check(loaded.model)
+    ev = make_evaluator(loaded.model, loaded.tokenizer, cfg.task, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
+                        data_dir=cfg.data_dir, batch_size=cfg.batch_size)
+    result = run_sweep(loaded.model, scores, ev, score_ids=[s for s in cfg.scores if s != "random"],
+                       fractions=cfg.fractions, dynamic=cfg.dynamic, random_seeds=cfg.random_seeds,
+                       max_drop=cfg.max_drop)
+    result.meta.update({"model": model_id})
+    result.save(out, overwrite=overwrite)
+    return result
