@@ -1,0 +1,222 @@
+"""The CLI and the recipe runner are two front ends over the same stage functions: given the same values
+they must write the same plans, the same checkpoints and report the same numbers, for every selection
+method. Each drift once found between them has a test here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tiny_models import tiny_model
+from tiny_tokenizer import SPECIAL, WORDS, tiny_tokenizer, words
+
+from prune_heads.cli.main import cli
+from prune_heads.pipeline import stages as P
+from prune_heads.plan import Plan
+
+#: what differs between two runs of the same computation: timings, and the recipe's name
+VOLATILE = {"seconds", "wall_seconds", "recipe", "date", "finished"}
+
+METHODS = {
+    "static": {"method": "static", "score": "ahon_ln", "max_drop": 5.0, "relative": True},
+    "random": {"method": "static", "score": "random", "seed": 3, "max_drop": 5.0, "relative": True},
+    "iterative": {"method": "iterative", "round_size": 2, "max_drop": 5.0, "relative": True},
+    "gates": {"method": "gates", "target_fraction": 0.25, "steps": 30, "lr": 0.1, "gate_batch_size": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fe")
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8, vocab=len(SPECIAL) + len(WORDS))
+    model.save_pretrained(root / "model")
+    tiny_tokenizer(save_to=root / "model")
+    (root / "docs.txt").write_text("\n\n".join(words(24, seed=i) for i in range(24)) + "\n")
+    return root
+
+
+def strip(obj):
+    if isinstance(obj, dict):
+        return {k: strip(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [strip(v) for v in obj]
+    return obj
+
+
+def cli_ok(*args):
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def recipe_for(world: Path, method: dict) -> dict:
+    docs = world / "docs.txt"
+    return {
+        "name": "fe",
+        "model": {"id": str(world / "model"), "device": "cpu"},
+        "calibration": {"data": str(docs), "num_samples": 6, "seq_len": 24, "batch_size": 3,
+                        "scores": ["ahon_ln", "awft"]},
+        "select": {"task": f"ppl:{docs}", "limit": 6, "verify": False, "compensate": "none", **method},
+        "export": {"format": "sliced"},
+        "verify": {"num_sequences": 2, "seq_len": 12},
+        "evaluate": {"tasks": [{"task": f"ppl:{docs}", "limit": 6}], "speed_seq_len": 0},
+        "report": {"enabled": False},
+    }
+
+
+def cli_flags(method: dict) -> list[str]:
+    out = []
+    for k, v in method.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            if v:
+                out.append(flag)
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def run_both(world: Path, tmp: Path, name: str) -> tuple[Path, Path, object]:
+    method = METHODS[name]
+    docs = world / "docs.txt"
+    cli_dir = tmp / "cli"
+    cli_ok("calibrate", world / "model", "--data", docs, "--num-samples", 6, "--seq-len", 24, "--batch-size", 3,
+           "--scores", "ahon_ln,awft", "--device", "cpu", "-o", cli_dir / "scores")
+    cli_ok("select", cli_dir / "scores", "--model", world / "model", "--task", f"ppl:{docs}", "--limit", 6,
+           "--no-verify", "--compensate", "none", "--device", "cpu", *cli_flags(method), "-o", cli_dir / "plan.json")
+    cli_ok("export", world / "model", "--plan", cli_dir / "plan.json", "--verify-sequences", 2, "--verify-seq-len", 12,
+           "-o", cli_dir / "model")
+    cli_ok("eval", world / "model", "--plan", cli_dir / "plan.json", "--task", f"ppl:{docs}", "--limit", 6,
+           "--device", "cpu", "-o", cli_dir / "results.json")
+    wd = tmp / "run"
+    summary = P.run(recipe_for(world, method), wd, progress=False, echo=None)
+    return cli_dir, wd, summary
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_cli_and_recipe_runner_agree(world, tmp_path, name):
+    cli_dir, wd, summary = run_both(world, tmp_path, name)
+    # the calibration tokens and scores
+    a, b = load_file(str(cli_dir / "scores" / "scores.safetensors")), load_file(str(wd / "calibrate" / "scores" / "scores.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_file(str(cli_dir / "scores" / "tokens.safetensors"))["ids"].equal(
+        load_file(str(wd / "calibrate" / "scores" / "tokens.safetensors"))["ids"])
+    # the plans, field by field
+    pc, pr = json.loads((cli_dir / "plan.json").read_text()), json.loads((wd / "select" / "plan.json").read_text())
+    assert strip(pc) == strip(pr)
+    assert pc["method"] == ("static" if name == "random" else name) and pc["removed_heads"]
+    # the checkpoints, tensor by tensor, and their configs
+    ta, tb = load_file(str(cli_dir / "model" / "model.safetensors")), load_file(str(wd / "export" / "model" / "model.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert json.loads((cli_dir / "model" / "config.json").read_text()) == json.loads((wd / "export" / "model" / "config.json").read_text())
+    prov_c = json.loads((cli_dir / "model" / "prune_heads.json").read_text())
+    prov_r = json.loads((wd / "export" / "model" / "prune_heads.json").read_text())
+    assert strip(prov_c["plan"]) == strip(prov_r["plan"]) and prov_c["params_after"] == prov_r["params_after"]
+    # the numbers the summary reports are the CLI's numbers
+    res = json.loads((cli_dir / "results.json").read_text())["tasks"][0]
+    row = summary.metrics[0]
+    assert row["baseline"]["value"] == pytest.approx(res["baseline"]["value"], rel=1e-6)
+    assert row["pruned"]["value"] == pytest.approx(res["pruned"]["value"], rel=1e-4)  # export vs masked original
+    assert (summary.heads_removed, summary.params_after) == (len(pc["removed_heads"]), prov_c["params_after"])
+    assert summary.selection["method"] == pc["method"]
+    assert summary.verification["passed"] and summary.verification["max_abs_logit_diff"] <= 1e-4
+
+
+# ---- the drifts found in a read of the code, one test each ------------------------------------
+def test_random_ranking_seed_reaches_the_selector_from_a_recipe(world, tmp_path):
+    plans = []
+    for seed in (3, 4):
+        method = {**METHODS["random"], "seed": seed}
+        P.run(recipe_for(world, method), tmp_path / f"r{seed}", progress=False, echo=None, stop_after="select")
+        plans.append(Plan.load(tmp_path / f"r{seed}" / "select" / "plan.json"))
+    assert plans[0].selection.details.seed == 3 and plans[1].selection.details.seed == 4
+    assert plans[0].removed_heads != plans[1].removed_heads
+
+
+def test_gates_batch_size_is_the_same_option_in_both_front_ends(world, tmp_path, monkeypatch):
+    import prune_heads.selection.gates as gates
+
+    seen = []
+    real = gates.select_gates
+
+    def spy(*a, **k):
+        seen.append(k["batch_size"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(gates, "select_gates", spy)
+    run_both(world, tmp_path, "gates")
+    assert seen == [2, 2]
+
+
+def test_iterative_refuses_a_proxy_score_instead_of_replacing_it(world, tmp_path):
+    from prune_heads.pipeline.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="select.score: must be one of ablation_kl, ablation_loss"):
+        P.run(recipe_for(world, {**METHODS["iterative"], "score": "ahon_ln"}), tmp_path / "w", progress=False, echo=None)
+    r = CliRunner().invoke(cli, ["select", str(tmp_path), "--model", "x", "--task", "ppl:x", "--max-drop", "0.1",
+                                 "--method", "iterative", "--score", "ahon_ln", "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and "--score: must be one of ablation_kl, ablation_loss" in r.output
+
+
+def test_model_card_of_a_cli_export_shows_the_selection_evaluation(world, tmp_path):
+    docs = world / "docs.txt"
+    cli_ok("calibrate", world / "model", "--data", docs, "--num-samples", 6, "--seq-len", 24, "--scores", "ahon_ln",
+           "--device", "cpu", "-o", tmp_path / "scores")
+    cli_ok("select", tmp_path / "scores", "--model", world / "model", "--task", f"ppl:{docs}", "--limit", 6,
+           "--max-drop", "5", "--relative", "--compensate", "none", "--device", "cpu", "-o", tmp_path / "plan.json")
+    plan = Plan.load(tmp_path / "plan.json")
+    cli_ok("export", world / "model", "--plan", tmp_path / "plan.json", "-o", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    v = plan.selection.verification
+    assert "held-out" in card and f"{v.baseline['value']:.4f}" in card and f"{v.result['value']:.4f}" in card
+
+
+def test_summary_reports_the_selection_of_every_method(world, tmp_path):
+    for name in ("iterative", "gates"):
+        s = P.run(recipe_for(world, METHODS[name]), tmp_path / name, progress=False, echo=None)
+        plan = Plan.load(tmp_path / name / "select" / "plan.json")
+        assert s.selection["method"] == name and s.heads_removed == len(plan.removed_heads) > 0
+        md = (tmp_path / name / "summary.md").read_text()
+        assert f"method `{name}`" in md and f"-{s.heads_removed} (" in md
+        # the verification the summary shows is the verify stage's record, not a fallback
+        rec = json.loads((tmp_path / name / "verify" / "verification.json").read_text())
+        assert s.verification["max_abs_logit_diff"] == rec["max_abs_logit_diff"]
+
+
+def test_calibration_sequences_are_built_one_way(world, tmp_path):
+    """The scores directory keeps its token sequences; measured selectors read exactly those."""
+    from prune_heads.data import DataSpec, calibration_sequences
+    from prune_heads.model.loading import load_model
+    from prune_heads.scoring.head_scores import HeadScores
+
+    docs = world / "docs.txt"
+    cli_ok("calibrate", world / "model", "--data", docs, "--num-samples", 6, "--seq-len", 24, "--seed", 2,
+           "--scores", "ahon_ln", "--device", "cpu", "-o", tmp_path / "scores")
+    hs = HeadScores.load(tmp_path / "scores")
+    lm = load_model(str(world / "model"))
+    assert hs.tokens == calibration_sequences(DataSpec(source=str(docs), num_samples=6, seq_len=24, seed=2),
+                                              lm.tokenizer, lm.model)
+    assert hs.meta["data"]["seed"] == 2 and len(hs.tokens) == 6
+
+
+def test_evaluation_results_have_one_format(world, tmp_path):
+    """`prune-heads eval` and the runner's evaluate stage write the same results.json shape."""
+    cli_dir, wd, _ = run_both(world, tmp_path, "static")
+    a = json.loads((cli_dir / "results.json").read_text())
+    b = json.loads((wd / "evaluate" / "results.json").read_text())
+    assert a.keys() == b.keys() and a["tasks"][0].keys() == b["tasks"][0].keys()
+    assert a["mask"]["type"] == "plan" and b["mask"]["type"] == "export"
+
+
+def test_recipe_yaml_and_overrides_use_the_cli_option_checks(world, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_for(world, METHODS["static"])))
+    for key, value, cli_message in [("calibration.num_samples", "-3", "--num-samples: must be an integer >= 1"),
+                                    ("select.confidence", "1.5", "--confidence: must be a number in [0, 1)")]:
+        r = CliRunner().invoke(cli, ["run", str(path), "--set", f"{key}={value}", "-o", str(tmp_path / "w")])
+        assert r.exit_code == 2 and f"{key}: {cli_message.split(': ', 1)[1]}" in r.output
