@@ -75,11 +75,47 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _as_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"must be true or false, not {value!r}")
+    return value
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer, not {value!r}")
+    return value
+
+
+def _as_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be a number, not {value!r}")
+    return float(value)
+
+
+def _as_str(value: Any, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(name, f"must be a string, not {value!r}")
+    return str(value)
+
+
+def _as_dict(value: Any, name: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, f"must be a mapping, not {value!r}")
+    return dict(value)
+
+
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str,
+                                                   dict: _as_dict}
+
+
 def coerce(value: Any, tp: Any, name: str) -> Any:
     """``value`` as type ``tp`` (ints are numbers, YAML scalars are strings); ``ConfigError`` otherwise."""
     base, optional = _unwrap_optional(tp)
     if value is None:
-        if optional:
+        if optional or base is Any:
             return None
         raise ConfigError(name, "a value is required")
     origin = typing.get_origin(base)
@@ -89,28 +125,9 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(name, f"must be a list, not {value!r}")
         return [coerce(v, inner, f"{name}.{i}") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(base):
-        if isinstance(value, base):
-            return value
-        return build(base, value, name)
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(name, f"must be true or false, not {value!r}")
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(name, f"must be an integer, not {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, f"must be a number, not {value!r}")
-        return float(value)
-    if base is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(name, f"must be a string, not {value!r}")
-        return str(value)
-    return value
+        return value if isinstance(value, base) else build(base, value, name)
+    checker = _SCALARS.get(origin or base)
+    return checker(value, name) if checker is not None else value
 
 
 def _cli_item(text: str, tp: Any, name: str) -> Any:
@@ -201,9 +218,10 @@ def _variant_field(cls: type) -> dataclasses.Field | None:
     return next((f for f in dataclasses.fields(cls) if f.metadata.get("variants")), None)
 
 
-def build(cls: type, raw: Any, path: str = "") -> Any:
-    """``cls`` from a mapping, with dotted key paths in every error (``path`` prefixes them)."""
-    where = path or "recipe"
+def build(cls: type, raw: Any, path: str = "", root: str = "recipe") -> Any:
+    """``cls`` from a mapping, with dotted key paths in every error (``path`` prefixes them; ``root`` names
+    the whole mapping in messages)."""
+    where = path or root
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):

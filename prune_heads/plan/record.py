@@ -12,8 +12,6 @@ Method-specific records (the static search's ``k``, iterative rounds, gate param
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -175,53 +173,14 @@ class SelectionResult:
 
 
 def _typed_fields(cls: type, raw: dict[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise PlanFormatError(f"{where}: must be a JSON object")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise PlanFormatError(f"{where}: unknown key(s) {', '.join(unknown)}; a plan's metadata has "
-                              f"{', '.join(sorted(names))}")
-    return {k: _typed(v, hints[k], f"{where}: {k}") for k, v in raw.items()}
+    """The fields of ``cls`` from ``raw``, type-checked by the same rules as every config (``schema.build``)."""
+    from prune_heads.schema import ConfigError, build
 
-
-def _typed(value: Any, tp: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _typed(value, inner[0], where)
-    if dataclasses.is_dataclass(tp):
-        return tp(**_typed_fields(tp, value, where))
-    if origin is list:
-        if not isinstance(value, list):
-            raise PlanFormatError(f"{where}: must be a list")
-        return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise PlanFormatError(f"{where}: must be a JSON object")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise PlanFormatError(f"{where}: must be true or false, not {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PlanFormatError(f"{where}: must be an integer, not {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PlanFormatError(f"{where}: must be a number, not {value!r}")
-        return float(value) if not (isinstance(value, float) and math.isnan(value)) else value
-    if tp is str:
-        if not isinstance(value, str):
-            raise PlanFormatError(f"{where}: must be a string, not {value!r}")
-        return value
-    return value
+    try:
+        built = build(cls, raw, "", root="the plan's metadata")
+    except ConfigError as e:
+        raise PlanFormatError(f"{where}: {e}") from None
+    return {f.name: getattr(built, f.name) for f in dataclasses.fields(cls)}
 
 
 def result_dict(result: Any) -> dict[str, Any] | None:
