@@ -236,8 +236,10 @@ def measure_speed(original: Any, pruned: Any, seq_len: int, repeats: int) -> dic
 
     import torch
 
+    from prune_heads.model.adapters import get_adapter
+
     device = next(original.parameters()).device
-    config = original.config.get_text_config() if hasattr(original.config, "get_text_config") else original.config
+    config = get_adapter(original).text_config(original.config)
     seq_len = min(seq_len, int(getattr(config, "max_position_embeddings", seq_len) or seq_len))
     ids = torch.randint(0, int(config.vocab_size), (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 

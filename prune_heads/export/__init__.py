@@ -207,11 +207,9 @@ def source_license(path: Path) -> str | None:
 
 
 def _model_card(tmp: Path, prov: dict[str, Any], src, adapter, layout, format: str) -> list[str]:
-    """The hub engineer's model card, when that module is present."""
-    try:
-        from prune_heads.export.model_card import write_model_card
-    except ImportError:
-        return []
+    """The model card, rendered from the provenance just written."""
+    from prune_heads.export.model_card import write_model_card
+
     license_ = source_license(src.path)
     info = {
         "base_model": prov["source"]["model"],

@@ -65,7 +65,9 @@ def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan
 
     ref = _load(str(resolve_source(str(original))), torch_dtype, compute)
     cand = _load(str(exported), torch_dtype, compute)
-    ids, mask = verification_batch(ref.config.get_text_config().vocab_size, num_sequences, seq_len)
+    from prune_heads.model.adapters import get_adapter
+
+    ids, mask = verification_batch(get_adapter(ref).text_config(ref.config).vocab_size, num_sequences, seq_len)
     with static_mask(ref, plan):
         diff = max_logit_diff(ref, cand, ids, mask)
         diff32 = None

@@ -60,9 +60,6 @@ class Gemma3Adapter(FamilyAdapter):
     qk_norm = "per_head"
     uniform_model_type = "gemma3_text"
 
-    def layer_prefix(self, layer_idx: int) -> str:
-        return f"model.layers.{layer_idx}."
-
 
 class Phi3Adapter(FamilyAdapter):
     name = "phi3"
