@@ -220,3 +220,33 @@ def test_recipe_yaml_and_overrides_use_the_cli_option_checks(world, tmp_path):
                                     ("select.confidence", "1.5", "--confidence: must be a number in [0, 1)")]:
         r = CliRunner().invoke(cli, ["run", str(path), "--set", f"{key}={value}", "-o", str(tmp_path / "w")])
         assert r.exit_code == 2 and f"{key}: {cli_message.split(': ', 1)[1]}" in r.output
+
+
+@pytest.mark.slow
+def test_run_under_torchrun_equals_one_process(world, tmp_path):
+    """`torchrun --nproc-per-node 2 prune-heads run`: both processes calibrate, rank 0 does the rest; the
+    result equals a single-process run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_for(world, METHODS["static"])))
+    exe = shutil.which("prune-heads") or str(Path(sys.executable).parent / "prune-heads")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           "29541", exe, "run", str(path), "-o", str(tmp_path / "two"), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    P.run(recipe_for(world, METHODS["static"]), tmp_path / "one", progress=False, echo=None)
+    two = json.loads((tmp_path / "two" / "calibrate" / "scores" / "scores.json").read_text())
+    assert two["world_size"] == 2
+    a = load_file(str(tmp_path / "two" / "calibrate" / "scores" / "scores.safetensors"))
+    b = load_file(str(tmp_path / "one" / "calibrate" / "scores" / "scores.safetensors"))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    pa = json.loads((tmp_path / "two" / "select" / "plan.json").read_text())
+    pb = json.loads((tmp_path / "one" / "select" / "plan.json").read_text())
+    assert pa["removed_heads"] == pb["removed_heads"]
+    assert (tmp_path / "two" / "summary.md").is_file()

@@ -16,14 +16,14 @@ from prune_heads.scoring.stage import CalibrateConfig
 @model_options
 def calibrate(model, output, overwrite, **kw):
     """Score every head of MODEL on calibration data in one pass and write a scores directory."""
+    from prune_heads.pipeline.distributed import join_process_group
     from prune_heads.schema import from_cli
-    from prune_heads.scoring.distributed import init_from_environment
     from prune_heads.scoring.stage import run_calibrate
 
     mc = model_config(model, kw)
     cfg = from_cli(CalibrateConfig, kw)
     check_output(output, overwrite, inputs=(model, cfg.data.split("#")[0]))
-    mc.device = init_from_environment(mc.resolved_device(), mc.device_map)
+    join_process_group(mc)  # under torchrun / accelerate launch each process scores every world-th sample
     res = run_calibrate(cfg, mc.load(), model, output, revision=mc.revision, overwrite=overwrite)
     if res.scores_dir is not None and res.scores is not None:
         _summary(res, output)

@@ -27,6 +27,8 @@ def run(recipe, overrides, workdir, push, force, stop_after, no_progress):
 
     summary = run_pipeline(recipe, workdir, list(overrides), force=force, push=push, stop_after=stop_after,
                            progress=not no_progress, echo=lambda s: click.echo(s, err=True))
+    if summary is None:  # a helper process of a torchrun calibration: rank 0 reports
+        return
     click.echo("")
     click.echo(summary.to_markdown())
     if summary.complete:

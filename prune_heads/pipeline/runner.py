@@ -141,13 +141,23 @@ class Runner:
                 return False
         return True
 
+    def _inputs(self, stage: Stage, ctx: Any) -> dict[str, Any]:
+        return {"key": stage.key(ctx), "needs": {n: self.outcomes[n].hash for n in stage.needs}}
+
+    def would_run(self, stage: Stage, ctx: Any, wd: Path) -> bool:
+        """Whether ``stage`` (one whose needs are decided) will compute rather than reuse or skip."""
+        if stage.skip(ctx) is not None:
+            return False
+        rec = read_stage(wd, stage.name)
+        return self.force or rec is None or rec.get("hash") != input_hash(self._inputs(stage, ctx))
+
     def _run_stage(self, stage: Stage, ctx: Any, wd: Path) -> StageOutcome:
         why = stage.skip(ctx)
         if why is not None:
             self.echo(f"[{stage.name}] skipped ({why})")
             self.outcomes[stage.name] = StageOutcome(stage.name, "skipped")
             return self.outcomes[stage.name]
-        inputs = {"key": stage.key(ctx), "needs": {n: self.outcomes[n].hash for n in stage.needs}}
+        inputs = self._inputs(stage, ctx)
         h = input_hash(inputs)
         rec = read_stage(wd, stage.name)
         if not self.force and rec is not None and rec.get("hash") == h:

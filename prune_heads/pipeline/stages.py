@@ -165,8 +165,12 @@ def _select_tasks(recipe: Recipe) -> list[str]:
 # ---- entry point ------------------------------------------------------------------------------
 def run(recipe_or_path: Recipe | str | os.PathLike | Mapping[str, Any], workdir: str | os.PathLike | None = None,
         overrides: Iterable[str] | Mapping[str, Any] | None = None, *, force: bool = False, push: bool | None = None,
-        stop_after: str | None = None, progress: bool = True, echo: Callable[[str], None] | None = print) -> Summary:
+        stop_after: str | None = None, progress: bool = True, echo: Callable[[str], None] | None = print
+        ) -> Summary | None:
     """Run (or resume) a recipe in ``workdir`` (default ``runs/<name>``) and return its ``Summary``.
+
+    Under ``torchrun``/``accelerate launch`` every process shares the calibration pass and rank 0 does the
+    rest; the other processes return None.
 
     Args:
         recipe_or_path: a recipe YAML path, a mapping, or a ``Recipe``.
@@ -183,21 +187,32 @@ def run(recipe_or_path: Recipe | str | os.PathLike | Mapping[str, Any], workdir:
     do_push = recipe.hub.push if push is None else push
     if do_push and not recipe.hub.repo_id:
         raise PruneHeadsError("--push needs a Hub target: set hub.repo_id in the recipe or --set hub.repo_id=NAME/REPO")
-    runner = Runner(stages(), force=force, stop_after=stop_after, echo=echo)
-    check_inputs(recipe)
-    with locked_workdir(workdir or Path("runs") / recipe.name) as wd:
-        for stale in ("summary.md", "summary.json"):
-            (wd / stale).unlink(missing_ok=True)
-        (wd / "recipe.yaml").write_text(dump_recipe(recipe))
-        ctx = RunContext(recipe, wd, runner, progress=progress, push=do_push)
-        complete = runner.run(ctx, wd)
-        summary = build_summary(recipe, wd, runner.outcomes, complete)
-        if complete:
-            from prune_heads.io_utils import write_json_atomic
+    from prune_heads.pipeline.distributed import (
+        follow_calibration,
+        join_process_group,
+        share_calibration_decision,
+    )
 
-            (wd / "summary.md").write_text(summary.to_markdown())
-            write_json_atomic(wd / "summary.json", summary.to_dict())
-        return summary
+    rank = join_process_group(recipe.model)
+    if rank > 0:  # other processes of `torchrun ... run` only help calibrate; rank 0 owns the work directory
+        return follow_calibration(recipe, progress=False)
+    runner = Runner(stages(), force=force, stop_after=stop_after, echo=echo)
+    with share_calibration_decision() as decide:
+        check_inputs(recipe)
+        with locked_workdir(workdir or Path("runs") / recipe.name) as wd:
+            for stale in ("summary.md", "summary.json"):
+                (wd / stale).unlink(missing_ok=True)
+            (wd / "recipe.yaml").write_text(dump_recipe(recipe))
+            ctx = RunContext(recipe, wd, runner, progress=progress, push=do_push)
+            decide(runner.would_run(stages()[0], ctx, wd))
+            complete = runner.run(ctx, wd)
+            summary = build_summary(recipe, wd, runner.outcomes, complete)
+            if complete:
+                from prune_heads.io_utils import write_json_atomic
+
+                (wd / "summary.md").write_text(summary.to_markdown())
+                write_json_atomic(wd / "summary.json", summary.to_dict())
+            return summary
 
 
 def outcome_statuses(outcomes: Mapping[str, StageOutcome]) -> dict[str, str]:
