@@ -48,23 +48,29 @@ class ExportResult:
         return v is None or bool(v["passed"]) or bool(v.get("approximate_norms"))
 
 
-_registered = False
+_registered: set[str] = set()
 
 
 def register_auto_classes() -> None:
-    """Let ``AutoConfig``/``AutoModelForCausalLM`` load sliced checkpoints without ``trust_remote_code``."""
-    global _registered
-    if _registered:
+    """Let ``AutoConfig``/``AutoModelForCausalLM`` load sliced checkpoints without ``trust_remote_code``.
+
+    The classes are built from the family adapters (``sliced.family_table``), so a family added with
+    ``register_adapter()`` is registered on the next call.
+    """
+    table = {t: e for t, e in sliced.family_table().items() if t not in _registered}
+    if not table:
         return
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prune_heads.export.remote.configuration_pruned import PRUNED_CONFIGS
-    from prune_heads.export.remote.modeling_pruned import PRUNED_MODELS
+    from prune_heads.export.remote import configuration_pruned as remote_config
+    from prune_heads.export.remote import modeling_pruned as remote_model
 
-    for family, config_cls in PRUNED_CONFIGS.items():
+    for model_type, entry in table.items():
+        config_cls = remote_config.PRUNED_CONFIGS.get(model_type) or remote_config.make_config_class(model_type, entry)
+        model_cls = remote_model.PRUNED_MODELS.get(model_type) or remote_model.make_model_class(model_type, entry)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, PRUNED_MODELS[family], exist_ok=True)
-    _registered = True
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        _registered.add(model_type)
 
 
 def resolve_source(model: str, gguf_file: str | None = None) -> Path:
@@ -150,7 +156,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         files.append("config.json")
         files += copy_aux_files(src.path, tmp)
         if fmt.REMOTE_CODE:
-            files += fmt.write_extras(tmp)
+            files += fmt.write_extras(tmp, out_config)
 
         verification = None
         if verify:
