@@ -13,6 +13,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM
 
+from prune_heads.evaluation.speed import _cache_of
 from prune_heads.export import export_checkpoint, register_auto_classes
 from prune_heads.export.remote.modeling_pruned import _KVPlan, pruned_attention
 from prune_heads.plan import Plan
@@ -127,9 +128,9 @@ def test_prefill_takes_the_causal_fast_path_without_copying_kv(sliced_uneven):
 def test_decode_step_is_one_call_per_layer_without_copying_the_cache(sliced_uneven):
     ids = torch.tensor([[3, 7, 11, 2, 9, 4, 8, 1]])
     with torch.no_grad():
-        cache = sliced_uneven(input_ids=ids, use_cache=True).past_key_values
+        name, cache = _cache_of(sliced_uneven(input_ids=ids, use_cache=True))
         with Calls() as calls:
-            sliced_uneven(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+            sliced_uneven(input_ids=torch.tensor([[5]]), use_cache=True, **{name: cache})
     assert calls.gathers == []
     assert len(calls.sdpa) == 3 and all(c["mask"] is None for c in calls.sdpa)
     assert calls.sdpa[0]["q"] == (1, 3, 2, 8) and calls.sdpa[0]["k"] == (1, 3, 9, 8)  # packed: 3 KV heads x width 2
