@@ -2,13 +2,18 @@
 
 Every public name is imported on first use, so ``import prune_heads`` (and ``prune-heads --help``)
 stays cheap: torch, transformers, lm-eval and matplotlib load only when a name that needs them is
-touched. ``import prune_heads`` registers the pruned model types with transformers' Auto classes, so
-exported ``sliced`` checkpoints load without ``trust_remote_code``.
+touched. After ``import prune_heads``, exported ``sliced`` checkpoints load with transformers' Auto
+classes without ``trust_remote_code``: the pruned model types are registered the moment transformers'
+Auto classes are imported (a one-shot import hook), or at once when they already are.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import logging
+import sys
 from typing import Any
 
 from prune_heads.__about__ import __version__
@@ -52,12 +57,48 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+#: importing this module (which defines AutoConfig / AutoModelForCausalLM) triggers the registration
+_AUTO_MODULE = "transformers.models.auto"
+
+
 def _register_auto_classes() -> None:
     try:
         from prune_heads.export import register_auto_classes
-    except ImportError:  # transformers missing: nothing to register
-        return
-    register_auto_classes()
+
+        register_auto_classes()
+    except Exception as e:  # never break the user's import of transformers
+        logging.getLogger(__name__).warning("could not register the pruned model types with transformers: %s", e)
 
 
-_register_auto_classes()
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Wraps the loader of ``transformers.models.auto`` so the registration runs right after it executes."""
+
+    def __init__(self) -> None:
+        self._busy = False
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != _AUTO_MODULE or self._busy:
+            return None
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _register_auto_classes()
+
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+if _AUTO_MODULE in sys.modules:
+    _register_auto_classes()
+elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterOnImport())

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from prune_heads.io_utils import apply_umask
+
 PAPER_URL = "https://arxiv.org/abs/2504.03889"
 TAGS = ["pruned", "attention-heads", "prune-heads"]
 
@@ -65,6 +67,7 @@ def write_model_card(out_dir: Path, info: dict) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".README.md.", dir=out.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    apply_umask(tmp)  # mkstemp makes 0600
     os.replace(tmp, out)
     return out
 
