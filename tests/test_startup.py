@@ -65,3 +65,24 @@ def test_registration_when_transformers_came_first(tmp_path):
         "print(json.dumps(['pruned_llama' in CONFIG_MAPPING, 'pruned_phi3' in CONFIG_MAPPING]))\n"
     )
     assert run(code, cwd=tmp_path) == [True, True]
+
+
+def test_registration_waits_until_transformers_has_finished_importing(tmp_path):
+    """transformers imports its Auto classes from inside ``modeling_utils``; registering right then fails.
+
+    The hook must wait until the outermost import is done, then register once and leave ``sys.meta_path``.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = (
+        "import json, sys\n"
+        "import prune_heads\n"
+        "import prune_heads.model.attention  # transformers.modeling_utils -> quantizers -> models.auto\n"
+        "prune_heads.refresh_card\n"
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+        "hooks = [type(f).__name__ for f in sys.meta_path if 'Register' in type(f).__name__]\n"
+        "print(json.dumps(['pruned_llama' in CONFIG_MAPPING, hooks]))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "could not register" not in p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [True, []]
