@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
@@ -19,12 +18,22 @@ from prune_heads.plan import Plan
 pytestmark = pytest.mark.filterwarnings("ignore:plan has no model fingerprint")
 
 
-class Slowed(nn.Module):
-    """A model that records when it ran and sleeps ``delay`` seconds per forward pass."""
+class Clock:
+    """A fake ``perf_counter``: only the models' declared delays pass on it, so timings are exact."""
 
-    def __init__(self, model, delay: float, log: list, name: str):
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Slowed(nn.Module):
+    """A model that records when it ran and takes ``delay`` seconds of ``clock`` per forward pass."""
+
+    def __init__(self, model, delay: float, log: list, name: str, clock: Clock | None = None):
         super().__init__()
-        self.inner, self.delay, self.log, self.name = model, delay, log, name
+        self.inner, self.delay, self.log, self.name, self.clock = model, delay, log, name, clock
         self.config = model.config
 
     def get_output_embeddings(self):
@@ -36,21 +45,24 @@ class Slowed(nn.Module):
 
     def forward(self, **kw):
         self.log.append(self.name)
-        time.sleep(self.delay)
+        if self.clock is not None:
+            self.clock.now += self.delay
         return self.inner(**kw)
 
 
-def test_runs_are_interleaved_and_the_ratio_is_of_medians():
+def test_runs_are_interleaved_and_the_ratio_is_of_medians(monkeypatch):
+    import prune_heads.evaluation.speed as speed
+
+    clock = Clock()
+    monkeypatch.setattr(speed.time, "perf_counter", clock)
     base = tiny_model("llama", layers=2, heads=4, kv_heads=2, hidden=32)
     log: list[str] = []
-    a, b = Slowed(base, 0.004, log, "a"), Slowed(base, 0.012, log, "b")
+    a, b = Slowed(base, 0.004, log, "a", clock), Slowed(base, 0.012, log, "b", clock)
     res = compare_speed(a, b, mode="prefill", tokens=8, repeats=4, warmup=1)
     assert log == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then ABBA
-    assert len(res.original_s) == len(res.pruned_s) == 4
-    assert res.ratio == statistics.median(res.pruned_s) / statistics.median(res.original_s)
-    assert 1.5 < res.ratio < 4  # 12 ms against 4 ms of sleep, plus the same model's time on both sides
-    lo, hi = res.spread
-    assert lo <= res.ratio * 1.5 and hi >= lo
+    assert res.original_s == pytest.approx([0.004] * 4) and res.pruned_s == pytest.approx([0.012] * 4)
+    assert res.ratio == pytest.approx(3.0) == statistics.median(res.pruned_s) / statistics.median(res.original_s)
+    assert res.spread == pytest.approx((3.0, 3.0))
     d = res.to_dict()
     assert d["repeats"] == 4 and d["ratio"] == res.ratio and d["mode"] == "prefill"
 
