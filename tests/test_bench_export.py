@@ -32,3 +32,13 @@ def test_bench_export_quick(tmp_path):
         assert 0.8 < float(r[6]) < 1 and 0.8 < float(r[8]) < 1  # FLOPs ratios
     assert any(r[0] == "uniform" and "n/a" in r[4] for r in rows)  # 10% is not a multiple of a uniform unit
     assert "load average" in text and "--quick" in text
+
+
+def test_bench_attention_quick(tmp_path):
+    out = tmp_path / "attention.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith(("| prefill", "| decode"))]
+    assert len(rows) == 3  # prefill and two decode contexts, each checked against the gather path

@@ -84,6 +84,7 @@ def test_kv_plan_runs_groups_and_slots():
     uneven = _KVPlan([0, 0, 0, 1, 1, 2, 2, 2])
     assert uneven.groups == 0 and uneven.width == 3 and uneven.packable
     assert uneven.slots == (0, 1, 2, 3, 4, 6, 7, 8)  # KV head 1's third slot is padding
+    assert uneven.fill == (0, 1, 2, 3, 4, 4, 5, 6, 7)  # ... filled with that group's last head
     assert _KVPlan([0, 1, 0]).packable is False  # a KV head split into two runs
 
 

@@ -90,7 +90,10 @@ class _KVPlan:
         self.groups = self.width if even else 0
         #: decoding: a one-token query fits a (KV heads, width) grid when each KV head has one run
         self.packable = one_run_per_head
+        #: decoding grid: where each query head sits, and which query head fills each cell (a group with
+        #: fewer heads than ``width`` repeats its last one; those rows are computed and dropped)
         self.slots = tuple(g * self.width + (i - s) for s, e, g in runs for i in range(s, e))
+        self.fill = tuple(s + min(j, e - s - 1) for s, e, _ in runs for j in range(self.width))
         self._tensors: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def tensor(self, name: str, device: torch.device) -> torch.Tensor:
@@ -178,14 +181,14 @@ def _per_kv_head(plan: _KVPlan, query, key, value, attention_mask, dropout: floa
 
 def _packed_decode(plan: _KVPlan, query, key, value, attention_mask, dropout: float, scaling: float) -> torch.Tensor:
     """One query token, uneven groups: the query heads of KV head ``g`` become ``width`` query *positions*
-    of ``g`` (zero-padded), so one non-causal SDPA call covers the layer; padded rows are dropped."""
+    of ``g`` (padded by repeating one of them), so one non-causal SDPA call covers the layer; the padding
+    rows are dropped."""
     b, nq, _, d = query.shape
     nkv = len(plan.runs)
-    slots = plan.tensor("slots", query.device)
-    grid = query.new_zeros(b, nkv * plan.width, d).index_copy_(1, slots, query[:, :, 0])
+    grid = query[:, :, 0].index_select(1, plan.tensor("fill", query.device))
     out = nn.functional.scaled_dot_product_attention(
         grid.view(b, nkv, plan.width, d), key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
-    return out.reshape(b, nkv * plan.width, d).index_select(1, slots).view(b, 1, nq, d)
+    return out.reshape(b, nkv * plan.width, d).index_select(1, plan.tensor("slots", query.device)).view(b, 1, nq, d)
 
 
 def pruned_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
