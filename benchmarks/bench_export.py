@@ -105,9 +105,10 @@ def measure(original, exported, args, threads: list[int]) -> dict:
     out = {}
     for n in threads:
         out[("prefill", n)] = compare_speed(original, exported, mode="prefill", tokens=args.prefill_tokens,
-                                            repeats=args.repeats, threads=n)
+                                            repeats=args.repeats, threads=n, clock=args.clock)
         out[("decode", n)] = compare_speed(original, exported, mode="decode", tokens=args.decode_tokens,
-                                           context=args.decode_context, repeats=args.repeats, threads=n)
+                                           context=args.decode_context, repeats=args.repeats, threads=n,
+                                           clock=args.clock)
     return out
 
 
@@ -126,6 +127,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--decode-context", type=int, default=128)
     ap.add_argument("--kv-tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time, robust to other load on a shared machine (meaningful at 1 thread)")
     ap.add_argument("--no-rss", action="store_true", help="skip the export peak-memory measurement")
     ap.add_argument("--quick", action="store_true", help="a tiny random model, three plans, small sizes (for tests)")
     ap.add_argument("--out", type=Path, default=None, help=f"markdown output (default {RESULTS})")
@@ -194,7 +197,8 @@ def render(args, layout, kv_original: int, load, rows, size_rows, rss, src: Path
         f"{layout.group_size}); KV cache at {args.kv_tokens} tokens {kv_original / 2**20:.1f} MiB. Plans: the first "
         "units of each GQA policy on a seeded random ranking.",
         "",
-        f"Time ratio = median time of the export / median time of the original over {args.repeats} interleaved runs "
+        f"Time ratio = median {'CPU' if args.clock == 'cpu' else 'wall'} time of the export / median time of the "
+        f"original over {args.repeats} interleaved runs "
         "each (`prune_heads.evaluation.speed.compare_speed`), with the interquartile range of the per-pair ratios; "
         "below 1 is faster. FLOPs ratio = multiply-adds per token of the real weights at the average context "
         "(`flops_per_token`). **slow** marks a time ratio above the FLOPs ratio by more than half the IQR (and 1%). "
