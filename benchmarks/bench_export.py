@@ -171,17 +171,20 @@ def bench_export(case: Case, fmt: str, src: Path, original, layout, kv_original:
     cells = [c for mode in ("prefill", "decode") for n in args.threads
              for c in (fmt_ratio(m[(mode, n)]), f"{m[(mode, n)].flops_ratio:.3f}")]
     removed = len(case.plan.removed_heads)
+    medians = " | ".join(f"{1e3 * m[(mode, n)].original_median:.0f} / {1e3 * m[(mode, n)].pruned_median:.0f}"
+                         for mode in ("prefill", "decode") for n in args.threads)
     row = (f"| {case.policy} | {removed / layout.total_heads:.0%} ({removed}) | `{fmt}` | "
            f"{uneven_layers(case.plan, layout)}/{layout.num_layers} | {kv / kv_original:.3f} ({kv / 2**20:.1f} MiB) | "
            + " | ".join(cells) + " |")
     size = (f"| {case.policy} {removed / layout.total_heads:.0%} `{fmt}` | {res.params_after:,} | "
             f"{res.params_after / res.params_before:.3f} | "
             f"{'exact' if res.predicted_params_after == res.params_after else 'off'} | "
-            f"{weights_bytes(d) / weights_bytes(src):.3f} | {export_s:.1f} |")
+            f"{weights_bytes(d) / weights_bytes(src):.3f} | {export_s:.1f} | {medians} |")
     return row, size
 
 
 def render(args, layout, kv_original: int, load, rows, size_rows, rss, src: Path) -> str:
+    timing_head = [f"{mode} {n} thr ms (orig / export)" for mode in ("prefill", "decode") for n in args.threads]
     head = ["policy", "heads removed", "format", "uneven layers", f"KV cache at {args.kv_tokens} tokens"]
     for mode, tok in (("prefill", args.prefill_tokens), ("decode", args.decode_tokens)):
         for n in args.threads:
@@ -209,8 +212,8 @@ def render(args, layout, kv_original: int, load, rows, size_rows, rss, src: Path
         "|" + "---|" * len(head),
         *rows,
         "",
-        "| plan | parameters | ratio | vs prediction | weight files ratio | export s |",
-        "|---|---:|---:|---|---:|---:|",
+        "| plan | parameters | ratio | vs prediction | weight files ratio | export s | " + " | ".join(timing_head) + " |",
+        "|---|---:|---:|---|---:|---:|" + "---:|" * len(timing_head),
         *size_rows,
         "",
     ]
