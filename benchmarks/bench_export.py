@@ -1,13 +1,21 @@
-"""Export benchmark on the real SmolLM2-135M (CPU): size, speed and export memory, side by side.
+"""Export benchmark on the real SmolLM2-135M-Instruct (CPU): is the sliced export as fast as its FLOPs say?
 
-    python benchmarks/bench_export.py [--fraction 0.33] [--threads 2]
+    python benchmarks/bench_export.py                       # every plan, 1 and 2 threads (about 25 min)
+    python benchmarks/bench_export.py --plans free@0.10 --threads 1 --repeats 5
+    python benchmarks/bench_export.py --quick               # tiny random model, seconds (run by the tests)
 
-Measures, for one plan that removes whole KV groups (so K/V shrink too):
-- parameter count and file size of the sliced export against the prediction;
-- prefill latency at 1024 tokens and greedy decode tokens/s, exported vs original, beside the
-  analytical attention-FLOPs ratio;
-- peak RSS of a streaming export (in a child process) against the model size.
-Writes benchmarks/results/export.md.
+For ``free``, ``kv-groups`` and ``uniform`` plans at 10%, 25% and 33% of the heads (a seeded random
+ranking: speed depends on how many heads each layer and KV group keeps, not on which), it exports the
+``sliced`` checkpoint (and the ``uniform`` one where the plan allows it) and measures, against the
+original and side by side (``prune_heads.evaluation.speed.compare_speed``: interleaved runs, ratio of
+medians):
+
+- prefill: one forward pass over ``--prefill-tokens`` tokens;
+- decode: ``--decode-tokens`` one-token steps after a ``--decode-context``-token prompt;
+
+at each ``--threads`` setting, beside the FLOPs ratio (``flops_per_token`` on the real weights), plus
+the KV cache a ``--kv-tokens`` prompt leaves (``kv_cache_bytes``), parameters and file sizes, and the
+peak memory of one streaming export. Writes ``benchmarks/results/export.md`` (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,52 +38,44 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 RESULTS = Path(__file__).parent / "results" / "export.md"
+PLANS = ("free@0.10", "free@0.25", "free@0.33", "kv-groups@0.10", "kv-groups@0.25", "kv-groups@0.33",
+         "uniform@0.10", "uniform@0.25", "uniform@0.33")
 
 
-def make_plan(layout, fraction: float):
-    """Remove whole KV groups, round-robin over layers, until ``fraction`` of heads are gone."""
+@dataclass
+class Case:
+    policy: str
+    fraction: float
+    plan: object | None      # None: the policy cannot reach this fraction
+    note: str = ""
+
+
+def make_case(spec: str, layout) -> Case:
+    """The plan of ``policy@fraction``: the policy's first units of a seeded random ranking."""
     from prune_heads.plan import Plan
+    from prune_heads.selection.policies import candidate_units, heads_of
 
-    g = layout.group_size
-    target = int(fraction * layout.total_heads)
-    removed, i = [], 0
-    while len(removed) + g <= target:
-        layer, group = i % layout.num_layers, (i // layout.num_layers) % (layout.num_kv_heads - 1)
-        removed += [(layer, group * g + h) for h in range(g)]
-        i += 1
-    return Plan(removed)
-
-
-def flops_per_token(layout, heads_kept: list[int], kv_kept: list[int], seq: int, intermediate: int, vocab: int) -> float:
-    """Multiply-adds per token of a prefill at length ``seq`` (projections, attention, MLP, LM head)."""
-    d, h = layout.head_dim, layout.hidden_size
-    total = 0.0
-    for q, kv in zip(heads_kept, kv_kept):
-        total += h * d * (2 * q + 2 * kv)      # q, o and k, v projections
-        total += 2 * q * d * seq               # scores and weighted sum over seq keys
-        total += 3 * h * intermediate
-    return total + h * vocab
+    policy, frac = spec.split("@")
+    fraction = float(frac)
+    gen = torch.Generator().manual_seed(0)
+    units = candidate_units(torch.rand(layout.num_layers, layout.num_heads, generator=gen), layout, policy)
+    size = len(units[0]) if units else 0
+    k = round(fraction * layout.total_heads / size) if size else 0
+    if k < 1 or k > len(units) or abs(k * size / layout.total_heads - fraction) > 0.05:
+        return Case(policy, fraction, None, f"n/a: {policy} removes {size} heads at a time")
+    return Case(policy, fraction, Plan(heads_of(units, k), {"policy": policy}))
 
 
-@torch.no_grad()
-def prefill_ms(model, seq: int, reps: int) -> float:
-    ids = torch.randint(0, 1000, (1, seq))
-    model(ids)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        model(ids)
-        times.append(time.perf_counter() - t)
-    return 1000 * sorted(times)[len(times) // 2]
+def quick_source(tmp: Path) -> Path:
+    """A small random Llama with SmolLM2's group structure (9 query heads over 3 KV heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-
-@torch.no_grad()
-def decode_tps(model, prompt: int, new: int) -> float:
-    ids = torch.randint(0, 1000, (1, prompt))
-    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    t = time.perf_counter()
-    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-    return new / (time.perf_counter() - t)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=512, hidden_size=144, intermediate_size=256, num_hidden_layers=4,
+                               num_attention_heads=9, num_key_value_heads=3, head_dim=16, max_position_embeddings=256,
+                               tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp / "quick-src")
+    return tmp / "quick-src"
 
 
 def export_rss(src: Path, plan_path: Path, out: Path, shard: str) -> dict:
@@ -94,90 +95,174 @@ def export_rss(src: Path, plan_path: Path, out: Path, shard: str) -> dict:
     return json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--fraction", type=float, default=0.33)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--decode-tokens", type=int, default=64)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def weights_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
 
+
+def measure(original, exported, args, threads: list[int]) -> dict:
+    from prune_heads.evaluation.speed import compare_speed
+
+    out = {}
+    for n in threads:
+        out[("prefill", n)] = compare_speed(original, exported, mode="prefill", tokens=args.prefill_tokens,
+                                            repeats=args.repeats, threads=n, clock=args.clock)
+        out[("decode", n)] = compare_speed(original, exported, mode="decode", tokens=args.decode_tokens,
+                                           context=args.decode_context, repeats=args.repeats, threads=n,
+                                           clock=args.clock)
+    return out
+
+
+def fmt_ratio(r) -> str:
+    lo, hi = r.spread
+    verdict = "" if r.ratio <= r.flops_ratio + max(0.01, (hi - lo) / 2) else " **slow**"
+    return f"{r.ratio:.3f} ({lo:.2f}–{hi:.2f}){verdict}"
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plans", default=None, help=f"comma-separated policy@fraction (default {','.join(PLANS)})")
+    ap.add_argument("--threads", default=None, help="comma-separated CPU thread counts (default 1,2)")
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-context", type=int, default=128)
+    ap.add_argument("--kv-tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time, robust to other load on a shared machine (meaningful at 1 thread)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the export peak-memory measurement")
+    ap.add_argument("--quick", action="store_true", help="a tiny random model, three plans, small sizes (for tests)")
+    ap.add_argument("--out", type=Path, default=None, help=f"markdown output (default {RESULTS})")
+    args = ap.parse_args()
+    if args.quick:
+        args.prefill_tokens, args.decode_tokens, args.decode_context, args.kv_tokens = 32, 4, 8, 64
+        args.repeats, args.no_rss = 1, True
+        args.plans = args.plans or "free@0.25,kv-groups@0.33,uniform@0.10,uniform@0.33"
+        args.threads = args.threads or "1"
+        args.out = args.out or Path(tempfile.gettempdir()) / "bench_export_quick.md"
+    args.plans = (args.plans or ",".join(PLANS)).split(",")
+    args.threads = [int(t) for t in (args.threads or "1,2").split(",")]
+    args.out = args.out or RESULTS
+    return args
+
+
+def uneven_layers(plan, layout) -> int:
+    from prune_heads.export.slicing import layer_heads
+
+    def counts(lh):
+        return {sum(1 for q in lh.kept if layout.kv_of(q) == g) for g in lh.kept_kv}
+
+    return sum(1 for lh in layer_heads(plan, layout) if len(counts(lh)) > 1)
+
+
+def bench_export(case: Case, fmt: str, src: Path, original, layout, kv_original: int, tmp: Path, args):
+    """Export one plan in one format; its table row and size row."""
     from transformers import AutoModelForCausalLM
 
-    from prune_heads.export import export_checkpoint as export
+    from prune_heads.evaluation.speed import kv_cache_bytes
+    from prune_heads.export import export_checkpoint
+
+    d = tmp / f"{case.policy}-{case.fraction}-{fmt}"
+    t = time.perf_counter()
+    res = export_checkpoint(str(src), case.plan, d, format=fmt, verify=False, progress=False, shard_size="100MB")
+    export_s = time.perf_counter() - t
+    exported = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    m = measure(original, exported, args, args.threads)
+    kv = kv_cache_bytes(exported, args.kv_tokens)
+    cells = [c for mode in ("prefill", "decode") for n in args.threads
+             for c in (fmt_ratio(m[(mode, n)]), f"{m[(mode, n)].flops_ratio:.3f}")]
+    removed = len(case.plan.removed_heads)
+    medians = " | ".join(f"{1e3 * m[(mode, n)].original_median:.0f} / {1e3 * m[(mode, n)].pruned_median:.0f}"
+                         for mode in ("prefill", "decode") for n in args.threads)
+    row = (f"| {case.policy} | {removed / layout.total_heads:.0%} ({removed}) | `{fmt}` | "
+           f"{uneven_layers(case.plan, layout)}/{layout.num_layers} | {kv / kv_original:.3f} ({kv / 2**20:.1f} MiB) | "
+           + " | ".join(cells) + " |")
+    size = (f"| {case.policy} {removed / layout.total_heads:.0%} `{fmt}` | {res.params_after:,} | "
+            f"{res.params_after / res.params_before:.3f} | "
+            f"{'exact' if res.predicted_params_after == res.params_after else 'off'} | "
+            f"{weights_bytes(d) / weights_bytes(src):.3f} | {export_s:.1f} | {medians} |")
+    return row, size
+
+
+def render(args, layout, kv_original: int, load, rows, size_rows, rss, src: Path) -> str:
+    timing_head = [f"{mode} {n} thr ms (orig / export)" for mode in ("prefill", "decode") for n in args.threads]
+    head = ["policy", "heads removed", "format", "uneven layers", f"KV cache at {args.kv_tokens} tokens"]
+    for mode, tok in (("prefill", args.prefill_tokens), ("decode", args.decode_tokens)):
+        for n in args.threads:
+            head += [f"{mode} {tok} tok, {n} thr: time ratio (IQR)", "FLOPs ratio"]
+    cmd = "python benchmarks/bench_export.py " + " ".join(sys.argv[1:])
+    lines = [
+        "## Export (quick check, tiny model)" if args.quick else "## Export (sliced) — SmolLM2-135M-Instruct, CPU",
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Machine: {platform.machine()} {os.cpu_count()}-core CPU, torch {torch.__version__}, float32; load average "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) when the measurement started.  ",
+        f"Source: {layout.num_layers} layers x {layout.num_heads} heads ({layout.num_kv_heads} KV heads, groups of "
+        f"{layout.group_size}); KV cache at {args.kv_tokens} tokens {kv_original / 2**20:.1f} MiB. Plans: the first "
+        "units of each GQA policy on a seeded random ranking.",
+        "",
+        f"Time ratio = median {'CPU' if args.clock == 'cpu' else 'wall'} time of the export / median time of the "
+        f"original over {args.repeats} interleaved runs "
+        "each (`prune_heads.evaluation.speed.compare_speed`), with the interquartile range of the per-pair ratios; "
+        "below 1 is faster. FLOPs ratio = multiply-adds per token of the real weights at the average context "
+        "(`flops_per_token`). **slow** marks a time ratio above the FLOPs ratio by more than half the IQR (and 1%). "
+        f"Decode = {args.decode_tokens} one-token steps after a {args.decode_context}-token prompt. "
+        "*Uneven layers*: layers whose kept KV heads keep different numbers of query heads.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *rows,
+        "",
+        "| plan | parameters | ratio | vs prediction | weight files ratio | export s | " + " | ".join(timing_head) + " |",
+        "|---|---:|---:|---|---:|---:|" + "---:|" * len(timing_head),
+        *size_rows,
+        "",
+    ]
+    if rss:
+        lines += [
+            f"Export peak memory (child process, VmHWM, the first kv-groups plan): {rss['peak_kb'] / 1024:.0f} MiB, "
+            f"of which {rss['after_imports_kb'] / 1024:.0f} MiB is the interpreter with torch/transformers imported; "
+            f"the export added {(rss['peak_kb'] - rss['after_imports_kb']) / 1024:.0f} MiB for a "
+            f"{weights_bytes(src) / 2**20:.0f} MiB model (shard size 100MB; largest writer buffer "
+            f"{rss['peak_buffer_bytes'] / 2**20:.0f} MiB). VmHWM also counts the source's memory-mapped pages.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    from transformers import AutoModelForCausalLM
+
+    from prune_heads.evaluation.speed import kv_cache_bytes
     from prune_heads.export import register_auto_classes
-    from prune_heads.export.slicing import layer_heads
     from prune_heads.model.adapters import get_adapter
     from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
 
     register_auto_classes()
-    src = gguf_to_plain(*resolve_model_spec("smollm2"), progress=False)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    src = quick_source(tmp) if args.quick else gguf_to_plain(*resolve_model_spec("smollm2"), progress=False)
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     layout = get_adapter(original).layout(original.config)
-    plan = make_plan(layout, args.fraction)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
-    plan_path = tmp / "plan.json"
-    plan.save(plan_path)
-
-    t = time.perf_counter()
-    res = export(str(src), plan, tmp / "sliced", shard_size="100MB", progress=False)
-    export_s = time.perf_counter() - t
-    exported = AutoModelForCausalLM.from_pretrained(tmp / "sliced", dtype=torch.float32).eval()
-    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))  # noqa: E731
-    heads = layer_heads(plan, layout)
-    cfg = original.config
-    f_orig = flops_per_token(layout, [layout.num_heads] * layout.num_layers, [layout.num_kv_heads] * layout.num_layers,
-                             args.seq // 2, cfg.intermediate_size, cfg.vocab_size)
-    f_new = flops_per_token(layout, [len(h.kept) for h in heads], [len(h.kept_kv) for h in heads], args.seq // 2,
-                            cfg.intermediate_size, cfg.vocab_size)
-    bytes_per_param = 4
-    rows = {}
-    for name, m in (("original", original), ("sliced", exported)):
-        rows[name] = {"prefill_ms": prefill_ms(m, args.seq, args.reps), "decode_tps": decode_tps(m, 32, args.decode_tokens)}
-    rss = export_rss(src, plan_path, tmp / "rss", "100MB")
-    model_bytes = size(src)
-
-    pct_heads = len(plan.removed_heads) / layout.total_heads
-    lines = [
-        "## Export (sliced) — SmolLM2-135M, CPU",
-        "",
-        f"Command: `python benchmarks/bench_export.py --fraction {args.fraction} --threads {args.threads}`  ",
-        f"Machine: {platform.machine()} {os.cpu_count()}-core CPU, torch {torch.__version__}, {args.threads} threads, float32.  ",
-        f"Plan: {len(plan.removed_heads)}/{layout.total_heads} heads removed ({pct_heads:.0%}), as whole KV groups "
-        f"({layout.group_size} query heads each) spread over all layers. Export took {export_s:.1f}s including verification "
-        f"(float64 max |Δlogit| {res.verification['max_abs_logit_diff']:.2g}, float32 {res.verification['max_abs_logit_diff_float32']:.2g}).",
-        "",
-        "| | original | sliced | ratio | prediction |",
-        "|---|---:|---:|---:|---:|",
-        f"| parameters | {res.params_before:,} | {res.params_after:,} | {res.params_after / res.params_before:.3f} | "
-        f"{res.predicted_params_after:,} ({'exact' if res.predicted_params_after == res.params_after else 'off'}) |",
-        f"| weight files (bytes) | {size(src):,} | {size(tmp / 'sliced'):,} | {size(tmp / 'sliced') / size(src):.3f} | "
-        f"{res.predicted_params_after * bytes_per_param:,} + headers |",
-        f"| prefill {args.seq} tokens (ms, median of {args.reps}) | {rows['original']['prefill_ms']:.0f} | "
-        f"{rows['sliced']['prefill_ms']:.0f} | {rows['sliced']['prefill_ms'] / rows['original']['prefill_ms']:.3f} | "
-        f"FLOPs ratio {f_new / f_orig:.3f} |",
-        f"| decode (tokens/s, {args.decode_tokens} tokens, batch 1) | {rows['original']['decode_tps']:.1f} | "
-        f"{rows['sliced']['decode_tps']:.1f} | {rows['sliced']['decode_tps'] / rows['original']['decode_tps']:.3f} | "
-        f"1/FLOPs ratio {f_orig / f_new:.3f} |",
-        "",
-        f"Export peak memory (child process, VmHWM): {rss['peak_kb'] / 1024:.0f} MiB peak, of which "
-        f"{rss['after_imports_kb'] / 1024:.0f} MiB is the interpreter with torch/transformers imported; the export itself "
-        f"added {(rss['peak_kb'] - rss['after_imports_kb']) / 1024:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model "
-        f"(shard size 100MB; largest writer buffer {rss['peak_buffer_bytes'] / 2**20:.0f} MiB). Verification (which loads "
-        "both models) is excluded here. VmHWM also counts the source file's memory-mapped pages (safetensors reads through "
-        "mmap; reclaimable page cache, not heap), so it grows with the source even though the tensors held at once stay "
-        "about one shard (measured in tests/test_export_errors.py::test_streaming_sharded_input_holds_about_one_shard). "
-        "Timings on this shared 2-core machine are noisy: rerun to compare.",
-        "",
-        "The FLOPs ratio counts multiply-adds per token (projections, attention at the average causal length, MLP and LM "
-        "head); attention heads are a small share of a 135M model's compute, so the expected speed-up is modest.",
-        "",
-    ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print("\n".join(lines))
+    kv_original = kv_cache_bytes(original, args.kv_tokens)
+    load = os.getloadavg()
+    rows, size_rows, rss = [], [], None
+    for spec in args.plans:
+        case = make_case(spec, layout)
+        if case.plan is None:
+            rows.append(f"| {case.policy} | {case.fraction:.0%} | – | – | {case.note} |" + " – |" * (4 * len(args.threads)))
+            continue
+        for fmt in ["sliced"] + (["uniform"] if case.policy == "uniform" else []):
+            row, size = bench_export(case, fmt, src, original, layout, kv_original, tmp, args)
+            rows.append(row)
+            size_rows.append(size)
+            print(row, flush=True)
+        if rss is None and not args.no_rss and case.policy == "kv-groups":
+            case.plan.save(tmp / "plan.json")
+            rss = export_rss(src, tmp / "plan.json", tmp / "rss", "100MB")
+    text = render(args, layout, kv_original, load, rows, size_rows, rss, src)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

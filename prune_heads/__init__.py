@@ -2,13 +2,18 @@
 
 Every public name is imported on first use, so ``import prune_heads`` (and ``prune-heads --help``)
 stays cheap: torch, transformers, lm-eval and matplotlib load only when a name that needs them is
-touched. ``import prune_heads`` registers the pruned model types with transformers' Auto classes, so
-exported ``sliced`` checkpoints load without ``trust_remote_code``.
+touched. After ``import prune_heads``, exported ``sliced`` checkpoints load with transformers' Auto
+classes without ``trust_remote_code``: the pruned model types are registered the moment transformers'
+Auto classes are imported (an import hook that then removes itself), or at once when they already are.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import logging
+import sys
 from typing import Any
 
 from prune_heads.__about__ import __version__
@@ -30,13 +35,16 @@ _EXPORTS: dict[str, str] = {
     "ablation_scores": "prune_heads.scoring.ablation",
     "Plan": "prune_heads.plan",
     "make_evaluator": "prune_heads.evaluation",
+    "compare_speed": "prune_heads.evaluation.speed",
     "select_static": "prune_heads.selection.static",
     "select_iterative": "prune_heads.selection.iterative",
     "select_gates": "prune_heads.selection.gates",
     "export_checkpoint": "prune_heads.export",
     "verify_export": "prune_heads.export.verify",
+    "refresh_card": "prune_heads.export.model_card",
     "push": "prune_heads.publish.hub",
     "write_report": "prune_heads.report",
+    "plot_selection_search": "prune_heads.report",
     "run": "prune_heads.pipeline",
 }
 
@@ -52,12 +60,64 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+#: the registration needs the Auto classes (this module) and a fully imported transformers
+_AUTO_MODULE = "transformers.models.auto"
+_WATCHED = ("transformers", "prune_heads")
+
+
 def _register_auto_classes() -> None:
     try:
         from prune_heads.export import register_auto_classes
-    except ImportError:  # transformers missing: nothing to register
-        return
-    register_auto_classes()
+
+        register_auto_classes()
+    except Exception as e:  # never break the user's import of transformers
+        logging.getLogger(__name__).warning("could not register the pruned model types with transformers: %s", e)
 
 
-_register_auto_classes()
+class _RegisterWhenReady(importlib.abc.MetaPathFinder):
+    """Registers the pruned model types once transformers' Auto classes exist and no transformers or
+    prune_heads module is still being imported (transformers imports ``models.auto`` from inside its
+    own ``modeling_utils``, whose names the registration needs). It counts the imports of those two
+    packages in flight by wrapping their loaders' ``exec_module``, and leaves ``sys.meta_path`` once done.
+    """
+
+    def __init__(self) -> None:
+        self._finding = False
+        self._running = 0
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if self._finding or fullname.partition(".")[0] not in _WATCHED:
+            return None
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
+        loader = getattr(spec, "loader", None)
+        # only a loader made for this one module (a source or extension file) is wrapped
+        if loader is None or getattr(loader, "name", None) != fullname or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def counted(module: Any) -> None:
+            self._running += 1
+            try:
+                exec_module(module)
+            finally:
+                self._running -= 1
+            self._maybe_register()
+
+        loader.exec_module = counted
+        return spec
+
+    def _maybe_register(self) -> None:
+        if self._running or _AUTO_MODULE not in sys.modules or self not in sys.meta_path:
+            return
+        sys.meta_path.remove(self)
+        _register_auto_classes()
+
+
+if _AUTO_MODULE in sys.modules:
+    _register_auto_classes()
+elif not any(isinstance(f, _RegisterWhenReady) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenReady())

@@ -66,6 +66,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any, overwrite: bool = True
     return out
 
 
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a file written through ``mkstemp`` (mode 0600) the mode ``open()`` would: 0666 less the umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +174,92 @@ def test_batches_right_pad():
     assert [o[0] for o in out] == [[0, 1], [2]]
     assert out[0][1].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert out[0][2].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# ---- WikiText-2 ships with the package --------------------------------------------------------------
+SHARED_WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+
+
+def test_wikitext2_resolves_to_the_packaged_file_on_a_fresh_clone(tmp_path, monkeypatch):
+    """No ../shared beside the checkout, no environment variable: the packaged split, byte for byte."""
+    from prune_heads.data.wikitext import PACKAGED_WIKITEXT
+
+    monkeypatch.delenv("PRUNE_HEADS_WIKITEXT", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing named shared/ above /tmp
+    assert not any((p / "shared").exists() for p in [tmp_path, *tmp_path.parents])
+    assert find_wikitext() == PACKAGED_WIKITEXT
+    assert hashlib.sha256(PACKAGED_WIKITEXT.read_bytes()).hexdigest() == WIKITEXT_SHA256
+    docs = list(iter_documents("wikitext2"))
+    assert len(docs) == 62 and docs[0].startswith("= Robert Boulter =")
+    if SHARED_WIKITEXT.is_file():  # the copy CI used until now gives the same documents
+        assert docs == split_text_documents(SHARED_WIKITEXT.read_text(encoding="utf-8"))
+
+
+def test_wikitext2_works_in_a_fresh_interpreter_outside_the_checkout(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PRUNE_HEADS_WIKITEXT"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    code = ("import json; from prune_heads.data import find_wikitext, iter_documents; "
+            "d = list(iter_documents('wikitext2')); print(json.dumps([str(find_wikitext()), len(d), d[-1][-40:]]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, n, tail = json.loads(out.stdout.splitlines()[-1])
+    from prune_heads.data.wikitext import PACKAGED_WIKITEXT
+
+    assert Path(path) == PACKAGED_WIKITEXT and n == 62
+    assert tail == split_text_documents(PACKAGED_WIKITEXT.read_text(encoding="utf-8"))[-1][-40:]
+
+
+def test_wikitext_package_data_is_declared():
+    """The files are in the wheel: pyproject's package-data patterns match every file of the folder."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["prune_heads"]
+    files = sorted(p.relative_to(root / "prune_heads").as_posix() for p in (root / "prune_heads/data/wikitext2").iterdir())
+    assert files == ["data/wikitext2/ATTRIBUTION.md", "data/wikitext2/wiki.test.raw"]
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
+    attribution = (root / "prune_heads/data/wikitext2/ATTRIBUTION.md").read_text()
+    assert "CC BY-SA 3.0" in attribution and WIKITEXT_SHA256 in attribution and "Merity" in attribution
+
+
+def test_environment_variable_overrides_the_packaged_file(tmp_path, monkeypatch):
+    f = tmp_path / "mine.raw"
+    f.write_text(WIKI)
+    monkeypatch.setenv("PRUNE_HEADS_WIKITEXT", str(f))
+    assert find_wikitext() == f
+    assert list(iter_documents("wikitext2")) == split_text_documents(WIKI)
+    monkeypatch.setenv("PRUNE_HEADS_WIKITEXT", str(tmp_path / "missing.raw"))
+    with pytest.raises(DataError, match="PRUNE_HEADS_WIKITEXT=.*not a file.*unset it"):
+        list(iter_documents("wikitext2"))
+
+
+def test_wikitext2_hub_reads_salesforce_wikitext(monkeypatch):
+    """The Hub copy (one record per line) joins into the same documents as the packaged file."""
+    import datasets
+
+    from prune_heads.data.wikitext import PACKAGED_WIKITEXT
+
+    lines = PACKAGED_WIKITEXT.read_text(encoding="utf-8").splitlines(keepends=True)
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kw):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"text": lines})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert list(iter_documents("wikitext2:hub")) == list(iter_documents("wikitext2"))
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
+
+
+def test_wikitext2_hub_offline_says_what_to_do(monkeypatch):
+    import datasets
+
+    def offline(*a, **kw):
+        raise ConnectionError("offline mode is enabled")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="cannot load Salesforce/wikitext.*--data wikitext2"):
+        list(iter_documents("wikitext2:hub"))

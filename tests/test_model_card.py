@@ -84,7 +84,11 @@ def test_unknown_license_is_omitted():
 def test_base_model_is_a_hub_id_or_omitted(base, expected, tmp_path):
     text = render_model_card(make_info(base_model=base))
     assert front_matter(text).get("base_model") == expected
-    assert (expected or base) in text.split("---\n", 2)[2]  # the body still names the source
+    body = text.split("---\n", 2)[2]
+    if expected or not base.startswith(("/", ".")):
+        assert (expected or base) in body  # the body still names the source
+    else:
+        assert base.rstrip("/").split("/")[-1] in body and base not in body  # by name, never by local path
 
 
 def test_existing_local_folder_is_not_a_hub_id(tmp_path, monkeypatch):
@@ -138,8 +142,8 @@ def test_eval_table_pairs_per_task():
           "arc_easy": {"baseline": _result("acc_norm", 0.6, 0.02), "pruned": _result("acc_norm", 0.61, None)}}
     rows = table_rows(section(render_model_card(make_info(eval_results=ev)), "Evaluation"))
     assert rows == [
-        ["arc_easy", "acc_norm", "0.6000 ± 0.0200", "0.6100", "+0.0100", "200"],
-        ["mmlu", "acc", "0.3000 ± 0.0040", "0.2975 ± 0.0041", "-0.0025", "14042"],
+        ["arc_easy", "acc_norm", "0.6000 ± 0.0200", "0.6100", "+0.0100", "200", "as recorded"],
+        ["mmlu", "acc", "0.3000 ± 0.0040", "0.2975 ± 0.0041", "-0.0025", "14042", "as recorded"],
     ]
 
 
@@ -148,11 +152,11 @@ def test_eval_table_other_shapes():
     pair = {"baseline": {**_result("perplexity", 20.0, None), "details": {"task": "ppl:wikitext2"}},
             "pruned": _result("perplexity", 20.5, None)}
     rows = table_rows(section(render_model_card(make_info(eval_results=pair)), "Evaluation"))
-    assert rows == [["ppl:wikitext2", "perplexity", "20.0000", "20.5000", "+0.5000", "200"]]
+    assert rows == [["ppl:wikitext2", "perplexity", "20.0000", "20.5000", "+0.5000", "200", "as recorded"]]
     # task -> single result (only the pruned model was measured)
     rows = table_rows(section(render_model_card(make_info(eval_results={"piqa": _result("acc", 0.7, 0.01)})),
                               "Evaluation"))
-    assert rows == [["piqa", "acc", "–", "0.7000 ± 0.0100", "–", "200"]]
+    assert rows == [["piqa", "acc", "not measured", "0.7000 ± 0.0100", "not measured", "200", "as recorded"]]
 
 
 def test_eval_results_as_objects():
@@ -183,12 +187,13 @@ def test_verification_states():
     bad = section(render_model_card(make_info(verification={"passed": False, "max_abs_diff": 0.3, "tol": 1e-4})),
                   "Verification")
     assert "**FAILED**" in bad and "3.00e-01" in bad
-    assert "not verified" in section(render_model_card(make_info(verification=None)), "Verification")
+    assert "No verification is recorded" in section(render_model_card(make_info(verification=None)), "Verification")
 
 
 def test_loading_instructions_per_format():
     sliced = section(render_model_card(make_info(repo_id="me/smol-pruned")), "How to load")
-    assert 'from_pretrained("me/smol-pruned", trust_remote_code=True)' in sliced
+    assert 'AutoModelForCausalLM.from_pretrained("me/smol-pruned", trust_remote_code=True)' in sliced
+    assert 'AutoTokenizer.from_pretrained("me/smol-pruned", trust_remote_code=True)' in sliced
     assert "import prune_heads" in sliced
     for fmt in ("uniform", "masked"):
         text = section(render_model_card(make_info(format=fmt, trust_remote_code=False)), "How to load")
@@ -228,7 +233,7 @@ def test_minimal_info():
     """A hand-written plan exported without evaluation still gets a valid card."""
     text = render_model_card({"base_model": "/models/local", "format": "masked", "heads_total": 8,
                               "heads_removed": 1, "removed_per_layer": [1, 0], "num_heads_per_layer": 4})
-    assert "base_model" not in front_matter(text) and "`/models/local`" in text
+    assert "base_model" not in front_matter(text) and "`local`" in text and "/models" not in text
     assert "1 of 8 (12.50%)" in text
 
 

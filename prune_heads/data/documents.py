@@ -7,7 +7,8 @@
 - ``hub:ID[?name=CONFIG&split=SPLIT&field=FIELD]``: a Hub dataset (where the Hub is reachable; the
   paper uses ``hub:HuggingFaceFW/fineweb-edu?name=sample-10BT``), streamed;
 - ``task:NAME``: the documents (prompts) of an lm-eval task, offline when the data is installed;
-- ``wikitext2``: the raw WikiText-2 test split from ``../shared/data`` or ``PRUNE_HEADS_WIKITEXT``.
+- ``wikitext2``: the raw WikiText-2 test split, shipped with the package (``PRUNE_HEADS_WIKITEXT``
+  overrides the file); ``wikitext2:hub`` reads the same split from the Hub (``Salesforce/wikitext``).
 
 The Python API also takes pre-tokenised sequences.
 """
@@ -22,7 +23,8 @@ from urllib.parse import parse_qs
 
 from prune_heads.errors import DataError
 
-from .wikitext import find_wikitext, split_text_documents
+from .wikitext import SPECS as WIKITEXT_SPECS
+from .wikitext import split_text_documents, wikitext_documents
 
 #: ``prefix -> documents(rest)`` for specs such as ``task:NAME``: stages that own a kind of document
 #: register it here, so this module never imports them. A value may be ``"module:function"`` (imported
@@ -76,8 +78,8 @@ def _texts_from_records(records: Iterable[dict[str, Any]], field: str, where: st
 
 def iter_documents(source: str) -> Iterator[str]:
     """Yield the text documents of a data spec, in source order."""
-    if source == "wikitext2":
-        yield from split_text_documents(find_wikitext().read_text(encoding="utf-8"))
+    if source in WIKITEXT_SPECS:
+        yield from wikitext_documents(source)
         return
     if source.startswith("hub:"):
         yield from _hub_documents(source[4:])
@@ -92,7 +94,7 @@ def iter_documents(source: str) -> Iterator[str]:
         path_s, split = path_s.rsplit("@", 1)
     path = Path(path_s)
     if not path.exists():
-        raise DataError(f"data source {source!r} not found (a file, a save_to_disk folder, hub:ID, task:NAME or wikitext2)")
+        raise DataError(f"data source {source!r} not found (a file, a save_to_disk folder, hub:ID, task:NAME, wikitext2 or wikitext2:hub)")
     if path.is_dir():
         yield from _disk_documents(path, split, field)
     elif path.suffix == ".txt" or path.suffix == ".raw":

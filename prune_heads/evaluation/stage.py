@@ -116,7 +116,7 @@ class PrunedSide:
         if self.export_dir is not None:
             return "exported model"
         if self.plan is not None:
-            return "original with the plan's heads removed"
+            return "masked original (the plan's heads removed, compensated as the plan says)"
         return None
 
 

@@ -12,11 +12,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from prune_heads.__about__ import __version__
 from prune_heads.errors import PruneHeadsError
-from prune_heads.export import masked, sliced, uniform
+from prune_heads.export import masked, model_card, sliced, uniform
 from prune_heads.export.slicing import layer_heads, predicted_removed_params, slicing_rules
 from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_source, parse_size
 from prune_heads.export.verify import verify_export
@@ -48,23 +47,29 @@ class ExportResult:
         return v is None or bool(v["passed"]) or bool(v.get("approximate_norms"))
 
 
-_registered = False
+_registered: set[str] = set()
 
 
 def register_auto_classes() -> None:
-    """Let ``AutoConfig``/``AutoModelForCausalLM`` load sliced checkpoints without ``trust_remote_code``."""
-    global _registered
-    if _registered:
+    """Let ``AutoConfig``/``AutoModelForCausalLM`` load sliced checkpoints without ``trust_remote_code``.
+
+    The classes are built from the family adapters (``sliced.family_table``), so a family added with
+    ``register_adapter()`` is registered on the next call.
+    """
+    table = {t: e for t, e in sliced.family_table().items() if t not in _registered}
+    if not table:
         return
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prune_heads.export.remote.configuration_pruned import PRUNED_CONFIGS
-    from prune_heads.export.remote.modeling_pruned import PRUNED_MODELS
+    from prune_heads.export.remote import configuration_pruned as remote_config
+    from prune_heads.export.remote import modeling_pruned as remote_model
 
-    for family, config_cls in PRUNED_CONFIGS.items():
+    for model_type, entry in table.items():
+        config_cls = remote_config.PRUNED_CONFIGS.get(model_type) or remote_config.make_config_class(model_type, entry)
+        model_cls = remote_model.PRUNED_MODELS.get(model_type) or remote_model.make_model_class(model_type, entry)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, PRUNED_MODELS[family], exist_ok=True)
-    _registered = True
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        _registered.add(model_type)
 
 
 def resolve_source(model: str, gguf_file: str | None = None) -> Path:
@@ -151,7 +156,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         files.append("config.json")
         files += copy_aux_files(src.path, tmp)
         if fmt.REMOTE_CODE:
-            files += fmt.write_extras(tmp)
+            files += fmt.write_extras(tmp, out_config)
 
         verification = None
         if verify:
@@ -164,7 +169,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
             "tool": "prune-heads",
             "tool_version": __version__,
             "format": format,
-            "source": {"model": str(model), "path": str(src.path), "sha256": src.fingerprint()},
+            "source": model_card.source_info(str(model), gguf_file, src.fingerprint()),
             "family": adapter.name,
             "plan": plan.to_dict(),
             "removed_per_layer": removed_per_layer,
@@ -178,11 +183,16 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
             "approximate_norms": approximate,
             "scores_summary": scores_summary,
             "eval_results": eval_results,
+            # the plan's own record of the selection wins over a copy of it passed as eval_results
+            "evaluation": model_card.merge_evaluation(model_card.evaluation_rows(eval_results),
+                                                     model_card.evaluation_rows(plan.to_dict())),
             "verification": verification,
+            "license": source_license(src.path),
         }
+        provenance = model_card.scrub_local_paths(provenance)  # never a local path in what gets published
         write_json_atomic(tmp / PROVENANCE_FILE, provenance)
         files.append(PROVENANCE_FILE)
-        files += _model_card(tmp, provenance, src, adapter, layout, format)
+        files.append(model_card.write_model_card(tmp, model_card.card_info(provenance)).name)
 
     return ExportResult(out, params_before, writer.total_params, verification, sorted(files), predicted,
                         writer.total_bytes, writer.peak_buffer_bytes)
@@ -204,32 +214,6 @@ def source_license(path: Path) -> str | None:
         return None
     value = meta.get("license") if isinstance(meta, dict) else None
     return str(value) if value else None
-
-
-def _model_card(tmp: Path, prov: dict[str, Any], src, adapter, layout, format: str) -> list[str]:
-    """The model card, rendered from the provenance just written."""
-    from prune_heads.export.model_card import write_model_card
-
-    license_ = source_license(src.path)
-    info = {
-        "base_model": prov["source"]["model"],
-        "format": format,
-        "family": adapter.name,
-        "plan": prov["plan"],
-        "removed_per_layer": prov["removed_per_layer"],
-        "num_heads_per_layer": layout.num_heads,
-        "heads_total": prov["heads_total"],
-        "heads_removed": prov["heads_removed"],
-        "params_before": prov["params_before"],
-        "params_after": prov["params_after"],
-        "eval_results": prov["eval_results"],
-        "verification": prov["verification"],
-        "license": license_,
-        "tool_version": prov["tool_version"],
-        "trust_remote_code": format == "sliced",
-    }
-    path = write_model_card(tmp, info)
-    return [Path(path).name]
 
 
 __all__ = ["FORMATS", "ExportResult", "export_checkpoint", "register_auto_classes", "verify_export"]

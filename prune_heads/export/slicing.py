@@ -43,7 +43,8 @@ def layer_heads(plan: Plan, layout: HeadLayout) -> list[LayerHeads]:
 def pruned_layout(adapter: FamilyAdapter) -> dict[str, Any]:
     """What the travelling modelling code needs to know about the family (recorded in the config)."""
     return {
-        "attn_name": "self_attn",
+        "layers": adapter.layers_path,
+        "attn_name": adapter.attention_name,
         "q_name": adapter.q_name,
         "k_name": adapter.k_name,
         "v_name": adapter.v_name,

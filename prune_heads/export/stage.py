@@ -42,19 +42,6 @@ class VerifyConfig(Config):
     seq_len: int = option(64, ge=2, cli="verify-seq-len", help="Tokens per check sequence.")
 
 
-def selection_eval_results(plan: Any) -> dict[str, Any] | None:
-    """The plan's own evaluation for the model card: the held-out check when there is one, else the search."""
-    s = plan.selection
-    if s.verification is not None:
-        task = (s.verification.task or {}).get("task") or "held-out"
-        return {f"{task} (held-out, at selection)": {"baseline": s.verification.baseline,
-                                                     "pruned": s.verification.result}}
-    if s.baseline is not None and s.result is not None:
-        task = (s.task or {}).get("task") or "search"
-        return {f"{task} (search split, at selection)": {"baseline": s.baseline, "pruned": s.result}}
-    return None
-
-
 def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify: VerifyConfig | None = None,
                overwrite: bool = False, progress: bool = True) -> Any:
     """Write ``plan`` applied to the model (a ``ModelConfig``) as a checkpoint in ``out``; verify it inline
@@ -64,7 +51,7 @@ def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify
     v = verify if verify is not None and verify.enabled else None
     return export_checkpoint(model.id, plan, out, format=config.format, dtype=config.dtype,
                              shard_size=config.shard_size, verify=v is not None, overwrite=overwrite,
-                             approximate_norms=config.approximate_norms, eval_results=selection_eval_results(plan),
+                             approximate_norms=config.approximate_norms,
                              scores_summary=plan.selection.scores, gguf_file=model.gguf_file, progress=progress,
                              verify_tol=v.tol if v else 1e-4, verify_num_sequences=v.num_sequences if v else 4,
                              verify_seq_len=v.seq_len if v else 64)

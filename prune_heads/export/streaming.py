@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prune_heads.errors import PruneHeadsError
+from prune_heads.io_utils import apply_umask
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -179,6 +180,7 @@ class ShardWriter:
             return
         part = self.out_dir / f".part-{len(self._parts):05d}.safetensors"
         save_file(self._buffer, str(part), metadata=self.metadata)
+        apply_umask(part)  # safetensors creates its files 0600
         self._parts.append((part, list(self._buffer)))
         self._buffer, self._buffer_bytes = {}, 0
 
@@ -208,6 +210,7 @@ def copy_aux_files(src: Path, dst: Path) -> list[str]:
     for pattern in AUX_PATTERNS:
         for f in sorted(src.glob(pattern)):
             if f.is_file() and not (dst / f.name).exists():
-                shutil.copy2(f, dst / f.name)
+                shutil.copyfile(f, dst / f.name)  # the user's umask, not the source file's mode
+                apply_umask(dst / f.name)
                 copied.append(f.name)
     return copied

@@ -90,9 +90,41 @@ def resolve_model_spec(spec: str, gguf_file: str | None = None) -> tuple[str, st
     return spec, None
 
 
-def _gguf_cache_key(path: Path) -> str:
+#: bump when ``gguf_to_plain`` would write a different checkpoint from the same GGUF file
+CONVERTER_VERSION = 1
+
+
+def gguf_sha256(path: Path) -> str:
+    """sha256 of a GGUF file, remembered by (path, size, mtime) so an unchanged file is read once."""
+    import json
+
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    memo_file = cache_dir() / "gguf" / "sha256.json"
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if stamp in memo:
+        return memo[stamp]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    memo[stamp] = h.hexdigest()
+    try:
+        from prune_heads.io_utils import write_json_atomic
+
+        write_json_atomic(memo_file, memo)
+    except OSError:
+        pass  # a read-only cache still works, it only hashes again
+    return memo[stamp]
+
+
+def _gguf_cache_key(path: Path) -> str:
+    """The file's content and the converter's version: the same GGUF converts once per machine, whatever
+    environment or path it is loaded from."""
+    return f"{gguf_sha256(path)[:16]}-c{CONVERTER_VERSION}"
 
 
 def gguf_to_plain(directory: str, gguf_file: str, *, progress: bool = True) -> Path:
@@ -117,7 +149,8 @@ def gguf_to_plain(directory: str, gguf_file: str, *, progress: bool = True) -> P
     with atomic_dir(out, overwrite=True) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE").write_text(f"converted from {src}\n")
+        (tmp / "SOURCE").write_text(f"converted from {src.name} (sha256 {gguf_sha256(src)}) by prune-heads' GGUF "
+                                    f"converter v{CONVERTER_VERSION}\n")
     return out
 
 

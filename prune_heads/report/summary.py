@@ -23,15 +23,16 @@ DEFAULT_SCORES: tuple[str, ...] = ("awft", "ahon_ln", "lthon_ln", "aeqd_ln") + G
 
 
 def choose_score_ids(scores: HeadScores, score_ids: list[str] | None) -> list[str]:
-    """The requested ids (all must be in the file), or the defaults that are present, or everything."""
+    """The requested ids (all must be in the file), else every score the file holds: the paper's
+    baseline and best functions and the measured scores first (``DEFAULT_SCORES``), then the rest."""
     if score_ids:
         missing = [s for s in score_ids if s not in scores.score_ids]
         if missing:
             raise PruneHeadsError(f"score(s) {', '.join(missing)} not in this scores file; it has: "
                                   f"{', '.join(scores.score_ids)}")
         return list(dict.fromkeys(score_ids))
-    chosen = [s for s in DEFAULT_SCORES if s in scores.score_ids]
-    return chosen or list(scores.score_ids)
+    first = [s for s in DEFAULT_SCORES if s in scores.score_ids]
+    return first + [s for s in scores.score_ids if s not in first]
 
 
 def file_stem(score_id: str) -> str:
@@ -73,12 +74,30 @@ def threshold_rows(score_id: str, mean: np.ndarray, per: np.ndarray | None,
     return rows
 
 
-def write_report(scores: HeadScores, out_dir: str | os.PathLike, *, score_ids: list[str] | None = None,
-                 fraction: float = 0.1, overwrite: bool = False) -> Path:
-    """Write heatmaps, distributions, quantile-threshold and overlap tables, and ``report.md``.
+def plan_mask(plan: Any, shape: tuple[int, int]) -> np.ndarray:
+    """``(L, H)`` bool of the heads a plan (``Plan``, plan file, or ``[(layer, head)]``) removes."""
+    from prune_heads.plan import Plan
 
-    The output directory appears complete or not at all (``atomic_dir``); ``report.json`` holds every
-    number of ``report.md`` for scripts.
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(plan)
+    heads = plan.removed_heads if isinstance(plan, Plan) else [tuple(h) for h in plan]
+    mask = np.zeros(shape, dtype=bool)
+    for layer, head in heads:
+        if not (0 <= layer < shape[0] and 0 <= head < shape[1]):
+            raise PruneHeadsError(f"the plan removes head [{layer}, {head}] but the scores cover {shape[0]} layers x "
+                                  f"{shape[1]} heads: plan and scores come from different models")
+        mask[layer, head] = True
+    return mask
+
+
+def write_report(scores: HeadScores, out_dir: str | os.PathLike, *, score_ids: list[str] | None = None,
+                 fraction: float = 0.1, overwrite: bool = False, plan: Any = None) -> Path:
+    """Write heatmaps (one per score, and all scores in ``overview.png``), distributions,
+    quantile-threshold and overlap tables, and ``report.md``.
+
+    ``plan`` (a ``Plan``, a plan file or ``[(layer, head)]``): the heatmaps mark the heads it removes
+    instead of each score's top ``fraction``. The output directory appears complete or not at all
+    (``atomic_dir``); ``report.json`` holds every number of ``report.md`` for scripts.
     """
     fraction = M.check_fraction(fraction)
     if fraction == 0.0:
@@ -87,18 +106,22 @@ def write_report(scores: HeadScores, out_dir: str | os.PathLike, *, score_ids: l
     L, H = scores.num_layers, scores.num_heads
     k = M.num_for_fraction(fraction, L * H)
     fractions = sorted(set(M.PAPER_FRACTIONS) | {fraction})
+    removed = plan_mask(plan, (L, H)) if plan is not None else None
     data: dict[str, Any] = {"fraction": fraction, "top_k": k, "num_layers": L, "num_heads": H,
-                            "source": scores.summary(), "scores": {}}
+                            "source": scores.summary(), "scores": {},
+                            "plan_heads": None if removed is None else [list(map(int, x)) for x in np.argwhere(removed)]}
     sets: dict[str, set] = {}
+    means: dict[str, np.ndarray] = {}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for sid in tqdm(ids, desc="report", unit="score", leave=False):
             mean, per = arrays(scores, sid)
+            means[sid] = mean
             rows = threshold_rows(sid, mean, per, fractions)
             sets[sid] = M.inactive_set(mean, sid, fraction)
             at = next(r for r in rows if r["fraction"] == fraction)
             stem = file_stem(sid)
-            plots.heatmap(mean, sid, tmp / f"heatmap_{stem}.png", marked=M.set_to_mask(sets[sid], (L, H)),
-                          marked_label=f"top {fraction:.0%} inactive ({k} heads)",
+            marked, label = _marks(removed, sets[sid], (L, H), fraction, k)
+            plots.heatmap(mean, sid, tmp / f"heatmap_{stem}.png", marked=marked, marked_label=label,
                           subtitle=f"{L} layers x {H} heads" + (f", mean over {per.shape[0]} sequences" if per is not None else ", whole-set score"),
                           num_kv_heads=kv_heads(scores))
             plots.distribution(sid, tmp / f"dist_{stem}.png", per_sample=per, mean=mean, tau=at["tau"],
@@ -109,6 +132,9 @@ def write_report(scores: HeadScores, out_dir: str | os.PathLike, *, score_ids: l
                 "inactive_set": sorted(sets[sid]), "inactive_per_layer": M.per_layer_counts(M.set_to_mask(sets[sid], (L, H))),
                 "heatmap": f"heatmap_{stem}.png", "distribution": f"dist_{stem}.png",
             }
+        if len(ids) > 1:
+            plots.overview(means, tmp / "overview.png", num_kv_heads=kv_heads(scores), marked=removed,
+                           marked_label=None if removed is None else f"removed by the plan ({int(removed.sum())} heads)")
         overlap = None
         if len(ids) > 1:
             overlap = M.overlap_matrices(sets)
@@ -123,6 +149,13 @@ def write_report(scores: HeadScores, out_dir: str | os.PathLike, *, score_ids: l
     return Path(out_dir)
 
 
+def _marks(removed: np.ndarray | None, top: set, shape: tuple[int, int], fraction: float,
+           k: int) -> tuple[np.ndarray, str]:
+    if removed is not None:
+        return removed, f"removed by the plan ({int(removed.sum())} heads)"
+    return M.set_to_mask(top, shape), f"top {fraction:.0%} inactive by this score ({k} heads)"
+
+
 def _markdown(scores: HeadScores, ids: list[str], data: dict[str, Any], overlap: M.Overlap | None,
               fractions: list[float]) -> str:
     f, k, L, H = data["fraction"], data["top_k"], data["num_layers"], data["num_heads"]
@@ -134,10 +167,18 @@ def _markdown(scores: HeadScores, ids: list[str], data: dict[str, Any], overlap:
                f"{meta.get('num_tokens', '?')} tokens")
     out.append(f"- scores shown: {', '.join(f'`{s}`' for s in ids)} (file has {len(scores.score_ids)})")
     out.append(f"- chosen fraction: {f:.0%} (the top {k} heads by inactivity for the overlap tables)")
+    marks = ("the heads the plan removes" if data.get("plan_heads") is not None
+             else "the score's top-fraction inactive set")
     out += ["", "Direction: `awft`/`awft_ln` mark a head inactive when **high**, every other score when **low**. "
-            "In every heatmap dark means inactive and a red x marks the top-fraction inactive set.", ""]
+            f"In every heatmap dark means inactive and a red x marks {marks}. Colour scales are clipped to the "
+            f"{plots.CLIP_PERCENTILES[0]:g}–{plots.CLIP_PERCENTILES[1]:g}th percentile (arrows on the colour bar) so "
+            "that a few outlying heads do not flatten the rest.", ""]
+    if data.get("plan_heads") is not None:
+        out += [f"- plan: {len(data['plan_heads'])} heads removed", ""]
 
     out += ["## Heatmaps", ""]
+    if len(ids) > 1:
+        out += ["![all scores](overview.png)", ""]
     out += [f"![{s}]({data['scores'][s]['heatmap']})" for s in ids] + [""]
 
     out += ["## Quantile thresholds (paper style)", "",

@@ -15,6 +15,11 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_TYPE)
 
 
+def adapters_by_type() -> dict[str, FamilyAdapter]:
+    """Every registered ``model_type`` and its adapter (built-in and added with ``register_adapter``)."""
+    return dict(_BY_TYPE)
+
+
 def register_adapter(adapter: FamilyAdapter) -> None:
     """Add a family at run time (for code outside this package)."""
     for t in adapter.model_types:
@@ -35,4 +40,4 @@ def get_adapter(model_or_config: Any) -> FamilyAdapter:
     return _BY_TYPE[model_type]
 
 
-__all__ = ["FamilyAdapter", "HeadLayout", "get_adapter", "register_adapter", "supported_model_types"]
+__all__ = ["FamilyAdapter", "HeadLayout", "adapters_by_type", "get_adapter", "register_adapter", "supported_model_types"]

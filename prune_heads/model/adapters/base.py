@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from prune_heads.errors import UnsupportedArchitectureError
+
 NormKind = Literal["none", "per_head", "full_width"]
 
 
@@ -59,6 +61,13 @@ class FamilyAdapter:
     uniform_model_type: str | None = None
     #: a short note shown in recipes and model cards
     caveat: str = ""
+    #: where the decoder layers sit in a ``*ForCausalLM`` (module path, and checkpoint key prefix)
+    layers_path: str = "model.layers"
+    #: the attention block's attribute name in a decoder layer
+    attention_name: str = "self_attn"
+    #: model types the ``sliced`` format covers (None = all of ``model_types``); a multimodal wrapper
+    #: whose decoder sits elsewhere is left out
+    sliced_model_types: tuple[str, ...] | None = None
 
     # ---- geometry -------------------------------------------------------------------------
     def layout(self, config: Any) -> HeadLayout:
@@ -90,7 +99,7 @@ class FamilyAdapter:
         return self.decoder(model).layers
 
     def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
+        return getattr(layer, self.attention_name)
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [self.attention(layer) for layer in self.layers(model)]
@@ -105,10 +114,33 @@ class FamilyAdapter:
 
     # ---- checkpoint tensor names (used by the streaming exporter) --------------------------
     def layer_prefix(self, layer_idx: int) -> str:
-        return f"model.layers.{layer_idx}."
+        return f"{self.layers_path}.{layer_idx}."
 
     def attn_prefix(self, layer_idx: int) -> str:
-        return f"{self.layer_prefix(layer_idx)}self_attn."
+        return f"{self.layer_prefix(layer_idx)}{self.attention_name}."
+
+    # ---- the stock classes the ``sliced`` format subclasses ---------------------------------
+    def sliced_types(self) -> tuple[str, ...]:
+        return self.model_types if self.sliced_model_types is None else self.sliced_model_types
+
+    def transformers_classes(self, model_type: str) -> tuple[str, str, str]:
+        """``(module, config class, causal-LM class)`` of ``model_type``: names importable from ``module``.
+
+        The default reads transformers' Auto mappings; a family that lives outside transformers
+        overrides this. The ``sliced`` export writes these names into the checkpoint's generated
+        family table, so its modelling code needs no table of its own.
+        """
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config_cls = CONFIG_MAPPING_NAMES.get(model_type)
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        if not config_cls or not isinstance(model_cls, str):
+            raise UnsupportedArchitectureError(
+                f"transformers has no causal-LM class for model_type {model_type!r}; override "
+                f"{type(self).__name__}.transformers_classes() to name the classes the sliced format subclasses"
+            )
+        return "transformers", config_cls, model_cls
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -59,6 +59,8 @@ class Gemma3Adapter(FamilyAdapter):
     model_types = ("gemma3_text", "gemma3")
     qk_norm = "per_head"
     uniform_model_type = "gemma3_text"
+    # the multimodal ``gemma3`` wrapper keeps its decoder under ``model.language_model``
+    sliced_model_types = ("gemma3_text",)
 
 
 class Phi3Adapter(FamilyAdapter):
