@@ -102,7 +102,13 @@ def test_end_to_end_tiny(tiny_dir, short_text, tmp_path):
     assert s.params_before == sum(p.numel() for p in ref_model.parameters())
     assert s.params_after < s.params_before
     assert s.verification["passed"] and s.verification["max_abs_logit_diff"] <= 1e-4
-    assert s.speed["method"] == "interleaved medians" and s.speed["seq_len"] == 16 and s.speed["pruned_seconds"] > 0
+    pre = s.speed["prefill"]
+    assert pre["tokens"] == 16 and len(pre["original_s"]) == len(pre["pruned_s"]) == 1 and pre["ratio"] > 0
+    assert 0 < pre["flops_ratio"] < 1 and "decode" in s.speed
+    assert "FLOPs predict" in (wd / "summary.md").read_text()
+    # the card of the export says what the verify and evaluate stages measured
+    card = (wd / "export" / "model" / "README.md").read_text()
+    assert "not verified" not in card and f"{s.verification['max_abs_logit_diff']:.2e}" in card
     assert Path(s.report).is_file() and list((wd / "report" / "plots").glob("*.png"))
     md = (wd / "summary.md").read_text()
     assert "attention heads" in md and f"-{s.heads_removed}" in md and "tokens)" in md
@@ -185,7 +191,7 @@ def test_changed_input_reruns_only_downstream(tiny_dir, short_text, tmp_path, mo
     calls.clear()
     s = quiet_run(tiny_recipe(tiny_dir, short_text), wd, ["select.max_drop=0.0001", "evaluate.speed_seq_len=8"])
     assert calls == {"evaluate": 1}
-    assert s.speed["seq_len"] == 8
+    assert s.speed["prefill"]["tokens"] == 8
     # --force recomputes even an unchanged stage
     calls.clear()
     quiet_run(tiny_recipe(tiny_dir, short_text), wd, ["select.max_drop=0.0001"], force=True, stop_after="calibrate")

@@ -13,17 +13,23 @@ from prune_heads.selection.stage import SelectConfig
 @click.argument("scores_dir", metavar="SCORES")
 @click.option("--model", "model_spec", required=True, help="Model the scores were computed on (path, Hub id or smollm2).")
 @click_options(SelectConfig)
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw the search (metric against heads removed, each probe) to this PNG.")
 @output_option("Plan file (JSON) to write.")
 @model_options
-def select(scores_dir, model_spec, output, overwrite, **kw):
+def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     """Choose heads to remove from MODEL using the scores in SCORES, keeping TASK within --max-drop."""
     from prune_heads.schema import from_cli
     from prune_heads.scoring.head_scores import HeadScores
-    from prune_heads.selection.stage import plan_line, run_select
+    from prune_heads.selection.stage import plan_line, plot_search, run_select
 
     mc = model_config(model_spec, kw)
     cfg = from_cli(SelectConfig, kw)
     check_output(output, overwrite, inputs=(scores_dir, model_spec))
+    if plot_path:
+        check_output(plot_path, overwrite, inputs=(scores_dir, model_spec, output))
     scores = HeadScores.load(scores_dir)
     plan = run_select(cfg, mc.load(), scores, output, model_id=model_spec, overwrite=overwrite)
     click.echo(plan_line(plan, output))
+    if plot_path and plot_search(plan, plot_path):
+        click.echo(f"search plot -> {plot_path}")

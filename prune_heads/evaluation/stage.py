@@ -231,35 +231,13 @@ def _load_export(path: Path, original: Any) -> Any:
 
 
 def measure_speed(original: Any, pruned: Any, seq_len: int, repeats: int) -> dict[str, Any]:
-    """Prefill time of both models, interleaved (original, pruned, original, ...), medians of ``repeats``."""
-    import statistics
+    """Prefill and decode of both models, interleaved medians (``compare_speed``), beside the FLOPs ratio."""
+    from prune_heads.evaluation.speed import compare_speed
 
-    import torch
-
-    from prune_heads.model.adapters import get_adapter
-
-    device = next(original.parameters()).device
-    config = get_adapter(original).text_config(original.config)
-    seq_len = min(seq_len, int(getattr(config, "max_position_embeddings", seq_len) or seq_len))
-    ids = torch.randint(0, int(config.vocab_size), (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-
-    def once(m: Any) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        m(input_ids=ids, use_cache=False, logits_to_keep=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    times: dict[str, list[float]] = {"original": [], "pruned": []}
-    with torch.no_grad():
-        once(original), once(pruned)  # warm-up
-        for _ in range(repeats):
-            times["original"].append(once(original))
-            times["pruned"].append(once(pruned))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"seq_len": seq_len, "repeats": repeats, "device": str(device), "threads": torch.get_num_threads(),
-            "method": "interleaved medians", "original_seconds": med["original"], "pruned_seconds": med["pruned"],
-            "original_tokens_per_s": seq_len / med["original"], "pruned_tokens_per_s": seq_len / med["pruned"],
-            "time_ratio": med["pruned"] / med["original"]}
+    out: dict[str, Any] = {}
+    for mode, tokens in (("prefill", seq_len), ("decode", max(1, seq_len // 8))):
+        try:
+            out[mode] = compare_speed(original, pruned, mode=mode, tokens=tokens, context=seq_len, repeats=repeats).to_dict()
+        except ValueError as e:  # a context too short for the check: say so instead of failing the run
+            out[mode] = {"skipped": str(e)}
+    return out

@@ -69,10 +69,11 @@ def _calibrate(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def _select(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from prune_heads.selection.stage import run_select
+    from prune_heads.selection.stage import plot_search, run_select
 
     plan = run_select(ctx.recipe.select, ctx.model(), ctx.scores(), out / "plan.json", model_id=ctx.recipe.model.id,
                       recipe=ctx.recipe.name, progress=ctx.progress)
+    plot_search(plan, out / "search.png")
     s = plan.selection
     return {"plan": "plan.json", "heads_removed": len(plan.removed_heads), "heads_total": s.heads_total,
             "method": s.method}
@@ -88,11 +89,13 @@ def _export(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 def _verify(ctx: RunContext, out: Path) -> dict[str, Any]:
     from prune_heads.errors import PruneHeadsError
+    from prune_heads.export.model_card import refresh_card
     from prune_heads.export.stage import run_verify
     from prune_heads.io_utils import write_json_atomic
 
     res = run_verify(ctx.recipe.verify, ctx.recipe.model, ctx.export_dir(), ctx.plan())
     write_json_atomic(out / "verification.json", res.record)
+    refresh_card(ctx.export_dir(), verification=res.record)  # the card says what this stage checked
     if not res.acceptable:
         raise PruneHeadsError(
             f"the exported model differs from the masked original by {res.max_abs_logit_diff:.3g} > {res.tolerance:g} "
@@ -106,8 +109,11 @@ def _evaluate(ctx: RunContext, out: Path) -> dict[str, Any]:
     from prune_heads.evaluation.stage import PrunedSide, run_evaluate
 
     cfg = dataclasses.replace(ctx.recipe.evaluate, tasks=ctx.recipe.eval_tasks())
+    from prune_heads.export.model_card import refresh_card
+
     res = run_evaluate(cfg, ctx.model(), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
                        out / "results.json")
+    refresh_card(ctx.export_dir(), evaluation=res.to_dict())
     return {"results": "results.json", "tasks": len(res.tasks)}
 
 

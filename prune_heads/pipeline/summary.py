@@ -48,11 +48,7 @@ class Summary:
         if self.params_before and self.params_after:
             d = self.params_before - self.params_after
             lines.append(f"| parameters | {self.params_before:,} | {self.params_after:,} | -{d:,} ({d / self.params_before:.2%}) |")
-        if self.speed:
-            s = self.speed
-            lines.append(f"| prefill tokens/s ({s['seq_len']} tokens, {s['device']}, median of {s['repeats']} "
-                         f"interleaved) | {s['original_tokens_per_s']:.0f} | {s['pruned_tokens_per_s']:.0f} | "
-                         f"x{s['original_seconds'] / s['pruned_seconds']:.2f} |")
+        lines += [_speed_row(s) for s in (self.speed or {}).values() if s and "ratio" in s]
         lines.append("")
         lines += self._notes()
         lines += ["", "Stages: " + ", ".join(f"{k} {v}" for k, v in self.stages.items())]
@@ -75,6 +71,15 @@ class Summary:
             if getattr(self, key):
                 out.append(f"{label}: {getattr(self, key)}")
         return out
+
+
+def _speed_row(s: dict[str, Any]) -> str:
+    """Tokens per second of both models and the time ratio beside what the FLOPs predict."""
+    after = "" if s["mode"] == "prefill" else f" after {s['context']}"
+    orig, pruned = s["tokens_per_s"]
+    return (f"| {s['mode']} tokens/s ({s['tokens']} tokens{after}, {s['device']}, {s['threads']} threads, median of "
+            f"{s['repeats']} interleaved) | {orig:.0f} | {pruned:.0f} | time x{s['ratio']:.2f} "
+            f"(FLOPs predict x{s['flops_ratio']:.2f}) |")
 
 
 def _units(r: dict[str, Any]) -> str:

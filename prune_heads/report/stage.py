@@ -23,15 +23,4 @@ def run_report(cfg: ReportConfig, scores: Any, out: Path, *, plan: Any = None, o
     """Heatmaps, distributions, thresholds and overlaps of ``scores`` in ``out`` (``report.md``)."""
     from prune_heads.report import write_report
 
-    kwargs: dict[str, Any] = {}
-    if plan is not None and _accepts_plan():
-        kwargs["plan"] = plan
-    return write_report(scores, out, score_ids=cfg.scores, fraction=cfg.fraction, overwrite=overwrite, **kwargs)
-
-
-def _accepts_plan() -> bool:
-    import inspect
-
-    from prune_heads.report import write_report
-
-    return "plan" in inspect.signature(write_report).parameters
+    return write_report(scores, out, score_ids=cfg.scores, fraction=cfg.fraction, overwrite=overwrite, plan=plan)

@@ -29,8 +29,8 @@ def _data_spec(v: Any) -> str | None:
 @dataclass
 class CalibrateConfig(Config):
     data: str = option("", required=True, check=_data_spec,
-                       help="wikitext2, FILE(.txt/.jsonl/.parquet), a save_to_disk folder, hub:ID?name=..&split=.., "
-                            "or task:NAME.")
+                       help="wikitext2 (packaged; wikitext2:hub for the Hub copy), FILE(.txt/.jsonl/.parquet), a "
+                            "save_to_disk folder, hub:ID?name=..&split=.., or task:NAME.")
     offline_data: str | None = option(None, cli=False,
                                       help="used instead of a hub: data spec when HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
     num_samples: int = option(128, ge=1, help="Calibration documents (one sample each).")

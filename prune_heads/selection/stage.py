@@ -239,6 +239,15 @@ def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *,
     return plan
 
 
+def plot_search(plan: Any, path: Path) -> Path | None:
+    """The search's probes against heads removed, when the method searched (static, iterative)."""
+    if not plan.selection.trace:
+        return None
+    from prune_heads.report.search import plot_selection_search
+
+    return plot_selection_search(plan, path)
+
+
 def plan_line(plan: Any, out: Any) -> str:
     """The one line ``select`` prints."""
     s = plan.selection
