@@ -19,7 +19,7 @@ from prune_heads.__about__ import __version__
 from prune_heads.errors import PruneHeadsError
 from prune_heads.io_utils import write_json_atomic
 from prune_heads.model.adapters import HeadLayout, get_adapter
-from prune_heads.model.fingerprint import check_fingerprint
+from prune_heads.model.fingerprint import check_config, check_fingerprint
 
 
 @dataclass
@@ -64,11 +64,8 @@ class Plan:
             warnings.warn("plan has no model fingerprint (hand-written?); it cannot be checked against the model", stacklevel=2)
         elif check_weights is not None:
             check_fingerprint(fp, check_weights, "this plan")
-        elif fp.get("config"):
-            from prune_heads.model.fingerprint import config_fingerprint
-
-            if fp["config"] != config_fingerprint(config):
-                raise PruneHeadsError("this plan was made on a model with a different architecture")
+        else:
+            check_config(fp, config, "this plan")
         if not self.allow_empty_layers:
             counts = self.mask(layout).sum(1)
             empty = [i for i, c in enumerate(counts.tolist()) if c == layout.num_heads]
@@ -99,9 +96,22 @@ class Plan:
             raise PruneHeadsError(f"plan file {p} is not valid JSON: {e}") from e
         if not isinstance(d, dict) or "removed_heads" not in d:
             raise PruneHeadsError(f"plan file {p} has no 'removed_heads' list")
-        try:
-            heads = [(int(a), int(b)) for a, b in d["removed_heads"]]
-        except (TypeError, ValueError) as e:
-            raise PruneHeadsError(f"plan file {p}: removed_heads must be a list of [layer, head] pairs") from e
+        heads = parse_removed_heads(d["removed_heads"], f"plan file {p}")
         meta = {k: v for k, v in d.items() if k != "removed_heads"}
         return cls(heads, meta)
+
+
+def parse_removed_heads(value: Any, where: str) -> list[tuple[int, int]]:
+    """``[[layer, head], ...]`` with JSON integers only: ``[0.9, 1.7]``, ``[true, "2"]`` or ``[1]`` are refused
+    (``int()`` would silently turn them into other heads)."""
+    if not isinstance(value, list):
+        raise PruneHeadsError(f"{where}: removed_heads must be a list of [layer, head] pairs, not {type(value).__name__}")
+    heads = []
+    for i, entry in enumerate(value):
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in entry)
+        if not ok:
+            raise PruneHeadsError(f"{where}: removed_heads[{i}] is {json.dumps(entry)}; each entry must be a pair of "
+                                  "non-negative integers [layer, head], e.g. [3, 5]")
+        heads.append((entry[0], entry[1]))
+    return heads
