@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--baseline-ref", default=BASE_REF)
+    ap.add_argument("--sections", default="a,b,c,d", help="which of (a)-(d) to run, e.g. a,b")
     ap.add_argument("-o", "--output", default=None, help=f"markdown to write (default: {RESULTS}, none with --quick)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -198,19 +199,25 @@ def main(argv: list[str] | None = None) -> str:
             source="wikitext2", num_samples=args.calib_samples + args.prompts, seq_len=128, min_tokens=128))
         calib, prompts = seqs[: args.calib_samples], [s[:32] for s in seqs[args.calib_samples:]]
         new_tokens, repeats = args.new_tokens, 3
-    cmd = "python benchmarks/bench_reliability.py" + (" --quick" if args.quick else "")
+    cmd = "python benchmarks/bench_reliability.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["## Reliability (issue 11)", "",
-             f"`{cmd}` on {platform.machine()} with {torch.get_num_threads()} threads, torch {torch.__version__}.", ""]
-    for part in (section_attention(args.quick, args.baseline_ref), section_fingerprint(model),
-                 section_dynamic(model, tok, prompts, new_tokens, calib, repeats), section_thresholds(model, calib)):
-        lines += [*part, ""]
-    text = "\n".join(lines)
-    print(text)
+             f"`{cmd.strip()}` on {platform.machine()} with {torch.get_num_threads()} threads, torch {torch.__version__}.", ""]
     out = args.output or (None if args.quick else RESULTS)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-    return text
+    print("\n".join(lines), flush=True)
+    sections = {
+        "a": lambda: section_attention(args.quick, args.baseline_ref),
+        "b": lambda: section_fingerprint(model),
+        "c": lambda: section_dynamic(model, tok, prompts, new_tokens, calib, repeats),
+        "d": lambda: section_thresholds(model, calib),
+    }
+    for key in args.sections.split(","):
+        part = sections[key.strip()]()
+        lines += [*part, ""]
+        print("\n".join(part) + "\n", flush=True)  # each section as soon as it is measured
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

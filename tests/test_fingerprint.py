@@ -20,6 +20,7 @@ from prune_heads.model.fingerprint import (
     check_config,
     check_fingerprint,
     fingerprint,
+    fingerprint_digest,
     fingerprint_stream,
     model_tensors,
 )
@@ -132,6 +133,8 @@ def test_same_checkpoint_loaded_in_bfloat16_and_float16(tmp_path):
 
 def test_another_model_of_the_same_shape_is_refused():
     fp = fingerprint(tiny_model("llama", seed=0))
+    assert fingerprint_digest(fp) == fingerprint_digest(fingerprint(tiny_model("llama", seed=0)))
+    assert fingerprint_digest(fp) != fingerprint_digest(fingerprint(tiny_model("llama", seed=1)))
     with pytest.raises(ModelMismatchError, match="different weights: tensor"):
         check_fingerprint(fp, tiny_model("llama", seed=1), "this plan")
     with pytest.raises(ModelMismatchError, match="different architecture"):
@@ -194,3 +197,21 @@ def test_old_format_and_hand_written():
             call()
     with pytest.raises(ModelMismatchError, match="unknown format"):
         check_fingerprint({"format": "x/9", "config": fingerprint(model)["config"], "tensors": {}}, model, "p")
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64), src=st.sampled_from(["float32", "float16"]))
+def test_numpy_rounding_is_torch_rounding_bit_for_bit(bits, src):
+    """The one-thread numpy path of rounded_hash gives the bytes torch's .to() gives, specials included
+    (NaN payloads aside: any NaN weight is refused as a change anyway)."""
+    import numpy as np
+
+    from prune_heads.model.fingerprint import rounded_hash, tensor_hash
+
+    t = torch.from_numpy(np.array(bits, dtype=np.uint32).view(np.float32).copy())
+    specials = torch.tensor([0.0, -0.0, 1e-45, 3.4e38, float("inf"), -float("inf"), 65504.0, 65520.0, 2**-24, 2**-25,
+                             1.00390625, 1.01171875, -1.0009765625])
+    t = torch.cat([t[~t.isnan()], specials]).to(getattr(torch, src))
+    for to in ("bfloat16", "float16"):
+        if to != src:
+            assert rounded_hash(t, to) == tensor_hash(t.to(getattr(torch, to)))
