@@ -242,8 +242,8 @@ def clean_stale_temporaries(directory: PathLike, name: str | None = None) -> lis
     A live process's temporaries and those of other hosts (a shared filesystem) are never touched.
     """
     d = Path(directory)
-    if name is not None:
-        recover_interrupted_swap(d / name)
+    for output in {t.name for t in temporaries(d, name) if t.kind == "old"}:
+        recover_interrupted_swap(d / output)  # an old output whose replacement never landed goes back first
     removed = []
     others = 0
     for t in temporaries(d, name):
