@@ -5,7 +5,8 @@
 (b) the fingerprint: seconds and GB/s to fingerprint SmolLM2 and to check it in the same and in another dtype;
 (c) the dynamic mode during generation: how often the cached mode's decisions differ from the paper's
     (exact, no cache) along the same tokens, how often the generated text differs, and the speed of each;
-(d) thresholds: the fraction of the calibration values each method's τ marks at the paper's fractions.
+(d) thresholds: the fraction of the calibration values each method's τ marks at the paper's fractions;
+(e) aeqd precision: every head's aeqd against the float64 literal reference, now and before the log1p change.
 
     python benchmarks/bench_reliability.py            # SmolLM2; writes benchmarks/results/reliability.md
     python benchmarks/bench_reliability.py --quick    # tiny random model, seconds (the test runs this)
@@ -170,6 +171,42 @@ def section_thresholds(model, calib: list[list[int]]) -> list[str]:
     return lines
 
 
+def section_aeqd(model, seqs: list[list[int]], ref: str) -> list[str]:
+    """Every head's aeqd from calibrate (float32) against the literal float64 reference of tests/reference.py
+    (softmax in float64), with the log1p entropy and with the previous version's attention function."""
+    import copy
+
+    import prune_heads.model.attention as attention
+    from prune_heads import calibrate
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import transformers.models.llama.modeling_llama as llama
+    from reference import reference_scores
+    from test_aeqd_precision import _eager_float64
+
+    model64 = copy.deepcopy(model).double()
+    original = llama.eager_attention_forward
+    llama.eager_attention_forward = _eager_float64
+    try:
+        refs = torch.stack([reference_scores(model64, s)["aeqd"] for s in seqs])
+    finally:
+        llama.eager_attention_forward = original
+    del model64
+    row = []
+    new_fn, old_fn = attention.attention_with_stats, old_attention(ref)
+    for label, fn in (("log1p (now)", new_fn), (f"log z ({ref})", old_fn)):
+        if fn is None:
+            continue
+        attention.attention_with_stats = fn
+        try:
+            got = calibrate(model, seqs, scores=["aeqd"], progress=False).per_sample("aeqd").double()
+        finally:
+            attention.attention_with_stats = new_fn
+        row.append(f"{label}: worst relative error **{((got - refs).abs() / refs).max():.2e}**")
+    return [f"(e) aeqd against float64 on {len(seqs)} sequences of {len(seqs[0])} tokens (smallest aeqd "
+            f"{float(refs.min()):.1e}): " + "; ".join(row)]
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny random model and shapes (seconds)")
@@ -177,7 +214,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--baseline-ref", default=BASE_REF)
-    ap.add_argument("--sections", default="a,b,c,d", help="which of (a)-(d) to run, e.g. a,b")
+    ap.add_argument("--sections", default="a,b,c,d,e", help="which of (a)-(e) to run, e.g. a,b")
+    ap.add_argument("--aeqd-seqs", type=int, default=4, help="(e): sequences for the float64 reference (slow loops)")
+    ap.add_argument("--aeqd-len", type=int, default=64)
     ap.add_argument("-o", "--output", default=None, help=f"markdown to write (default: {RESULTS}, none with --quick)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -209,6 +248,7 @@ def main(argv: list[str] | None = None) -> str:
         "b": lambda: section_fingerprint(model),
         "c": lambda: section_dynamic(model, tok, prompts, new_tokens, calib, repeats),
         "d": lambda: section_thresholds(model, calib),
+        "e": lambda: section_aeqd(model, [s[: args.aeqd_len] for s in calib[: args.aeqd_seqs]], args.baseline_ref),
     }
     for key in args.sections.split(","):
         part = sections[key.strip()]()

@@ -16,7 +16,8 @@ def test_quick_mode(capsys):
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     text = mod.main(["--quick"])
-    for part in ("(a) `attention_with_stats`", "(b) fingerprint", "(c) dynamic mode", "(d) fraction of the 4 x 8"):
+    for part in ("(a) `attention_with_stats`", "(b) fingerprint", "(c) dynamic mode", "(d) fraction of the 4 x 8",
+                 "(e) aeqd against float64"):
         assert part in text
     # 32 calibration values: torch.quantile's tau marks the fraction to within one value, the paper's never more
     rows = [line for line in text.splitlines() if line.startswith("| ahon_ln | 6")]
