@@ -53,7 +53,7 @@ def test_plan_for_another_model(tmp_path):
     _, src = make_source(tmp_path, "llama", heads=4)
     with pytest.raises(PruneHeadsError, match="another model"):
         export(str(src), Plan([(0, 7)]), tmp_path / "out", progress=False)
-    other = {"config": "0123456789abcdef", "weights": []}
+    other = {"format": "prune-heads-fingerprint/2", "config": "0123456789abcdef", "tensors": {}}
     with pytest.raises(PruneHeadsError, match="different architecture"):
         export(str(src), Plan([(0, 1)], {"fingerprint": other}), tmp_path / "out", progress=False)
     assert no_leftovers(tmp_path)

@@ -40,7 +40,9 @@ def test_file_layout_and_metadata(scored, tmp_path):
     torch.testing.assert_close(tensors["ahon_ln"], tensors["per_sample/ahon_ln"].mean(0))
     meta = json.loads((out / "scores.json").read_text())
     assert meta["model"] == "tiny/qwen2" and meta["revision"] == "abc123"
-    assert meta["fingerprint"]["config"] and len(meta["fingerprint"]["weights"]) == 64
+    fp = meta["fingerprint"]
+    assert fp["format"] == "prune-heads-fingerprint/2" and fp["config"]
+    assert set(fp["tensors"]) == {n for n, _ in model.named_parameters()}  # every tensor, not a sample
     assert (meta["num_layers"], meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]) == (3, 4, 2, 8)
     assert meta["data"]["source"] == "pre-tokenised"
     assert meta["num_samples"] == 3 and meta["num_tokens"] == 16

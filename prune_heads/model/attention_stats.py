@@ -76,7 +76,7 @@ def attention_with_stats(
             ``W_O^h O`` is ``sqrt(Oᵀ G O)``, which avoids a ``(B, H, T, hidden)`` tensor.
     Returns:
         ``(attn_output (B, T, Hq, D) in the query dtype, stats)`` where stats maps each raw score id
-        (plus ``n_tokens``) to a ``(B, Hq)`` float32 tensor.
+        (plus ``n_tokens``, the real queries, and ``n_keys``, the real keys) to a ``(B, Hq)`` float32 tensor.
     """
     bsz, hq, q_len, dim = query.shape
     hkv, kv_len = key.shape[1], key.shape[2]
@@ -127,23 +127,28 @@ def attention_with_stats(
         else:
             blocked = ~_allowed_block(attention_mask, t0, t1, q_len, kv_len, device)[..., :kv_end].unsqueeze(1)
             logits = logits.masked_fill_(blocked, fill) if inplace else logits.masked_fill(blocked, fill)
-        # shift by the row max: d <= 0 with the max at exactly 0, so the entropy log(z) - sum p*d has no
-        # cancellation (lse - sum p*logit loses |logit|*eps for peaked rows) and the max weight is 1/z
-        row_max = logits.amax(-1, keepdim=True)
+        # shift by the row max: d <= 0 with the max at exactly 0, so the max weight is 1/z and the entropy
+        # log(z) - sum p*d is a sum of two non-negative terms (lse - sum p*logit loses |logit|*eps)
+        row_max, arg_max = logits.max(-1, keepdim=True)
         shifted = logits.sub_(row_max) if inplace else logits - row_max
         del logits
         expd = torch.exp(shifted)  # unnormalised probabilities; dividing the small results by z is cheaper
-        z = expd.sum(-1)  # (B,Hkv,g,tb), >= 1
-        ob = torch.einsum("bkgts,bksd->bkgtd", expd, v32[:, :, :kv_end]) / z.unsqueeze(-1)
+        ob = torch.einsum("bkgts,bksd->bkgtd", expd, v32[:, :, :kv_end])
+        # (a real query always sees its first token; the clamp only guards left-padded rows)
+        first_w = expd.gather(-1, first_idx.clamp(max=kv_end - 1).expand(bsz, hkv, groups, tb, 1)).squeeze(-1)
+        # sum_j p_j * d_j as a batched dot product: no second block-sized temporary (the max adds 0)
+        p_dot_d = torch.matmul(expd.unsqueeze(-2), shifted.unsqueeze(-1)).view(bsz, hkv, groups, tb)
+        # z = 1 + eps with eps the sum of the non-maximum terms, summed on its own: for a peaked head
+        # z rounds to 1 and log(z) would keep none of eps's digits; log1p(eps) keeps them all
+        expd = expd.scatter_(-1, arg_max, 0.0) if inplace else expd.scatter(-1, arg_max, 0.0)
+        eps = expd.sum(-1)  # (B,Hkv,g,tb)
+        z = 1.0 + eps
+        ob = ob / z.unsqueeze(-1)
         out[:, t0:t1] = ob.reshape(bsz, hq, tb, dim).transpose(1, 2).to(query.dtype)
 
         qv = query_valid[:, t0:t1].float().view(bsz, 1, 1, tb)
-        # (a real query always sees its first token; the clamp only guards left-padded rows)
-        first_w = expd.gather(-1, first_idx.clamp(max=kv_end - 1).expand(bsz, hkv, groups, tb, 1)).squeeze(-1) / z
-        acc["awft"] += (first_w * qv).sum(-1)
-        # sum_j p_j * d_j as a batched dot product: no second block-sized temporary
-        p_dot_d = torch.matmul(expd.unsqueeze(-2), shifted.unsqueeze(-1)).view(bsz, hkv, groups, tb) / z
-        ent = torch.log(z) - p_dot_d
+        acc["awft"] += (first_w / z * qv).sum(-1)
+        ent = torch.log1p(eps) - p_dot_d / z
         acc["aeqd"] += (ent * qv).sum(-1)
         acc["confidence"] += (qv / z).sum(-1)
         o_norm = ob.norm(dim=-1)
@@ -163,6 +168,8 @@ def attention_with_stats(
     stats["avvn"] = avvn.repeat_interleave(groups, dim=1)
     stats["ftvvn"] = ftvvn.repeat_interleave(groups, dim=1)
     stats["n_tokens"] = n_tokens[:, None].expand(bsz, hq)
+    # more real keys than queries: a decoding step over a KV cache (the dynamic mode tells the two apart)
+    stats["n_keys"] = key_valid.sum(-1).float()[:, None].expand(bsz, hq)
     if gram is None:
         stats.pop("fhon")
     return out, stats

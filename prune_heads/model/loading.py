@@ -8,9 +8,13 @@ there afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,8 @@ import torch
 
 from prune_heads.errors import PruneHeadsError
 from prune_heads.io_utils import atomic_dir
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -169,20 +175,22 @@ def load_model(
 
     from prune_heads.model.adapters import get_adapter
 
+    _refuse_plain_file(spec, gguf_file)
     location, gguf = resolve_model_spec(spec, gguf_file)
     if gguf:
-        location = str(gguf_to_plain(location, gguf))
+        with _load_errors(spec, f"GGUF file {Path(location) / gguf}"):
+            location = str(gguf_to_plain(location, gguf))
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    try:
+    if Path(location).is_dir():
+        check_local_checkpoint(Path(location))
+    with _load_errors(spec, "the checkpoint"):
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise PruneHeadsError(f"cannot load model {spec!r}: {e}") from e
     get_adapter(model)  # fail now, with the list of supported families
     if device is not None and device_map is None:
         model.to(device)
@@ -191,3 +199,101 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, spec, revision, gguf)
+
+
+# ---- load errors: one line that says what to do --------------------------------------------------------
+#: bytes per element of the safetensors dtypes
+SAFETENSORS_DTYPES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                      "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
+                      "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75, "C64": 8}
+
+
+def check_safetensors_file(path: Path) -> list[str]:
+    """Check a safetensors file's header against its size, without reading the tensors; return the
+    tensor names. A truncated, padded or non-safetensors file raises ``PruneHeadsError``."""
+    size = path.stat().st_size
+    what = f"{path} is not a complete safetensors file"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or n > min(size - 8, 100_000_000):
+            raise PruneHeadsError(f"{what} (its header length {n} does not fit its {size} bytes); re-download or re-export it")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise PruneHeadsError(f"{what} (unreadable header); re-download or re-export it") from None
+    if not isinstance(header, dict):
+        raise PruneHeadsError(f"{what} (its header is not a JSON object); re-download or re-export it")
+    end = 0
+    names = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in info["data_offsets"])
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+            expected = numel * SAFETENSORS_DTYPES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise PruneHeadsError(f"{what} (bad header entry for {name!r}); re-download or re-export it") from None
+        if stop - begin != expected or begin < 0:
+            raise PruneHeadsError(f"{what} (tensor {name!r} has {stop - begin} bytes for {expected}); re-download it")
+        end = max(end, stop)
+        names.append(name)
+    if 8 + n + end != size:
+        state = "truncated" if 8 + n + end > size else "longer than its header says"
+        raise PruneHeadsError(f"{path} is {state} ({size} bytes, the header describes {8 + n + end}); "
+                              "re-download or re-export it")
+    return names
+
+
+def check_local_checkpoint(directory: Path) -> None:
+    """Every safetensors shard of a local model directory (and its index) is complete."""
+    index = directory / "model.safetensors.index.json"
+    shards = sorted(directory.glob("*.safetensors"))
+    if index.is_file():
+        try:
+            listed = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise PruneHeadsError(f"{index} is not a valid safetensors index; re-download the model") from None
+        missing = sorted(s for s in listed if not (directory / s).is_file())
+        if missing:
+            raise PruneHeadsError(f"{directory} lacks shard(s) {', '.join(missing[:3])} listed in {index.name}; "
+                                  "re-download the model")
+    for shard in shards:
+        check_safetensors_file(shard)
+    cfg = directory / "config.json"
+    if cfg.is_file():
+        try:
+            json.loads(cfg.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PruneHeadsError(f"{cfg} is not valid JSON ({e}); re-download the model") from None
+
+
+def _refuse_plain_file(spec: str, gguf_file: str | None) -> None:
+    p = Path(spec)
+    looks_local = spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+    if looks_local and not p.expanduser().exists():
+        raise PruneHeadsError(f"{spec} does not exist: pass a model directory, a .gguf file, a Hub id (org/name) or smollm2")
+    if gguf_file is None and p.is_file() and p.suffix != ".gguf":
+        raise PruneHeadsError(f"{spec} is a file, not a model: pass a model directory (with config.json), a .gguf "
+                              "file, a Hub id, or smollm2")
+
+
+@contextlib.contextmanager
+def _load_errors(spec: str, what: str) -> Iterator[None]:
+    """Whatever transformers, safetensors or gguf raise on a broken checkpoint becomes one line."""
+    try:
+        yield
+    except PruneHeadsError:
+        raise
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the message below names the file and says what to do
+        log.debug("loading %s failed", spec, exc_info=True)
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
+        if isinstance(e, OSError) and not isinstance(e, EOFError):  # not found, no weights, no network
+            raise PruneHeadsError(f"cannot load model {spec!r}: {first}") from e
+        raise PruneHeadsError(f"cannot load model {spec!r}: {what} is unreadable or incomplete "
+                              f"({e.__class__.__name__}: {first}); re-download it or pass another model") from e

@@ -21,7 +21,7 @@ import torch
 from prune_heads.errors import PruneHeadsError
 from prune_heads.io_utils import write_json_atomic
 from prune_heads.model.adapters import HeadLayout, get_adapter
-from prune_heads.model.fingerprint import check_fingerprint
+from prune_heads.model.fingerprint import check_config, check_fingerprint
 from prune_heads.plan.record import PlanFormatError, SelectionResult
 
 Head = tuple[int, int]
@@ -91,11 +91,8 @@ class Plan:
             warnings.warn("plan has no model fingerprint (hand-written?); it cannot be checked against the model", stacklevel=2)
         elif check_weights is not None:
             check_fingerprint(fp, check_weights, "this plan")
-        elif fp.get("config"):
-            from prune_heads.model.fingerprint import config_fingerprint
-
-            if fp["config"] != config_fingerprint(config):
-                raise PruneHeadsError("this plan was made on a model with a different architecture")
+        else:
+            check_config(fp, config, "this plan")
         if not self.allow_empty_layers:
             counts = self.mask(layout).sum(1)
             empty = [i for i, c in enumerate(counts.tolist()) if c == layout.num_heads]

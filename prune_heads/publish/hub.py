@@ -11,12 +11,14 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prune_heads.errors import PruneHeadsError
 
@@ -30,43 +32,136 @@ _LOGIN_HINT = "pass --token (token=...), set HF_TOKEN, or log in once with `hf a
 @dataclass(frozen=True)
 class ExportFolder:
     path: Path
-    files: list[Path]  # relative paths that will be uploaded
+    files: list[Path]  # relative paths that will be uploaded (the export's own files)
     num_bytes: int
+    skipped: list[Path] = field(default_factory=list)  # files in the folder that are not uploaded
+    listed: bool = False  # True when prune_heads.json lists the export's files (else the known export names)
+
+
+PROVENANCE = "prune_heads.json"
+INDEX = "model.safetensors.index.json"
+_HINT = "pass the output folder of `prune-heads export MODEL --plan plan.json -o OUT`"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise PruneHeadsError(f"{path} is not valid JSON ({e}); {what}") from None
+
+
+def _listed_files(folder: Path, provenance: dict[str, Any]) -> dict[str, int | None] | None:
+    """``{relative path: size or None}`` from prune_heads.json's ``files`` (a list, or a map to sizes)."""
+    listed = provenance.get("files")
+    if listed is None:
+        return None
+    if isinstance(listed, list):
+        entries: dict[str, Any] = {str(f): None for f in listed}
+    elif isinstance(listed, dict):
+        entries = {str(k): (v.get("size") if isinstance(v, dict) else v) for k, v in listed.items()}
+    else:
+        raise PruneHeadsError(f"{folder / PROVENANCE}: 'files' must list the export's files; export again")
+    for name in entries:
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or any(part.startswith(".") for part in parts) or not parts:
+            raise PruneHeadsError(f"{folder / PROVENANCE} lists {name!r}, which is not a plain file inside the export "
+                                  "(absolute, '..' or hidden); export again")
+    return entries
+
+
+def _known_export_files(folder: Path) -> set[str]:
+    """What `prune-heads export` writes, for exports whose prune_heads.json does not list its files."""
+    from fnmatch import fnmatch
+
+    from prune_heads.export.sliced import REMOTE_FILES
+    from prune_heads.export.streaming import AUX_PATTERNS
+
+    names = {PROVENANCE, "config.json", "README.md", INDEX, "model.safetensors", *REMOTE_FILES}
+    out = set()
+    for f in folder.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            if f.name in names or any(fnmatch(f.name, p) for p in AUX_PATTERNS) or re.fullmatch(
+                    r"model-\d{5}-of-\d{5}\.safetensors", f.name):
+                out.add(f.name)
+    return out
+
+
+def _check_weights(p: Path, own: set[str]) -> None:
+    """The index's shards exist and are ours; every shard's header agrees with its size and holds the
+    tensors the index assigns to it."""
+    from prune_heads.model.loading import check_safetensors_file
+
+    shards = sorted(f for f in own if f.endswith(".safetensors"))
+    if not shards:
+        raise PruneHeadsError(f"{p} has no weights (*.safetensors): it is not a complete model export; {_HINT}")
+    names = {s: set(check_safetensors_file(p / s)) for s in shards}
+    if INDEX in own or (p / INDEX).is_file():
+        index = _read_json(p / INDEX, "export again")
+        try:
+            weight_map = dict(index["weight_map"])
+        except (KeyError, TypeError, ValueError):
+            raise PruneHeadsError(f"{p / INDEX} is not a valid safetensors index; export again") from None
+        missing = sorted({s for s in weight_map.values() if s not in names})
+        if missing:
+            raise PruneHeadsError(f"{p} is incomplete: shard(s) {', '.join(missing[:3])} listed in {INDEX} are "
+                                  "missing (or not the export's own files); export again")
+        lacking = [t for t, s in weight_map.items() if t not in names[s]]
+        if lacking:
+            raise PruneHeadsError(f"shard {weight_map[lacking[0]]} lacks tensors its index lists (e.g. {lacking[0]}); "
+                                  "export again")
+    elif "model.safetensors" not in names:
+        raise PruneHeadsError(f"{p} has shards but no {INDEX}; export again")
 
 
 def check_export_folder(folder: str | os.PathLike, *, warn: bool = True) -> ExportFolder:
-    """Refuse folders that are not a complete model export, before anything is sent."""
+    """Refuse folders that are not a complete prune-heads export, before anything is sent.
+
+    Complete means: ``prune_heads.json`` and ``config.json`` (valid JSON), every shard of the index present,
+    and each safetensors header agreeing with its file size (a truncated shard is refused). Only the
+    export's own files are uploaded: those ``prune_heads.json`` lists under ``files``, or, for exports
+    that do not list them, the names `prune-heads export` writes. Dotfiles never; the rest is reported
+    in ``skipped``.
+    """
     p = Path(folder)
-    hint = "pass the output folder of `prune-heads export MODEL --plan plan.json -o OUT`"
     if not p.is_dir():
-        raise PruneHeadsError(f"{p} is not a directory: {hint}")
+        raise PruneHeadsError(f"{p} is not a directory: {_HINT}")
+    if not (p / PROVENANCE).is_file():
+        raise PruneHeadsError(f"{p} has no {PROVENANCE}, so it was not written by `prune-heads export`; only complete "
+                              f"prune-heads exports are pushed: {_HINT}")
+    provenance = _read_json(p / PROVENANCE, "export again")
+    if not isinstance(provenance, dict):
+        raise PruneHeadsError(f"{p / PROVENANCE} is not a JSON object; export again")
     if not (p / "config.json").is_file():
-        raise PruneHeadsError(f"{p} has no config.json, so it is not a model export: {hint}")
-    weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("pytorch_model*.bin"))
-    if not weights:
-        raise PruneHeadsError(f"{p} has no weights (*.safetensors): it is not a complete model export; {hint}")
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise PruneHeadsError(f"{index} is not a valid safetensors index ({e}); export again") from e
-        missing = sorted(s for s in shards if not (p / s).is_file())
-        if missing:
-            raise PruneHeadsError(f"{p} is incomplete: shard(s) {', '.join(missing)} listed in {index.name} are "
-                                  "missing; export again")
-    if warn and not (p / "prune_heads.json").is_file():
-        log.warning("%s has no prune_heads.json: it was not made by `prune-heads export`; pushing it as is", p)
-    if warn and not (p / "README.md").is_file():
+        raise PruneHeadsError(f"{p} has no config.json, so it is not a model export: {_HINT}")
+    _read_json(p / "config.json", "export again")
+    listed = _listed_files(p, provenance)
+    if listed is not None:
+        listed.setdefault(PROVENANCE, None)
+        absent = sorted(f for f in listed if not (p / f).is_file() or (p / f).is_symlink())
+        if absent:
+            raise PruneHeadsError(f"{p} is incomplete: {', '.join(absent[:3])} listed in {PROVENANCE} "
+                                  "are missing; export again")
+        wrong = sorted(f for f, size in listed.items() if size is not None and (p / f).stat().st_size != size)
+        if wrong:
+            raise PruneHeadsError(f"{p}: {', '.join(wrong[:3])} changed size since the export wrote it; export again")
+        own = set(listed)
+    else:
+        own = _known_export_files(p)
+    _check_weights(p, own)
+    everything = {f.relative_to(p).as_posix() for f in p.rglob("*") if f.is_file() or f.is_symlink()}
+    skipped = sorted(Path(f) for f in everything - own)
+    files = sorted(Path(f) for f in own)
+    if warn and skipped:
+        log.warning("not uploading %d file(s) that the export did not write: %s", len(skipped),
+                    ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""))
+    if warn and "README.md" not in own:
         log.warning("%s has no README.md: the Hub page will have no model card", p)
-    files = sorted(f.relative_to(p) for f in p.rglob("*") if f.is_file() and not _ignored(f.relative_to(p)))
-    return ExportFolder(p, files, sum((p / f).stat().st_size for f in files))
+    return ExportFolder(p, files, sum((p / f).stat().st_size for f in files), skipped, listed is not None)
 
 
-def _ignored(rel: Path) -> bool:
-    """Files ``upload_folder`` leaves out by default (git metadata, the local HF cache)."""
-    parts = rel.parts
-    return parts[0] == ".git" or (len(parts) > 1 and parts[0] == ".cache" and parts[1] == "huggingface")
+def _allow_pattern(rel: Path) -> str:
+    """An fnmatch pattern that matches exactly this path."""
+    return re.sub(r"([*?\[])", r"[\1]", rel.as_posix())
 
 
 def resolve_token(token: str | None) -> str:
@@ -175,8 +270,8 @@ def _default_message(folder: Path) -> str:
 
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
          token: str | None = None, commit_message: str | None = None, endpoint: str | None = None) -> str:
-    """Create ``repo_id`` if needed (and the branch ``revision``), upload every file of ``folder``; return the
-    repository URL."""
+    """Create ``repo_id`` if needed (and the branch ``revision``), upload the export's own files of ``folder``
+    (``check_export_folder``: skipped files are logged); return the repository URL."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.utils import validate_repo_id
 
@@ -198,5 +293,6 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(full_id, branch=revision, exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=str(export.path), repo_id=full_id, repo_type="model", revision=revision,
+                          allow_patterns=[_allow_pattern(f) for f in export.files],
                           commit_message=commit_message or _default_message(export.path))
     return str(url)

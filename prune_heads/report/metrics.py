@@ -34,18 +34,18 @@ def inactivity(values: np.ndarray, score_id: str) -> np.ndarray:
     return np.where(np.isnan(v), -np.inf, v)
 
 
-def quantile_threshold(values: np.ndarray, score_id: str, fraction: float) -> float:
+def quantile_threshold(values: np.ndarray, score_id: str, fraction: float, method: str = "quantile") -> float:
     """``τ`` that marks ``fraction`` of ``values`` inactive (same rule as ``masking.threshold_for_fraction``:
-    linear-interpolated quantile of the pooled values; ±inf at fraction 0 so nothing is marked)."""
+    ``method="quantile"``, the linear-interpolated quantile of the pooled values, or ``"paper"``, the
+    authors' empirical CDF; ±inf at fraction 0 so nothing is marked). ``scoring.thresholds.threshold``
+    returns the same value with the method and the fraction it marks."""
+    from prune_heads.scoring.thresholds import threshold
+
     fraction = check_fraction(fraction)
     flat = np.asarray(values, dtype=np.float64).reshape(-1)
-    flat = flat[np.isfinite(flat)]
-    high = inactive_when_high(score_id)
-    if fraction == 0.0:
-        return float("inf") if high else float("-inf")
-    if flat.size == 0:
+    if fraction > 0 and not np.isfinite(flat).any():
         raise PruneHeadsError(f"score {score_id!r} has no finite values to take a quantile of")
-    return float(np.quantile(flat, 1.0 - fraction if high else fraction))
+    return threshold(flat, score_id, fraction, method).value
 
 
 def marked_by_threshold(values: np.ndarray, score_id: str, tau: float) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from prune_heads.__about__ import __version__
 from prune_heads.errors import ModelMismatchError, PruneHeadsError
-from prune_heads.io_utils import atomic_dir, write_json_atomic
+from prune_heads.io_utils import atomic_dir, file_sha256, write_json_atomic
 from prune_heads.model.fingerprint import check_fingerprint
 
 SCORES_FILE = "scores.safetensors"
@@ -99,7 +100,9 @@ class HeadScores:
         check_fingerprint(self.meta.get("fingerprint"), model, "this scores file")
 
     # ---- persistence ----------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    def save(self, directory: str | os.PathLike, overwrite: bool = False, *,
+             inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+        """Write the scores directory atomically; ``inputs`` (model, data) may not be, contain or hold it."""
         tensors: dict[str, torch.Tensor] = {}
         for sid, v in self.means.items():
             tensors[sid] = v.float().contiguous()
@@ -109,10 +112,12 @@ class HeadScores:
         meta.setdefault("tool_version", __version__)
         meta.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         meta["scores"] = self.score_ids
-        with atomic_dir(directory, overwrite=overwrite) as tmp:
+        with atomic_dir(directory, overwrite=overwrite, inputs=inputs) as tmp:
             save_file(tensors, str(tmp / SCORES_FILE), metadata={"format": "prune-heads-scores/1"})
+            meta["tensors_sha256"] = file_sha256(tmp / SCORES_FILE)  # ties the files together
             if self.tokens is not None:
                 save_tokens(self.tokens, tmp / TOKENS_FILE)
+                meta["tokens_sha256"] = file_sha256(tmp / TOKENS_FILE)
             write_json_atomic(tmp / META_FILE, meta)
         self.meta = meta
         return Path(directory)
@@ -127,12 +132,24 @@ class HeadScores:
             meta = json.loads((d / META_FILE).read_text())
         except Exception as e:  # corrupt file: say which
             raise PruneHeadsError(f"cannot read scores in {d}: {e}") from e
+        recorded = meta.get("tensors_sha256") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict):
+            raise PruneHeadsError(f"{d / META_FILE} is not a JSON object; recalibrate with `prune-heads calibrate`")
+        if recorded and recorded != file_sha256(d / SCORES_FILE):
+            raise PruneHeadsError(f"{d / SCORES_FILE} is not the file {META_FILE} describes (its content changed or "
+                                  "it comes from another run); recalibrate with `prune-heads calibrate`")
+        _check_shapes(d, tensors)
         # safetensors sorts its keys; keep the order the scores were saved in
         order = {sid: i for i, sid in enumerate(meta.get("scores") or [])}
         keys = sorted(tensors, key=lambda k: (order.get(k.split("/", 1)[-1], len(order)), k))
         means = {k: tensors[k] for k in keys if not k.startswith("per_sample/")}
         per = {k.split("/", 1)[1]: tensors[k] for k in keys if k.startswith("per_sample/")}
-        tokens = load_tokens(d / TOKENS_FILE) if (d / TOKENS_FILE).is_file() else None
+        tokens = None
+        if (d / TOKENS_FILE).is_file():
+            if meta.get("tokens_sha256") not in (None, file_sha256(d / TOKENS_FILE)):
+                raise PruneHeadsError(f"{d / TOKENS_FILE} is not the file these scores were computed on (its hash "
+                                      "differs from scores.json); recalibrate with `prune-heads calibrate`")
+            tokens = load_tokens(d / TOKENS_FILE)
         return cls(per, meta, means, tokens)
 
     def require_tokens(self) -> list[list[int]]:
@@ -168,3 +185,16 @@ def load_tokens(path: Path) -> list[list[int]]:
         out.append(ids[pos:pos + n])
         pos += n
     return out
+
+
+def _check_shapes(d: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every mean ``(L, H)`` and every per-sample ``(N, L, H)`` with one ``L, H`` and one ``N``."""
+    means = {k: v.shape for k, v in tensors.items() if not k.startswith("per_sample/")}
+    per = {k: v.shape for k, v in tensors.items() if k.startswith("per_sample/")}
+    if not means:
+        raise PruneHeadsError(f"{d / SCORES_FILE} holds no scores; recalibrate with `prune-heads calibrate`")
+    lh = {tuple(s) for s in means.values()} | {tuple(s[1:]) for s in per.values()}
+    ns = {s[0] for s in per.values()}
+    if len(lh) != 1 or len(next(iter(lh))) != 2 or len(ns) > 1 or any(len(s) != 3 for s in per.values()):
+        raise PruneHeadsError(f"{d / SCORES_FILE} has inconsistent shapes ({dict(list(means.items())[:2])}, "
+                              f"{dict(list(per.items())[:2])}); it is damaged: recalibrate")

@@ -1,0 +1,354 @@
+"""Every argument is checked before work starts (class 6), and no output may overlap an input (class 1): a table
+of cases for every command and option of ``prune-heads --help`` as it is today.
+
+Each case must end in exit code 2 with ONE line on stderr that starts with ``error:`` and names the option (or
+recipe key), and no traceback. "Before work starts" is enforced literally: loading a model, streaming a
+checkpoint, writing a report and running a recipe are replaced by a sentinel that fails the case, so a value
+that is only noticed once work has begun (or never) fails here.
+
+Cases marked ``xfail(strict=True, reason="parse-time ranges: lead's schema")`` fail today and are for the lead's
+typed config schema to turn green (strict: they must then be unmarked). The ``output overlaps input`` cases
+marked ``reason="outputs vs inputs: lead wires inputs="`` need each command to pass its inputs to
+``io_utils.check_output_dir(..., inputs=[...])``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import click
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from tiny_models import tiny_model
+from tiny_tokenizer import SPECIAL, WORDS, tiny_tokenizer, words
+
+from prune_heads.cli.main import COMMANDS, cli
+from prune_heads.model.fingerprint import fingerprint
+from prune_heads.plan import Plan
+
+SCHEMA = "parse-time ranges: lead's schema"
+WIRING = "outputs vs inputs: lead wires inputs="
+
+
+class WorkStarted(Exception):
+    """Raised by the sentinels: the command began real work before refusing the argument."""
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli-bad-input")
+    model = tiny_model("llama", layers=2, vocab=len(SPECIAL) + len(WORDS))
+    model.save_pretrained(root / "models" / "m")
+    tiny_tokenizer(root / "models" / "m")
+    (root / "models" / "sibling.txt").write_text("a user's file beside the model")
+    data = root / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": words(20, seed=i)}) for i in range(6)) + "\n")
+    mc = root / "q.jsonl"
+    mc.write_text("\n".join(json.dumps({"question": f"the {w}", "choices": ["film", "song"], "answer": i % 2})
+                            for i, w in enumerate(["city", "river", "king", "team"])) + "\n")
+    from prune_heads import calibrate
+
+    seqs = [[1] + [len(SPECIAL) + (7 * i + j) % len(WORDS) for j in range(15)] for i in range(4)]
+    calibrate(model, seqs, progress=False).save(root / "scores")
+    Plan([(0, 1), (1, 2)], {"fingerprint": fingerprint(model)}).save(root / "plan.json")
+    recipe = {"name": "tiny", "model": {"id": str(root / "models" / "m"), "device": "cpu"},
+              "calibration": {"data": str(data), "num_samples": 4, "seq_len": 16, "batch_size": 2},
+              "select": {"task": f"mc:{mc}", "limit": 4, "max_drop": 0.5, "verify": False},
+              "export": {"verify_num_sequences": 1, "verify_seq_len": 8},
+              "evaluate": {"tasks": [{"task": f"mc:{mc}", "limit": 4}]}}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    binary = root / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 40)
+    return {"root": root, "model": root / "models" / "m", "models": root / "models", "data": data, "mc": mc,
+            "scores": root / "scores", "plan": root / "plan.json", "recipe": root / "recipe.yaml", "binary": binary}
+
+
+@pytest.fixture
+def sentinel(monkeypatch):
+    """Real work raises WorkStarted: loading a model, streaming a checkpoint, writing a report, running a recipe."""
+    import prune_heads.export as export_mod
+    import prune_heads.model.loading as loading
+    import prune_heads.pipeline.runner as runner
+    import prune_heads.report as report_mod
+
+    def started(*a, **k):
+        raise WorkStarted("work started before the argument was refused")
+
+    monkeypatch.setattr(loading, "load_model", started)
+    monkeypatch.setattr(export_mod, "iter_tensors", started)
+    monkeypatch.setattr(report_mod, "write_report", started)
+    monkeypatch.setattr(report_mod, "write_compare", started)
+    monkeypatch.setattr(runner.Pipeline, "run", started)
+
+
+def base_args(cmd: str, env: dict[str, Path], out: Path) -> list[str]:
+    """A valid invocation of ``cmd``: run as is it gets as far as real work (the sentinel)."""
+    m, s, mc = str(env["model"]), str(env["scores"]), f"mc:{env['mc']}"
+    return {
+        "calibrate": [m, "--data", str(env["data"]), "-o", str(out), "--num-samples", "4", "--seq-len", "16"],
+        "select": [s, "--model", m, "--task", mc, "--max-drop", "0.05", "-o", str(out / "plan.json")],
+        "eval": [m, "--task", mc, "-o", str(out / "results.json")],
+        "export": [m, "--plan", str(env["plan"]), "-o", str(out)],
+        "report": [s, "-o", str(out)],
+        "sweep": [s, "--model", m, "--task", mc, "-o", str(out)],
+        "compare-selectors": ["--model", m, "--scores", s, "--task", mc, "--max-drop", "0.05", "-o", str(out)],
+        "run": [str(env["recipe"]), "-o", str(out)],
+    }[cmd]
+
+
+def invoke(cmd: str, args: list[str]):
+    return CliRunner().invoke(cli, [cmd, *args])
+
+
+def assert_refused(r, names: tuple[str, ...], *, only_line: bool = True) -> None:
+    """Exit 2, no traceback, and the error on one line naming one of ``names``; ``only_line``: nothing else on
+    stderr (a refusal before work), else the error is the last line (after progress bars of real work)."""
+    if isinstance(r.exception, WorkStarted):
+        pytest.fail(f"accepted: work started (output: {r.output.strip()[-300:]!r})")
+    assert r.exception is None or isinstance(r.exception, SystemExit), f"traceback: {r.exception!r}"
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == 2, f"exit {r.exit_code}: {r.stderr.strip()[-300:]!r}"
+    if only_line:
+        assert len(lines) == 1, f"expected one line on stderr, got {lines}"
+    assert lines and lines[-1].startswith("error:") and sum(x.startswith("error:") for x in lines) == 1, lines
+    assert any(n in lines[-1] for n in names), f"{lines[-1]!r} does not name {names}"
+    assert "Traceback" not in r.output
+
+
+# ---- the table: every numeric (and numeric-text) option of every command -----------------------------
+#: (command, extra args, names one of which the error must contain, xfail reason or None)
+CASES: list[tuple[str, list[str], tuple[str, ...], str | None]] = []
+
+
+def _add(cmd: str, option: str, values: list[str], xfail: set[str] = frozenset(), pre: list[str] = ()) -> None:
+    for v in values:
+        CASES.append((cmd, [*pre, option, v], (option,), SCHEMA if v in xfail or "*" in xfail else None))
+
+
+ALL = {"*"}
+_add("calibrate", "--num-samples", ["0", "-3"], ALL)            # 0 said "128 were asked for"
+_add("calibrate", "--seq-len", ["0", "1", "-5"], ALL)
+_add("calibrate", "--batch-size", ["0", "-2"], ALL)            # 0 was a traceback
+_add("calibrate", "--seed", ["-1"], ALL)
+_add("calibrate", "--block-size", ["0", "-4"], ALL)
+_add("calibrate", "--dtype", ["float8", "int4"], ALL)
+_add("select", "--max-drop", ["-1", "nan"], {"nan"})
+_add("select", "--max-drop", ["inf"], ALL)
+_add("select", "--limit", ["0", "-2"], ALL)
+_add("select", "--num-fewshot", ["-1"], ALL)
+_add("select", "--verify-limit", ["0"], ALL)
+_add("select", "--min-heads-per-layer", ["-1"], ALL)
+_add("select", "--round-size", ["0", "-1"], ALL)
+_add("select", "--target-fraction", ["0", "1", "1.5", "nan"], ALL, pre=["--method", "gates"])
+_add("select", "--batch-size", ["0"], ALL)
+_add("select", "--seed", ["-1"], ALL)
+_add("select", "--dtype", ["float8"], ALL)
+_add("eval", "--num-fewshot", ["-1"], ALL)
+_add("eval", "--limit", ["0", "-1"], ALL)
+_add("eval", "--batch-size", ["0"], ALL)
+_add("eval", "--seed", ["-1"], ALL)
+_add("eval", "--dynamic", ["awft:nan", "awft", "awft:x"], ALL)
+_add("eval", "--dynamic-fraction", ["awft:1.5", "awft:-0.1", "awft:nan"], ALL, pre=["--scores", "SCORES"])
+_add("eval", "--dtype", ["float8"], ALL)
+_add("export", "--tolerance", ["-1", "nan", "0"], ALL)
+_add("export", "--shard-size", ["0", "-5GB", "5XB"], ALL)
+_add("export", "--dtype", ["float8"], ALL)
+_add("report", "--fraction", ["-0.1", "1.5", "nan"], ALL)
+_add("sweep", "--max-drop", ["-1", "nan"], ALL)
+_add("sweep", "--limit", ["0"], ALL)
+_add("sweep", "--num-fewshot", ["-1"], ALL)
+_add("sweep", "--batch-size", ["0"], ALL)
+_add("sweep", "--fractions", ["0,1.5", "0,nan", "0,x"], ALL)
+_add("sweep", "--random-seeds", ["a", "-1"], ALL)
+_add("sweep", "--dtype", ["float8"], ALL)
+_add("compare-selectors", "--max-drop", ["-1", "nan", "x"], ALL)
+_add("compare-selectors", "--limit", ["0"], ALL)
+_add("compare-selectors", "--ppl-limit", ["0"], ALL)
+_add("compare-selectors", "--calib-samples", ["0"], ALL)
+_add("compare-selectors", "--calib-len", ["0", "1"], ALL)
+_add("compare-selectors", "--round-size", ["0"], ALL)
+_add("compare-selectors", "--candidates-fraction", ["0", "1.5"], ALL)
+_add("compare-selectors", "--gates-fraction", ["0", "1", "nan"], ALL)
+_add("compare-selectors", "--gates-steps", ["0"], ALL)
+_add("compare-selectors", "--dtype", ["float8"], ALL)
+for key, value, bad in [
+    ("calibration.num_samples", "0", False), ("calibration.num_samples", "-3", False), ("calibration.seq_len", "1", False),
+    ("calibration.batch_size", "0", False), ("select.max_drop", "nan", False), ("select.max_drop", "-1", False),
+    ("select.limit", "0", False), ("export.verify_tol", "-1", False), ("export.verify_seq_len", "0", False),
+    ("export.verify_seq_len", "1000000000000", True),         # found only at the verify stage
+    ("export.verify_num_sequences", "100000000000", True),
+    ("calibration.seq_len", "100000000000", True),
+    ("export.shard_size", "-5GB", True),
+    ("name", "../../../tmp/x", True), ("name", "a/b", True), ("name", "..", True),   # class 8
+]:
+    CASES.append(("run", ["--set", f"{key}={value}"], (key,), SCHEMA if bad else None))
+
+
+def _case_id(case) -> str:
+    cmd, extra, _, _ = case
+    return f"{cmd} {' '.join(a for a in extra if a != 'SCORES')}"
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c), marks=[pytest.mark.xfail(reason=c[3], strict=True)]
+                                               if c[3] else []) for c in CASES])
+def test_bad_value_is_refused_before_work(env, sentinel, tmp_path, case):
+    cmd, extra, names, _ = case
+    extra = [str(env["scores"]) if a == "SCORES" else a for a in extra]
+    r = invoke(cmd, base_args(cmd, env, tmp_path / "out") + extra)
+    assert_refused(r, names)
+    assert not (tmp_path / "out").exists() or cmd == "run" and not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("cmd", sorted(set(COMMANDS) - {"push"}))
+def test_valid_base_invocations_reach_the_work(env, sentinel, tmp_path, cmd):
+    """The control: without the bad value each base invocation is accepted, so every refusal above is the
+    option's doing."""
+    r = invoke(cmd, base_args(cmd, env, tmp_path / "out"))
+    assert isinstance(r.exception, WorkStarted), r.output
+
+
+def test_table_covers_every_numeric_option():
+    """Every int/float option of every command (and the numeric text options) has a row; a new option fails
+    here until it is added to the table."""
+    numeric_text = {"--max-drop", "--fractions", "--random-seeds", "--shard-size", "--dynamic", "--dynamic-fraction",
+                    "--dtype"}
+    ctx = click.Context(cli)
+    covered = {(c, a) for c, extra, _, _ in CASES for a in extra if a.startswith("--")}
+    missing = []
+    for name in COMMANDS:
+        for p in cli.get_command(ctx, name).params:
+            if not isinstance(p, click.Option) or p.is_flag:
+                continue
+            opt = max(p.opts, key=len)
+            numeric = isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))
+            if (numeric or opt in numeric_text) and (name, opt) not in covered and not (name == "run"):
+                missing.append((name, opt))
+    assert not missing, f"add rows for {missing}"
+
+
+# ---- failures a user causes that used to end in a traceback (real runs, no sentinel) -----------------
+def test_corrupt_shard_in_calibrate(env, tmp_path):
+    import shutil
+
+    bad = tmp_path / "m"
+    shutil.copytree(env["model"], bad)
+    shard = bad / "model.safetensors"
+    os.truncate(shard, shard.stat().st_size // 2)
+    r = invoke("calibrate", [str(bad), "--data", str(env["data"]), "-o", str(tmp_path / "s"), "--num-samples", "2",
+                             "--seq-len", "8"])
+    assert_refused(r, ("model.safetensors",))
+    assert not (tmp_path / "s").exists()
+
+
+def test_binary_file_as_model(env, tmp_path):
+    r = invoke("calibrate", [str(env["binary"]), "--data", str(env["data"]), "-o", str(tmp_path / "s")])
+    assert_refused(r, ("binary.txt",))
+
+
+@pytest.mark.xfail(reason="binary data files: data/* (another helper)", strict=True)
+def test_binary_data_file(env, tmp_path):
+    r = invoke("calibrate", [str(env["model"]), "--data", str(env["binary"]), "-o", str(tmp_path / "s"),
+                             "--num-samples", "2", "--seq-len", "8"])
+    assert_refused(r, ("binary.txt", "--data"))
+
+
+# ---- class 1: outputs that are, contain or lie inside an input ----------------------------------------
+def _digest(p: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+OVERLAP = [  # (command, args with placeholders, the input that must survive, xfail reason)
+    ("calibrate", ["MODEL", "--data", "DATA", "-o", "MODEL", "--overwrite"], "model", WIRING),
+    ("calibrate", ["MODEL", "--data", "DATA", "-o", "MODELS", "--overwrite"], "models", WIRING),
+    ("calibrate", ["MODEL", "--data", "DATA", "-o", "MODEL/scores"], "model", WIRING),
+    ("calibrate", ["MODEL", "--data", "DATA", "-o", "DATA", "--overwrite"], "data", None),  # not a directory
+    ("export", ["MODEL", "--plan", "PLAN", "-o", "MODELS", "--overwrite"], "models", WIRING),  # deleted the source
+    ("export", ["MODEL", "--plan", "PLAN", "-o", "MODEL", "--overwrite"], "model", None),
+    ("export", ["MODEL", "--plan", "PLAN", "-o", "PLAN", "--overwrite"], "plan", None),  # not a directory
+    ("select", ["SCORES", "--model", "MODEL", "--task", "MC", "--max-drop", "0.1", "-o", "SCORES", "--overwrite"],
+     "scores", WIRING),
+    ("select", ["SCORES", "--model", "MODEL", "--task", "MC", "--max-drop", "0.1", "-o", "SCORES/plan.json"],
+     "scores", WIRING),
+    ("select", ["SCORES", "--model", "MODEL", "--task", "MC", "--max-drop", "0.1", "-o", "MODEL/plan.json"],
+     "model", WIRING),
+    ("eval", ["MODEL", "--task", "MC", "--plan", "PLAN", "-o", "PLAN", "--overwrite"], "plan", WIRING),
+    ("eval", ["MODEL", "--task", "MC", "-o", "MODEL/config.json", "--overwrite"], "model", WIRING),
+    ("eval", ["MODEL", "--task", "MC", "-o", "MC", "--overwrite"], "mc", WIRING),
+    ("report", ["SCORES", "-o", "SCORES", "--overwrite"], "scores", WIRING),
+    ("sweep", ["SCORES", "--model", "MODEL", "--task", "MC", "-o", "SCORES", "--overwrite"], "scores", WIRING),
+    ("compare-selectors", ["--model", "MODEL", "--scores", "SCORES", "--task", "MC", "--max-drop", "0.1", "-o",
+                           "MODELS", "--overwrite"], "models", WIRING),
+    ("run", ["RECIPE", "-o", "MODEL/run"], "model", WIRING),
+    ("run", ["RECIPE", "-o", "MODELS"], "models", WIRING),  # foreign work directory: refused, but only in run()
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=f"{c[0]} -o {c[1][c[1].index('-o') + 1]}",
+                                               marks=[pytest.mark.xfail(reason=c[3], strict=True)] if c[3] else [])
+                                  for c in OVERLAP])
+def test_output_overlapping_an_input_is_refused(env, sentinel, case):
+    cmd, args, keep, _ = case
+    subst = {"MODEL": env["model"], "MODELS": env["models"], "DATA": env["data"], "PLAN": env["plan"],
+             "SCORES": env["scores"], "MC": f"mc:{env['mc']}", "RECIPE": env["recipe"]}
+    argv = []
+    for a in args:
+        head, _, tail = a.partition("/")
+        argv.append(str(subst[head]) + (f"/{tail}" if tail else "") if head in subst and head != "MC"
+                    else subst["MC"] if a == "MC" else a)
+    before = {k: _digest(env[k]) for k in ("model", "models", "data", "plan", "scores", "mc")}
+    r = invoke(cmd, argv)
+    assert_refused(r, ("-o", "input", "inside", "contains", str(env[keep].name), "work directory"))
+    assert {k: _digest(env[k]) for k in before} == before  # nothing was touched
+    assert (env["models"] / "sibling.txt").exists()
+
+
+def test_scores_of_other_weights_are_refused_by_every_command_that_takes_them(env, tmp_path):
+    """Class 4 at the command line: a scores file and a plan made on another model of the same shape."""
+    other = tmp_path / "other"
+    model = tiny_model("llama", layers=2, vocab=len(SPECIAL) + len(WORDS), seed=5)
+    model.save_pretrained(other)
+    tiny_tokenizer(other)
+    mc = f"mc:{env['mc']}"
+    runs = {
+        "select": ["select", str(env["scores"]), "--model", str(other), "--task", mc, "--max-drop", "0.1", "-o",
+                   str(tmp_path / "p.json")],
+        "eval --plan": ["eval", str(other), "--task", mc, "--plan", str(env["plan"]), "-o", str(tmp_path / "r.json")],
+        "eval --dynamic-fraction": ["eval", str(other), "--task", mc, "--dynamic-fraction", "awft:0.1", "--scores",
+                                    str(env["scores"]), "-o", str(tmp_path / "r2.json")],
+        "sweep": ["sweep", str(env["scores"]), "--model", str(other), "--task", mc, "-o", str(tmp_path / "sw")],
+    }
+    for label, argv in runs.items():
+        r = CliRunner().invoke(cli, argv)
+        assert_refused(r, ("different weights",), only_line=False)
+        assert "tensor" in r.stderr, label
+
+
+@pytest.mark.xfail(reason="export checks the plan while streaming: lead wires FingerprintCheck into export", strict=True)
+def test_export_refuses_a_plan_made_on_other_weights(env, tmp_path):
+    other = tmp_path / "other"
+    tiny_model("llama", layers=2, vocab=len(SPECIAL) + len(WORDS), seed=5).save_pretrained(other)
+    r = invoke("export", [str(other), "--plan", str(env["plan"]), "-o", str(tmp_path / "out"), "--no-verify"])
+    assert_refused(r, ("different weights",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_changed_in_memory_still_matches_its_own_fingerprint_file(env):
+    """Sanity of the fixture used above: the plan's fingerprint matches the model it was made on."""
+    from prune_heads.model.fingerprint import check_fingerprint
+    from prune_heads.model.loading import load_model
+
+    loaded = load_model(str(env["model"]))
+    check_fingerprint(Plan.load(env["plan"]).meta["fingerprint"], loaded.model, "the plan")
+    with torch.no_grad():
+        loaded.model.model.norm.weight[0] += 1
+    with pytest.raises(Exception, match="model.norm.weight"):
+        check_fingerprint(Plan.load(env["plan"]).meta["fingerprint"], loaded.model, "the plan")
