@@ -60,7 +60,7 @@ def test_eval_dynamic_records_fraction_zeroed(saved, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["fraction_heads_zeroed"] == 1.0 and res["mask"]["type"] == "dynamic"
-    assert res["mask"]["threshold_method"] == "quantile"
+    assert res["mask"]["threshold_method"] is None and res["mask"]["dynamic_mode"] == "exact"  # a given threshold
     assert res["tasks"][0]["pruned"]["details"]["batch_size_used"] == 1  # no padding enters per-input scores
     all_heads = [(i, h) for i in range(2) for h in range(4)]
     sub = tmp_path / "sub.jsonl"
@@ -85,3 +85,24 @@ def test_eval_bad_inputs_give_clear_errors(saved, tmp_path):
         r = CliRunner().invoke(cli, ["eval", str(d / "model"), *map(str, args), "-o", str(tmp_path / "x.json")])
         assert r.exit_code == 2 and msg in r.output, (args, r.output)
         assert not (tmp_path / "x.json").exists()
+
+
+def test_eval_dynamic_fraction_records_the_threshold_method(saved, tmp_path):
+    """--threshold-method paper reads τ off the authors' empirical CDF; results.json says which was used."""
+    from prune_heads.scoring.calibrate import calibrate
+    from prune_heads.scoring.thresholds import threshold
+
+    d, model, tok = saved
+    seqs = [tok("the city and the river " * 3).input_ids for _ in range(3)]
+    hs = calibrate(model, seqs, scores=["ahon_ln"], progress=False)
+    hs.save(tmp_path / "scores")
+    outs = {}
+    for method in ("quantile", "paper"):
+        out = tmp_path / f"{method}.json"
+        r = run(d / "model", "--task", f"mc:{d / 'q.jsonl'}", "--dynamic-fraction", "ahon_ln:0.3", "--scores",
+                tmp_path / "scores", "--threshold-method", method, "--limit", 3, "-o", out)
+        assert r.exit_code == 0, r.output
+        outs[method] = json.loads(out.read_text())["mask"]
+        expected = threshold(hs.per_sample("ahon_ln").double().numpy(), "ahon_ln", 0.3, method)
+        assert outs[method]["threshold"] == pytest.approx(expected.value)
+        assert outs[method]["threshold_record"]["method"] == method

@@ -44,7 +44,7 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
 
 def test_output_inside_source_refused(tmp_path):
     _, src = make_source(tmp_path, "llama")
-    with pytest.raises(PruneHeadsError, match="source model directory"):
+    with pytest.raises(PruneHeadsError, match="is the input"):
         export(str(src), Plan([(0, 0)]), src, progress=False, overwrite=True)
     assert (src / "config.json").exists()
 

@@ -81,7 +81,7 @@ def test_sweep_cli(setup):
     root = setup
     out = root / "sweep"
     r = _run(["sweep", str(root / "scores"), "--model", str(root / "model"), "--task", f"ppl:{root / 'docs.txt'}",
-              "--scores", "ahon_ln", "--fractions", "0,25,50", "--limit", "4", "-o", str(out), "--device", "cpu"])
+              "--scores", "ahon_ln", "--fractions", "0,0.25,0.5", "--limit", "4", "-o", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     d = json.loads((out / "sweep.json").read_text())
     assert {(row["score"], row["fraction"]) for row in d["rows"]} == {

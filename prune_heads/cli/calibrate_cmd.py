@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from prune_heads.cli.options import check_output, model_config, model_options, output_option
+from prune_heads.cli.options import (
+    check_output,
+    check_sources,
+    local_path,
+    model_config,
+    model_options,
+    output_option,
+)
 from prune_heads.schema import click_options
 from prune_heads.scoring.stage import CalibrateConfig
 
@@ -22,7 +29,8 @@ def calibrate(model, output, overwrite, **kw):
 
     mc = model_config(model, kw)
     cfg = from_cli(CalibrateConfig, kw)
-    check_output(output, overwrite, inputs=(model, cfg.data.split("#")[0]))
+    check_output(output, overwrite, inputs=(model, local_path(cfg.data)))
+    check_sources(data=(cfg.data_now(),))
     join_process_group(mc)  # under torchrun / accelerate launch each process scores every world-th sample
     res = run_calibrate(cfg, mc.load(), model, output, revision=mc.revision, overwrite=overwrite)
     if res.scores_dir is not None and res.scores is not None:

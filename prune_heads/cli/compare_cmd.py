@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from prune_heads.cli.options import check_output, model_config, model_options, output_option
+from prune_heads.cli.options import (
+    check_output,
+    check_sources,
+    local_path,
+    model_config,
+    model_options,
+    output_option,
+)
 from prune_heads.schema import click_options
 from prune_heads.selection.compare import CompareConfig
 
@@ -25,7 +32,9 @@ def compare_selectors(model_spec, scores_dir, output, overwrite, **kw):
 
     mc = model_config(model_spec, kw)
     cfg = from_cli(CompareConfig, kw)
-    check_output(output, overwrite, inputs=(scores_dir, model_spec))
+    check_output(output, overwrite, inputs=(scores_dir, model_spec, local_path(cfg.task), local_path(cfg.ppl_data),
+                                               local_path(cfg.calib_data)))
+    check_sources(data=(cfg.ppl_data, cfg.calib_data), tasks=(cfg.task,))
     loaded = mc.load()
     rows = run_comparison(cfg, loaded.model, loaded.tokenizer, HeadScores.load(scores_dir), output, overwrite=overwrite)
     click.echo(Path(output, "results.md").read_text())

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from prune_heads.cli.options import check_output, model_config, model_options, output_option
+from prune_heads.cli.options import (
+    check_output,
+    check_sources,
+    local_path,
+    model_config,
+    model_options,
+    output_option,
+)
 from prune_heads.evaluation.stage import EvalTask, EvaluateConfig
 from prune_heads.schema import click_options
 
@@ -30,7 +37,8 @@ def eval_(model, plan_path, scores_dir, output, overwrite, **kw):
     cfg = from_cli(EvaluateConfig, kw, tasks=[task])
     if plan_path and (cfg.dynamic or cfg.dynamic_fraction):
         raise PruneHeadsError("give at most one of --plan, --dynamic and --dynamic-fraction")
-    check_output(output, overwrite, inputs=(model, plan_path, scores_dir))
+    check_output(output, overwrite, inputs=(model, plan_path, scores_dir, local_path(task.task)), kind="file")
+    check_sources(tasks=(task.task,))
     side = PrunedSide(plan=Plan.load(plan_path) if plan_path else None,
                       scores=HeadScores.load(scores_dir) if scores_dir else None)
     res = run_evaluate(cfg, mc.load(), model, side, output, overwrite=overwrite)

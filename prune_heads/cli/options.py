@@ -32,25 +32,32 @@ def output_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any
     return apply
 
 
-def check_output(output: Any, overwrite: bool, inputs: tuple[Any, ...] = ()) -> None:
-    """Refuse an existing output without --overwrite, and an output that is, holds or lies in an input."""
-    from prune_heads import io_utils
+def local_path(spec: str | None) -> str | None:
+    """The file or folder behind a data or task spec (``mc:F``, ``ppl:F``, ``F#field``, ``F@split``), if any."""
+    if not spec:
+        return None
+    for prefix in ("mc:", "ppl:", "kl:"):
+        if spec.startswith(prefix):
+            spec = spec[len(prefix):]
+    return spec.split("#", 1)[0].split("@", 1)[0] or None
 
-    guard = getattr(io_utils, "check_output_path", None)
-    if guard is not None:
-        guard(output, overwrite=overwrite, inputs=[i for i in inputs if i])
-        return
-    from pathlib import Path
 
-    from prune_heads.errors import OutputExistsError, PruneHeadsError
+def check_output(output: Any, overwrite: bool, inputs: tuple[Any, ...] = (), *, kind: str = "directory") -> None:
+    """Before any work: refuse an existing output without --overwrite, and an output that is, holds or lies
+    inside one of the command's inputs (model, scores, plan, data and task files)."""
+    from prune_heads.io_utils import check_output_dir
 
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    o = out.resolve()
-    for i in inputs:
-        if not i:
-            continue
-        p = Path(i).resolve()
-        if o == p or o in p.parents or p in o.parents:
-            raise PruneHeadsError(f"the output {out} would overwrite the input {i}; choose another -o")
+    check_output_dir(output, overwrite, inputs=[i for i in inputs if i], kind=kind)
+
+
+def check_sources(*, data: tuple[str | None, ...] = (), tasks: tuple[str | None, ...] = ()) -> None:
+    """Before loading the model: every data spec yields a document and every task exists (the recipe
+    runner's preflight, so a typo or a binary file is found in seconds, not after a model load)."""
+    from prune_heads.pipeline.preflight import check_data, check_task
+
+    for spec in data:
+        if spec:
+            check_data(spec, "--data")
+    for task in tasks:
+        if task:
+            check_task(task, "--task")

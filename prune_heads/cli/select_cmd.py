@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from prune_heads.cli.options import check_output, model_config, model_options, output_option
+from prune_heads.cli.options import (
+    check_output,
+    check_sources,
+    local_path,
+    model_config,
+    model_options,
+    output_option,
+)
 from prune_heads.schema import click_options
 from prune_heads.selection.stage import SelectConfig
 
@@ -25,9 +32,11 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
 
     mc = model_config(model_spec, kw)
     cfg = from_cli(SelectConfig, kw)
-    check_output(output, overwrite, inputs=(scores_dir, model_spec))
+    inputs = (scores_dir, model_spec, local_path(cfg.task), local_path(cfg.verify_task), local_path(cfg.data))
+    check_output(output, overwrite, inputs=inputs, kind="file")
+    check_sources(data=(cfg.data,), tasks=(cfg.task, cfg.verify_task))
     if plot_path:
-        check_output(plot_path, overwrite, inputs=(scores_dir, model_spec, output))
+        check_output(plot_path, overwrite, inputs=(*inputs, output), kind="file")
     scores = HeadScores.load(scores_dir)
     plan = run_select(cfg, mc.load(), scores, output, model_id=model_spec, overwrite=overwrite)
     click.echo(plan_line(plan, output))

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from prune_heads.cli.options import check_output, model_config, model_options, output_option
+from prune_heads.cli.options import (
+    check_output,
+    check_sources,
+    local_path,
+    model_config,
+    model_options,
+    output_option,
+)
 from prune_heads.schema import click_options
 from prune_heads.selection.stage import SweepConfig
 
@@ -23,7 +30,8 @@ def sweep(scores_dir, model_spec, output, overwrite, **kw):
 
     mc = model_config(model_spec, kw)
     cfg = from_cli(SweepConfig, kw)
-    check_output(output, overwrite, inputs=(scores_dir, model_spec))
+    check_output(output, overwrite, inputs=(scores_dir, model_spec, local_path(cfg.task)))
+    check_sources(tasks=(cfg.task,))
     result = run_sweep_stage(cfg, mc.load(), HeadScores.load(scores_dir), output, model_id=model_spec,
                              overwrite=overwrite)
     click.echo(result.table_markdown())

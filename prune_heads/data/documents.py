@@ -60,6 +60,28 @@ def _registered(source: str) -> Iterator[str] | None:
     return None
 
 
+def read_text(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 text is refused by name instead of a decode traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); give a "
+                        ".txt/.jsonl file of text, a .parquet file or a save_to_disk folder") from None
+
+
+def _json_lines(path: Path) -> Iterator[dict[str, Any]]:
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); one JSON object per line") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: each line must be a JSON object with a text field")
+        yield rec
+
+
 def _split_field(spec: str, default_field: str = "text") -> tuple[str, str]:
     if "#" in spec:
         path, field = spec.rsplit("#", 1)
@@ -98,11 +120,9 @@ def iter_documents(source: str) -> Iterator[str]:
     if path.is_dir():
         yield from _disk_documents(path, split, field)
     elif path.suffix == ".txt" or path.suffix == ".raw":
-        yield from split_text_documents(path.read_text(encoding="utf-8"))
+        yield from split_text_documents(read_text(path))
     elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            recs = (json.loads(line) for line in f if line.strip())
-            yield from _texts_from_records(recs, field, str(path))
+        yield from _texts_from_records(_json_lines(path), field, str(path))
     elif path.suffix == ".parquet":
         import datasets
 

@@ -46,7 +46,9 @@ def find_wikitext() -> Path:
 def wikitext_documents(spec: str = "wikitext2") -> list[str]:
     """The articles of the split named by ``spec`` (``wikitext2`` or ``wikitext2:hub``)."""
     if spec == "wikitext2":
-        return split_text_documents(find_wikitext().read_text(encoding="utf-8"))
+        from prune_heads.data.documents import read_text
+
+        return split_text_documents(read_text(find_wikitext()))
     if spec == "wikitext2:hub":
         return split_text_documents(_hub_text())
     raise DataError(f"unknown WikiText spec {spec!r}; use one of {', '.join(SPECS)}")

@@ -34,13 +34,24 @@ class EvalTask(Config):
     metric: str | None = option(None, help="Metric of an lm-eval task (default: its first, e.g. acc).")
 
 
-def _score_threshold(v: Any) -> str | None:
+def _score_number(v: Any) -> tuple[str, float] | None:
     score, sep, num = str(v).rpartition(":")
     try:
-        float(num)
+        value = float(num)
     except ValueError:
-        return f"takes SCORE:NUMBER (e.g. awft:0.3), not {v!r}"
-    return None if sep and score else f"takes SCORE:NUMBER (e.g. awft:0.3), not {v!r}"
+        return None
+    return (score, value) if sep and score and value == value else None  # (NaN is not a threshold)
+
+
+def _score_threshold(v: Any) -> str | None:
+    return None if _score_number(v) else f"takes SCORE:NUMBER (e.g. awft:0.3), not {v!r}"
+
+
+def _score_fraction(v: Any) -> str | None:
+    parsed = _score_number(v)
+    if parsed is None:
+        return f"takes SCORE:FRACTION (e.g. awft:0.2), not {v!r}"
+    return None if 0 <= parsed[1] <= 1 else f"the fraction must be in [0, 1], got {parsed[1]:g}"
 
 
 @dataclass
@@ -53,11 +64,14 @@ class EvaluateConfig(Config):
     seed: int = option(0, ge=0, help="Seed of the search/verify document split.")
     dynamic: str | None = option(None, check=_score_threshold, metavar="SCORE:THRESHOLD",
                                  help="The paper's per-input mode with a threshold.")
-    dynamic_fraction: str | None = option(None, check=_score_threshold, metavar="SCORE:FRACTION",
+    dynamic_fraction: str | None = option(None, check=_score_fraction, metavar="SCORE:FRACTION",
                                           help="Per-input mode, threshold read off --scores quantiles.")
     threshold_method: str = option("quantile", choices=("quantile", "paper"),
                                    help="How --dynamic-fraction turns a fraction into a threshold: torch.quantile, "
                                         "or the paper's empirical CDF with linear interpolation.")
+    dynamic_mode: str = option("exact", choices=("exact", "cached"),
+                               help="exact: the paper's decisions (generation reruns the sequence without the KV "
+                                    "cache); cached: running statistics in the cache, faster, ~1% of decisions differ.")
     speed_seq_len: int = option(128, ge=0, cli=False, help="prefill length of the speed check; 0 skips it")
     speed_repeats: int = option(5, ge=1, cli=False, help="interleaved repeats of the speed check")
 
@@ -126,25 +140,28 @@ def _split(value: str) -> tuple[str, float]:
 
 
 def _dynamic_context(cfg: EvaluateConfig, model: Any, scores: Any, mask_info: dict[str, Any], box: dict[str, Any]) -> Any:
-    from prune_heads.model.masking import dynamic_mask, threshold_for_fraction
+    from prune_heads.model.dynamic import dynamic_mask
     from prune_heads.scoring.score_defs import validate_score_ids
+    from prune_heads.scoring.thresholds import threshold as take_threshold
 
     score, number = _split(cfg.dynamic or cfg.dynamic_fraction)
     validate_score_ids([score])
+    mask_info.update(type="dynamic", score=score, dynamic_mode=cfg.dynamic_mode)
     if cfg.dynamic_fraction is not None:
         if scores is None:
             raise PruneHeadsError("--dynamic-fraction needs --scores DIR (the calibration scores to read the threshold from)")
         scores.check(model)
-        threshold = threshold_for_fraction(scores, score, number)
+        tau = take_threshold(scores.per_sample(score).double().numpy(), score, number, cfg.threshold_method)
+        threshold = tau.value
+        mask_info.update(threshold=threshold, requested_fraction=number, threshold_method=cfg.threshold_method,
+                         threshold_record=tau.to_dict())
     else:
         threshold = number
-    mask_info.update(type="dynamic", score=score, threshold=threshold,
-                     requested_fraction=number if cfg.dynamic_fraction is not None else None,
-                     threshold_method=cfg.threshold_method)
+        mask_info.update(threshold=threshold, requested_fraction=None, threshold_method=None)
 
     @contextlib.contextmanager
     def context(m: Any) -> Iterator[Any]:
-        with dynamic_mask(m, score, threshold) as stats:
+        with dynamic_mask(m, score, threshold, mode=cfg.dynamic_mode) as stats:
             box["stats"] = stats
             yield stats
 

@@ -21,6 +21,7 @@ from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_sour
 from prune_heads.export.verify import verify_export
 from prune_heads.io_utils import atomic_dir, check_output_dir, write_json_atomic
 from prune_heads.model.adapters import get_adapter
+from prune_heads.model.fingerprint import FingerprintCheck
 from prune_heads.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,9 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
     max_bytes = parse_size(shard_size)
     torch_dtype = parse_dtype(dtype)
     dtype_name = str(torch_dtype).removeprefix("torch.") if torch_dtype is not None else None
-    check_output_dir(out_dir, overwrite)
     src = open_source(resolve_source(model, gguf_file))
+    check_output_dir(out_dir, overwrite, inputs=[src.path, model if Path(model).exists() else None])
     out = Path(out_dir)
-    if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:
-        raise PruneHeadsError("the output directory must not be (or be inside) the source model directory")
 
     from transformers import AutoConfig
 
@@ -134,11 +133,15 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
 
     from prune_heads.export.streaming import ShardWriter
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    # the plan must have been made on these very weights: every tensor is checked as it streams by
+    same_weights = FingerprintCheck(plan.selection.fingerprint, "this plan") if plan.selection.fingerprint else None
+    with atomic_dir(out, overwrite=overwrite, inputs=[src.path]) as tmp:
         writer = ShardWriter(tmp, max_bytes)
         names = set(src.weight_map)
         params_before = 0
         for name, tensor in iter_tensors(src, progress=progress):
+            if same_weights is not None:
+                same_weights.add(name, tensor)
             if _tied_duplicate(name, src.config, names):
                 continue
             params_before += tensor.numel()
@@ -151,6 +154,8 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
                 tensor = tensor.to(torch_dtype)
             writer.add(name, tensor)
             del tensor
+        if same_weights is not None:
+            same_weights.finish()
         files = writer.close()
         write_json_atomic(tmp / "config.json", out_config)
         files.append("config.json")
@@ -190,9 +195,12 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
             "license": source_license(src.path),
         }
         provenance = model_card.scrub_local_paths(provenance)  # never a local path in what gets published
-        write_json_atomic(tmp / PROVENANCE_FILE, provenance)
-        files.append(PROVENANCE_FILE)
         files.append(model_card.write_model_card(tmp, model_card.card_info(provenance)).name)
+        files.append(PROVENANCE_FILE)
+        # the export's own files, so `push` uploads exactly these (the card and this record change later)
+        provenance["files"] = {f: None if f in ("README.md", PROVENANCE_FILE) else (tmp / f).stat().st_size
+                               for f in sorted(files)}
+        write_json_atomic(tmp / PROVENANCE_FILE, provenance)
 
     return ExportResult(out, params_before, writer.total_params, verification, sorted(files), predicted,
                         writer.total_bytes, writer.peak_buffer_bytes)

@@ -38,8 +38,9 @@ class VerifyConfig(Config):
     enabled: bool = option(True, cli="verify", flag="pair",
                            help="Compare the export's logits with the (compensated) masked original.")
     tol: float = option(1e-4, gt=0, cli="tolerance", help="Largest allowed |logit difference| (compared in float64).")
-    num_sequences: int = option(4, ge=1, cli="verify-sequences", help="Random token sequences in the check.")
-    seq_len: int = option(64, ge=2, cli="verify-seq-len", help="Tokens per check sequence.")
+    num_sequences: int = option(4, ge=1, le=4096, cli="verify-sequences", help="Random token sequences in the check.")
+    seq_len: int = option(64, ge=2, le=1 << 20, cli="verify-seq-len",
+                          help="Tokens per check sequence (at most the model's context).")
 
 
 def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify: VerifyConfig | None = None,

@@ -59,9 +59,32 @@ def check_task(task: str, what: str) -> None:
             raise PruneHeadsError(f"{what}: unknown task {rest!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
+def check_lengths(recipe: Any) -> None:
+    """Sequence lengths within the model's context, read from its config (no weights are loaded)."""
+    from prune_heads.model.adapters import get_adapter
+
+    try:
+        from transformers import AutoConfig
+
+        from prune_heads.model.loading import resolve_model_spec
+
+        location, gguf = resolve_model_spec(recipe.model.id, recipe.model.gguf_file)
+        if gguf:
+            return  # a GGUF's config is read while converting it
+        config = AutoConfig.from_pretrained(location, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError, PruneHeadsError):
+        return  # loading reports it, with the reason
+    context = getattr(get_adapter(config).text_config(config), "max_position_embeddings", None)
+    for key, value in (("calibration.seq_len", recipe.calibration.seq_len), ("verify.seq_len", recipe.verify.seq_len)):
+        if context and value and value > context:
+            raise PruneHeadsError(f"{key}: {value} tokens is beyond the model's context of {context}; lower it")
+
+
 def check_inputs(recipe: Any) -> None:
-    """Model, calibration data and every task of a recipe, in seconds."""
+    """Model, calibration data, sequence lengths and every task of a recipe, in seconds."""
     check_model(recipe.model)
+    check_lengths(recipe)
     check_data(recipe.calibration.data_now(), "calibration.data")
     for key, task in (("select.task", recipe.select.task), ("select.verify_task", recipe.select.verify_task)):
         if task:

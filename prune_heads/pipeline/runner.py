@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +30,6 @@ from prune_heads.errors import PruneHeadsError
 from prune_heads.io_utils import atomic_dir, write_json_atomic
 
 MARKER = ".prune-heads-workdir.json"
-LOCK = ".prune-heads.lock"
 STAGE_FILE = "stage.json"
 
 
@@ -93,30 +90,19 @@ def check_workdir(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def locked_workdir(path: str | os.PathLike) -> Iterator[Path]:
-    """The work directory, locked for this process; marked and cleaned only once the lock is held."""
+def locked_workdir(path: str | os.PathLike, inputs: tuple[Any, ...] = ()) -> Iterator[Path]:
+    """The work directory, locked for this process before anything in it is touched; then marked, and rid of
+    the temporaries of dead runs (never a live process's). ``inputs`` may not lie in it, nor it in them."""
+    from prune_heads.io_utils import DirLock, check_output_path, clean_stale_temporaries
+
+    check_output_path(path, [i for i in inputs if i], option="-o WORKDIR")
     wd = check_workdir(path)
-    with open(wd / LOCK, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise WorkdirError(f"another `prune-heads run` is using {wd}; wait for it or choose another -o WORKDIR") from None
-        try:
-            if not (wd / MARKER).exists():
-                write_json_atomic(wd / MARKER, {"tool": "prune-heads", "version": __version__,
-                                                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
-            _remove_stale_temporaries(wd)
-            yield wd
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _remove_stale_temporaries(wd: Path) -> None:
-    """Temporary stage directories of an interrupted run: ours (the directory is marked), and no live run
-    can own them while we hold the lock."""
-    for leftover in wd.iterdir():
-        if leftover.name.startswith(".") and (".tmp-" in leftover.name or ".old-" in leftover.name):
-            shutil.rmtree(leftover, ignore_errors=True)
+    with DirLock(wd, what="another `prune-heads run`"):
+        if not (wd / MARKER).exists():
+            write_json_atomic(wd / MARKER, {"tool": "prune-heads", "version": __version__,
+                                            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        clean_stale_temporaries(wd)
+        yield wd
 
 
 # ---- the runner --------------------------------------------------------------------------------

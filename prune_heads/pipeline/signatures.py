@@ -1,46 +1,44 @@
 """What the files behind a recipe's strings contain, for stage keys: a stage whose model weights or data
 file changed at the same path must rerun, not report "up to date" with the old numbers.
 
-A model directory, a data file or a task file is summarised by ``io_utils.content_signature`` (cheap: sizes,
-modification times and hashes of headers, confirmed by a content hash when they change); a Hub model by
-the commit its revision resolves to.
+A model directory, a data file or a task file is keyed by its content (``io_utils.SignatureCache``: cheap
+stat and header checks, a full hash only when they change, remembered in the work directory); a Hub model
+by the commit its revision resolves to.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-def _signature(path: Path) -> Any:
-    from prune_heads import io_utils
-
-    fn = getattr(io_utils, "content_signature", None)
-    if fn is not None:
-        return fn(path)
-    return _fallback_signature(path)
+CACHE_FILE = ".prune-heads-signatures.json"
+_cache: Any = None
 
 
-def _fallback_signature(path: Path) -> Any:
-    """Sizes, mtimes and a hash of the first and last 64 KiB of every file (until io_utils has its own)."""
-    import hashlib
+@contextlib.contextmanager
+def signature_cache(workdir: Path) -> Iterator[None]:
+    """Remember content hashes in ``workdir`` for the duration of a run (and between runs)."""
+    from prune_heads.io_utils import SignatureCache
 
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    out = []
-    for f in files:
-        st = f.stat()
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 16))
-            if st.st_size > 1 << 17:
-                fh.seek(-(1 << 16), 2)
-                h.update(fh.read())
-        out.append([str(f.relative_to(path)) if path.is_dir() else f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]])
-    return out
+    global _cache
+    _cache = SignatureCache(workdir / CACHE_FILE)
+    try:
+        yield
+    finally:
+        _cache.save()
+        _cache = None
 
 
-def model_signature(model: Any) -> Any:
-    """Local checkpoint (or GGUF) content, or the Hub commit the revision resolves to."""
+def _signature(path: Path) -> str:
+    from prune_heads.io_utils import content_signature
+
+    return content_signature(path, _cache)
+
+
+def local_model_path(model: Any) -> Path | None:
+    """The local checkpoint (or GGUF file) a model spec names, or None for a Hub id."""
     from prune_heads.errors import PruneHeadsError
     from prune_heads.model.loading import resolve_model_spec
 
@@ -50,53 +48,48 @@ def model_signature(model: Any) -> Any:
         return None  # the preflight says what is wrong
     p = Path(location)
     if gguf:
-        return {"gguf": _signature(p / gguf)}
-    if p.is_dir():
+        return p / gguf
+    return p if p.exists() else None
+
+
+def model_signature(model: Any) -> Any:
+    """Local checkpoint (or GGUF) content, or the Hub commit the revision resolves to."""
+    from prune_heads.io_utils import hub_revision
+
+    p = local_model_path(model)
+    if p is not None:
         return {"local": _signature(p)}
-    return {"hub": hub_commit(location, model.revision)}
+    return {"hub": model.id, "commit": hub_revision(model.id, model.revision) or model.revision}
 
 
-def hub_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit ``revision`` of a Hub model resolves to: asked online, else the local cache's snapshot."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=["config.json"])
-        return Path(path).name
-    except Exception:  # not cached: ask the Hub
-        try:
-            from huggingface_hub import HfApi
-
-            return HfApi().model_info(repo_id, revision=revision).sha
-        except Exception:
-            return None
-
-
-def data_signature(spec: str | None) -> Any:
-    """The local file (or folder) behind a data spec, when there is one."""
+def local_data_path(spec: str | None) -> Path | None:
+    """The local file or folder behind a data spec (``wikitext2``: the file in use), when there is one."""
     if not spec:
         return None
     if spec == "wikitext2":
         from prune_heads.data import find_wikitext
 
         try:
-            return {"wikitext2": _signature(find_wikitext())}
+            return find_wikitext()
         except Exception:
             return None
     path = spec.split("#", 1)[0]
     if "@" in path and not Path(path).exists():
         path = path.rsplit("@", 1)[0]
     p = Path(path)
-    return {"file": _signature(p)} if p.exists() else None
+    return p if p.exists() else None
+
+
+def data_signature(spec: str | None) -> Any:
+    p = local_data_path(spec)
+    return {"file": _signature(p)} if p is not None else None
 
 
 def task_signature(task: str | None) -> Any:
-    """Local files behind a task: ``mc:FILE``, ``ppl:DATA``/``kl:DATA`` (lm-eval tasks: their data package)."""
+    """Local files behind a task: ``mc:FILE``, ``ppl:DATA``/``kl:DATA`` (lm-eval tasks: none)."""
     if not task:
         return None
     for prefix in ("mc:", "ppl:", "kl:"):
         if task.startswith(prefix):
-            rest = task[len(prefix):]
-            return {task: data_signature(rest) if prefix != "mc:" else ({"file": _signature(Path(rest))}
-                                                                       if Path(rest).exists() else None)}
+            return {task: data_signature(task[len(prefix):])}
     return {task: None}

@@ -16,7 +16,14 @@ from typing import Any
 
 from prune_heads.pipeline.recipe import Recipe, dump_recipe, load_recipe
 from prune_heads.pipeline.runner import Runner, Stage, StageOutcome, locked_workdir
-from prune_heads.pipeline.signatures import data_signature, model_signature, task_signature
+from prune_heads.pipeline.signatures import (
+    data_signature,
+    local_data_path,
+    local_model_path,
+    model_signature,
+    signature_cache,
+    task_signature,
+)
 from prune_heads.pipeline.summary import Summary, build_summary
 
 
@@ -83,6 +90,10 @@ def _export(ctx: RunContext, out: Path) -> dict[str, Any]:
     from prune_heads.export.stage import run_export
 
     res = run_export(ctx.recipe.export, ctx.recipe.model, ctx.plan(), out / "model", verify=None, progress=ctx.progress)
+    if ctx.recipe.hub.repo_id:  # the card's loading snippet names the repository it will be pushed to
+        from prune_heads.export.model_card import refresh_card
+
+        refresh_card(out / "model", repo_id=ctx.recipe.hub.repo_id)
     return {"model": "model", "format": ctx.recipe.export.format, "params_before": int(res.params_before),
             "params_after": int(res.params_after), "files": sorted(Path(f).name for f in res.files)}
 
@@ -205,7 +216,9 @@ def run(recipe_or_path: Recipe | str | os.PathLike | Mapping[str, Any], workdir:
     runner = Runner(stages(), force=force, stop_after=stop_after, echo=echo)
     with share_calibration_decision() as decide:
         check_inputs(recipe)
-        with locked_workdir(workdir or Path("runs") / recipe.name) as wd:
+        inputs = (local_model_path(recipe.model), local_data_path(recipe.calibration.data_now()),
+                  recipe_or_path if isinstance(recipe_or_path, (str, os.PathLike)) else None)
+        with locked_workdir(workdir or Path("runs") / recipe.name, inputs) as wd, signature_cache(wd):
             for stale in ("summary.md", "summary.json"):
                 (wd / stale).unlink(missing_ok=True)
             (wd / "recipe.yaml").write_text(dump_recipe(recipe))

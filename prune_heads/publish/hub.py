@@ -73,10 +73,10 @@ def _known_export_files(folder: Path) -> set[str]:
     """What `prune-heads export` writes, for exports whose prune_heads.json does not list its files."""
     from fnmatch import fnmatch
 
-    from prune_heads.export.sliced import REMOTE_FILES
+    from prune_heads.export.sliced import FAMILY_FILE, REMOTE_FILES
     from prune_heads.export.streaming import AUX_PATTERNS
 
-    names = {PROVENANCE, "config.json", "README.md", INDEX, "model.safetensors", *REMOTE_FILES}
+    names = {PROVENANCE, "config.json", "README.md", INDEX, "model.safetensors", *REMOTE_FILES, FAMILY_FILE}
     out = set()
     for f in folder.iterdir():
         if f.is_file() and not f.name.startswith("."):

@@ -37,9 +37,6 @@ def run_push(cfg: PushConfig, export_dir: Path, *, repo_id: str | None = None, t
     target = repo_id or cfg.repo_id
     if not target:
         raise PruneHeadsError("no Hub repository given: set hub.repo_id in the recipe or --set hub.repo_id=NAME/REPO")
-    from prune_heads.export.model_card import refresh_card
-
-    refresh_card(export_dir, repo_id=target)  # the card's loading snippet names the repository
     url = push(export_dir, target, private=cfg.private, revision=cfg.revision, token=token, commit_message=cfg.message)
     folder = check_export_folder(export_dir, warn=False)
     return PushResult(url, target, len(folder.files), folder.num_bytes)

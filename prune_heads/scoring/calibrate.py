@@ -114,8 +114,12 @@ def calibrate(
     adapter = get_adapter(model)
     layout = adapter.layout(model.config)
     spec = None
-    if isinstance(data, str) or num_samples or seq_len:
-        spec = DataSpec(source=data if isinstance(data, str) else "pre-tokenised", num_samples=num_samples or (128 if isinstance(data, str) else None),
+    if num_samples is not None and num_samples < 1:
+        raise DataError(f"num_samples must be at least 1, got {num_samples}")
+    if isinstance(data, str) or num_samples is not None or seq_len is not None:
+        default_n = 128 if isinstance(data, str) else None
+        spec = DataSpec(source=data if isinstance(data, str) else "pre-tokenised",
+                        num_samples=num_samples if num_samples is not None else default_n,
                         seq_len=seq_len or min(512, _context(model) or 512), seed=seed)
     seqs, data_meta = _normalise_data(data, tokenizer, spec, model)
     pad_id = 0

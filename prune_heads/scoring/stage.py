@@ -34,7 +34,8 @@ class CalibrateConfig(Config):
     offline_data: str | None = option(None, cli=False,
                                       help="used instead of a hub: data spec when HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
     num_samples: int = option(128, ge=1, help="Calibration documents (one sample each).")
-    seq_len: int | None = option(None, ge=2, help="Tokens per sample (default: 512, or the model's context if shorter).")
+    seq_len: int | None = option(None, ge=2, le=1 << 20,
+                                 help="Tokens per sample (default: 512, or the model's context if shorter).")
     batch_size: int = option(8, ge=1, help="Sequences per forward pass.")
     seed: int = option(0, ge=0, help="Seed of the document order.")
     scores: list[str] | None = option(None, check=check_score_ids,

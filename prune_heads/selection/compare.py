@@ -47,13 +47,13 @@ class CompareConfig(Config):
     candidates_fraction: float | None = option(None, gt=0, le=1,
                                                help="Iterative: re-measure only this fraction of heads (least harmful "
                                                     "at the first measurement).")
-    gates_fraction: float = option(0.3, ge=0, lt=1, help="Gates: fraction of heads the gates are trained to close.")
+    gates_fraction: float = option(0.3, gt=0, lt=1, help="Gates: fraction of heads the gates are trained to close.")
     gates_steps: int = option(100, ge=1, help="Gates: training steps.")
     gates_lr: float = option(0.1, gt=0, help="Gates: learning rate.")
     selectors: list[str] | None = option(None, help="Subset to run (static:ID, random, static:ablation_kl, iterative, gates).")
 
     def check(self) -> None:
-        if any(d < 0 for d in self.max_drop) or not self.max_drop:
+        if not self.max_drop or not all(d >= 0 for d in self.max_drop):  # (NaN is not >= 0)
             raise ConfigError("max_drop", f"must be one or more numbers >= 0, got {self.max_drop}")
 
 

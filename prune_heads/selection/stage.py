@@ -48,7 +48,7 @@ class IterativeMethod(Config):
 class GatesMethod(Config):
     """Hard-concrete L0 gates trained by distillation with frozen weights (Voita et al.)."""
 
-    target_fraction: float | None = option(None, ge=0, lt=1, help="gates: fraction of all heads to remove.")
+    target_fraction: float | None = option(None, gt=0, lt=1, help="gates: fraction of all heads to remove.")
     l0_penalty: float | None = option(None, gt=0, help="gates: fixed L0 penalty (instead of --target-fraction).")
     steps: int = option(200, ge=1, help="gates: training steps.")
     lr: float = option(0.05, gt=0, help="gates: learning rate of the gate parameters.")
@@ -272,8 +272,10 @@ class SweepConfig(Config):
     dynamic: bool = option(False, help="Zero heads per input as in the paper (default: static, the same heads "
                                        "for every input).")
     fractions: list[float] = option(default_factory=lambda: [0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30],
-                                    help="Fractions of heads (values above 1 are read as percentages).")
-    random_seeds: list[int] = option(default_factory=lambda: [0], help="Seeds of the random baseline (empty: none).")
+                                    help="Fractions of all heads to zero (0.05 = 5%).")
+    random_seeds: list[int] = option(default_factory=lambda: [0], check=lambda v: None if all(s >= 0 for s in v)
+                                     else f"seeds must be integers >= 0, got {v}",
+                                     help="Seeds of the random baseline (empty: none).")
     max_drop: float = option(0.01, ge=0, help="Budget of the summary table (0.01 = one point).")
     limit: int | None = option(None, ge=1, help="Documents per (sub)task.")
     num_fewshot: int | None = option(None, ge=0, help="Few-shot examples (default: the task's own).")
@@ -281,10 +283,8 @@ class SweepConfig(Config):
     batch_size: int = option(8, ge=1, help="Requests per forward pass.")
 
     def check(self) -> None:
-        if any(f > 1 for f in self.fractions):
-            self.fractions = [f / 100 for f in self.fractions]
         if not self.fractions or not all(0 <= f <= 1 for f in self.fractions):
-            raise ConfigError("fractions", f"must lie in [0, 1] (or be percentages in [0, 100]), got {self.fractions}")
+            raise ConfigError("fractions", f"must be fractions in [0, 1] (0.05 = 5% of the heads), got {self.fractions}")
 
 
 def run_sweep_stage(cfg: SweepConfig, loaded: Any, scores: Any, out: Path, *, model_id: str,
