@@ -58,9 +58,14 @@ def test_bad_plan_files_are_refused(tmp_path, text, message):
 
 def test_good_plan_round_trips(tmp_path):
     p = tmp_path / "plan.json"
-    p.write_text(json.dumps({"removed_heads": [[1, 2], [0, 3], [1, 2]], "note": "hand"}))
+    p.write_text(json.dumps({"removed_heads": [[1, 2], [0, 3], [1, 2]]}))
     plan = Plan.load(p)
-    assert plan.removed_heads == [(0, 3), (1, 2)] and plan.meta == {"note": "hand"}
+    assert plan.removed_heads == [(0, 3), (1, 2)] and plan.handwritten
+    assert Plan.load(plan.save(tmp_path / "again.json")).removed_heads == plan.removed_heads
+    # metadata is typed: a misspelt key is refused by name rather than silently ignored
+    p.write_text(json.dumps({"removed_heads": [[0, 1]], "allow_empty_layer": True}))
+    with pytest.raises(PruneHeadsError, match="allow_empty_layer: unknown key"):
+        Plan.load(p)
 
 
 def test_plan_from_other_weights_is_refused_even_without_the_model_loaded(tmp_path):
@@ -74,8 +79,8 @@ def test_plan_from_other_weights_is_refused_even_without_the_model_loaded(tmp_pa
     plan.validate(model.config)  # same architecture: the config check alone passes
     with pytest.raises(ModelMismatchError, match="different weights"):
         plan.validate(model, check_weights=model)
-    with pytest.raises(ModelMismatchError, match="malformed fingerprint"):
-        Plan([(0, 1)], {"fingerprint": "abc"}).validate(model.config)
+    with pytest.raises(PruneHeadsError, match="fingerprint: must be a mapping"):
+        Plan([(0, 1)], {"fingerprint": "abc"})
 
 
 # ---- scores directories -------------------------------------------------------------------------------

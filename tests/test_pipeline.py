@@ -249,9 +249,15 @@ def test_empty_or_marked_workdir_is_accepted_and_leftovers_cleaned(tmp_path):
     with R.locked_workdir(wd):
         pass
     assert (wd / R.MARKER).exists()
-    (wd / ".select.tmp-abc").mkdir()
+    from prune_heads.io_utils import owner_tag
+
+    host = owner_tag().split("-", 2)[2]
+    dead = wd / f".select.tmp-999999999-0-{host}-abc"  # a run on this host whose process no longer exists
+    dead.mkdir()
+    mine = wd / f".export.tmp-{owner_tag()}-xyz"  # a live process's (ours): never removed
+    mine.mkdir()
     with R.locked_workdir(wd):
-        assert not (wd / ".select.tmp-abc").exists()
+        assert not dead.exists() and mine.exists()
 
 
 def test_unknown_family_is_reported_when_loading(tmp_path):

@@ -28,16 +28,17 @@ Head = tuple[int, int]
 
 
 def parse_heads(entries: Any, where: str = "plan") -> list[Head]:
-    """``[[layer, head], ...]`` with integer entries; anything else (floats, booleans, strings) is refused."""
+    """``[[layer, head], ...]`` with JSON integers only: ``[0.9, 1.7]``, ``[true, "2"]`` or ``[1]`` are refused
+    (``int()`` would silently turn them into other heads)."""
     if not isinstance(entries, (list, tuple)):
-        raise PlanFormatError(f"{where}: removed_heads must be a list of [layer, head] pairs")
+        raise PlanFormatError(f"{where}: removed_heads must be a list of [layer, head] pairs, not {type(entries).__name__}")
     heads = []
     for i, e in enumerate(entries):
         ok = isinstance(e, (list, tuple)) and len(e) == 2 and all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in e)
         if not ok:
-            raise PlanFormatError(f"{where}: removed_heads[{i}] = {e!r} is not a [layer, head] pair of "
-                                  "non-negative integers")
+            raise PlanFormatError(f"{where}: removed_heads[{i}] is {json.dumps(e)}; each entry must be a pair of "
+                                  "non-negative integers [layer, head], e.g. [3, 5]")
         heads.append((int(e[0]), int(e[1])))
     return heads
 
