@@ -1,12 +1,21 @@
 """Plots and markdown summaries of scores files: ``write_report`` for one, ``write_compare`` for two.
 
-Only numpy and matplotlib (Agg) are used, never a model, so reports are cheap to (re)make.
+Only numpy and matplotlib (Agg) are used, never a model, so reports are cheap to (re)make. Names load on
+first use (``prune_heads.lazy``).
 """
 
-from prune_heads.report.compare import write_compare
-from prune_heads.report.metrics import inactive_set, iou, precision, quantile_threshold, wasserstein1
-from prune_heads.report.search import plot_selection_search
-from prune_heads.report.summary import DEFAULT_SCORES, write_report
+from prune_heads.lazy import lazy_exports
 
-__all__ = ["DEFAULT_SCORES", "inactive_set", "iou", "precision", "plot_selection_search", "quantile_threshold",
-           "wasserstein1", "write_compare", "write_report"]
+_EXPORTS = {
+    "write_compare": "prune_heads.report.compare",
+    "inactive_set": "prune_heads.report.metrics",
+    "iou": "prune_heads.report.metrics",
+    "precision": "prune_heads.report.metrics",
+    "quantile_threshold": "prune_heads.report.metrics",
+    "wasserstein1": "prune_heads.report.metrics",
+    "plot_selection_search": "prune_heads.report.search",
+    "DEFAULT_SCORES": "prune_heads.report.summary",
+    "write_report": "prune_heads.report.summary",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
