@@ -1,7 +1,9 @@
 """``HeadScores``: every score of every head, per calibration sequence and averaged.
 
 On disk a directory with ``scores.safetensors`` (``<score_id>`` = mean ``(L, H)``,
-``per_sample/<score_id>`` = ``(N, L, H)``) and ``scores.json`` (provenance and geometry).
+``per_sample/<score_id>`` = ``(N, L, H)``), ``scores.json`` (provenance and geometry) and, when the
+calibration collected them, ``moments.safetensors`` (the statistics compensation is solved from; see
+``prune_heads.compensation.moments``), written in the same atomic directory.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class HeadScores:
     per_sample_values: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     means: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: ``prune_heads.compensation.Moments`` of the same calibration pass, or None
+    moments: Any = None
 
     def __post_init__(self) -> None:
         for sid, v in self.per_sample_values.items():
@@ -78,7 +82,8 @@ class HeadScores:
         """This file's scores plus ``other``'s (for adding ablation scores to a calibration)."""
         meta = dict(self.meta)
         meta["scores"] = sorted(set(self.score_ids) | set(other.score_ids))
-        return HeadScores({**self.per_sample_values, **other.per_sample_values}, meta, {**self.means, **other.means})
+        return HeadScores({**self.per_sample_values, **other.per_sample_values}, meta, {**self.means, **other.means},
+                          self.moments if self.moments is not None else other.moments)
 
     # ---- checks ---------------------------------------------------------------------------
     def check(self, model: Any) -> None:
@@ -104,9 +109,15 @@ class HeadScores:
         meta.setdefault("tool_version", __version__)
         meta.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         meta["scores"] = self.score_ids
+        if self.moments is not None:
+            from prune_heads.compensation.moments import MOMENTS_FILE
+
+            meta["moments"] = {"file": MOMENTS_FILE, **self.moments.summary()}
         with atomic_dir(directory, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp / SCORES_FILE), metadata={"format": "prune-heads-scores/1"})
             write_json_atomic(tmp / META_FILE, meta)
+            if self.moments is not None:
+                self.moments.save(tmp / MOMENTS_FILE)
         self.meta = meta
         return Path(directory)
 
@@ -125,7 +136,10 @@ class HeadScores:
         keys = sorted(tensors, key=lambda k: (order.get(k.split("/", 1)[-1], len(order)), k))
         means = {k: tensors[k] for k in keys if not k.startswith("per_sample/")}
         per = {k.split("/", 1)[1]: tensors[k] for k in keys if k.startswith("per_sample/")}
-        return cls(per, meta, means)
+        from prune_heads.compensation.moments import MOMENTS_FILE, Moments
+
+        moments = Moments.load(d / MOMENTS_FILE) if (d / MOMENTS_FILE).is_file() else None
+        return cls(per, meta, means, moments)
 
     def summary(self) -> dict[str, Any]:
         """Small JSON-able digest (for plans, provenance and model cards)."""
@@ -135,4 +149,5 @@ class HeadScores:
             "num_tokens": self.meta.get("num_tokens"),
             "data": self.meta.get("data"),
             "model": self.meta.get("model"),
+            "moments": self.moments.fingerprint() if self.moments is not None else None,
         }

@@ -80,6 +80,8 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
     Args:
         scores: calibration scores of this model (checked against it); may be None for ``score_id="random"``.
         evaluator: ``prune_heads.evaluation.Evaluator`` on the search data: ``evaluator(mask)`` -> EvalResult.
+            Built with ``compensation=`` it evaluates every candidate compensated (rank by ``lsq_error``
+            then); the plan records that compensation under ``compensation``.
         max_drop: allowed loss in metric units (0.01 = one accuracy point), or a fraction with ``relative``.
         verify_evaluator: evaluator on held-out data; the plan records its baseline and masked result.
         seed: seed of the ``random`` ranking.
@@ -135,6 +137,9 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
 
     verification = None
     if verify_evaluator is not None:
+        from prune_heads.compensation.plans import evaluator_with
+
+        verify_evaluator = evaluator_with(verify_evaluator, getattr(evaluator, "compensation", None))
         vb = verify_evaluator(None)
         vr = verify_evaluator(mask) if k else vb
         ok = within_budget(vb, vr, max_drop, relative)
@@ -173,10 +178,18 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         "verification": verification,
         "wall_seconds": round(time.time() - t0, 2),
         "tool_version": __version__,
+        "compensation": _compensation_record(evaluator),
     }
     if score_id == RANDOM_SCORE:
         meta["seed"] = seed
     return Plan(removed, meta)
+
+
+def _compensation_record(evaluator: Any) -> dict[str, Any]:
+    """How the evaluated (and so the exported) model compensates the removed heads."""
+    from prune_heads.compensation.plans import record_of
+
+    return record_of(getattr(evaluator, "compensation", None))
 
 
 def _brief(r: Any) -> dict[str, Any]:
