@@ -27,7 +27,13 @@ def assert_moments_equal_naive(m: Moments, model, seqs, rtol=1e-5) -> None:
         torch.testing.assert_close(m.grams[i], x.T @ x, rtol=rtol, atol=1e-6 * float((x.T @ x).abs().max()))
         sq = h.pow(2).sum(-1)
         assert float(m.resid_sq[i]) == pytest.approx(float(sq.sum()), rel=rtol)
-        assert float(m.resid_inv[i]) == pytest.approx(float((1 / (sq + 1e-6 * h.shape[-1])).sum()), rel=rtol)
+        w = 1 / (sq + 1e-6 * h.shape[-1])
+        assert float(m.resid_inv[i]) == pytest.approx(float(w.sum()), rel=rtol)
+        if m.has_relative:
+            gw = (x * w[:, None]).T @ x
+            torch.testing.assert_close(m.grams_rel[i], gw, rtol=rtol, atol=1e-6 * float(gw.abs().max()))
+            torch.testing.assert_close(m.sums_rel[i], (x * w[:, None]).sum(0), rtol=rtol,
+                                       atol=1e-6 * float(x.abs().max() * w.max()))
         mu = x.mean(0)
         torch.testing.assert_close(m.covariance(i), (x - mu).T @ (x - mu) / x.shape[0], rtol=1e-4,
                                    atol=1e-5 * float(x.var(0).max()))
@@ -50,10 +56,19 @@ def test_calibrate_collects_the_same_moments_and_saves_them(tmp_path):
     assert (tmp_path / "s" / MOMENTS_FILE).is_file()
     back = HeadScores.load(tmp_path / "s")
     assert back.moments.fingerprint() == hs.moments.fingerprint()
-    for a, b in zip(back.moments.grams, hs.moments.grams):
+    for a, b in zip(back.moments.grams + back.moments.grams_rel, hs.moments.grams + hs.moments.grams_rel):
         assert torch.equal(a, b)
     assert back.meta["moments"]["fingerprint"] == hs.moments.fingerprint()
     assert set(back.score_ids) == {"ahon", "lsq_error"}
+
+
+def test_relative_sums_are_optional():
+    model = tiny_model("llama", layers=2)
+    plain = collect_moments(model, SEQS, progress=False, relative=False)
+    assert not plain.has_relative
+    assert_moments_equal_naive(plain, model, SEQS)
+    with pytest.raises(PruneHeadsError, match="relative"):
+        plain.relative_covariance(0)
 
 
 def test_moments_off_and_lsq_scores_need_them():
@@ -78,9 +93,10 @@ def test_fingerprint_changes_with_the_data_and_check_refuses_other_models():
 
 
 def test_cost_formula():
-    c = moments_cost(32, 4096)
+    c = moments_cost(32, 4096, relative=False)
     assert c["values"] == 32 * (4096 * 4096 + 4096 + 3)
-    assert c["bytes"] == 8 * c["values"]
+    assert c["bytes"] == 8 * c["values"]  # Llama-3.1-8B: 4.3 GB
+    assert moments_cost(32, 4096)["values"] == 32 * (2 * (4096 * 4096 + 4096) + 3)
 
 
 def test_corrupt_moments_file_is_a_clear_error(tmp_path):
@@ -100,7 +116,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         if rank == 0:
             m = hs.moments
             torch.save({"count": m.count, "sums": m.sums, "grams": m.grams, "resid_sq": m.resid_sq,
-                        "resid_inv": m.resid_inv, "lsq": hs.mean("lsq_error")}, out)
+                        "resid_inv": m.resid_inv, "sums_rel": m.sums_rel, "grams_rel": m.grams_rel,
+                        "lsq": hs.mean("lsq_error")}, out)
     finally:
         dist.destroy_process_group()
 
@@ -111,6 +128,8 @@ def test_two_gloo_processes_sum_to_one(tmp_path):
     got = torch.load(out)
     model = tiny_model("qwen3", layers=2)
     single = calibrate(model, SEQS, scores=["ahon", "lsq_error"], batch_size=2, progress=False)
-    m = Moments(got["count"], got["sums"], got["grams"], got["resid_sq"], got["resid_inv"])
+    m = Moments(got["count"], got["sums"], got["grams"], got["resid_sq"], got["resid_inv"], {}, got["sums_rel"],
+                got["grams_rel"])
+    assert m.has_relative
     assert_moments_equal_naive(m, model, SEQS)
     torch.testing.assert_close(got["lsq"], single.mean("lsq_error"), rtol=1e-4, atol=1e-7)

@@ -11,12 +11,14 @@ removing block ``b`` from ``K`` costs ``tr(V_b^T (G_bb)^{-1} V_b)``, after which
 ``V <- V_K' - G_K'b G_bb^{-1} V_b`` and ``G <- G_K'K' - G_K'b G_bb^{-1} G_bK'``. One layer costs
 ``O(H n^2 D)``, not a fresh solve per candidate.
 
-Errors are in squared attention-output units per token. To compare layers they are divided by the
-residual stream's size: multiplied by the layer's mean ``1 / |h|^2`` (the harmonic mean of ``|h|^2``),
-which makes the score an estimate of the mean *relative* error ``E|delta_t|^2 / |h_t|^2`` that the
-following layers' norms see. The arithmetic mean of ``|h|^2`` is dominated by the few tokens with
-massive activations (the first token in SmolLM2) and ranked measurably worse
-(``benchmarks/results/compensation.md``).
+Errors are in squared attention-output units per token; to compare layers they are made relative to
+the residual stream ``h`` each token's error is added to, the mean ``E_t |delta_t|^2 / |h_t|^2`` that the
+following layers' norms see (normalisation ``relative``, the default): the greedy runs on the covariance
+weighted by ``w_t = 1 / |h_t|^2`` (``Moments.relative_covariance``) and its errors are multiplied by the
+mean weight. Moments collected without the weighted sums fall back to ``harmonic``: the unweighted error
+times the mean ``1 / |h|^2``. The lead's first suggestion, dividing by the mean ``|h|^2``
+(``mean_square``), is dominated by the few tokens with massive activations (the first token in SmolLM2)
+and ranked worst (``benchmarks/results/compensation.md`` has the measurements).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from prune_heads.compensation.spec import DEFAULT_RIDGE
 
 #: score ids this module provides (inactive when LOW)
 LSQ_SCORES: tuple[str, ...] = ("lsq_error", "lsq_error_group")
-NORMALISATIONS: tuple[str, ...] = ("harmonic", "mean_square", "none")
+NORMALISATIONS: tuple[str, ...] = ("relative", "harmonic", "mean_square", "none")
 
 
 @dataclass
@@ -92,7 +94,7 @@ def greedy_removal(cov: torch.Tensor, weight: torch.Tensor, units: Sequence[Sequ
 
 def layer_scale(moments: Moments, layer: int, normalisation: str) -> float:
     """Factor that turns layer ``layer``'s squared error into the cross-layer score."""
-    if normalisation == "harmonic":
+    if normalisation in ("harmonic", "relative"):
         return moments.residual_inverse_mean(layer)
     if normalisation == "mean_square":
         return 1.0 / max(moments.residual_mean_square(layer), 1e-30)
@@ -101,11 +103,24 @@ def layer_scale(moments: Moments, layer: int, normalisation: str) -> float:
     raise ValueError(f"normalisation must be one of {NORMALISATIONS}")
 
 
+def layer_covariance(moments: Moments, layer: int, normalisation: str) -> torch.Tensor:
+    """The covariance the greedy runs on: weighted by ``1 / |h|^2`` for ``relative``."""
+    return moments.relative_covariance(layer) if normalisation == "relative" else moments.covariance(layer)
+
+
 def lsq_error_scores(model: nn.Module, moments: Moments, *, ridge: float = DEFAULT_RIDGE,
-                     normalisation: str = "harmonic") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                     normalisation: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``lsq_error`` (head-level greedy) and ``lsq_error_group`` (KV-group-level greedy, every head of a
-    group carries its group's value) as ``(L, H)`` float32, plus the greedy orders for the record."""
+    group carries its group's value) as ``(L, H)`` float32, plus the greedy orders for the record.
+
+    ``normalisation``: default ``relative`` when the moments have the weighted sums, else ``harmonic``.
+    """
     from prune_heads.model.adapters import get_adapter
+
+    if normalisation is None:
+        normalisation = "relative" if moments.has_relative else "harmonic"
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}")
 
     adapter = get_adapter(model)
     layout = adapter.layout(model.config)
@@ -118,8 +133,9 @@ def lsq_error_scores(model: nn.Module, moments: Moments, *, ridge: float = DEFAU
                               "cumulative": [], "group_cumulative": []}
     for i, layer in enumerate(adapter.layers(model)):
         weight = adapter.o_proj(adapter.attention(layer)).weight.detach()
-        cov = regularised(moments.covariance(i).to(weight.device), ridge)
-        precision(moments.covariance(i), ridge, layer=i)  # conditioning check and warning, as the solve does
+        raw = layer_covariance(moments, i, normalisation)
+        cov = regularised(raw.to(weight.device), ridge)
+        precision(raw, ridge, layer=i)  # conditioning check and warning, as the solve does
         scale = layer_scale(moments, i, normalisation)
         g_head = greedy_removal(cov, weight, heads)
         per_head[i] = torch.tensor(g_head.rank_values(H)) * scale

@@ -11,13 +11,19 @@ over the real (non-padding) tokens of the calibration data:
   layers on one scale. ``RESID_EPS`` plays the part of an RMSNorm epsilon: a token whose residual is
   almost zero cannot dominate the sum (an RMSNorm does not amplify below its epsilon either).
 
+With ``relative=True`` (the default) the same sums are also kept weighted by ``w_t = 1 / (|h_t|^2 +
+d * RESID_EPS)`` (``gram_rel = sum_t w_t x_t x_t^T``, ``sum_rel = sum_t w_t x_t``; ``sum_t w_t`` is
+``resid_inv``): errors measured under these weights are *relative* to the residual stream each token
+adds them to, which is what ranks heads across layers best (``greedy``). It doubles the memory.
+
 Each batch's ``X^T X`` is computed in the activations' dtype (float32 for float32 models) and added into
 float64 accumulators that live on the layer's own device, so with ``device_map="auto"`` the statistics
 spread over the GPUs with the layers (or on the CPU with ``offload=True``). Raw sums, not means, are kept:
 they add across batches and across data-parallel processes (``all_reduce``) exactly.
 
-Cost: ``n^2`` float64 values per layer, ``8 L n^2`` bytes in all (``moments_cost``): SmolLM2-135M
-``30 x 576^2`` = 80 MB; Llama-3.1-8B ``32 x 4096^2`` = 4.3 GB; Llama-3.1-70B ``80 x 8192^2`` = 43 GB.
+Cost: ``n^2`` float64 values per layer and Gram, ``8 L n^2`` bytes per Gram (``moments_cost``), twice that
+with ``relative``: SmolLM2-135M ``30 x 576^2`` = 80 MB (160 MB); Llama-3.1-8B ``32 x 4096^2`` = 4.3 GB
+(8.6 GB); Llama-3.1-70B ``80 x 8192^2`` = 43 GB (86 GB), spread over the layers' devices.
 """
 
 from __future__ import annotations
@@ -52,7 +58,15 @@ class Moments:
     resid_sq: torch.Tensor               # (L,) float64
     resid_inv: torch.Tensor              # (L,) float64
     meta: dict[str, Any] = field(default_factory=dict)
+    sums_rel: list[torch.Tensor] | None = None    # L x (n,) float64, weighted by 1 / |h|^2
+    grams_rel: list[torch.Tensor] | None = None   # L x (n, n) float64, weighted by 1 / |h|^2
     _fingerprint: str | None = field(default=None, repr=False)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = [self.count, self.resid_sq, self.resid_inv, *self.sums, *self.grams]
+        if self.grams_rel is not None:
+            out += [*self.sums_rel, *self.grams_rel]
+        return out
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -80,6 +94,21 @@ class Moments:
         cov = self.grams[layer] / c - torch.outer(mu, mu)
         return (cov + cov.T) / 2
 
+    @property
+    def has_relative(self) -> bool:
+        return self.grams_rel is not None
+
+    def relative_covariance(self, layer: int) -> torch.Tensor:
+        """``(n, n)`` centred covariance under the weights ``1 / |h|^2`` (divided by their sum)."""
+        if self.grams_rel is None:
+            raise PruneHeadsError("these moments were collected without the relative statistics (relative=False)")
+        w = float(self.resid_inv[layer])
+        if w <= 0:
+            raise PruneHeadsError(f"the moments of layer {layer} saw no token; recalibrate with more data")
+        mu = self.sums_rel[layer] / w
+        cov = self.grams_rel[layer] / w - torch.outer(mu, mu)
+        return (cov + cov.T) / 2
+
     def residual_mean_square(self, layer: int) -> float:
         """Mean ``|h|^2`` of the residual stream entering the layer."""
         return float(self.resid_sq[layer]) / self._count(layer)
@@ -99,7 +128,7 @@ class Moments:
         """sha256 (16 hex digits) of the statistics themselves: plans record it, export checks it."""
         if self._fingerprint is None:
             h = hashlib.sha256(FORMAT.encode())
-            for t in [self.count, self.resid_sq, self.resid_inv, *self.sums, *self.grams]:
+            for t in self._tensors():
                 h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
@@ -141,6 +170,9 @@ class Moments:
         for i, (s, g) in enumerate(zip(self.sums, self.grams)):
             tensors[f"layers.{i}.sum"] = s
             tensors[f"layers.{i}.gram"] = g
+            if self.grams_rel is not None:
+                tensors[f"layers.{i}.sum_rel"] = self.sums_rel[i]
+                tensors[f"layers.{i}.gram_rel"] = self.grams_rel[i]
         tensors = {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in tensors.items()}
         meta = {**self.meta, "fingerprint_moments": self.fingerprint()}
         save_file(tensors, str(p), metadata={"format": FORMAT, "meta": json.dumps(meta)})
@@ -162,6 +194,7 @@ class Moments:
                     raise PruneHeadsError(f"{p} is not a prune-heads moments file (format {header.get('format')!r})")
                 names = set(f.keys())
                 num_layers = len([k for k in names if k.endswith(".gram")])
+                rel = all(f"layers.{i}.gram_rel" in names for i in range(num_layers))
                 out = cls(
                     count=f.get_tensor("count"),
                     sums=[f.get_tensor(f"layers.{i}.sum") for i in range(num_layers)],
@@ -169,6 +202,8 @@ class Moments:
                     resid_sq=f.get_tensor("resid_sq"),
                     resid_inv=f.get_tensor("resid_inv"),
                     meta=json.loads(header.get("meta") or "{}"),
+                    sums_rel=[f.get_tensor(f"layers.{i}.sum_rel") for i in range(num_layers)] if rel else None,
+                    grams_rel=[f.get_tensor(f"layers.{i}.gram_rel") for i in range(num_layers)] if rel else None,
                 )
         except PruneHeadsError:
             raise
@@ -184,17 +219,19 @@ class Moments:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
-        for t in [self.count, self.resid_sq, self.resid_inv, *self.sums, *self.grams]:
+        for t in self._tensors():
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         self._fingerprint = None
         return self
 
 
-def moments_cost(num_layers: int, width: int, bytes_per_value: int = 8) -> dict[str, Any]:
-    """Size of the statistics: ``L * n^2`` values (the Gram matrices dominate)."""
-    values = num_layers * (width * width + width + 3)
-    return {"formula": "L * (H*D)^2 float64 values", "values": values, "bytes": values * bytes_per_value,
-            "bytes_per_layer": (width * width + width + 3) * bytes_per_value}
+def moments_cost(num_layers: int, width: int, bytes_per_value: int = 8, relative: bool = True) -> dict[str, Any]:
+    """Size of the statistics: ``L * n^2`` values per Gram matrix (two with ``relative``)."""
+    grams = 2 if relative else 1
+    per_layer = grams * (width * width + width) + 3
+    values = num_layers * per_layer
+    return {"formula": f"{grams} x L x (H*D)^2 float64 values", "values": values, "bytes": values * bytes_per_value,
+            "bytes_per_layer": per_layer * bytes_per_value}
 
 
 # ---- collection -----------------------------------------------------------------------------------
@@ -206,7 +243,7 @@ class MomentsCollector:
     pre-hook on each decoder layer records the residual stream's norms, one on each ``o_proj`` its input.
     """
 
-    def __init__(self, model: nn.Module, *, offload: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, offload: bool = False, relative: bool = True) -> None:
         from prune_heads.model.adapters import get_adapter
 
         adapter = get_adapter(model)
@@ -220,6 +257,10 @@ class MomentsCollector:
         self.grams: list[torch.Tensor | None] = [None] * L
         self.resid_sq: list[torch.Tensor | None] = [None] * L
         self.resid_inv: list[torch.Tensor | None] = [None] * L
+        self.relative = relative
+        self.sums_rel: list[torch.Tensor | None] = [None] * L
+        self.grams_rel: list[torch.Tensor | None] = [None] * L
+        self._weights: dict[int, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
         self._handles = []
         for i, layer in enumerate(adapter.layers(model)):
@@ -249,8 +290,10 @@ class MomentsCollector:
             if self.resid_sq[i] is None:
                 self.resid_sq[i] = torch.zeros((), dtype=torch.float64, device=dev)
                 self.resid_inv[i] = torch.zeros((), dtype=torch.float64, device=dev)
+            w = 1.0 / (sq + RESID_EPS * h.shape[-1])
             self.resid_sq[i] += sq.sum().to(dev)
-            self.resid_inv[i] += (1.0 / (sq + RESID_EPS * h.shape[-1])).sum().to(dev)
+            self.resid_inv[i] += w.sum().to(dev)
+            self._weights[i] = w
 
         return hook
 
@@ -268,6 +311,14 @@ class MomentsCollector:
             self.count[i] += x.shape[0]
             self.sums[i] += x.sum(0).double().to(dev)
             self.grams[i] += (x.T @ x).double().to(dev)
+            if self.relative:
+                w = self._weights.pop(i).to(x.device)
+                if self.grams_rel[i] is None:
+                    self.sums_rel[i] = torch.zeros_like(self.sums[i])
+                    self.grams_rel[i] = torch.zeros_like(self.grams[i])
+                xw = x * w.to(x.dtype)[:, None]
+                self.sums_rel[i] += xw.sum(0).double().to(dev)
+                self.grams_rel[i] += (xw.T @ x).double().to(dev)
 
         return hook
 
@@ -292,13 +343,16 @@ class MomentsCollector:
         rsq = [r.cpu() if r is not None else zero(()) for r in self.resid_sq]
         rinv = [r.cpu() if r is not None else zero(()) for r in self.resid_inv]
         out = Moments(torch.stack(stack), sums, grams, torch.stack(rsq), torch.stack(rinv), dict(meta or {}))
+        if self.relative:
+            out.sums_rel = [s if s is not None else zero((n,)) for s in self.sums_rel]
+            out.grams_rel = [g if g is not None else zero((n, n)) for g in self.grams_rel]
         return out.all_reduce() if reduce else out
 
 
 @contextlib.contextmanager
-def collecting(model: nn.Module, *, offload: bool = False) -> Iterator[MomentsCollector]:
+def collecting(model: nn.Module, *, offload: bool = False, relative: bool = True) -> Iterator[MomentsCollector]:
     """``MomentsCollector`` for the duration of a ``with`` block (hooks removed on exit)."""
-    collector = MomentsCollector(model, offload=offload)
+    collector = MomentsCollector(model, offload=offload, relative=relative)
     try:
         yield collector
     finally:
@@ -318,7 +372,8 @@ def model_meta(model: nn.Module) -> dict[str, Any]:
 
 @torch.no_grad()
 def collect_moments(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, pad_id: int = 0,
-                    offload: bool = False, progress: bool = True, data: dict[str, Any] | None = None) -> Moments:
+                    offload: bool = False, progress: bool = True, data: dict[str, Any] | None = None,
+                    relative: bool = True) -> Moments:
     """The moments of ``model`` on token sequences ``seqs`` in one forward pass each batch (no scores).
 
     ``calibrate()`` collects the same statistics during its own pass; this is for callers without one.
@@ -329,7 +384,7 @@ def collect_moments(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_si
 
     device = next(model.parameters()).device
     bar = tqdm(total=len(seqs), desc="moments", unit="seq", disable=not progress)
-    with collecting(model, offload=offload) as col:
+    with collecting(model, offload=offload, relative=relative) as col:
         for idx, ids, mask in batches([list(s) for s in seqs], batch_size, pad_id):
             col.set_mask(mask)
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)

@@ -84,6 +84,7 @@ def render_model_card(info: Mapping[str, Any]) -> str:
         _front_matter(info),
         _summary(info),
         _heads_section(info),
+        compensation_section(info.get("compensation")),
         _eval_section(info.get("eval_results")),
         _verification_section(info.get("verification")),
         _loading_section(info),
@@ -91,6 +92,29 @@ def render_model_card(info: Mapping[str, Any]) -> str:
         "## Citation\n\nThe heads were found with the scores of:\n\n```bibtex\n" + CITATION + "\n```\n",
     ]
     return "\n".join(p for p in parts if p)
+
+
+# ---- compensation ---------------------------------------------------------------------------------
+def compensation_section(comp: Any) -> str:
+    """How the removed heads were compensated (``info["compensation"]``, from ``export.folding.provenance``)."""
+    if not isinstance(comp, Mapping) or comp.get("mode", "none") == "none":
+        return ""
+    stats = comp.get("moments") or {}
+    how = {"lsq": "the kept heads' `o_proj` columns were refitted by least squares to reproduce each layer's "
+                  "full attention output on the calibration data, and `o_proj` gained a bias",
+           "mean": "the removed heads' mean output on the calibration data became an `o_proj` bias (as in FLAP)"}
+    lines = ["## Compensation", "",
+             f"The removed heads were not just zeroed: {how.get(comp['mode'], comp['mode'])}. It is folded into the "
+             "weights, so the model needs nothing extra at run time.", "",
+             "| | |", "|---|---|", f"| mode | `{comp['mode']}` |",
+             f"| sequential | {_scalar(bool(comp.get('sequential')))} |", f"| ridge | {_scalar(comp.get('ridge'))} |"]
+    if stats.get("num_tokens"):
+        lines.append(f"| calibration tokens | {_int(stats['num_tokens'])} |")
+    if stats.get("fingerprint"):
+        lines.append(f"| statistics fingerprint | `{stats['fingerprint']}` |")
+    if comp.get("layers") is not None:
+        lines.append(f"| layers with an o_proj bias from compensation | {len(comp['layers'])} |")
+    return "\n".join(lines + [""])
 
 
 # ---- front matter ---------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def supported_model_types() -> tuple[str, ...]:
     return tuple(PRUNED_CONFIGS)
 
 
-def check(adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], src_config: dict[str, Any]) -> None:
+def check(adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], src_config: dict[str, Any], *,
+          o_bias: bool = False) -> None:
     model_type = src_config.get("model_type")
     if model_type not in supported_model_types():
         raise UnsupportedArchitectureError(
@@ -44,7 +45,7 @@ def class_names(model_type: str) -> tuple[str, str]:
 
 
 def output_config(src_config: dict[str, Any], adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], *,
-                  dtype: str | None, approximate_norms: bool) -> dict[str, Any]:
+                  dtype: str | None, approximate_norms: bool, o_bias: bool = False) -> dict[str, Any]:
     base_type = src_config["model_type"]
     config_cls, model_cls = class_names(base_type)
     d = base_config_dict(src_config, dtype)
@@ -58,6 +59,8 @@ def output_config(src_config: dict[str, Any], adapter: FamilyAdapter, layout: He
         pruned_layout=pruned_layout(adapter),
         approximate_norms=bool(approximate_norms and adapter.qk_norm == "full_width"),
     )
+    if o_bias:
+        d["pruned_o_bias"] = True  # every layer's o_proj gets a bias (the compensation's; zeros elsewhere)
     return d
 
 

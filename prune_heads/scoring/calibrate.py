@@ -108,6 +108,7 @@ def calibrate(
     revision: str | None = None,
     moments: bool = True,
     moments_offload: bool = False,
+    moments_relative: bool = True,
     ablation_compensation: Any = None,
 ) -> HeadScores:
     """Score every head of ``model`` on ``data``.
@@ -121,6 +122,8 @@ def calibrate(
         moments: accumulate the mean and covariance of every layer's ``o_proj`` input in the same pass
             (``HeadScores.moments``, saved as ``moments.safetensors``); compensation is solved from them.
         moments_offload: keep the float64 accumulators on the CPU instead of on each layer's device.
+        moments_relative: also keep the sums weighted by ``1 / |h|^2`` (``lsq_error`` ranks best with them;
+            twice the memory).
         ablation_compensation: measure the ablation scores with each head's removal compensated
             (``"lsq"``, ``"mean"`` or a ``CompensationSpec``, solved from these moments); default: zeroed.
     """
@@ -147,7 +150,7 @@ def calibrate(
     if forward_ids or moments:
         per_sample, stats = _forward_pass(model, my_seqs, mine, forward_ids, batch_size=batch_size, pad_id=pad_id,
                                           block_size=block_size, moments=moments, offload=moments_offload,
-                                          progress=progress and rank == 0)
+                                          relative=moments_relative, progress=progress and rank == 0)
 
     if "grad" in wanted:
         g = gradient_scores(model, my_seqs, batch_size=batch_size, pad_id=pad_id, progress=progress and rank == 0)
@@ -194,7 +197,7 @@ def calibrate(
 
 def _forward_pass(model: nn.Module, seqs: list[list[int]], index: list[int], forward_ids: list[str], *,
                   batch_size: int, pad_id: int, block_size: int | None, moments: bool, offload: bool,
-                  progress: bool) -> tuple[dict[str, list[tuple[int, torch.Tensor]]], Any]:
+                  relative: bool, progress: bool) -> tuple[dict[str, list[tuple[int, torch.Tensor]]], Any]:
     """One pass: per-sample forward scores (through the attention function) and, optionally, the moments."""
     from prune_heads.compensation.moments import MomentsCollector
 
@@ -206,7 +209,7 @@ def _forward_pass(model: nn.Module, seqs: list[list[int]], index: list[int], for
     if forward_ids:
         control = HeadControl(sink=collector, block_size=block_size,
                               need_fhon=any(s.startswith("fhon") for s in forward_ids) or bool(CUSTOM_SCORES))
-    stats = MomentsCollector(model, offload=offload) if moments else None
+    stats = MomentsCollector(model, offload=offload, relative=relative) if moments else None
     bar = tqdm(total=len(seqs), desc="calibrating", unit="seq", disable=not progress)
     try:
         with attach(model, control) if control is not None else contextlib.nullcontext(), torch.no_grad():
