@@ -110,3 +110,21 @@ def test_lsq_error_scores_follow_the_greedy_order_and_groups_share_values():
         scale = moments.residual_inverse_mean(i)
         assert record["cumulative"][i][0] == pytest.approx(float(v[order[0]]), rel=1e-6)
         assert float(v[order[0]]) / scale > 0
+
+
+def test_selectors_compute_lsq_error_from_the_moments_when_not_stored():
+    from prune_heads import calibrate
+    from prune_heads.compensation.greedy import ensure_lsq_scores
+    from prune_heads.errors import PruneHeadsError
+
+    model = tiny_model("qwen2", layers=2, heads=4, kv_heads=2)
+    seqs = [[1, 5, 9, 13, 2, 7, 30, 4, 8, 8, 3], [1, 8, 8, 4, 17, 6], [1, 60, 3, 17, 22, 5, 5]] * 3
+    stored = calibrate(model, seqs, scores=["ahon", "lsq_error", "lsq_error_group"], progress=False)
+    plain = calibrate(model, seqs, scores=["ahon"], progress=False)
+    assert "lsq_error" not in plain.score_ids
+    ensure_lsq_scores(plain, model, "lsq_error")
+    assert torch.equal(plain.mean("lsq_error"), stored.mean("lsq_error"))
+    assert torch.equal(plain.mean("lsq_error_group"), stored.mean("lsq_error_group"))
+    without = calibrate(model, seqs, scores=["ahon"], moments=False, progress=False)
+    with pytest.raises(PruneHeadsError, match="recalibrate"):
+        ensure_lsq_scores(without, model, "lsq_error")

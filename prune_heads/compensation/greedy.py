@@ -147,3 +147,22 @@ def lsq_error_scores(model: nn.Module, moments: Moments, *, ridge: float = DEFAU
         record["group_order"].append(g_group.order)
         record["group_cumulative"].append([e * scale for e in g_group.cumulative])
     return {"lsq_error": per_head, "lsq_error_group": per_group}, record
+
+
+def ensure_lsq_scores(scores: Any, model: nn.Module, score_id: str) -> Any:
+    """``scores`` with ``score_id`` (an ``lsq_error`` score) computed from its moments if it is not stored.
+
+    Lets a selector rank by ``lsq_error`` with any scores directory whose calibration kept the moments.
+    """
+    if score_id not in LSQ_SCORES or scores is None or score_id in scores.score_ids:
+        return scores
+    if getattr(scores, "moments", None) is None:
+        from prune_heads.errors import PruneHeadsError
+
+        raise PruneHeadsError(f"score {score_id!r} is computed from the calibration moments, which this scores file "
+                              "lacks; recalibrate (`prune-heads calibrate` keeps them by default)")
+    values, record = lsq_error_scores(model, scores.moments)
+    for sid in LSQ_SCORES:
+        scores.means.setdefault(sid, values[sid])
+    scores.meta["lsq_error"] = record
+    return scores

@@ -224,6 +224,12 @@ class _Measurer:
             return None
         return self.compensation.layer(layer, sorted(heads), moments=self.seq_moments)
 
+    def record(self, cost: AblationCost) -> None:
+        """What the cost record says about how the measurement ran."""
+        cost.extra["prefix_reuse"] = bool(self.prefix_ok)
+        if self.compensation is not None:
+            cost.extra["compensation"] = self.compensation.spec.mode
+
     def reset(self) -> None:
         self.control.scale = {}
         if self.hooks is not None:
@@ -421,9 +427,7 @@ def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequen
                     bar.update(len(chunk) * len(idx))
     bar.close()
     cost.extra["heads_per_pass"] = heads_per_pass
-    cost.extra["prefix_reuse"] = bool(measurer.prefix_ok)
-    if compensation is not None:
-        cost.extra["compensation"] = compensation.spec.mode
+    measurer.record(cost)
     return result, cost
 
 

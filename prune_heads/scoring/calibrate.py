@@ -37,9 +37,10 @@ from prune_heads.scoring.score_defs import (
 )
 
 
-def default_scores(moments: bool = False) -> list[str]:
-    """Every forward-pass score, and the ``lsq_error`` scores when the moments are collected."""
-    return list(FORWARD_SCORES) + (list(COMPENSATION) if moments else [])
+def default_scores() -> list[str]:
+    """Every forward-pass score (``lsq_error`` is added on request, or computed from the moments when a
+    selector ranks by it)."""
+    return list(FORWARD_SCORES)
 
 
 class ScoreCollector:
@@ -116,9 +117,9 @@ def calibrate(
     Args:
         data: a data spec string (see ``prune_heads.data``; needs ``tokenizer``) or an iterable of
             token-id sequences (lists or 1-D tensors), each one sample.
-        scores: score ids; default every forward-pass score (plus ``lsq_error``/``lsq_error_group`` with
-            ``moments``). ``grad`` adds a backward pass; ``ablation_kl``/``ablation_loss`` run the batched
-            ablation (see ``prune_heads.scoring.ablation``).
+        scores: score ids; default every forward-pass score. ``grad`` adds a backward pass;
+            ``ablation_kl``/``ablation_loss`` run the batched ablation (see ``prune_heads.scoring.ablation``);
+            ``lsq_error``/``lsq_error_group`` come from the moments (``prune_heads.compensation.greedy``).
         moments: accumulate the mean and covariance of every layer's ``o_proj`` input in the same pass
             (``HeadScores.moments``, saved as ``moments.safetensors``); compensation is solved from them.
         moments_offload: keep the float64 accumulators on the CPU instead of on each layer's device.
@@ -127,7 +128,7 @@ def calibrate(
         ablation_compensation: measure the ablation scores with each head's removal compensated
             (``"lsq"``, ``"mean"`` or a ``CompensationSpec``, solved from these moments); default: zeroed.
     """
-    wanted = validate_score_ids(scores or default_scores(moments))
+    wanted = validate_score_ids(scores or default_scores())
     if not moments and any(s in COMPENSATION for s in wanted):
         raise DataError(f"{', '.join(COMPENSATION)} are computed from the moments: calibrate with moments=True")
     adapter = get_adapter(model)

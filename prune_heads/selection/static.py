@@ -92,6 +92,9 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         scores.check(model)
     if max_drop < 0 or math.isnan(max_drop):
         raise BudgetError(f"--max-drop must be >= 0, got {max_drop}: even the unpruned model (k = 0) fails it")
+    from prune_heads.compensation.greedy import ensure_lsq_scores
+
+    scores = ensure_lsq_scores(scores, model, score_id)
     values = ranking(scores, score_id, layout, seed)
     units = candidate_units(values, layout, policy, min_heads_per_layer, allow_empty_layers)
 
