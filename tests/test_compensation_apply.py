@@ -151,3 +151,20 @@ def test_sequential_equals_naive_layer_loop(family, mode):
     torch.testing.assert_close(plain.layers[0].offset, comp.layers[0].offset, rtol=1e-7, atol=1e-9)
     assert float((plain.layers[2].offset - comp.layers[2].offset).abs().max()) > 1e-6
     assert comp.statistics["sequential"] is True
+
+
+def test_sequential_reuses_its_captured_inputs_across_masks():
+    model = tiny_model("qwen2", layers=2).double()
+    spec = CompensationSpec("lsq", sequential=True, ridge=1e-3)
+    comp = Compensator(spec, model=model, seqs=SEQS)
+    a = torch.zeros(2, 4, dtype=torch.bool)
+    a[0, 1] = True
+    b = a.clone()
+    b[1, 2] = True
+    comp(a)
+    captured = comp._replay["captured"]
+    got = comp(b)
+    assert comp._replay["captured"] is captured
+    fresh = Compensator(spec, model=model, seqs=SEQS)(b)
+    for i in (0, 1):
+        torch.testing.assert_close(got.layers[i].weight, fresh.layers[i].weight)

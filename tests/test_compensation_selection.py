@@ -190,3 +190,16 @@ def test_plan_checks(tiny, tmp_path):
         compensation_for_plan(plan, moments=scores.moments, model=tiny_model("llama", layers=3, heads=4, kv_heads=2))
     # a plan without compensation gives None
     assert compensation_for_plan(Plan([(0, 1)]), scores=scores, model=model) is None
+
+
+def test_an_evaluator_with_a_plans_fixed_compensation(tiny):
+    """``eval --plan``: the plan's Compensation evaluates that plan and refuses any other mask."""
+    model, tok, scores = tiny
+    plan = Plan([(0, 1), (1, 3)], {"compensation": compensator_for("lsq", scores=scores).record()})
+    comp = compensation_for_plan(plan, scores=scores, model=model)
+    mask = plan.mask(type("L", (), {"num_layers": 2, "num_heads": 4})())
+    fixed = _evaluator(model, tok, comp)
+    assert fixed(mask).value == pytest.approx(_evaluator(model, tok, compensator_for("lsq", scores=scores))(mask).value)
+    assert fixed(None).details["compensation"] == "lsq"
+    with pytest.raises(PruneHeadsError, match="other removed heads"):
+        fixed(torch.zeros(2, 4, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True))

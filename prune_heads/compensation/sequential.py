@@ -74,8 +74,8 @@ def _capture(model: nn.Module, layers: nn.ModuleList, seqs: list[list[int]], bat
 
 @torch.no_grad()
 def sequential_compensation(model: nn.Module, seqs: Sequence[Sequence[int]], removed: torch.Tensor,
-                            spec: CompensationSpec, *, batch_size: int = 8,
-                            pad_id: int = 0, progress: bool = False) -> tuple[Compensation, Moments]:
+                            spec: CompensationSpec, *, batch_size: int = 8, pad_id: int = 0, progress: bool = False,
+                            cache: dict[str, Any] | None = None) -> tuple[Compensation, Moments]:
     """The sequential ``Compensation`` of ``removed`` (``(L, H)`` bool) and the statistics it used (each
     layer solved with the same ``solve_layer`` as the non-sequential mode)."""
     from prune_heads.model.adapters import get_adapter
@@ -88,7 +88,12 @@ def sequential_compensation(model: nn.Module, seqs: Sequence[Sequence[int]], rem
     seqs = [list(map(int, s)) for s in seqs]
     if not seqs:
         raise PruneHeadsError("sequential compensation needs calibration sequences")
-    cached = _capture(model, layers, seqs, batch_size, pad_id)
+    if cache is not None and "captured" in cache:
+        cached = cache["captured"]
+    else:
+        cached = _capture(model, layers, seqs, batch_size, pad_id)
+        if cache is not None:
+            cache["captured"] = cached
     hidden = [h for _, _, h in cached]
     collector = MomentsCollector(model)
     hooks = CompensationHooks(model)  # registered after the collector: the collector sees the raw input

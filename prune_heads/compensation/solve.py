@@ -181,6 +181,11 @@ class Compensation:
         """What a plan records under ``compensation``: the spec and the statistics' fingerprint."""
         return {**self.spec.to_dict(), "moments": self.statistics or None}
 
+    def __call__(self, removed: torch.Tensor) -> Compensation:
+        """A fixed compensation acts as a ``Compensator`` for its own mask (``eval --plan``): any other is refused."""
+        self.check_matches(removed)
+        return self
+
     # ---- persistence ----------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -288,6 +293,7 @@ class Compensator:
             moments.check(model)
         self._prec: dict[tuple[int, int], torch.Tensor] = {}
         self._seq: dict[bytes, tuple[Compensation, Moments]] = {}
+        self._replay: dict[str, Any] = {}  # the sequential pass's captured layer inputs
         self._layer_cache: dict[tuple[int, tuple[int, ...]], LayerCompensation] = {}
         self.solve_seconds = 0.0
 
@@ -348,7 +354,7 @@ class Compensator:
         if key not in self._seq:
             self._seq[key] = sequential_compensation(self.model, self.seqs, removed, self.spec,
                                                      batch_size=self.batch_size, pad_id=self.pad_id,
-                                                     progress=self.progress)
+                                                     progress=self.progress, cache=self._replay)
         return self._seq[key]
 
     def record(self) -> dict[str, Any]:
