@@ -383,6 +383,8 @@ def part_iterative(setup: Setup) -> None:
         save_part(setup.args, name, {"heads": len(plan.removed_heads), "fraction": len(plan.removed_heads) / setup.layout.total_heads,
                                      "ppl": plan.meta["evaluation"]["value"], "baseline": base, "heads_within_5pct_lower_bound": heads5,
                                      "rounds": len(plan.meta["rounds"]), "cost": plan.meta["cost"],
+                                     "round_size": plan.meta["round_size"], "sequences": len(setup.abl_seqs),
+                                     "tokens": sum(map(len, setup.abl_seqs)),
                                      "seconds": round(time.perf_counter() - t, 1), "removed": [list(x) for x in plan.removed_heads]})
 
 
@@ -629,7 +631,8 @@ def iterative_lines(args: argparse.Namespace) -> list[str]:
         lines.append(f"- `iterative` ({policy}, lsq compensation, ablation_kl measured under it, +10% budget): "
                      f"{it['heads']} heads ({pct(it['fraction'])}), ppl {it['ppl']:.2f} (baseline {it['baseline']:.2f}); "
                      f"within +5% at least {it['heads_within_5pct_lower_bound']} heads (round boundaries); "
-                     f"{it['rounds']} rounds, {it['seconds']:.0f} s.")
+                     f"{it['rounds']} rounds of {it.get('round_size')} units measured on {it.get('sequences')} windows "
+                     f"({it.get('tokens')} tokens), {it['seconds']:.0f} s.")
     return (["### Iterative under compensation", "", *lines, ""]) if lines else []
 
 

@@ -154,9 +154,12 @@ def test_singular_covariance_needs_ridge_and_ill_conditioned_warns():
     mask = torch.tensor([[False, True]])
     with pytest.raises(PruneHeadsError, match="singular.*ridge"):
         Compensator(CompensationSpec("lsq", ridge=0.0), moments=_synthetic(cov))(mask)
-    with pytest.warns(UserWarning, match="ill-conditioned \\(condition number"):
+    with pytest.warns(UserWarning, match="singular \\(not positive definite\\); ridge 0.001 brings its condition"):
         comp = Compensator(CompensationSpec("lsq", ridge=1e-3), moments=_synthetic(cov))(mask)
     assert torch.isfinite(comp.layers[0].weight).all()
+    nearly = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1e-12], dtype=torch.float64))  # positive definite, barely
+    with pytest.warns(UserWarning, match="ill-conditioned \\(condition number 1.0e\\+12\\)"):
+        Compensator(CompensationSpec("lsq", ridge=1e-3), moments=_synthetic(nearly))(mask)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a well-conditioned covariance is quiet
         Compensator("lsq", moments=_synthetic(torch.eye(4, dtype=torch.float64)))(mask)

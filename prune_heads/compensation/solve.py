@@ -76,9 +76,10 @@ def precision(cov: torch.Tensor, ridge: float, *, layer: int | None = None) -> t
             f"{where}the covariance of o_proj's input is singular (condition number {raw:.1e}) and ridge {ridge:g} "
             "does not fix it; raise the compensation ridge (e.g. 1e-2) or calibrate on more tokens")
     if raw > COND_WARN:
+        what = "singular (not positive definite)" if math.isinf(raw) else f"ill-conditioned (condition number {raw:.1e})"
         warnings.warn(
-            f"{where}the covariance of o_proj's input is ill-conditioned (condition number {raw:.1e}); ridge "
-            f"{ridge:g} brings it to about {condition_estimate(reg):.1e}", stacklevel=3)
+            f"{where}the covariance of o_proj's input is {what}; ridge {ridge:g} brings its condition number to "
+            f"about {condition_estimate(reg):.1e}", stacklevel=3)
     return torch.cholesky_inverse(chol)
 
 
