@@ -159,6 +159,10 @@ def test_iterative_and_gates_take_compensation(tiny):
                             compensation=comp, progress=False)
     assert plan.meta["compensation"]["mode"] == "lsq"
     assert plan.meta["evaluation"]["details"]["compensation"] == "lsq"
+    # a compensating evaluator alone is enough: the measurement follows it
+    same = select_iterative(model, seqs, _evaluator(model, tok, comp), max_drop=1.0, round_size=2, max_rounds=1,
+                            progress=False)
+    assert same.meta["compensation"]["mode"] == "lsq" and same.removed_heads == plan.removed_heads
     g = select_gates(model, seqs, l0_penalty=1.0, init=-1.0, steps=2, evaluator=_evaluator(model, tok), compensation=comp,
                      progress=False)
     assert g.removed_heads and g.meta["compensation"]["mode"] == "lsq"

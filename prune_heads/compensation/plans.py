@@ -133,16 +133,14 @@ def record_of(compensator: Compensator | None) -> dict[str, Any]:
 
 
 def evaluator_with(evaluator: Any, compensator: Compensator | None) -> Any:
-    """``evaluator`` compensating with ``compensator`` (evaluators without the hook are left as they are
-    when no compensation is asked for, and refused otherwise)."""
-    if evaluator is None:
-        return None
+    """``evaluator`` compensating with ``compensator``; None leaves the evaluator's own compensation (if any)
+    alone. Evaluators that cannot compensate are refused when a compensation is asked for."""
+    if evaluator is None or compensator is None:
+        return evaluator
     if getattr(evaluator, "compensation", None) is compensator:
         return evaluator
     swap = getattr(evaluator, "with_compensation", None)
     if swap is None:
-        if compensator is None:
-            return evaluator
         raise PruneHeadsError("this evaluator cannot apply compensation (it has no with_compensation); build it "
                               "with make_evaluator(..., compensation=...)")
     return swap(compensator)

@@ -197,6 +197,7 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
     evaluation = baseline = None
     from prune_heads.compensation.plans import evaluator_with, record_of
 
+    compensation = compensation if compensation is not None else getattr(evaluator, "compensation", None)
     evaluator = evaluator_with(evaluator, compensation)
     if evaluator is not None:
         baseline = evaluator(None)

@@ -148,6 +148,7 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
     floor = layer_floor_of(layout, min_heads_per_layer, allow_empty_layers)
     pool = all_units(layout, policy)
     seqs = [list(map(int, s)) for s in seqs]
+    compensation = compensation if compensation is not None else getattr(evaluator, "compensation", None)
     evaluator = evaluator_with(evaluator, compensation)
     verify_evaluator = evaluator_with(verify_evaluator, compensation)
 
