@@ -545,28 +545,37 @@ def pct(x: float) -> str:
 
 
 def budget_table(args: argparse.Namespace, policy: str) -> list[str]:
-    total_units = None
+    """One row per ranking; per budget and mode the largest fraction within it: ``fraction (units) ppl``."""
+    baseline = None
     rows = []
     for ranking in RANKINGS:
         cells = []
-        for mode in MODES:
-            b = load_part(args, f"budget_{policy}_{mode}_{ranking}")
-            if b is None:
-                cells.append("–")
-                continue
-            parts = []
-            for budget in (0.05, 0.10):
+        for budget in (0.05, 0.10):
+            for mode in MODES:
+                b = load_part(args, f"budget_{policy}_{mode}_{ranking}")
+                if b is None:
+                    cells.append("–")
+                    continue
                 r = b[f"{budget:g}"]
-                unit = f"{r['kv_groups']} groups" if policy == "kv-groups" else f"{r['heads']} heads"
-                extra = f", KV cache {pct(r['kv_cache_fraction'])}" if policy == "kv-groups" else ""
-                parts.append(f"+{budget:.0%}: **{pct(r['fraction'])}** ({unit}, ppl {r['ppl']:.2f}{extra})")
-                total_units = r["baseline"]
-            cells.append("<br>".join(parts))
+                baseline = r["baseline"]
+                if policy == "kv-groups":
+                    groups = args_groups(b, r)
+                    cells.append(f"**{pct(groups)}** ({r['kv_groups']}) {r['ppl']:.2f}")
+                else:
+                    cells.append(f"**{pct(r['fraction'])}** ({r['heads']}) {r['ppl']:.2f}")
         rows.append(f"| `{ranking}` | " + " | ".join(cells) + " |")
-    if total_units is None:
+    if baseline is None:
         return []
-    return [f"Baseline perplexity {total_units:.2f}.", "", "| ranking | " + " | ".join(f"`{m}`" for m in MODES) + " |",
-            "|---|" + "---|" * len(MODES), *rows, ""]
+    unit = "KV groups (of all groups; the KV cache shrinks by the same fraction)" if policy == "kv-groups" else "heads"
+    head = " | ".join(f"+{b:.0%} `{m}`" for b in (0.05, 0.10) for m in MODES)
+    return [f"Unpruned perplexity {baseline:.2f}; budgets +5% = {1.05 * baseline:.2f}, +10% = {1.10 * baseline:.2f}. "
+            f"Cells: largest fraction of {unit} within the budget (count) and its perplexity.", "",
+            f"| ranking | {head} |", "|---|" + "---:|" * (2 * len(MODES)), *rows, ""]
+
+
+def args_groups(b: dict[str, Any], r: dict[str, Any]) -> float:
+    """Fraction of KV groups removed (1 - KV-cache fraction, for whole-group plans)."""
+    return 1.0 - r["kv_cache_fraction"]
 
 
 def cost_lines(args: argparse.Namespace) -> list[str]:
