@@ -32,7 +32,8 @@ def scored():
 def test_file_layout_and_metadata(scored, tmp_path):
     model, hs = scored
     out = hs.save(tmp_path / "scores")
-    assert sorted(p.name for p in out.iterdir()) == ["scores.json", "scores.safetensors"]
+    # moments.safetensors: the statistics compensation is solved from (tests/test_compensation_moments.py)
+    assert sorted(p.name for p in out.iterdir()) == ["moments.safetensors", "scores.json", "scores.safetensors"]
     tensors = load_file(str(out / "scores.safetensors"))
     assert set(tensors) == set(FORWARD_SCORES) | {f"per_sample/{s}" for s in FORWARD_SCORES}
     assert tensors["ahon_ln"].shape == (3, 4) and tensors["ahon_ln"].dtype == torch.float32

@@ -52,12 +52,16 @@ class Evaluator:
     ``removed`` is an ``(L, H)`` bool mask (True = zeroed), a ``Plan`` or ``[(layer, head)]``; None is the
     unmasked model. ``context=`` (a callable ``model -> context manager``) replaces the static mask, for
     instance ``lambda m: dynamic_mask(m, "awft", 0.3)``; such results are not cached.
+
+    ``compensation`` (a ``prune_heads.compensation.Compensator``): every static mask is evaluated with its
+    removed heads compensated, the same model the export writes.
     """
 
-    def __init__(self, model: Any, backend: Any, task_config: dict[str, Any]) -> None:
+    def __init__(self, model: Any, backend: Any, task_config: dict[str, Any], compensation: Any = None) -> None:
         self.model = model
         self.backend = backend
         self.task_config = task_config
+        self.compensation = compensation
         self.calls = 0
         self.seconds = 0.0
         self._cache: dict[bytes, EvalResult] = {}
@@ -78,7 +82,10 @@ class Evaluator:
             if key in self._cache:
                 return self._cache[key]
             def enter() -> Any:
-                return static_mask(self.model, mask) if mask.any() else contextlib.nullcontext()
+                if not mask.any():
+                    return contextlib.nullcontext()
+                comp = self.compensation(mask) if self.compensation is not None else None
+                return static_mask(self.model, mask, compensation=comp)
         else:
             key = None
             def enter() -> Any:
@@ -90,10 +97,18 @@ class Evaluator:
         self.calls += 1
         self.seconds += elapsed
         details = {**details, "seconds": round(elapsed, 3)}
+        if self.compensation is not None and context is None:
+            details["compensation"] = self.compensation.spec.mode
         result = EvalResult(self.task_config["metric"], float(value), stderr, hib, int(n), details)
         if key is not None:
             self._cache[key] = result
         return result
+
+    def with_compensation(self, compensation: Any) -> Evaluator:
+        """This evaluator (same prepared data) with another compensation; results are cached apart."""
+        if compensation is self.compensation:
+            return self
+        return Evaluator(self.model, self.backend, self.task_config, compensation)
 
     def cache_info(self) -> dict[str, int]:
         return {"calls": self.calls, "cached": len(self._cache)}
@@ -101,11 +116,12 @@ class Evaluator:
 
 def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None = None, num_fewshot: int | None = None,
                    split: str = "all", data_dir: str | None = None, batch_size: int = 8, seed: int = 0,
-                   metric: str | None = None) -> Evaluator:
+                   metric: str | None = None, compensation: Any = None) -> Evaluator:
     """Prepare ``task`` on ``model``; see the module docs of ``lmeval``, ``local_tasks`` and ``perplexity``.
 
     ``split``: ``search`` and ``verify`` use disjoint halves of the task's documents (seeded by ``seed``),
     ``all`` uses them in order; ``limit`` caps the documents taken (per subtask for groups).
+    ``compensation``: a ``Compensator`` applied to every mask (see ``Evaluator``).
     """
     if split not in ("search", "verify", "all"):
         raise PruneHeadsError(f"split must be 'search', 'verify' or 'all', not {split!r}")
@@ -131,4 +147,4 @@ def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None =
                                 data_dir=data_dir, batch_size=batch_size, seed=seed, metric=metric, kind=kind)
         if kind == "mc":
             backend.task_config["task"] = task
-    return Evaluator(model, backend, backend.task_config)
+    return Evaluator(model, backend, backend.task_config, compensation)

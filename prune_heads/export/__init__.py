@@ -3,7 +3,8 @@ architecture) or ``masked`` (same shapes, the oracle).
 
 Export streams the source tensor by tensor into an atomic temporary directory; verification runs on
 that directory before it is renamed into place, so the result it writes describes exactly the files
-that land.
+that land. A plan selected with compensation has it folded into the weights as they stream
+(``export.folding``): the kept heads' ``o_proj`` columns change and ``o_proj`` gains a bias.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prune_heads.__about__ import __version__
 from prune_heads.errors import PruneHeadsError
 from prune_heads.export import masked, model_card, sliced, uniform
+from prune_heads.export.folding import CompensationFold
+from prune_heads.export.folding import provenance as compensation_provenance
 from prune_heads.export.slicing import layer_heads, predicted_removed_params, slicing_rules
 from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_source, parse_size
 from prune_heads.export.verify import verify_export
@@ -102,9 +106,14 @@ def _tied_duplicate(name: str, src_config: dict, names: set[str]) -> bool:
 def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
            shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
            eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
-           progress: bool = True, verify_tol: float = 1e-4,
-                      verify_num_sequences: int = 4, verify_seq_len: int = 64) -> ExportResult:
-    """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring."""
+           progress: bool = True, verify_tol: float = 1e-4, verify_num_sequences: int = 4, verify_seq_len: int = 64,
+           compensation: Any = None, moments: Any = None) -> ExportResult:
+    """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring.
+
+    A plan whose ``compensation`` is ``mean``/``lsq`` needs either ``compensation`` (a ``Compensation``, or
+    a file saved with one: required for sequential plans) or ``moments`` (a scores directory, a
+    ``HeadScores`` or a ``Moments``) to rebuild it; both are checked against the plan.
+    """
     from prune_heads.model.loading import parse_dtype
 
     if format not in FORMATS:
@@ -124,12 +133,21 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
     adapter = get_adapter(config)
     layout = plan.validate(config)
     heads = layer_heads(plan, layout)
-    fmt.check(adapter, layout, heads, src.config)
+    comp = _plan_compensation(plan, config, compensation, moments)
+    o_bias = comp is not None and bool(comp.layers)
+    fmt.check(adapter, layout, heads, src.config, o_bias=o_bias)
     approximate = bool(approximate_norms and adapter.qk_norm == "full_width")
     if approximate_norms and not approximate:
         log.warning("--approximate-norms has no effect on %s (no full-width q/k norm)", adapter.name)
-    out_config = fmt.output_config(src.config, adapter, layout, heads, dtype=dtype_name, approximate_norms=approximate)
+    out_config = fmt.output_config(src.config, adapter, layout, heads, dtype=dtype_name, approximate_norms=approximate,
+                                   o_bias=o_bias)
     rules = slicing_rules(adapter, layout, heads, mode=fmt.MODE, approximate_norms=approximate)
+    fold = None
+    if o_bias:
+        stock_bias = format != "sliced" and adapter.o_bias is not None
+        fold = CompensationFold(adapter, layout, comp, src, bias_every_layer=True,
+                                zero_biases=adapter.o_bias.also_biased if stock_bias else ())
+        rules = fold.wrap(rules)
 
     from prune_heads.export.streaming import ShardWriter
 
@@ -139,21 +157,19 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         writer = ShardWriter(tmp, max_bytes)
         names = set(src.weight_map)
         params_before = 0
-        for name, tensor in iter_tensors(src, progress=progress):
+        for name, source in iter_tensors(src, progress=progress):
             if same_weights is not None:
-                same_weights.add(name, tensor)
+                same_weights.add(name, source)
             if _tied_duplicate(name, src.config, names):
                 continue
-            params_before += tensor.numel()
+            params_before += source.numel()
             rule = rules.get(name)
-            if rule is not None:
-                tensor = rule(tensor)
-                if tensor is None:
-                    continue
-            if torch_dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(torch_dtype)
-            writer.add(name, tensor)
-            del tensor
+            tensor = rule(source) if rule is not None else source
+            if tensor is not None:
+                writer.add(name, _cast(tensor, torch_dtype))
+            for extra_name, extra in fold.extras(name, tensor, source) if fold is not None else ():
+                writer.add(extra_name, _cast(extra, torch_dtype))
+            del tensor, source
         if same_weights is not None:
             same_weights.finish()
         files = writer.close()
@@ -166,9 +182,10 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         verification = None
         if verify:
             verification = verify_export(src.path, tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate,
-                                         num_sequences=verify_num_sequences, seq_len=verify_seq_len)
+                                         num_sequences=verify_num_sequences, seq_len=verify_seq_len,
+                                         compensation=comp)
         predicted = params_before - (predicted_removed_params(layout, adapter, heads, approximate_norms=approximate)
-                                     if fmt.MODE == "slice" else 0)
+                                     if fmt.MODE == "slice" else 0) + (fold.added_params if fold is not None else 0)
         removed_per_layer = [layout.num_heads - len(h.kept) for h in heads]
         provenance = {
             "tool": "prune-heads",
@@ -186,6 +203,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
             "params_after_predicted": predicted,
             "dtype": dtype_name or "source",
             "approximate_norms": approximate,
+            "compensation": compensation_provenance(comp),
             "scores_summary": scores_summary,
             "eval_results": eval_results,
             # the plan's own record of the selection wins over a copy of it passed as eval_results
@@ -204,6 +222,29 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
 
     return ExportResult(out, params_before, writer.total_params, verification, sorted(files), predicted,
                         writer.total_bytes, writer.peak_buffer_bytes)
+
+
+def _cast(tensor: Any, dtype: Any) -> Any:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _plan_compensation(plan: Plan, config: Any, compensation: Any, moments: Any) -> Any:
+    """The plan's ``Compensation``, rebuilt and checked (None when the plan zeroes)."""
+    from prune_heads.compensation.plans import compensation_for_plan
+    from prune_heads.compensation.spec import CompensationSpec
+
+    spec = CompensationSpec.from_dict(plan.selection.compensation)
+    if not spec.active:
+        if compensation is not None:
+            raise PruneHeadsError("a compensation was given but the plan records none (it was selected with "
+                                  "--compensate none); select again with --compensate lsq")
+        return None
+    if compensation is None and moments is None:
+        raise PruneHeadsError(
+            f"this plan was selected with --compensate {spec.mode}: export needs the scores directory it was selected "
+            "with (its moments.safetensors) to fold the compensation into the weights"
+            + (", or the compensation file saved with the plan (sequential)" if spec.sequential else ""))
+    return compensation_for_plan(plan, moments=moments, compensation=compensation, config=config)
 
 
 def source_license(path: Path) -> str | None:

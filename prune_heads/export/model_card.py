@@ -143,6 +143,7 @@ def card_info(prov: Mapping[str, Any]) -> dict[str, Any]:
         "tool_version": prov.get("tool_version"),
         "trust_remote_code": prov.get("format", "sliced") == "sliced",
         "repo_id": prov.get("repo_id"),
+        "compensation": prov.get("compensation"),
     }
 
 
@@ -162,8 +163,8 @@ def render_model_card(info: Mapping[str, Any]) -> str:
     parts = [
         _front_matter(info),
         _summary(info),
-        _compensation_section(info),
         _heads_section(info),
+        compensation_section(info.get("compensation")),
         _eval_section(rows),
         _verification_section(info.get("verification")),
         _loading_section(info),
@@ -171,6 +172,29 @@ def render_model_card(info: Mapping[str, Any]) -> str:
         "## Citation\n\nThe heads were found with the scores of:\n\n```bibtex\n" + CITATION + "\n```\n",
     ]
     return "\n".join(p for p in parts if p)
+
+
+# ---- compensation ---------------------------------------------------------------------------------
+def compensation_section(comp: Any) -> str:
+    """How the removed heads were compensated (``info["compensation"]``, from ``export.folding.provenance``)."""
+    if not isinstance(comp, Mapping) or comp.get("mode", "none") == "none":
+        return ""
+    stats = comp.get("moments") or {}
+    how = {"lsq": "the kept heads' `o_proj` columns were refitted by least squares to reproduce each layer's "
+                  "full attention output on the calibration data, and `o_proj` gained a bias",
+           "mean": "the removed heads' mean output on the calibration data became an `o_proj` bias (as in FLAP)"}
+    lines = ["## Compensation", "",
+             f"The removed heads were not just zeroed: {how.get(comp['mode'], comp['mode'])}. It is folded into the "
+             "weights, so the model needs nothing extra at run time.", "",
+             "| | |", "|---|---|", f"| mode | `{comp['mode']}` |",
+             f"| sequential | {_scalar(bool(comp.get('sequential')))} |", f"| ridge | {_scalar(comp.get('ridge'))} |"]
+    if stats.get("num_tokens"):
+        lines.append(f"| calibration tokens | {_int(stats['num_tokens'])} |")
+    if stats.get("fingerprint"):
+        lines.append(f"| statistics fingerprint | `{stats['fingerprint']}` |")
+    if comp.get("layers") is not None:
+        lines.append(f"| layers with an o_proj bias from compensation | {len(comp['layers'])} |")
+    return "\n".join(lines + [""])
 
 
 # ---- front matter ---------------------------------------------------------------------------------
@@ -296,27 +320,6 @@ def _summary(info: Mapping[str, Any]) -> str:
 
 
 # ---- compensation ---------------------------------------------------------------------------------
-def _compensation_section(info: Mapping[str, Any]) -> str:
-    plan = info.get("plan") or {}
-    meta = plan.get("meta", plan) if isinstance(plan, Mapping) else {}
-    comp = meta.get("compensation") if isinstance(meta, Mapping) else None
-    if not comp:
-        return ""
-    if not isinstance(comp, Mapping):
-        comp = {"mode": comp}
-    lines = ["## Compensation", "",
-             "The kept weights were adjusted to make up for the removed heads' output, so this model is not "
-             "simply the base model with those heads zeroed; the verification below compares it with the "
-             "compensated reference.", "", "| | |", "|---|---|"]
-    lines.append(f"| mode | `{_scalar(comp.get('mode'))}` |")
-    if "sequential" in comp:
-        lines.append(f"| sequential (each layer fitted after the earlier ones were pruned) | "
-                     f"{'yes' if comp['sequential'] else 'no'} |")
-    lines += [f"| {k} | {_scalar(v)} |" for k, v in sorted(comp.items())
-              if k not in ("mode", "sequential") and _is_scalar(v)]
-    return "\n".join(lines + [""])
-
-
 # ---- heads per layer ------------------------------------------------------------------------------
 def _heads_section(info: Mapping[str, Any]) -> str:
     per_layer = info.get("removed_per_layer")

@@ -65,7 +65,8 @@ def render_family_module(table: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check(adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], src_config: dict[str, Any]) -> None:
+def check(adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], src_config: dict[str, Any], *,
+          o_bias: bool = False) -> None:
     model_type = src_config.get("model_type")
     if model_type not in adapter.sliced_types():
         raise UnsupportedArchitectureError(
@@ -76,7 +77,7 @@ def check(adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], s
 
 
 def output_config(src_config: dict[str, Any], adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerHeads], *,
-                  dtype: str | None, approximate_norms: bool) -> dict[str, Any]:
+                  dtype: str | None, approximate_norms: bool, o_bias: bool = False) -> dict[str, Any]:
     base_type = src_config["model_type"]
     entry = family_entry(adapter, base_type)
     d = base_config_dict(src_config, dtype)
@@ -90,6 +91,8 @@ def output_config(src_config: dict[str, Any], adapter: FamilyAdapter, layout: He
         pruned_layout=pruned_layout(adapter),
         approximate_norms=bool(approximate_norms and adapter.qk_norm == "full_width"),
     )
+    if o_bias:
+        d["pruned_o_bias"] = True  # every layer's o_proj gets a bias (the compensation's; zeros elsewhere)
     return d
 
 

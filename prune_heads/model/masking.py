@@ -2,13 +2,17 @@
 ``model/dynamic.py`` and re-exported here).
 
 Both go through the registered attention function, so they work in plain Python, inside lm-eval and
-under ``generate()``. Leaving the ``with`` block restores the model exactly.
+under ``generate()``. Leaving the ``with`` block restores the model exactly. The static mask optionally
+applies a ``prune_heads.compensation.Compensation`` of the same heads at every ``o_proj`` (the removed
+heads' outputs are then replaced by their least-squares prediction instead of zero); the dynamic mode
+always zeroes, as the paper does.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,11 +45,23 @@ def static_control(model: nn.Module, heads: Heads) -> HeadControl:
 
 
 @contextlib.contextmanager
-def static_mask(model: nn.Module, heads: Heads) -> Iterator[torch.Tensor]:
-    """Zero the outputs of ``heads`` before ``o_proj`` inside the block; yields the ``(L, H)`` mask."""
+def static_mask(model: nn.Module, heads: Heads, *, compensation: Any = None) -> Iterator[torch.Tensor]:
+    """Zero the outputs of ``heads`` before ``o_proj`` inside the block; yields the ``(L, H)`` mask.
+
+    ``compensation``: a ``Compensation`` computed for exactly these heads; it is applied on top (the
+    compensated model, the same function the export writes).
+    """
     control = static_control(model, heads)
-    with attach(model, control):
-        yield heads_to_mask(model, heads)
+    mask = heads_to_mask(model, heads)
+    if compensation is None:
+        with attach(model, control):
+            yield mask
+        return
+    from prune_heads.compensation.apply import apply_compensation
+
+    compensation.check_matches(mask)
+    with attach(model, control), apply_compensation(model, compensation):
+        yield mask
 
 
 def threshold_for_fraction(scores: HeadScores, score_id: str, fraction: float, method: str = "quantile") -> float:

@@ -17,10 +17,16 @@ the numbers:
 The prefix reuse calls the decoder layers directly, so it is checked once per call against a full
 forward; if a family does something between layers that the check catches, the code falls back to
 replicated full forwards (still batched) with a warning.
+
+Under compensation (``compensation=`` a ``prune_heads.compensation.Compensator``) each copy's removal is
+compensated: the already-removed heads get their compensation in every layer, and in the layer a copy's
+unit lives in, that copy gets the compensation of the removed heads plus its unit (a per-copy correction
+at ``o_proj``, in the same replicated pass).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -170,8 +176,17 @@ def _layer_call(layer: nn.Module, captured: tuple[tuple, dict], hidden: torch.Te
 class _Measurer:
     """One batch's reference, captured prefix, and the passes that measure units on it."""
 
-    def __init__(self, model: nn.Module, removed: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, removed: torch.Tensor, compensation: Any = None) -> None:
         self.model = model
+        self.compensation = compensation
+        self.hooks: Any = None
+        self.base_comp = None
+        self.seq_moments = None
+        if compensation is not None and compensation.spec.active:
+            if compensation.spec.sequential:
+                self.base_comp, self.seq_moments = compensation.sequential(removed)
+            else:
+                self.base_comp = compensation(removed)
         adapter = get_adapter(model)
         self.layout = adapter.layout(model.config)
         self.layers = adapter.decoder(model).layers
@@ -181,13 +196,52 @@ class _Measurer:
         self.base_scale = {i: (~removed[i]).float() for i in range(removed.shape[0]) if removed[i].any()}
         self.prefix_ok: bool | None = None
 
+    @contextlib.contextmanager
+    def compensating(self):
+        """The ``o_proj`` hooks that apply the compensation, when there is one."""
+        if self.base_comp is None:
+            yield
+            return
+        from prune_heads.compensation.apply import CompensationHooks
+
+        self.hooks = CompensationHooks(self.model)
+        try:
+            yield
+        finally:
+            self.hooks.remove()
+            self.hooks = None
+
+    def _pruned(self, on: bool) -> None:
+        """Switch between the reference (nothing removed) and the pruned, compensated prefix."""
+        self.control.scale = dict(self.base_scale) if on else {}
+        if self.hooks is not None:
+            self.hooks.set(self.base_comp if on else None)
+
+    def _copy_comp(self, layer: int, unit: Unit):
+        """The compensation of one copy's layer: removed heads of ``layer`` plus the unit's."""
+        heads = set(self.removed[layer].nonzero().flatten().tolist()) | {h for i, h in unit if i == layer}
+        if not heads:
+            return None
+        return self.compensation.layer(layer, sorted(heads), moments=self.seq_moments)
+
+    def record(self, cost: AblationCost) -> None:
+        """What the cost record says about how the measurement ran."""
+        cost.extra["prefix_reuse"] = bool(self.prefix_ok)
+        if self.compensation is not None:
+            cost.extra["compensation"] = self.compensation.spec.mode
+
+    def reset(self) -> None:
+        self.control.scale = {}
+        if self.hooks is not None:
+            self.hooks.set(None)
+
     # reference + capture for one batch (called inside ``attach``)
     def prepare(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.ids, self.mask = ids, mask
         self.batch = ids.shape[0]
         self.valid = (mask[:, 1:] * mask[:, :-1]).float()
         target = ids[:, 1:]
-        self.control.scale = {}
+        self._pruned(False)
         cap = _Capture(self.layers) if not self.removed.any() else None
         normed: list[torch.Tensor] = []
         grab = self.norm.register_forward_hook(lambda _m, _a, out: normed.append(out))
@@ -209,7 +263,7 @@ class _Measurer:
         self.start_logits = logits
         if cap is None:  # the pruned model's prefix differs from the reference's
             cap = _Capture(self.layers)
-            self.control.scale = dict(self.base_scale)
+            self._pruned(True)
             try:
                 self.start_logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             finally:
@@ -237,7 +291,7 @@ class _Measurer:
     def check_prefix(self) -> bool:
         """Does running layers 0..L-1 from the captured inputs reproduce the full forward?"""
         if self.prefix_ok is None:
-            self.control.scale = dict(self.base_scale)
+            self._pruned(True)
             hidden = self.captured[0][0][0] if self.captured[0][0] else self.captured[0][1]["hidden_states"]
             for j in range(len(self.layers)):
                 hidden = _layer_call(self.layers[j], self.captured[j], hidden, self.batch, 1)
@@ -261,6 +315,8 @@ class _Measurer:
                     if layer == j:
                         m[c, h] = 0.0
             scale[j] = m.repeat_interleave(B, dim=0).to(self.ids.device)
+            if self.hooks is not None:
+                self.hooks.set_rows(j, [self._copy_comp(j, u) for u in units], B)
         return scale
 
     def run(self, units: Sequence[Unit], want: Iterable[str], cost: AblationCost) -> dict[str, torch.Tensor]:
@@ -269,6 +325,7 @@ class _Measurer:
         start = min(layer for u in units for layer, _ in u)
         if not self.check_prefix():
             start = 0
+        self._pruned(True)
         self.control.scale = self._scales(units, start)
         if start == 0 and not self.prefix_ok:
             ids = self.ids.repeat(k, 1)
@@ -286,7 +343,7 @@ class _Measurer:
         for c in range(k):  # the LM head one copy at a time bounds the (B, T, V) memory
             for w, v in self._effects(hidden[c * B:(c + 1) * B, :-1], want).items():
                 out[w].append(v)
-        self.control.scale = {}
+        self.reset()
         return {w: torch.stack(v) for w, v in out.items()}
 
 
@@ -300,12 +357,13 @@ def _group_by_start(units: Sequence[Unit]) -> dict[int, list[int]]:
 def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequence[Unit], *,
                   scores: Iterable[str] = ABLATION, removed: torch.Tensor | None = None, batch_size: int = 8,
                   pad_id: int = 0, heads_per_pass: int | None = None, progress: bool = True,
-                  desc: str = "ablation") -> tuple[dict[str, torch.Tensor], AblationCost]:
+                  desc: str = "ablation", compensation: Any = None) -> tuple[dict[str, torch.Tensor], AblationCost]:
     """Per-sequence effect ``(N, U)`` of zeroing each unit (a set of heads) on top of ``removed``.
 
     The reference is always the unpruned model: ``ablation_kl`` is ``KL(original || removed+unit)``
     and ``ablation_loss`` the LM-loss increase over the original, so values under different
-    ``removed`` sets stay on one scale.
+    ``removed`` sets stay on one scale. With ``compensation`` (a ``Compensator``) every removal, the
+    unit's included, is compensated instead of only zeroed.
     """
     want = [s for s in scores if s in ABLATION]
     if not want:
@@ -337,9 +395,9 @@ def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequen
         heads_per_pass = max(1, min(biggest, _memory_budget(device) // max(1, _bytes_per_copy(model, bsz, width))))
     result = {w: torch.full((len(seqs), len(units)), math.nan) for w in want}
     cost = AblationCost(num_layers=layout.num_layers)
-    measurer = _Measurer(model, removed)
+    measurer = _Measurer(model, removed, compensation)
     bar = tqdm(total=len(units) * len(seqs), desc=desc, unit="head-seq", disable=not progress)
-    with attach(model, measurer.control), torch.no_grad():
+    with attach(model, measurer.control), measurer.compensating(), torch.no_grad():
         for idx, ids, mask in batches(seqs, batch_size, pad_id):
             measurer.prepare(ids.to(device), mask.to(device))
             cost.layer_rows += len(idx) * layout.num_layers * (2 if removed.any() else 1)
@@ -352,7 +410,7 @@ def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequen
                     except (RuntimeError, torch.OutOfMemoryError) as e:
                         if not _is_oom(e):
                             raise
-                        measurer.control.scale = {}
+                        measurer.reset()
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         if auto and heads_per_pass > 1:
@@ -369,14 +427,14 @@ def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequen
                     bar.update(len(chunk) * len(idx))
     bar.close()
     cost.extra["heads_per_pass"] = heads_per_pass
-    cost.extra["prefix_reuse"] = bool(measurer.prefix_ok)
+    measurer.record(cost)
     return result, cost
 
 
 def ablation_scores(model: nn.Module, seqs: Sequence[Sequence[int]], *, scores: Iterable[str] = ABLATION,
                     batch_size: int = 8, pad_id: int = 0, candidates: Iterable[Head] | None = None,
                     removed: torch.Tensor | None = None, heads_per_pass: int | None = None,
-                    progress: bool = True) -> HeadScores:
+                    progress: bool = True, compensation: Any = None) -> HeadScores:
     """Leave-one-out ablation scores of single heads, as ``HeadScores`` (per-sample ``(N, L, H)``).
 
     Args:
@@ -384,6 +442,7 @@ def ablation_scores(model: nn.Module, seqs: Sequence[Sequence[int]], *, scores: 
         removed: ``(L, H)`` bool, heads already zeroed; each score is then the effect of zeroing the
             head *in addition* (still relative to the unpruned model). Removed heads are NaN.
         heads_per_pass: ablations per replicated pass (memory); default: as many as fit.
+        compensation: a ``Compensator``; each head's removal (and the ``removed`` ones) is compensated.
     """
     scores = list(scores)
     layout = get_adapter(model).layout(model.config)
@@ -395,7 +454,8 @@ def ablation_scores(model: nn.Module, seqs: Sequence[Sequence[int]], *, scores: 
     heads = [x for x in heads if not (0 <= x[0] < rm.shape[0] and 0 <= x[1] < rm.shape[1] and rm[x])]
     seqs = [list(map(int, s)) for s in seqs]
     vals, cost = measure_units(model, seqs, [[x] for x in heads], scores=scores, removed=rm, batch_size=batch_size,
-                               pad_id=pad_id, heads_per_pass=heads_per_pass, progress=progress)
+                               pad_id=pad_id, heads_per_pass=heads_per_pass, progress=progress,
+                               compensation=compensation)
     per_sample = {}
     for sid, v in vals.items():
         full = torch.full((len(seqs), layout.num_layers, layout.num_heads), math.nan)
@@ -413,6 +473,7 @@ def ablation_scores(model: nn.Module, seqs: Sequence[Sequence[int]], *, scores: 
             "reference": "unpruned model",
             "cost": cost.to_dict(),
             "naive_forward_equivalents": len(heads) * len(seqs),
+            "compensation": compensation.record() if compensation is not None else {"mode": "none"},
         },
     }
     return HeadScores(per_sample, meta)

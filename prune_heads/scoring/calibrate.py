@@ -2,12 +2,15 @@
 
 Statistics stream out of the attention function per layer as ``(B, H)`` per-sequence values; nothing
 per-token outlives the layer. ``grad`` (Michel et al.) is an opt-in second pass with a backward.
+The same pass accumulates the moments of every layer's ``o_proj`` input (``moments=True``, the default),
+which compensation is solved from, and the ``lsq_error`` scores are computed from them.
 Under ``accelerate launch`` / ``torchrun`` each process takes every ``world``-th sample and the
 per-sample values are gathered, so the result equals a single-process run.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -24,6 +27,7 @@ from prune_heads.scoring.distributed import gather_rows, rank_and_world
 from prune_heads.scoring.head_scores import HeadScores
 from prune_heads.scoring.score_defs import (
     ABLATION,
+    COMPENSATION,
     CUSTOM_SCORES,
     FORWARD_SCORES,
     GRADIENT,
@@ -34,6 +38,8 @@ from prune_heads.scoring.score_defs import (
 
 
 def default_scores() -> list[str]:
+    """Every forward-pass score (``lsq_error`` is added on request, or computed from the moments when a
+    selector ranks by it)."""
     return list(FORWARD_SCORES)
 
 
@@ -101,6 +107,10 @@ def calibrate(
     progress: bool = True,
     model_name: str | None = None,
     revision: str | None = None,
+    moments: bool = True,
+    moments_offload: bool = False,
+    moments_relative: bool = True,
+    ablation_compensation: Any = None,
 ) -> HeadScores:
     """Score every head of ``model`` on ``data``.
 
@@ -108,9 +118,19 @@ def calibrate(
         data: a data spec string (see ``prune_heads.data``; needs ``tokenizer``) or an iterable of
             token-id sequences (lists or 1-D tensors), each one sample.
         scores: score ids; default every forward-pass score. ``grad`` adds a backward pass;
-            ``ablation_kl``/``ablation_loss`` run the batched ablation (see ``prune_heads.scoring.ablation``).
+            ``ablation_kl``/``ablation_loss`` run the batched ablation (see ``prune_heads.scoring.ablation``);
+            ``lsq_error``/``lsq_error_group`` come from the moments (``prune_heads.compensation.greedy``).
+        moments: accumulate the mean and covariance of every layer's ``o_proj`` input in the same pass
+            (``HeadScores.moments``, saved as ``moments.safetensors``); compensation is solved from them.
+        moments_offload: keep the float64 accumulators on the CPU instead of on each layer's device.
+        moments_relative: also keep the sums weighted by ``1 / |h|^2`` (``lsq_error`` ranks best with them;
+            twice the memory).
+        ablation_compensation: measure the ablation scores with each head's removal compensated
+            (``"lsq"``, ``"mean"`` or a ``CompensationSpec``, solved from these moments); default: zeroed.
     """
     wanted = validate_score_ids(scores or default_scores())
+    if not moments and any(s in COMPENSATION for s in wanted):
+        raise DataError(f"{', '.join(COMPENSATION)} are computed from the moments: calibrate with moments=True")
     adapter = get_adapter(model)
     layout = adapter.layout(model.config)
     spec = None
@@ -126,25 +146,16 @@ def calibrate(
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         pad_id = int(tokenizer.pad_token_id)
 
-    forward_ids = [s for s in wanted if s not in GRADIENT and s not in ABLATION]
+    forward_ids = [s for s in wanted if s not in GRADIENT and s not in ABLATION and s not in COMPENSATION]
     rank, world = rank_and_world()
     mine = list(range(rank, len(seqs), world))
     my_seqs = [seqs[i] for i in mine]
-    device = _model_device(model)
     per_sample: dict[str, list[tuple[int, torch.Tensor]]] = {}
-
-    if forward_ids:
-        collector = ScoreCollector(layout.num_layers)
-        control = HeadControl(sink=collector, block_size=block_size, need_fhon=any(s.startswith("fhon") for s in forward_ids) or bool(CUSTOM_SCORES))
-        bar = tqdm(total=len(my_seqs), desc="calibrating", unit="seq", disable=not progress or rank != 0)
-        with attach(model, control), torch.no_grad():
-            for idx, ids, mask in batches(my_seqs, batch_size, pad_id):
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
-                values = derive(collector.take(), forward_ids)
-                for sid, v in values.items():
-                    per_sample.setdefault(sid, []).extend((mine[i], v[r]) for r, i in enumerate(idx))
-                bar.update(len(idx))
-        bar.close()
+    stats = None
+    if forward_ids or moments:
+        per_sample, stats = _forward_pass(model, my_seqs, mine, forward_ids, batch_size=batch_size, pad_id=pad_id,
+                                          block_size=block_size, moments=moments, offload=moments_offload,
+                                          relative=moments_relative, progress=progress and rank == 0)
 
     if "grad" in wanted:
         g = gradient_scores(model, my_seqs, batch_size=batch_size, pad_id=pad_id, progress=progress and rank == 0)
@@ -169,13 +180,70 @@ def calibrate(
         "world_size": world,
     }
     result = HeadScores(stacked, meta)
+    if stats is not None:
+        from prune_heads.compensation.moments import model_meta
+
+        stats.meta.update({**model_meta(model), "data": data_meta, "num_samples": len(seqs)})
+        result.moments = stats
+        _add_lsq_scores(model, result, wanted)
     if any(s in ABLATION for s in wanted):
         from prune_heads.scoring.ablation import ablation_scores
 
+        compensator = None
+        if ablation_compensation is not None:
+            from prune_heads.compensation.plans import compensator_for
+
+            compensator = compensator_for(ablation_compensation, moments=stats)
         abl = ablation_scores(model, seqs, scores=[s for s in wanted if s in ABLATION], batch_size=batch_size,
-                              pad_id=pad_id, progress=progress)
-        result = result.merged(abl) if stacked else HeadScores(abl.per_sample_values, meta, abl.means)
+                              pad_id=pad_id, progress=progress, compensation=compensator)
+        result = result.merged(abl) if result.means else HeadScores(abl.per_sample_values, meta, abl.means, moments=stats)
     return result
+
+
+def _forward_pass(model: nn.Module, seqs: list[list[int]], index: list[int], forward_ids: list[str], *,
+                  batch_size: int, pad_id: int, block_size: int | None, moments: bool, offload: bool,
+                  relative: bool, progress: bool) -> tuple[dict[str, list[tuple[int, torch.Tensor]]], Any]:
+    """One pass: per-sample forward scores (through the attention function) and, optionally, the moments."""
+    from prune_heads.compensation.moments import MomentsCollector
+
+    layout = get_adapter(model).layout(model.config)
+    device = _model_device(model)
+    per_sample: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    collector = ScoreCollector(layout.num_layers)
+    control = None
+    if forward_ids:
+        control = HeadControl(sink=collector, block_size=block_size,
+                              need_fhon=any(s.startswith("fhon") for s in forward_ids) or bool(CUSTOM_SCORES))
+    stats = MomentsCollector(model, offload=offload, relative=relative) if moments else None
+    bar = tqdm(total=len(seqs), desc="calibrating", unit="seq", disable=not progress)
+    try:
+        with attach(model, control) if control is not None else contextlib.nullcontext(), torch.no_grad():
+            for idx, ids, mask in batches(seqs, batch_size, pad_id):
+                if stats is not None:
+                    stats.set_mask(mask)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
+                if control is not None:
+                    for sid, v in derive(collector.take(), forward_ids).items():
+                        per_sample.setdefault(sid, []).extend((index[i], v[r]) for r, i in enumerate(idx))
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        if stats is not None:
+            stats.remove()
+    return per_sample, (stats.result() if stats is not None else None)
+
+
+def _add_lsq_scores(model: nn.Module, result: HeadScores, wanted: list[str]) -> None:
+    """The requested ``lsq_error`` scores (whole-set values, no per-sample rows) from the moments."""
+    want = [s for s in wanted if s in COMPENSATION]
+    if not want:
+        return
+    from prune_heads.compensation.greedy import lsq_error_scores
+
+    values, record = lsq_error_scores(model, result.moments)
+    for sid in want:
+        result.means[sid] = values[sid]
+    result.meta["lsq_error"] = record
 
 
 def gradient_scores(model: nn.Module, seqs: list[list[int]], *, batch_size: int, pad_id: int, progress: bool = True) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """``HeadScores``: every score of every head, per calibration sequence and averaged.
 
 On disk a directory with ``scores.safetensors`` (``<score_id>`` = mean ``(L, H)``,
-``per_sample/<score_id>`` = ``(N, L, H)``) and ``scores.json`` (provenance and geometry).
+``per_sample/<score_id>`` = ``(N, L, H)``), ``scores.json`` (provenance and geometry) and, when the
+calibration collected them, ``moments.safetensors`` (the statistics compensation is solved from; see
+``prune_heads.compensation.moments``), written in the same atomic directory.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class HeadScores:
     #: the calibration token sequences, so later stages (measured selectors, sequential compensation) use
     #: exactly the data the scores came from; None when they were not kept
     tokens: list[list[int]] | None = None
+    #: ``prune_heads.compensation.Moments`` of the same calibration pass, or None
+    moments: Any = None
 
     def __post_init__(self) -> None:
         for sid, v in self.per_sample_values.items():
@@ -84,7 +88,8 @@ class HeadScores:
         meta = dict(self.meta)
         meta["scores"] = sorted(set(self.score_ids) | set(other.score_ids))
         return HeadScores({**self.per_sample_values, **other.per_sample_values}, meta, {**self.means, **other.means},
-                          self.tokens if self.tokens is not None else other.tokens)
+                          self.tokens if self.tokens is not None else other.tokens,
+                          self.moments if self.moments is not None else other.moments)
 
     # ---- checks ---------------------------------------------------------------------------
     def check(self, model: Any) -> None:
@@ -112,6 +117,10 @@ class HeadScores:
         meta.setdefault("tool_version", __version__)
         meta.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         meta["scores"] = self.score_ids
+        if self.moments is not None:
+            from prune_heads.compensation.moments import MOMENTS_FILE
+
+            meta["moments"] = {"file": MOMENTS_FILE, **self.moments.summary()}
         with atomic_dir(directory, overwrite=overwrite, inputs=inputs) as tmp:
             save_file(tensors, str(tmp / SCORES_FILE), metadata={"format": "prune-heads-scores/1"})
             meta["tensors_sha256"] = file_sha256(tmp / SCORES_FILE)  # ties the files together
@@ -119,6 +128,8 @@ class HeadScores:
                 save_tokens(self.tokens, tmp / TOKENS_FILE)
                 meta["tokens_sha256"] = file_sha256(tmp / TOKENS_FILE)
             write_json_atomic(tmp / META_FILE, meta)
+            if self.moments is not None:
+                self.moments.save(tmp / MOMENTS_FILE)
         self.meta = meta
         return Path(directory)
 
@@ -150,7 +161,10 @@ class HeadScores:
                 raise PruneHeadsError(f"{d / TOKENS_FILE} is not the file these scores were computed on (its hash "
                                       "differs from scores.json); recalibrate with `prune-heads calibrate`")
             tokens = load_tokens(d / TOKENS_FILE)
-        return cls(per, meta, means, tokens)
+        from prune_heads.compensation.moments import MOMENTS_FILE, Moments
+
+        moments = Moments.load(d / MOMENTS_FILE) if (d / MOMENTS_FILE).is_file() else None
+        return cls(per, meta, means, tokens, moments)
 
     def require_tokens(self) -> list[list[int]]:
         if self.tokens is None:
@@ -168,6 +182,7 @@ class HeadScores:
             "num_tokens": self.meta.get("num_tokens"),
             "data": self.meta.get("data"),
             "model": self.meta.get("model"),
+            "moments": self.moments.fingerprint() if self.moments is not None else None,
         }
 
 

@@ -31,6 +31,10 @@ HEAD_NORMALISED: dict[str, tuple[str, str]] = {"lthon_hn": ("lthon", "ahon")}
 #: scores that need extra passes (not part of the single forward pass)
 GRADIENT: tuple[str, ...] = ("grad",)
 ABLATION: tuple[str, ...] = ("ablation_kl", "ablation_loss")
+#: the error removing a head leaves after least-squares compensation, from the calibration moments
+#: (``prune_heads.compensation.greedy``): per-head greedy order, and KV-group greedy order (every head of a
+#: group carries its group's value, for ``--gqa kv-groups``)
+COMPENSATION: tuple[str, ...] = ("lsq_error", "lsq_error_group")
 
 FORWARD_SCORES: tuple[str, ...] = RAW_FORWARD + tuple(LAYER_NORMALISED) + tuple(HEAD_NORMALISED)
 #: scores where a HIGH value means inactive; every other score is inactive when low
@@ -64,7 +68,7 @@ def register_score(score_id: str, fn: Callable[[dict[str, torch.Tensor]], torch.
 
 
 def all_score_ids() -> list[str]:
-    return list(FORWARD_SCORES) + list(GRADIENT) + list(ABLATION) + list(CUSTOM_SCORES)
+    return list(FORWARD_SCORES) + list(GRADIENT) + list(ABLATION) + list(COMPENSATION) + list(CUSTOM_SCORES)
 
 
 def validate_score_ids(ids: Iterable[str]) -> list[str]:
@@ -88,7 +92,8 @@ def inactivity(values: torch.Tensor, score_id: str) -> torch.Tensor:
 
 def is_layer_comparable(score_id: str) -> bool:
     """LN/HN scores are comparable across layers; raw scores are not (the selector warns)."""
-    return score_id.endswith("_ln") or score_id.endswith("_hn") or score_id in ABLATION or score_id == "grad"
+    return (score_id.endswith("_ln") or score_id.endswith("_hn") or score_id in ABLATION or score_id in COMPENSATION
+            or score_id == "grad")
 
 
 def derive(raw: dict[str, torch.Tensor], wanted: Iterable[str]) -> dict[str, torch.Tensor]:

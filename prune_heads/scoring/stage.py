@@ -96,8 +96,10 @@ def run_calibrate(config: CalibrateConfig, loaded: Any, model_id: str, out: Path
     t0 = time.time()
     hs = calibrate(loaded.model, seqs, scores=config.scores, batch_size=config.batch_size, tokenizer=loaded.tokenizer,
                    block_size=config.block_size, progress=progress, model_name=model_id, revision=revision,
-                   **({"moments": config.moments} if _accepts_moments() else {}))
+                   moments=config.moments)
     hs.meta["data"] = spec.to_dict()
+    if hs.moments is not None:  # the moments name the same data, so a mismatch with a plan's data is caught
+        hs.moments.meta["data"] = spec.to_dict()
     hs.meta["wall_seconds"] = round(time.time() - t0, 2)
     hs.tokens = seqs
     if out is not None and rank_and_world()[0] == 0:
@@ -105,10 +107,3 @@ def run_calibrate(config: CalibrateConfig, loaded: Any, model_id: str, out: Path
     return CalibrationResult(Path(out) if out is not None else None, len(seqs), int(sum(map(len, seqs))),
                              hs.score_ids, hs.meta["wall_seconds"], hs)
 
-
-def _accepts_moments() -> bool:
-    import inspect
-
-    from prune_heads.scoring.calibrate import calibrate
-
-    return "moments" in inspect.signature(calibrate).parameters

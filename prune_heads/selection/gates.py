@@ -83,7 +83,8 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
                  l0_penalty: float | None = None, steps: int = 200, lr: float = 0.05, batch_size: int = 4,
                  pad_id: int = 0, min_heads_per_layer: int = 1, allow_empty_layers: bool = False,
                  evaluator: Any = None, progress: bool = True, seed: int = 0, lambda_lr: float = 0.2,
-                 init: float = 3.0, penalty_mu: float = 50.0, betas: tuple[float, float] = (0.5, 0.9)) -> Plan:
+                 init: float = 3.0, penalty_mu: float = 50.0, betas: tuple[float, float] = (0.5, 0.9),
+                 compensation: Any = None) -> Plan:
     """Train one gate per head on ``seqs`` and return the plan of the heads whose gates close.
 
     Exactly one of ``target_fraction`` (fraction of all heads to remove, in [0, 1)) and
@@ -92,6 +93,9 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
     ``TARGET_TOLERANCE``. With a target, the loss is ``KL + lambda * gap + penalty_mu * gap**2`` where
     ``gap`` = expected open fraction - target and ``lambda`` follows ``lambda += lambda_lr * gap`` each
     step (a Lagrangian with a damping quadratic term; low Adam momentum keeps it from oscillating).
+
+    ``compensation`` (a ``prune_heads.compensation.Compensator``): the gates still train on zeroed
+    outputs (a fractional gate has no compensation), but the plan is evaluated, and recorded, compensated.
     """
     if (target_fraction is None) == (l0_penalty is None):
         raise PruneHeadsError("gates need exactly one of --target-fraction and --l0-penalty")
@@ -193,6 +197,10 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
     for i, h in heads:
         mask[i, h] = True
     evaluation = baseline = None
+    from prune_heads.compensation.plans import evaluator_with, record_of
+
+    compensation = compensation if compensation is not None else getattr(evaluator, "compensation", None)
+    evaluator = evaluator_with(evaluator, compensation)
     if evaluator is not None:
         baseline = evaluator(None)
         evaluation = evaluator(mask) if heads else baseline
@@ -215,5 +223,6 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
                              final={"kl": history[-1]["kl"], "expected_open_fraction": final_open, "lambda": lam},
                              history=history[:: max(1, steps // 50)],
                              log_alpha=[[round(float(x), 4) for x in row] for row in log_alpha]),
+        compensation=record_of(compensation),
     )
     return Plan(heads, selection)

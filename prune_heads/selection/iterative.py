@@ -84,7 +84,8 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
                      relative: bool = False, round_size: int = 4, score_id: str = "ablation_kl", policy: str = "free",
                      min_heads_per_layer: int = 1, allow_empty_layers: bool = False,
                      candidates_fraction: float | None = None, verify_evaluator: Any = None, batch_size: int = 8,
-                     pad_id: int = 0, progress: bool = True, max_rounds: int | None = None) -> Plan:
+                     pad_id: int = 0, progress: bool = True, max_rounds: int | None = None,
+                     compensation: Any = None) -> Plan:
     """Remove heads in measured rounds until the evaluator's budget would break; return the plan.
 
     Args:
@@ -95,7 +96,10 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
         candidates_fraction: after the first (full) measurement keep only this fraction of the units,
             least harmful first, as candidates for later rounds (cheaper re-measurement).
         max_rounds: stop after this many accepted rounds (None: until the budget or the floor stops it).
+        compensation: a ``prune_heads.compensation.Compensator``: units are measured, and every round
+            evaluated, with the removed heads compensated.
     """
+    from prune_heads.compensation.plans import evaluator_with, record_of
     from prune_heads.scoring.ablation import measure_units
 
     if score_id not in ABLATION:
@@ -110,6 +114,9 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
     floor = layer_floor(layout, min_heads_per_layer, allow_empty_layers)
     pool = all_units(layout, policy)
     seqs = [list(map(int, s)) for s in seqs]
+    compensation = compensation if compensation is not None else getattr(evaluator, "compensation", None)
+    evaluator = evaluator_with(evaluator, compensation)
+    verify_evaluator = evaluator_with(verify_evaluator, compensation)
 
     t0 = time.time()
     evaluations = 0
@@ -126,7 +133,8 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
         if not allowed:
             break
         vals, cost = measure_units(model, seqs, allowed, scores=[score_id], removed=removed, batch_size=batch_size,
-                                   pad_id=pad_id, progress=False, desc=f"round {len(rounds) + 1}")
+                                   pad_id=pad_id, progress=False, desc=f"round {len(rounds) + 1}",
+                                   compensation=compensation)
         forward_equivalents += cost.forward_equivalents
         means = vals[score_id].mean(0)
         means = torch.nan_to_num(means, nan=math.inf)
@@ -217,5 +225,6 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
         calibration={"num_samples": len(seqs), "num_tokens": int(sum(len(s) for s in seqs))},
         details=IterativeDetails(round_size=round_size, candidates_fraction=candidates_fraction, rounds=rounds,
                                  stop_reason=stop_reason),
+        compensation=record_of(compensation),
     )
     return Plan(heads, selection)

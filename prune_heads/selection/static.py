@@ -84,6 +84,8 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
     Args:
         scores: calibration scores of this model (checked against it); may be None for ``score_id="random"``.
         evaluator: ``prune_heads.evaluation.Evaluator`` on the search data: ``evaluator(mask)`` -> EvalResult.
+            Built with ``compensation=`` it evaluates every candidate compensated (rank by ``lsq_error``
+            then); the plan records that compensation under ``compensation``.
         max_drop: allowed loss in metric units (0.01 = one accuracy point), or a fraction with ``relative``.
         verify_evaluator: evaluator on held-out data; the plan records its baseline and masked result.
         seed: seed of the ``random`` ranking.
@@ -94,6 +96,9 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         scores.check(model)
     if max_drop < 0 or math.isnan(max_drop):
         raise BudgetError(f"--max-drop must be >= 0, got {max_drop}: even the unpruned model (k = 0) fails it")
+    from prune_heads.compensation.greedy import ensure_lsq_scores
+
+    scores = ensure_lsq_scores(scores, model, score_id)
     values = ranking(scores, score_id, layout, seed)
     units = candidate_units(values, layout, policy, min_heads_per_layer, allow_empty_layers)
 
@@ -138,6 +143,9 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
 
     verification = None
     if verify_evaluator is not None:
+        from prune_heads.compensation.plans import evaluator_with
+
+        verify_evaluator = evaluator_with(verify_evaluator, getattr(evaluator, "compensation", None))
         vb = verify_evaluator(None)
         vr = verify_evaluator(mask) if k else vb
         ok = within_budget(vb, vr, max_drop, relative)
@@ -171,6 +179,7 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         cost=Cost(evaluations=len(trace), max_evaluations=max_probes(len(units)) + 1,
                   wall_seconds=round(time.time() - t0, 2)),
         scores=scores.summary() if scores is not None else None,
+        compensation=_compensation_record(evaluator),
         details=StaticDetails(k=k, num_units=len(units), seed=seed if score_id == RANDOM_SCORE else None),
     )
     return Plan(removed, selection)
@@ -179,3 +188,10 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
 def _probe(k: int, heads_removed: int, r: Any, seconds: float) -> Probe:
     return Probe(k=k, heads_removed=heads_removed, metric=r.metric, value=float(r.value),
                  stderr=None if r.stderr is None else float(r.stderr), n=int(r.n), seconds=round(seconds, 2))
+
+
+def _compensation_record(evaluator: Any) -> dict[str, Any]:
+    """How the evaluated (and so the exported) model compensates the removed heads."""
+    from prune_heads.compensation.plans import record_of
+
+    return record_of(getattr(evaluator, "compensation", None))

@@ -284,12 +284,14 @@ class EmptyAttention(nn.Module):
         return out, None
 
 
-def _linear_like(old: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
+def _linear_like(old: nn.Linear, out_features: int | None = None, in_features: int | None = None,
+                 bias: bool | None = None) -> nn.Linear:
+    """A linear layer like ``old`` with other sizes; ``bias=True`` adds a bias the stock one lacks."""
     dev = old.weight.device
     return nn.Linear(
         in_features if in_features is not None else old.in_features,
         out_features if out_features is not None else old.out_features,
-        bias=old.bias is not None,
+        bias=(old.bias is not None) if bias is None else bias,
         device=dev,
         dtype=old.weight.dtype,
     )
@@ -328,23 +330,27 @@ def prune_attention_modules(model: nn.Module, config) -> None:
         raise ValueError("config.kept_heads must list the kept query heads of every layer")
     full_norm = layout["qk_norm"] == "full_width"
     exact_norm = full_norm and not config.approximate_norms
+    # compensation folded into the weights gives every o_proj a bias (zeros where nothing was compensated)
+    o_bias = True if getattr(config, "pruned_o_bias", False) else None
     for i, layer in enumerate(layers):
         kept = [int(h) for h in kept_all[i]]
         attn = getattr(layer, layout["attn_name"])
+        o_proj = getattr(attn, layout["o_name"])
         if kept == list(range(heads)):
             # untouched layer: only the GQA expansion moves into the attention function
             attn.num_key_value_groups = 1
             attn.pruned_kv_map = [h // group for h in kept]
+            if o_bias and o_proj.bias is None:
+                setattr(attn, layout["o_name"], _linear_like(o_proj, bias=True))
             continue
-        o_proj = getattr(attn, layout["o_name"])
         if not kept:
             setattr(layer, layout["attn_name"], EmptyAttention(config, attn.layer_idx, head_dim, layout["o_name"],
-                                                               o_proj.bias is not None))
+                                                               o_proj.bias is not None or bool(o_bias)))
             continue
         kv_kept = sorted({h // group for h in kept})
         kv_map = [kv_kept.index(h // group) for h in kept]
         nq, nkv = len(kept), len(kv_kept)
-        setattr(attn, layout["o_name"], _linear_like(o_proj, in_features=nq * head_dim))
+        setattr(attn, layout["o_name"], _linear_like(o_proj, in_features=nq * head_dim, bias=o_bias))
         if layout["fused_qkv"]:
             fused = getattr(attn, layout["fused_qkv"])
             setattr(attn, layout["fused_qkv"], _linear_like(fused, out_features=(nq + 2 * nkv) * head_dim))

@@ -19,6 +19,20 @@ NormKind = Literal["none", "per_head", "full_width"]
 
 
 @dataclass(frozen=True)
+class OBiasSupport:
+    """How this family's stock class can hold an ``o_proj`` bias (what compensation folds into).
+
+    ``config``: the config keys that give the class the bias (``attention_bias=True``); ``also_biased``:
+    projections those keys give a bias too, written as zeros when the source has none; ``model_type``: the
+    stock ``model_type`` a ``uniform`` export writes then (None: the family's ``uniform_model_type``).
+    """
+
+    config: dict[str, Any]
+    also_biased: tuple[str, ...] = ()
+    model_type: str | None = None
+
+
+@dataclass(frozen=True)
 class HeadLayout:
     """Head geometry of one model, read from its config."""
 
@@ -59,6 +73,9 @@ class FamilyAdapter:
     k_norm_name: str = "k_norm"
     #: stock ``model_type`` the ``uniform`` export writes, or None when the family can't be written uniform
     uniform_model_type: str | None = None
+    #: how a stock class of the family holds an ``o_proj`` bias, or None when none can (then a compensated
+    #: plan exports only as ``sliced``)
+    o_bias: OBiasSupport | None = None
     #: a short note shown in recipes and model cards
     caveat: str = ""
     #: where the decoder layers sit in a ``*ForCausalLM`` (module path, and checkpoint key prefix)
@@ -148,4 +165,6 @@ class FamilyAdapter:
             "fused_qkv": self.fused_qkv,
             "qk_norm": self.qk_norm,
             "uniform_model_type": self.uniform_model_type,
+            "o_bias": None if self.o_bias is None else {"config": self.o_bias.config,
+                                                        "model_type": self.o_bias.model_type},
         }

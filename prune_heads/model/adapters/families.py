@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prune_heads.model.adapters.base import FamilyAdapter
+from prune_heads.model.adapters.base import FamilyAdapter, OBiasSupport
+
+#: ``attention_bias=True`` gives q, k, v and o biases together (Llama, Qwen3, OLMo-2, Gemma)
+_ATTENTION_BIAS = OBiasSupport({"attention_bias": True}, ("q_proj", "k_proj", "v_proj"))
 
 
 class LlamaAdapter(FamilyAdapter):
@@ -11,6 +14,8 @@ class LlamaAdapter(FamilyAdapter):
     # LlamaConfig rejects head counts that don't divide hidden_size, so uniform exports use Mistral's
     # class, which takes an explicit head_dim and, with sliding_window=None, computes the same thing.
     uniform_model_type = "mistral"
+    # Mistral's class has no o_proj bias; Llama's has one (with attention_bias), when heads | hidden_size
+    o_bias = OBiasSupport({"attention_bias": True}, ("q_proj", "k_proj", "v_proj"), model_type="llama")
     caveat = "SmolLM2 and other Llama-style models use this adapter."
 
 
@@ -32,6 +37,7 @@ class Qwen3Adapter(FamilyAdapter):
     model_types = ("qwen3",)
     qk_norm = "per_head"
     uniform_model_type = "qwen3"
+    o_bias = _ATTENTION_BIAS
     caveat = "q_norm/k_norm act per head (over head_dim), so slicing heads is exact."
 
 
@@ -40,6 +46,7 @@ class Olmo2Adapter(FamilyAdapter):
     model_types = ("olmo2",)
     qk_norm = "full_width"
     uniform_model_type = None
+    o_bias = _ATTENTION_BIAS
     caveat = (
         "OLMo-2 normalises q and k across all heads, so a removed head still feeds the norm statistic. "
         "The exact export keeps the removed heads' q/k rows for that statistic; the approximate export "
@@ -51,6 +58,7 @@ class Gemma2Adapter(FamilyAdapter):
     name = "gemma2"
     model_types = ("gemma2",)
     uniform_model_type = "gemma2"
+    o_bias = _ATTENTION_BIAS
     caveat = "Attention logits are soft-capped; scoring applies the same cap."
 
 
@@ -61,6 +69,10 @@ class Gemma3Adapter(FamilyAdapter):
     uniform_model_type = "gemma3_text"
     # the multimodal ``gemma3`` wrapper keeps its decoder under ``model.language_model``
     sliced_model_types = ("gemma3_text",)
+    o_bias = _ATTENTION_BIAS
+
+    def layer_prefix(self, layer_idx: int) -> str:
+        return f"model.layers.{layer_idx}."
 
 
 class Phi3Adapter(FamilyAdapter):

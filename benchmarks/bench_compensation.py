@@ -1,0 +1,731 @@
+"""Least-squares compensation (issue 10) on SmolLM2-135M: how many heads and KV groups fit a held-out
+perplexity budget under each compensation mode and ranking; what the statistics and the solve cost;
+whether sequential mode helps; what the compensated export weighs and how fast it runs.
+
+Calibration: ``--calib-windows`` windows of ``--calib-len`` tokens cut from the documents of the data
+module's ``search`` half (``prune_heads.evaluation.perplexity.select_documents``, seeded); held-out
+perplexity: the first ``--seq-len`` tokens of ``--ppl-docs`` documents of the ``verify`` half. The halves
+are disjoint sets of documents (checked below), so no calibration text is ever scored.
+
+The work is split into parts, each saved under ``benchmarks/results/compensation/`` as it finishes, so a
+long run can be resumed and each invocation kept short; ``--collect`` rebuilds the markdown.
+
+    python benchmarks/bench_compensation.py --part cost
+    python benchmarks/bench_compensation.py --part budgets --policies free --modes none,mean,lsq \\
+        --rankings ahon_ln,random,lsq_error --max-minutes 13        # repeat until it reports nothing left
+    python benchmarks/bench_compensation.py --part ablation --modes none,lsq      # ablation_kl rankings
+    python benchmarks/bench_compensation.py --part budgets --rankings ablation_kl
+    python benchmarks/bench_compensation.py --part choices | sequential | iterative | export
+    python benchmarks/bench_compensation.py --part accuracy --acc-limit 500       # ARC-Easy + HellaSwag: hours
+    python benchmarks/bench_compensation.py --collect
+    python benchmarks/bench_compensation.py --quick --model DIR --data FILE --out DIR   # the suite's smoke test
+
+Writes ``benchmarks/results/compensation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*not normalised per layer.*")
+
+HERE = Path(__file__).resolve().parent
+MODES = ("none", "mean", "lsq")
+RANKINGS = ("ahon_ln", "random", "lsq_error", "ablation_kl")
+BUDGETS = (0.10, 0.05)
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", action="append", default=[],
+                    help="cost, budgets, ablation, choices, sequential, iterative, export, accuracy (repeatable)")
+    ap.add_argument("--collect", action="store_true", help="only rebuild the markdown from the saved parts")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, every part (the test suite's smoke test)")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data", default="wikitext2")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder of compensation.md and compensation/")
+    ap.add_argument("--policies", default="free,kv-groups")
+    ap.add_argument("--modes", default="none,mean,lsq")
+    ap.add_argument("--rankings", default="ahon_ln,random,lsq_error")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--ppl-docs", type=int, default=24)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--ablation-windows", type=int, default=8, help="windows ablation_kl/iterative measure on")
+    ap.add_argument("--ablation-len", type=int, default=128)
+    ap.add_argument("--round-size", type=int, default=12, help="iterative: heads per round")
+    ap.add_argument("--acc-limit", type=int, default=500, help="accuracy part: documents per task")
+    ap.add_argument("--max-minutes", type=float, default=None, help="start no new unit of work after this long")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.calib_windows, args.calib_len, args.ppl_docs, args.seq_len = 12, 24, 6, 24
+        args.ablation_windows, args.ablation_len, args.round_size, args.acc_limit = 3, 16, 2, 4
+        args.part = args.part or ["cost", "ablation", "budgets", "choices", "sequential", "iterative", "export"]
+        args.rankings = "ahon_ln,random,lsq_error,ablation_kl"
+    return args
+
+
+class Setup:
+    """Model, calibration windows, scores with moments, and one evaluator per compensation mode."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        from prune_heads.data import iter_documents
+        from prune_heads.evaluation.perplexity import select_documents
+        from prune_heads.model.adapters import get_adapter
+        from prune_heads.model.loading import load_model
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args = args
+        self.t0 = time.time()
+        loaded = load_model(args.model, dtype="float32", device="cpu")
+        self.model, self.tok = loaded.model, loaded.tokenizer
+        self.layout = get_adapter(self.model).layout(self.model.config)
+        self.pad_id = int(self.tok.pad_token_id) if self.tok.pad_token_id is not None else 0
+        docs = list(iter_documents(args.data))
+        self.calib_docs = select_documents(docs, "search", args.seed)
+        held_out = select_documents(docs, "verify", args.seed)
+        overlap = set(self.calib_docs) & set(held_out)
+        if overlap:
+            raise SystemExit(f"calibration and evaluation share {len(overlap)} documents")
+        self.calib = windows(self.tok, self.calib_docs, args.calib_windows, args.calib_len, args.seed)
+        self.abl_seqs = windows(self.tok, self.calib_docs, args.ablation_windows, args.ablation_len, args.seed + 1)
+        self.scores = self._scores()
+        self.ppl_task = f"ppl:{args.data}"
+        self._evaluators: dict[tuple[str, bool], Any] = {}
+        self._base = None
+
+    def _scores(self):
+        """Calibration scores and moments on the windows (cached on disk: the forward pass is the slow part)."""
+        import hashlib
+
+        from prune_heads import HeadScores, calibrate
+
+        key = hashlib.sha256(json.dumps([self.args.model, self.calib]).encode()).hexdigest()[:12]
+        cache = Path(os.environ.get("PRUNE_HEADS_BENCH_CACHE", Path.home() / ".cache" / "prune_heads")) / f"bench-comp-{key}"
+        self.scores_dir = cache
+        if (cache / "scores.safetensors").is_file():
+            return HeadScores.load(cache)
+        t = time.perf_counter()
+        hs = calibrate(self.model, self.calib, scores=["ahon_ln", "lsq_error", "lsq_error_group"], batch_size=8,
+                       tokenizer=self.tok, progress=False)
+        hs.meta["bench_calibration_seconds"] = round(time.perf_counter() - t, 1)
+        hs.save(cache, overwrite=True)
+        return HeadScores.load(cache)
+
+    def compensator(self, mode: str, sequential: bool = False, ridge: float | None = None):
+        from prune_heads.compensation import CompensationSpec, compensator_for
+        from prune_heads.compensation.spec import DEFAULT_RIDGE
+
+        if mode == "none":
+            return None
+        spec = CompensationSpec(mode, sequential=sequential, ridge=DEFAULT_RIDGE if ridge is None else ridge)
+        return compensator_for(spec, scores=self.scores, model=self.model, seqs=self.calib if sequential else None,
+                               pad_id=self.pad_id)
+
+    def evaluator(self, mode: str, sequential: bool = False):
+        from prune_heads.evaluation import make_evaluator
+
+        if self._base is None:
+            self._base = make_evaluator(self.model, self.tok, self.ppl_task, limit=self.args.ppl_docs, split="verify",
+                                        seed=self.args.seed, batch_size=8)
+            self._base.backend.seqs = [s[: self.args.seq_len] for s in self._base.backend.seqs]
+        key = (mode, sequential)
+        if key not in self._evaluators:
+            self._evaluators[key] = self._base.with_compensation(self.compensator(mode, sequential))
+        return self._evaluators[key]
+
+    def out_of_time(self) -> bool:
+        m = self.args.max_minutes
+        return m is not None and (time.time() - self.t0) / 60 > m
+
+
+def windows(tok: Any, docs: list[str], n: int, length: int, seed: int) -> list[list[int]]:
+    """``n`` windows of ``length`` tokens (document start token first), cut from ``docs``, seeded."""
+    from prune_heads.data import doc_start_ids
+
+    start = doc_start_ids(tok)
+    body = length - len(start)
+    out = []
+    for d in docs:
+        ids = tok(d, add_special_tokens=False).input_ids
+        out += [start + ids[s:s + body] for s in range(0, len(ids) - body + 1, body)]
+    random.Random(seed).shuffle(out)
+    if len(out) < n:
+        raise SystemExit(f"only {len(out)} calibration windows of {length} tokens in the search documents")
+    return out[:n]
+
+
+# ---- saved parts ---------------------------------------------------------------------------------
+
+def parts_dir(args: argparse.Namespace) -> Path:
+    d = Path(args.out) / ("compensation_quick" if args.quick else "compensation")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def load_part(args: argparse.Namespace, name: str) -> Any:
+    f = parts_dir(args) / f"{name}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def save_part(args: argparse.Namespace, name: str, value: Any) -> None:
+    from prune_heads.io_utils import write_json_atomic
+
+    write_json_atomic(parts_dir(args) / f"{name}.json", value, overwrite=True)
+
+
+def machine() -> str:
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.machine()} {os.cpu_count()}-core CPU, torch {torch.__version__}, {torch.get_num_threads()} "
+            f"threads, load average {load:.1f} when written")
+
+
+# ---- budgets -------------------------------------------------------------------------------------
+
+def kv_cache_fraction(layout: Any, removed: list[list[int]]) -> float:
+    """KV-cache size after removal / before (KV heads still used by a kept query head)."""
+    gone = {(i, h) for i, h in removed}
+    kept = sum(len({h // layout.group_size for h in range(layout.num_heads) if (i, h) not in gone})
+               for i in range(layout.num_layers))
+    return kept / (layout.num_layers * layout.num_kv_heads)
+
+
+def ranking_scores(setup: Setup, ranking: str, mode: str) -> tuple[Any, str]:
+    """The scores a ranking reads and its score id (``ablation_kl`` measured under ``mode``)."""
+    if ranking == "random":
+        return None, "random"
+    if ranking == "ablation_kl":
+        part = load_part(setup.args, f"ablation_{mode}")
+        if part is None:
+            raise SystemExit(f"run --part ablation --modes {mode} first")
+        import torch
+
+        from prune_heads import HeadScores
+
+        return HeadScores({}, {"num_layers": setup.layout.num_layers}, {"ablation_kl": torch.tensor(part["means"])}), \
+            "ablation_kl"
+    return setup.scores, ranking
+
+
+def one_budget(setup: Setup, policy: str, mode: str, ranking: str) -> dict[str, Any]:
+    from prune_heads.selection import select_static
+
+    scores, score_id = ranking_scores(setup, ranking, mode)
+    if score_id == "lsq_error" and policy == "kv-groups":
+        score_id = "lsq_error_group"
+    ev = setup.evaluator(mode)
+    t = time.perf_counter()
+    out: dict[str, Any] = {"policy": policy, "mode": mode, "ranking": ranking, "score_id": score_id}
+    for budget in BUDGETS:
+        plan = select_static(setup.model, scores, ev, score_id=score_id, max_drop=budget, relative=True, policy=policy,
+                             min_heads_per_layer=1, progress=False, seed=setup.args.seed)
+        removed = [list(x) for x in plan.removed_heads]
+        out[f"{budget:g}"] = {
+            "heads": len(removed), "fraction": len(removed) / setup.layout.total_heads,
+            "kv_groups": len(removed) // setup.layout.group_size if policy == "kv-groups" else None,
+            "kv_cache_fraction": kv_cache_fraction(setup.layout, removed), "ppl": plan.selection.result["value"],
+            "stderr": plan.selection.result["stderr"], "baseline": plan.selection.baseline["value"],
+            "evaluations": plan.selection.cost.evaluations, "removed": removed,
+        }
+    out["seconds"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def part_budgets(setup: Setup) -> None:
+    a = setup.args
+    todo = [(p, m, r) for p in a.policies.split(",") for r in a.rankings.split(",") for m in a.modes.split(",")]
+    for policy, mode, ranking in todo:
+        name = f"budget_{policy}_{mode}_{ranking}"
+        if load_part(a, name) is not None:
+            continue
+        if setup.out_of_time():
+            print(f"out of time; left: {name} and later ones", flush=True)
+            return
+        res = one_budget(setup, policy, mode, ranking)
+        save_part(a, name, res)
+        print(name, {b: (res[f'{b:g}']['heads'], round(res[f'{b:g}']['ppl'], 2)) for b in BUDGETS}, flush=True)
+
+
+# ---- ablation_kl under compensation ---------------------------------------------------------------
+
+def part_ablation(setup: Setup) -> None:
+    from prune_heads.scoring.ablation import ablation_scores
+
+    for mode in setup.args.modes.split(","):
+        name = f"ablation_{mode}"
+        if load_part(setup.args, name) is not None or setup.out_of_time():
+            continue
+        t = time.perf_counter()
+        hs = ablation_scores(setup.model, setup.abl_seqs, scores=["ablation_kl"], pad_id=setup.pad_id, progress=False,
+                             compensation=setup.compensator(mode))
+        save_part(setup.args, name, {"means": hs.mean("ablation_kl").tolist(), "seconds": round(time.perf_counter() - t, 1),
+                                     "cost": hs.meta["ablation"]["cost"], "sequences": len(setup.abl_seqs),
+                                     "tokens": sum(map(len, setup.abl_seqs))})
+        print(name, "done", flush=True)
+
+
+# ---- design choices at fixed fractions --------------------------------------------------------------
+
+def fixed_fraction_mask(setup: Setup, values: Any, fraction: float, policy: str = "free"):
+    from prune_heads.scoring.score_defs import inactivity
+    from prune_heads.selection import candidate_units, removal_mask
+
+    units = candidate_units(inactivity(values, "lsq_error"), setup.layout, policy, 1)
+    k = round(fraction * setup.layout.total_heads / (setup.layout.group_size if policy == "kv-groups" else 1))
+    return removal_mask(units, min(k, len(units)), setup.layout)
+
+
+def part_choices(setup: Setup) -> None:
+    """Normalisations of lsq_error, ridge values and calibration size, at fixed fractions (lsq mode)."""
+    from prune_heads.compensation.greedy import lsq_error_scores
+
+    if load_part(setup.args, "choices") is not None:
+        return
+    fractions = (0.25, 1 / 3)
+    rows = []
+    for norm in ("relative", "harmonic", "mean_square", "none"):
+        values = lsq_error_scores(setup.model, setup.scores.moments, normalisation=norm)[0]["lsq_error"]
+        for f in fractions:
+            rows.append({"what": "normalisation", "value": norm, "fraction": f,
+                         "ppl": setup.evaluator("lsq")(fixed_fraction_mask(setup, values, f)).value})
+    values = setup.scores.mean("lsq_error")
+    for ridge in (1e-3, 1e-2, 1e-1):
+        ev = setup.evaluator("none").with_compensation(setup.compensator("lsq", ridge=ridge))
+        for f in fractions:
+            rows.append({"what": "ridge", "value": ridge, "fraction": f,
+                         "ppl": ev(fixed_fraction_mask(setup, values, f)).value})
+    rows += calib_size_rows(setup, fractions)
+    save_part(setup.args, "choices", {"rows": rows, "baseline": setup.evaluator("none")(None).value})
+
+
+def calib_size_rows(setup: Setup, fractions: tuple[float, ...]) -> list[dict[str, Any]]:
+    """The same ranking and compensation from a quarter of the calibration windows."""
+    from prune_heads import calibrate
+    from prune_heads.compensation import compensator_for
+
+    n = max(2, len(setup.calib) // 4)
+    hs = calibrate(setup.model, setup.calib[:n], scores=["lsq_error"], progress=False)
+    ev = setup.evaluator("none").with_compensation(compensator_for("lsq", scores=hs))
+    rows = []
+    for f in fractions:
+        rows.append({"what": "calibration windows", "value": n, "fraction": f,
+                     "ppl": ev(fixed_fraction_mask(setup, hs.mean("lsq_error"), f)).value})
+        rows.append({"what": "calibration windows", "value": len(setup.calib), "fraction": f,
+                     "ppl": setup.evaluator("lsq")(fixed_fraction_mask(setup, setup.scores.mean("lsq_error"), f)).value})
+    return rows
+
+
+# ---- sequential ------------------------------------------------------------------------------------
+
+def part_sequential(setup: Setup) -> None:
+    import torch
+
+    if load_part(setup.args, "sequential") is not None:
+        return
+    rows = []
+    for mode in ("lsq", "mean"):
+        for policy in setup.args.policies.split(","):
+            b = load_part(setup.args, f"budget_{policy}_{mode}_lsq_error")
+            if b is None:
+                continue
+            for budget in BUDGETS:
+                mask = torch.zeros(setup.layout.num_layers, setup.layout.num_heads, dtype=torch.bool)
+                for i, h in b[f"{budget:g}"]["removed"]:
+                    mask[i, h] = True
+                t = time.perf_counter()
+                seq = setup.evaluator(mode, sequential=True)(mask).value
+                rows.append({"mode": mode, "policy": policy, "budget": budget, "heads": int(mask.sum()),
+                             "ppl": b[f"{budget:g}"]["ppl"], "ppl_sequential": seq,
+                             "seconds_sequential": round(time.perf_counter() - t, 1)})
+    save_part(setup.args, "sequential", {"rows": rows, "baseline": setup.evaluator("none")(None).value})
+
+
+# ---- iterative ------------------------------------------------------------------------------------
+
+def part_iterative(setup: Setup) -> None:
+    from prune_heads.selection.iterative import select_iterative
+
+    for policy in setup.args.policies.split(","):
+        name = f"iterative_{policy}"
+        if load_part(setup.args, name) is not None or setup.out_of_time():
+            continue
+        t = time.perf_counter()
+        plan = select_iterative(setup.model, setup.abl_seqs, setup.evaluator("lsq"), max_drop=0.10, relative=True,
+                                round_size=setup.args.round_size if policy == "free" else max(1, setup.args.round_size // 3),
+                                policy=policy, candidates_fraction=0.5, pad_id=setup.pad_id, progress=False,
+                                compensation=setup.compensator("lsq"))
+        base = plan.selection.baseline["value"]
+        within5 = [r for r in plan.selection.details.rounds if r["accepted_units"] and r["evaluation"]["value"] <= 1.05 * base]
+        heads5 = sum(len(r["heads"]) for r in plan.selection.details.rounds[: len(within5)]) if within5 else 0
+        save_part(setup.args, name, {"heads": len(plan.removed_heads), "fraction": len(plan.removed_heads) / setup.layout.total_heads,
+                                     "ppl": plan.selection.result["value"], "baseline": base, "heads_within_5pct_lower_bound": heads5,
+                                     "rounds": len(plan.selection.details.rounds), "cost": dataclasses.asdict(plan.selection.cost),
+                                     "round_size": plan.selection.details.round_size, "sequences": len(setup.abl_seqs),
+                                     "tokens": sum(map(len, setup.abl_seqs)),
+                                     "seconds": round(time.perf_counter() - t, 1), "removed": [list(x) for x in plan.removed_heads]})
+
+
+# ---- cost ------------------------------------------------------------------------------------------
+
+def interleaved_median(fns: dict[str, Any], reps: int) -> dict[str, float]:
+    """Median seconds of each function, the functions called in turn ``reps`` times."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def part_cost(setup: Setup) -> None:
+    import torch
+
+    from prune_heads.compensation import CompensationSpec, Compensator, moments_cost
+    from prune_heads.compensation.greedy import lsq_error_scores
+    from prune_heads.compensation.moments import collecting
+    from prune_heads.data import batches
+
+    if load_part(setup.args, "cost") is not None:
+        return
+    model, seqs = setup.model, setup.calib[: max(2, min(16, len(setup.calib)))]
+
+    def forward(with_moments: bool, relative: bool = True):
+        def run():
+            with torch.no_grad(), collecting(model, relative=relative) if with_moments else contextlib.nullcontext() as col:
+                for _, ids, mask in batches(seqs, 8, setup.pad_id):
+                    if col is not None:
+                        col.set_mask(mask)
+                    model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        return run
+
+    med = interleaved_median({"plain": forward(False), "moments": forward(True), "moments_plain": forward(True, False)},
+                             reps=3)
+    m = setup.scores.moments
+    n = setup.layout.num_heads * setup.layout.head_dim
+    mask = fixed_fraction_mask(setup, setup.scores.mean("lsq_error"), 0.25)
+    comp = Compensator("lsq", moments=m)
+    t = time.perf_counter()
+    comp(mask)
+    first = time.perf_counter() - t
+    mask2 = fixed_fraction_mask(setup, setup.scores.mean("lsq_error"), 1 / 3)
+    t = time.perf_counter()
+    comp(mask2)
+    cached = time.perf_counter() - t
+    t = time.perf_counter()
+    lsq_error_scores(model, m)
+    greedy = time.perf_counter() - t
+    t = time.perf_counter()
+    Compensator(CompensationSpec("lsq", sequential=True), model=model, seqs=setup.calib, pad_id=setup.pad_id)(mask)
+    sequential = time.perf_counter() - t
+    big = {name: {"relative": moments_cost(L, w)["bytes"], "plain": moments_cost(L, w, relative=False)["bytes"]}
+           for name, (L, w) in {"Llama-3.1-8B": (32, 4096), "Llama-3.1-70B": (80, 8192)}.items()}
+    save_part(setup.args, "cost", {
+        "forward_seconds": med, "forward_sequences": len(seqs), "forward_tokens": sum(map(len, seqs)),
+        "moments_bytes": sum(t.numel() * 8 for t in m._tensors()), "width": n, "layers": setup.layout.num_layers,
+        "calibration_seconds": setup.scores.meta.get("bench_calibration_seconds"), "calib_tokens": m.num_tokens,
+        "solve_first_seconds": first, "solve_cached_seconds": cached, "greedy_seconds": greedy,
+        "sequential_seconds": sequential, "big_models_bytes": big, "mask_heads": int(mask.sum())})
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+def part_export(setup: Setup) -> None:
+    """The +10% lsq_error/lsq plans exported sliced: size and speed against the original."""
+    import torch
+
+    from prune_heads.plan import Plan
+
+    if load_part(setup.args, "export") is not None:
+        return
+    rows = []
+    for policy in setup.args.policies.split(","):
+        b = load_part(setup.args, f"budget_{policy}_lsq_lsq_error")
+        if b is None:
+            continue
+        heads = [tuple(x) for x in b["0.1"]["removed"]]
+        comp = setup.compensator("lsq")
+        plan = Plan(heads, {"compensation": comp.record(), "allow_empty_layers": False})
+        rows.append(export_row(setup, plan, policy, torch))
+    save_part(setup.args, "export", {"rows": rows})
+
+
+def export_row(setup: Setup, plan: Any, policy: str, torch: Any) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from prune_heads.export import export_checkpoint, register_auto_classes, resolve_source
+
+    register_auto_classes()
+    src = resolve_source(setup.args.model)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-comp-export-"))
+    t = time.perf_counter()
+    res = export_checkpoint(str(src), plan, tmp / "sliced", moments=setup.scores.moments, progress=False)
+    seconds = time.perf_counter() - t
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp / "sliced", dtype=torch.float32).eval()
+    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))  # noqa: E731
+    seq = 64 if setup.args.quick else 512
+    ids = torch.randint(0, min(1000, original.config.vocab_size), (1, seq))
+
+    def prefill(m):
+        return lambda: m(ids)
+
+    def decode(m):
+        return lambda: m.generate(ids[:, :32], max_new_tokens=32, min_new_tokens=32, do_sample=False)
+
+    with torch.no_grad():
+        pre = interleaved_median({"original": prefill(original), "sliced": prefill(exported)}, reps=5)
+        dec = interleaved_median({"original": decode(original), "sliced": decode(exported)}, reps=3)
+    return {"policy": policy, "heads": len(plan.removed_heads), "params_before": res.params_before,
+            "params_after": res.params_after, "bytes_before": size(src), "bytes_after": size(tmp / "sliced"),
+            "verification": res.verification, "export_seconds": round(seconds, 1), "prefill_tokens": seq,
+            "prefill_seconds": pre, "decode_seconds_32": dec,
+            "kv_cache_fraction": kv_cache_fraction(setup.layout, [list(h) for h in plan.removed_heads])}
+
+
+# ---- accuracy ----------------------------------------------------------------------------------------
+
+def part_accuracy(setup: Setup) -> None:
+    """ARC-Easy and HellaSwag at the budget plans (lm-eval, offline data), compensated as selected."""
+    import torch
+
+    from prune_heads.evaluation import make_evaluator
+
+    tasks = ("arc_easy", "hellaswag")
+    for task in tasks:
+        name = f"accuracy_{task}_{setup.args.acc_limit}"
+        done = load_part(setup.args, name) or {"rows": []}
+        base_ev = make_evaluator(setup.model, setup.tok, task, limit=setup.args.acc_limit, split="all", batch_size=8)
+        base = base_ev(None)
+        done["baseline"] = {"value": base.value, "stderr": base.stderr, "n": base.n}
+        seen = {(r["policy"], r["mode"], r["ranking"], r["budget"]) for r in done["rows"]}
+        for f in sorted(parts_dir(setup.args).glob("budget_*.json")):
+            b = json.loads(f.read_text())
+            for budget in BUDGETS:
+                key = (b["policy"], b["mode"], b["ranking"], budget)
+                if key in seen or setup.out_of_time():
+                    continue
+                mask = torch.zeros(setup.layout.num_layers, setup.layout.num_heads, dtype=torch.bool)
+                for i, h in b[f"{budget:g}"]["removed"]:
+                    mask[i, h] = True
+                r = base_ev.with_compensation(setup.compensator(b["mode"]))(mask)
+                done["rows"].append({"policy": b["policy"], "mode": b["mode"], "ranking": b["ranking"], "budget": budget,
+                                     "heads": int(mask.sum()), "value": r.value, "stderr": r.stderr, "n": r.n})
+                save_part(setup.args, name, done)
+        save_part(setup.args, name, done)
+
+
+# ---- markdown ----------------------------------------------------------------------------------------
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def budget_table(args: argparse.Namespace, policy: str) -> list[str]:
+    """One row per ranking; per budget and mode the largest fraction within it: ``fraction (units) ppl``."""
+    baseline = None
+    rows = []
+    for ranking in RANKINGS:
+        cells = []
+        for budget in (0.05, 0.10):
+            for mode in MODES:
+                b = load_part(args, f"budget_{policy}_{mode}_{ranking}")
+                if b is None:
+                    cells.append("–")
+                    continue
+                r = b[f"{budget:g}"]
+                baseline = r["baseline"]
+                if policy == "kv-groups":
+                    groups = args_groups(b, r)
+                    cells.append(f"**{pct(groups)}** ({r['kv_groups']}) {r['ppl']:.2f}")
+                else:
+                    cells.append(f"**{pct(r['fraction'])}** ({r['heads']}) {r['ppl']:.2f}")
+        rows.append(f"| `{ranking}` | " + " | ".join(cells) + " |")
+    if baseline is None:
+        return []
+    unit = "KV groups (of all groups; the KV cache shrinks by the same fraction)" if policy == "kv-groups" else "heads"
+    head = " | ".join(f"+{b:.0%} `{m}`" for b in (0.05, 0.10) for m in MODES)
+    return [f"Unpruned perplexity {baseline:.2f}; budgets +5% = {1.05 * baseline:.2f}, +10% = {1.10 * baseline:.2f}. "
+            f"Cells: largest fraction of {unit} within the budget (count) and its perplexity.", "",
+            f"| ranking | {head} |", "|---|" + "---:|" * (2 * len(MODES)), *rows, ""]
+
+
+def args_groups(b: dict[str, Any], r: dict[str, Any]) -> float:
+    """Fraction of KV groups removed (1 - KV-cache fraction, for whole-group plans)."""
+    return 1.0 - r["kv_cache_fraction"]
+
+
+def cost_lines(args: argparse.Namespace) -> list[str]:
+    c = load_part(args, "cost")
+    if c is None:
+        return []
+    f = c["forward_seconds"]
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    big = c["big_models_bytes"]
+    return [
+        "### Cost of the statistics and of the solve", "",
+        f"Forward pass over {c['forward_sequences']} windows ({c['forward_tokens']} tokens), interleaved medians of 3: "
+        f"plain {f['plain']:.2f} s, with moments {f['moments']:.2f} s (**{f['moments'] / f['plain']:.2f}x**), with moments "
+        f"but without the relative (1/|h|²-weighted) Gram {f['moments_plain']:.2f} s ({f['moments_plain'] / f['plain']:.2f}x).  ",
+        f"Memory: {c['layers']} layers x (H·D = {c['width']})² x 2 Gram matrices, float64 = {c['moments_bytes'] / 2**20:.0f} MiB "
+        f"(the moments file is the same size). Formula `2 x L x (H·D)² x 8 bytes` (half without the relative Gram): "
+        f"Llama-3.1-8B {gb(big['Llama-3.1-8B']['relative'])} ({gb(big['Llama-3.1-8B']['plain'])}), Llama-3.1-70B "
+        f"{gb(big['Llama-3.1-70B']['relative'])} ({gb(big['Llama-3.1-70B']['plain'])}); the accumulators live on each layer's "
+        "device (`device_map=\"auto\"` spreads them with the layers) or on the CPU with `moments_offload=True`.  ",
+        f"Solve ({c['mask_heads']} heads removed): first mask {c['solve_first_seconds']:.2f} s (30 Cholesky inversions), a "
+        f"further mask {c['solve_cached_seconds']:.3f} s (precisions cached); greedy `lsq_error` for all layers "
+        f"{c['greedy_seconds']:.1f} s; one sequential pass {c['sequential_seconds']:.0f} s on {c['calib_tokens']} tokens. "
+        f"Calibration with moments on {c['calib_tokens']} tokens took {c['calibration_seconds']} s.", ""]
+
+
+def choices_lines(args: argparse.Namespace) -> list[str]:
+    c = load_part(args, "choices")
+    if c is None:
+        return []
+    lines = ["### Design choices at fixed fractions (lsq compensation, ranked by `lsq_error`)", "",
+             f"Baseline {c['baseline']:.2f}. Held-out perplexity at 25% and 33% of heads removed.", "",
+             "| choice | value | 25% | 33% |", "|---|---|---:|---:|"]
+    by: dict[tuple[str, str], dict[float, float]] = {}
+    for r in c["rows"]:
+        by.setdefault((r["what"], str(r["value"])), {})[round(r["fraction"], 3)] = r["ppl"]
+    for (what, value), v in by.items():
+        cells = [f"{v.get(round(f, 3), float('nan')):.2f}" for f in (0.25, 1 / 3)]
+        lines.append(f"| {what} | {value} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def sequential_lines(args: argparse.Namespace) -> list[str]:
+    s = load_part(args, "sequential")
+    if s is None:
+        return []
+    lines = ["### Sequential compensation", "", f"Baseline {s['baseline']:.2f}. The budget plans re-evaluated with "
+             "statistics taken layer by layer from the pruned, compensated model.", "",
+             "| mode | policy | budget | heads | ppl (one pass) | ppl (sequential) | sequential pass + eval |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in s["rows"]:
+        lines.append(f"| {r['mode']} | {r['policy']} | +{r['budget']:.0%} | {r['heads']} | {r['ppl']:.2f} | "
+                     f"{r['ppl_sequential']:.2f} | {r['seconds_sequential']:.0f} s |")
+    return lines + [""]
+
+
+def iterative_lines(args: argparse.Namespace) -> list[str]:
+    lines = []
+    for policy in ("free", "kv-groups"):
+        it = load_part(args, f"iterative_{policy}")
+        if it is None:
+            continue
+        lines.append(f"- `iterative` ({policy}, lsq compensation, ablation_kl measured under it, +10% budget): "
+                     f"{it['heads']} heads ({pct(it['fraction'])}), ppl {it['ppl']:.2f} (baseline {it['baseline']:.2f}); "
+                     f"within +5% at least {it['heads_within_5pct_lower_bound']} heads (round boundaries); "
+                     f"{it['rounds']} rounds of {it.get('round_size')} units measured on {it.get('sequences')} windows "
+                     f"({it.get('tokens')} tokens), {it['seconds']:.0f} s.")
+    return (["### Iterative under compensation", "", *lines, ""]) if lines else []
+
+
+def export_lines(args: argparse.Namespace) -> list[str]:
+    e = load_part(args, "export")
+    if e is None or not e["rows"]:
+        return []
+    lines = ["### Export of the compensated +10% plans (`sliced`)", "",
+             "| policy | heads removed | parameters | weight files | KV cache | prefill | decode 32 tokens | verification |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in e["rows"]:
+        p, d = r["prefill_seconds"], r["decode_seconds_32"]
+        v = r["verification"]
+        lines.append(
+            f"| {r['policy']} | {r['heads']} | {r['params_before']:,} → {r['params_after']:,} "
+            f"({r['params_after'] / r['params_before']:.3f}) | {r['bytes_before']:,} → {r['bytes_after']:,} "
+            f"({r['bytes_after'] / r['bytes_before']:.3f}) | {pct(r['kv_cache_fraction'])} | "
+            f"{p['sliced'] / p['original']:.3f}x time ({r['prefill_tokens']} tokens) | {d['sliced'] / d['original']:.3f}x time | "
+            f"float64 max Δlogit {v['max_abs_logit_diff']:.1e} vs the compensated masked model |")
+    return lines + ["", "Times are ratios of interleaved medians (5 prefill, 3 decode repetitions) in one process.", ""]
+
+
+def accuracy_lines(args: argparse.Namespace) -> list[str]:
+    lines = []
+    for f in sorted(parts_dir(args).glob("accuracy_*.json")):
+        a = json.loads(f.read_text())
+        task = f.stem.split("_", 1)[1].rsplit("_", 1)[0]
+        b = a["baseline"]
+        lines.append(f"{task} ({b['n']} documents): unpruned {b['value']:.3f} ± {b['stderr'] or 0:.3f}")
+        for r in a["rows"]:
+            lines.append(f"- {r['policy']}/{r['mode']}/`{r['ranking']}` at +{r['budget']:.0%} ppl ({r['heads']} heads): "
+                         f"{r['value']:.3f} ± {r['stderr'] or 0:.3f}")
+    return (["### Accuracy at the budget fractions", "", *lines, ""]) if lines else []
+
+
+def collect(args: argparse.Namespace) -> Path:
+    meta = load_part(args, "meta") or {}
+    lines = ["## Least-squares compensation (issue 10) — SmolLM2-135M, held-out WikiText-2 perplexity", "",
+             "Commands (parts run one after the other; each saved under `benchmarks/results/compensation/`): "
+             + "; ".join(f"`{c}`" for c in meta.get("commands", [])) + ".  ",
+             f"Machine: {meta.get('machine', '?')}.  ",
+             f"Calibration: {meta.get('calib', '?')}. Held-out: {meta.get('held_out', '?')}. Disjoint by document: "
+             "calibration windows come only from the data module's seeded `search` half of the WikiText-2 articles, "
+             "evaluation only from the `verify` half (checked: no shared article). Every layer keeps at least one head. "
+             "Each cell is the largest removal `select_static` finds within the relative budget on the held-out perplexity "
+             "(gallop + bisection, so `k` passes and `k + 1` was seen to fail unless it ran out of units).", ""]
+    for policy, title in (("free", "### Heads (`--gqa free`)"), ("kv-groups", "### Whole KV groups (`--gqa kv-groups`)")):
+        t = budget_table(args, policy)
+        if t:
+            lines += [title, "", *t]
+    for fn in (iterative_lines, sequential_lines, choices_lines, cost_lines, export_lines, accuracy_lines):
+        lines += fn(args)
+    out = Path(args.out) / ("compensation_quick.md" if args.quick else "compensation.md")
+    out.write_text("\n".join(lines))
+    return out
+
+
+PARTS = {"cost": part_cost, "ablation": part_ablation, "budgets": part_budgets, "choices": part_choices,
+         "sequential": part_sequential, "iterative": part_iterative, "export": part_export, "accuracy": part_accuracy}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse(argv)
+    if not args.collect:
+        unknown = [p for p in args.part if p not in PARTS]
+        if unknown or not args.part:
+            raise SystemExit(f"--part must be among {', '.join(PARTS)} (got {args.part})")
+        setup = Setup(args)
+        meta = load_part(args, "meta") or {}
+        command = "python benchmarks/bench_compensation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        save_part(args, "meta", {
+            "commands": list(dict.fromkeys([*meta.get("commands", []), command])),
+            "machine": machine(), "scores_dir": str(setup.scores_dir),
+            "calib": f"{len(setup.calib)} windows x {args.calib_len} tokens ({sum(map(len, setup.calib))} tokens) from "
+                     f"{len(setup.calib_docs)} `search` documents",
+            "held_out": f"{len(setup.evaluator('none').backend.seqs)} `verify` documents, first {args.seq_len} tokens",
+        })
+        for p in args.part:
+            PARTS[p](setup)
+    out = collect(args)
+    print(out.read_text())
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The closed-form compensation against ``torch.linalg.lstsq`` on stacked activations from a naive loop."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from compensation_reference import dims, lstsq_fit, stacked_inputs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import tiny_model
+
+from prune_heads.compensation import (
+    Compensation,
+    CompensationSpec,
+    Compensator,
+    Moments,
+    collect_moments,
+    compute_compensation,
+    precision,
+    residual_error,
+)
+from prune_heads.errors import PruneHeadsError
+
+
+def seqs_for(n_seqs: int, seed: int = 0, vocab: int = 101) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(6, 16, (n_seqs,), generator=g).tolist()
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@st.composite
+def setups(draw):
+    family = draw(st.sampled_from(["llama", "qwen2", "phi3", "gemma2"]))
+    kv = draw(st.integers(1, 2))
+    group = draw(st.integers(1, 3))
+    heads = kv * group
+    head_dim = draw(st.sampled_from([2, 4]))
+    layer = draw(st.integers(0, 1))
+    removed = sorted(draw(st.sets(st.integers(0, heads - 1), min_size=1, max_size=max(1, heads - 1))))
+    if len(removed) == heads:
+        removed = removed[:-1]
+    if not removed:
+        removed = [0]
+    return family, heads, kv, head_dim, layer, removed
+
+
+def model_for(family, heads, kv, head_dim):
+    hidden = heads * 8 if family in ("llama", "gemma2") else 32
+    return tiny_model(family, layers=2, heads=heads, kv_heads=kv, head_dim=head_dim, hidden=hidden).double()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(setup=setups())
+def test_lsq_equals_lstsq_on_stacked_activations(setup):
+    family, heads, kv, head_dim, layer, removed = setup
+    if len(removed) == heads:
+        return
+    model = model_for(family, heads, kv, head_dim)
+    seqs = seqs_for(14)
+    moments = collect_moments(model, seqs, batch_size=4, progress=False)  # padded batches
+    mask = torch.zeros(2, heads, dtype=torch.bool)
+    mask[layer, removed] = True
+    comp = compute_compensation(mask, CompensationSpec("lsq", ridge=0.0), moments=moments)
+    lc = comp.layers[layer]
+    assert set(comp.layers) == {layer} and lc.removed == tuple(removed)
+
+    xs, _ = stacked_inputs(model, seqs)  # one unpadded sequence at a time
+    x = xs[layer]
+    r, k = dims(removed, head_dim), dims(lc.kept, head_dim)
+    coef, bias, _ = lstsq_fit(x[:, k], x[:, r])
+    torch.testing.assert_close(lc.weight, coef, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lc.offset, bias, rtol=1e-6, atol=1e-7)
+
+    # folded into o_proj: the best kept-column weights and bias for the layer's full attention output
+    o = model.model.layers[layer].self_attn.o_proj
+    w, b = o.weight.detach().double(), (o.bias.detach().double() if o.bias is not None else None)
+    y = x @ w.T + (b if b is not None else 0)
+    w_k, b_fit, mse = lstsq_fit(x[:, k], y)
+    new_w, new_b = lc.fold(w, b)
+    torch.testing.assert_close(new_w[:, k], w_k, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(new_w[:, r], torch.zeros_like(new_w[:, r]))
+    torch.testing.assert_close(new_b, b_fit, rtol=1e-6, atol=1e-7)
+    # the error formula tr(W_R (P_RR)^-1 W_R^T) is the mean squared residual of that fit
+    prec = precision(moments.covariance(layer), 0.0)
+    assert residual_error(prec, w, torch.tensor(r)) == pytest.approx(mse, rel=1e-5, abs=1e-10)
+
+
+def test_mean_mode_is_the_removed_heads_mean_output_as_a_bias():
+    model = model_for("llama", 4, 2, 4)
+    seqs = seqs_for(8)
+    moments = collect_moments(model, seqs, batch_size=3, progress=False)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[1, [0, 3]] = True
+    lc = compute_compensation(mask, "mean", moments=moments).layers[1]
+    x = stacked_inputs(model, seqs)[0][1]
+    r = dims([0, 3], 4)
+    assert lc.weight is None
+    torch.testing.assert_close(lc.offset, x[:, r].mean(0))
+    w = model.model.layers[1].self_attn.o_proj.weight.detach().double()
+    new_w, new_b = lc.fold(w, None)
+    torch.testing.assert_close(new_b, w[:, r] @ x[:, r].mean(0))
+    keep = dims([1, 2], 4)
+    torch.testing.assert_close(new_w[:, keep], w[:, keep])  # kept columns untouched
+
+
+def test_ridge_is_ridge_regression_on_centred_activations():
+    model = model_for("qwen2", 4, 2, 4)
+    seqs = seqs_for(10)
+    moments = collect_moments(model, seqs, progress=False)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, [1]] = True
+    ridge = 0.05
+    lc = compute_compensation(mask, CompensationSpec("lsq", ridge=ridge), moments=moments).layers[0]
+    x = stacked_inputs(model, seqs)[0][0]
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / x.shape[0]
+    lam = ridge * cov.diagonal().mean()
+    r, k = dims([1], 4), dims([0, 2, 3], 4)
+    a = torch.linalg.solve(cov[k][:, k] + lam * torch.eye(len(k), dtype=x.dtype), cov[k][:, r]).T
+    torch.testing.assert_close(lc.weight, a, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(lc.offset, x[:, r].mean(0) - a @ x[:, k].mean(0), rtol=1e-6, atol=1e-9)
+
+
+def test_apply_transform_and_fold_agree():
+    g = torch.Generator().manual_seed(0)
+    model = model_for("llama", 4, 2, 4)
+    moments = collect_moments(model, seqs_for(8), progress=False)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, [0, 2]] = True
+    lc = compute_compensation(mask, "lsq", moments=moments).layers[0]
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    T, t = lc.transform(16)
+    torch.testing.assert_close(lc.apply(x), x @ T.T + t)
+    w, b = torch.randn(32, 16, generator=g, dtype=torch.float64), torch.randn(32, generator=g, dtype=torch.float64)
+    new_w, new_b = lc.fold(w, b)
+    torch.testing.assert_close(x @ new_w.T + new_b, lc.apply(x) @ w.T + b)
+    torch.testing.assert_close(lc.bias_delta(w), w @ t)
+
+
+def _synthetic(cov: torch.Tensor) -> Moments:
+    n = cov.shape[0]
+    return Moments(torch.tensor([100.0], dtype=torch.float64), [torch.zeros(n, dtype=torch.float64)], [cov * 100],
+                   torch.tensor([100.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64),
+                   {"num_heads": 2, "head_dim": n // 2})
+
+
+def test_singular_covariance_needs_ridge_and_ill_conditioned_warns():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base[:, :1]], 1)  # head 1's second dim copies head 0's first: singular
+    cov = x.T @ x
+    mask = torch.tensor([[False, True]])
+    with pytest.raises(PruneHeadsError, match="singular.*ridge"):
+        Compensator(CompensationSpec("lsq", ridge=0.0), moments=_synthetic(cov))(mask)
+    with pytest.warns(UserWarning, match="singular \\(not positive definite\\); ridge 0.001 brings its condition"):
+        comp = Compensator(CompensationSpec("lsq", ridge=1e-3), moments=_synthetic(cov))(mask)
+    assert torch.isfinite(comp.layers[0].weight).all()
+    nearly = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1e-12], dtype=torch.float64))  # positive definite, barely
+    with pytest.warns(UserWarning, match="ill-conditioned \\(condition number 1.0e\\+12\\)"):
+        Compensator(CompensationSpec("lsq", ridge=1e-3), moments=_synthetic(nearly))(mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a well-conditioned covariance is quiet
+        Compensator("lsq", moments=_synthetic(torch.eye(4, dtype=torch.float64)))(mask)
+
+
+def test_compensation_file_roundtrip(tmp_path):
+    model = model_for("llama", 4, 2, 4)
+    moments = collect_moments(model, seqs_for(8), progress=False)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, [3]] = True
+    mask[1, [0, 1, 2, 3]] = True  # a whole layer: lsq falls back to the mean
+    comp = compute_compensation(mask, "lsq", moments=moments)
+    assert comp.layers[1].weight is None and comp.layers[1].kept == ()
+    comp.save(tmp_path / "c.safetensors")
+    back = Compensation.load(tmp_path / "c.safetensors")
+    assert back.fingerprint() == comp.fingerprint() and back.spec == comp.spec
+    assert torch.equal(back.layers[0].weight, comp.layers[0].weight)
+    assert torch.equal(back.removed_mask(), mask)
+    with pytest.raises(PruneHeadsError, match="other removed heads"):
+        back.check_matches(torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_spec_validation():
+    assert CompensationSpec.from_dict(None).mode == "none"
+    assert CompensationSpec.from_dict({"mode": "mean"}).to_dict() == {"mode": "mean", "sequential": False,
+                                                                     "ridge": CompensationSpec().ridge}
+    with pytest.raises(PruneHeadsError, match="unknown compensation 'ols'"):
+        CompensationSpec("ols")
+    with pytest.raises(PruneHeadsError, match="ridge"):
+        CompensationSpec("lsq", ridge=-1)
+    with pytest.raises(PruneHeadsError, match="unknown compensation key"):
+        CompensationSpec.from_dict({"mode": "lsq", "ridgee": 1})
+    with pytest.raises(PruneHeadsError, match="sequential"):
+        CompensationSpec("none", sequential=True)
