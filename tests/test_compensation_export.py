@@ -21,7 +21,7 @@ from prune_heads.export import register_auto_classes
 from prune_heads.model.masking import static_mask
 from prune_heads.plan import Plan
 
-pytestmark = pytest.mark.filterwarnings("ignore:plan has no model fingerprint", "ignore:layer \\d+: the covariance")
+pytestmark = pytest.mark.filterwarnings("ignore:plan has no model fingerprint", "ignore:layer \\d+. the covariance")
 TOL = 1e-4
 SEQS = [[1, 5, 9, 13, 2, 7, 30, 4, 8, 8, 3, 50, 51], [1, 8, 8, 4, 17, 6, 77, 78, 79], [1, 60, 3, 17, 22, 5, 5, 9],
         [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1, 9, 9, 31, 44, 2, 6, 70, 71, 72, 3, 4, 4, 90, 91, 92]]

@@ -143,12 +143,14 @@ def test_demo_model_is_named_and_its_quantisation_said():
 
 
 def test_compensation_is_stated():
-    plan = {"removed_heads": [[0, 1]], "compensation": {"mode": "bias", "sequential": True, "num_samples": 64}}
-    body = section(render_model_card({"format": "sliced", "plan": plan}), "Compensation")
+    comp = {"mode": "lsq", "sequential": True, "ridge": 0.01, "moments": {"num_tokens": 64, "fingerprint": "abc"},
+            "layers": [0, 3]}
+    body = section(render_model_card({"format": "sliced", "compensation": comp}), "Compensation")
     rows = dict(tuple(r) for r in table_rows(body))
-    assert rows["mode"] == "`bias`" and rows["num_samples"] == "64"
-    assert next(v for k, v in rows.items() if k.startswith("sequential")) == "yes"
-    assert "## Compensation" not in render_model_card({"format": "sliced", "plan": {"removed_heads": []}})
+    assert rows["mode"] == "`lsq`" and rows["calibration tokens"] == "64" and rows["sequential"] == "yes"
+    assert rows["layers with an o_proj bias from compensation"] == "2" and "least squares" in body
+    for zeroed in (None, {"mode": "none"}):
+        assert "## Compensation" not in render_model_card({"format": "sliced", "compensation": zeroed})
 
 
 def test_scrub_local_paths():

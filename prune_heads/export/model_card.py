@@ -166,7 +166,7 @@ def render_model_card(info: Mapping[str, Any]) -> str:
         _heads_section(info),
         compensation_section(info.get("compensation")),
         _eval_section(rows),
-        _verification_section(info.get("verification")),
+        _verification_section(info.get("verification"), info.get("compensation")),
         _loading_section(info),
         _provenance_section(info),
         "## Citation\n\nThe heads were found with the scores of:\n\n```bibtex\n" + CITATION + "\n```\n",
@@ -187,7 +187,7 @@ def compensation_section(comp: Any) -> str:
              f"The removed heads were not just zeroed: {how.get(comp['mode'], comp['mode'])}. It is folded into the "
              "weights, so the model needs nothing extra at run time.", "",
              "| | |", "|---|---|", f"| mode | `{comp['mode']}` |",
-             f"| sequential | {_scalar(bool(comp.get('sequential')))} |", f"| ridge | {_scalar(comp.get('ridge'))} |"]
+             f"| sequential | {'yes' if comp.get('sequential') else 'no'} |", f"| ridge | {_scalar(comp.get('ridge'))} |"]
     if stats.get("num_tokens"):
         lines.append(f"| calibration tokens | {_int(stats['num_tokens'])} |")
     if stats.get("fingerprint"):
@@ -502,18 +502,20 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
 
 
 # ---- verification ---------------------------------------------------------------------------------
-def _verification_section(verification: Any) -> str:
+def _verification_section(verification: Any, compensation: Any = None) -> str:
+    compensated = isinstance(compensation, Mapping) and compensation.get("mode", "none") != "none"
+    reference = ("removed heads zeroed and their compensation applied" if compensated else "removed heads zeroed")
     lines = ["## Verification", ""]
     if not isinstance(verification, Mapping):
         lines += ["No verification is recorded for this export: its logits have not been compared with the base "
-                  "model's with the removed heads zeroed.", ""]
+                  f"model's with the {reference}.", ""]
         return "\n".join(lines)
     passed = next((verification[k] for k in ("passed", "ok", "within_tolerance") if k in verification), None)
     diff = next((verification[k] for k in ("max_abs_diff", "max_abs_logit_diff", "max_diff") if k in verification), None)
     tol = next((verification[k] for k in ("tol", "tolerance") if k in verification), None)
     status = {True: "**passed**", False: "**FAILED**"}.get(passed, "recorded")
     sentence = f"Verification {status}: the exported model's logits were compared with the base model's with the " \
-               "removed heads zeroed"
+               f"{reference} (in float64)"
     if diff is not None:
         sentence += f"; maximum absolute difference {_sci(diff)}"
         if tol is not None:
