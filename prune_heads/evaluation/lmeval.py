@@ -18,8 +18,11 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from prune_heads.errors import PruneHeadsError
 from prune_heads.evaluation import offline
+from prune_heads.evaluation.paired import DocScores
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +257,16 @@ class LMEvalBackend:
         values: list[float] = []
         per_task: dict[str, Any] = {}
         other: dict[str, list[float]] = {}
+        rows = _DocRows()
         for name, examples in res["samples"].items():
             first_filter = examples[0]["filter"] if examples else None
-            vals = [float(ex[self.metric]) for ex in examples if ex["filter"] == first_filter]
+            kept = [ex for ex in examples if ex["filter"] == first_filter]
+            vals = [float(ex[self.metric]) for ex in kept]
             values.extend(vals)
             per_task[name] = {"value": sum(vals) / len(vals) if vals else None, "n": len(vals)}
-            for ex in examples:
-                if ex["filter"] != first_filter:
-                    continue
+            task = self.tasks.get(name)
+            for ex, v in zip(kept, vals):
+                rows.add(f"{name}:{ex['doc_id']}", v, *_choice_scores(task, ex, self.metric))
                 for m in ex["metrics"]:
                     if m != self.metric and isinstance(ex.get(m), (int, float)):
                         other.setdefault(m, []).append(float(ex[m]))
@@ -274,7 +279,60 @@ class LMEvalBackend:
             details["per_task"] = per_task
         if per_input:
             details["batch_size_used"] = 1
-        return value, stderr, len(values), self.higher_is_better, details
+        return value, stderr, len(values), self.higher_is_better, details, rows.build()
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [f"{name}:{i}" for name, idx in self.samples.items() for i in idx]
+
+
+class _DocRows:
+    """Collects per-document scores; choice scores are kept only if every document has them."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.values: list[float] = []
+        self.scores: list[Any] = []
+        self.gold: list[Any] = []
+
+    def add(self, doc_id: str, value: float, scores: Any, gold: Any) -> None:
+        self.ids.append(doc_id)
+        self.values.append(value)
+        self.scores.append(scores)
+        self.gold.append(gold)
+
+    def build(self) -> DocScores | None:
+        if not self.ids:
+            return None
+        full = all(s is not None for s in self.scores)
+        return DocScores(tuple(self.ids), np.asarray(self.values), "mean",
+                         choice_scores=tuple(self.scores) if full else None,
+                         gold=tuple(self.gold) if full else None)
+
+
+def _choice_scores(task: Any, ex: dict[str, Any], metric: str) -> tuple[Any, Any]:
+    """The per-choice scores ``metric`` takes the argmax of, and the gold index (lm-eval's rules).
+
+    ``acc_norm`` divides each log-likelihood by the choice's length in characters, ``acc_bytes`` by its
+    length in bytes, everything else uses the raw log-likelihoods. ``(None, None)`` for tasks that are
+    not multiple choice.
+    """
+    if task is None or getattr(task, "OUTPUT_TYPE", None) != "multiple_choice":
+        return None, None
+    try:
+        doc = ex["doc"]
+        choices = task.doc_to_choice(doc)
+        lls = np.asarray([float(r[0]) for r in ex["filtered_resps"]], dtype=np.float64)[: len(choices)]
+        gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    except Exception:  # a task with its own process_results: no surrogate, the metric still works
+        return None, None
+    if isinstance(gold, str):
+        gold = choices.index(gold) if gold in choices else -1
+    if metric == "acc_norm":
+        lls = lls / np.asarray([float(len(c)) for c in choices])
+    elif metric == "acc_bytes":
+        lls = lls / np.asarray([float(len(c.encode("utf-8"))) for c in choices])
+    return lls, (list(gold) if isinstance(gold, (list, tuple)) else int(gold))
 
 
 def _lm_eval_version() -> str:
