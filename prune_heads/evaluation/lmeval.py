@@ -240,33 +240,48 @@ class LMEvalBackend:
     def prepare(self) -> None:
         pass
 
-    def run(self, enter: Any, per_input: bool = False) -> tuple[float, float | None, int, bool, dict[str, Any]]:
-        """Evaluate under ``enter()``; ``per_input`` (the dynamic mode) runs one request per forward pass.
+    def evaluate_samples(self, enter: Any, samples: dict[str, list[int]], per_input: bool = False
+                         ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        """lm-eval's per-document records (first filter) for the documents ``samples`` names, under ``enter()``.
 
-        HFLM right-pads a batch without passing an attention mask, so a per-input score would see the
-        padding positions; one row per forward pass keeps the dynamic mode exact.
+        Returns ``({task: [record, ...]}, lm-eval's results)``; records hold ``doc_id``, the metrics,
+        ``filtered_resps`` and the ``doc``. ``run`` uses it for the evaluator's own documents; callers that
+        cache per-document results (benchmarks) use it for the documents they miss.
         """
         from lm_eval.evaluator import evaluate
 
         for task in self.tasks.values():
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
         _quiet_lm_eval()
+        chosen = {name: _IndexList(sorted(int(i) for i in idx)) for name, idx in samples.items() if idx}
         with enter():
-            res = evaluate(lm=self.lm(1 if per_input else self.batch_size), task_dict=self.loaded, samples=dict(self.samples), bootstrap_iters=0,
-                           log_samples=True)
+            res = evaluate(lm=self.lm(1 if per_input else self.batch_size), task_dict=self.loaded, samples=chosen,
+                           bootstrap_iters=0, log_samples=True)
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, examples in res["samples"].items():
+            first_filter = examples[0]["filter"] if examples else None
+            out[name] = [ex for ex in examples if ex["filter"] == first_filter]
+        return out, res
+
+    def run(self, enter: Any, per_input: bool = False
+            ) -> tuple[float, float | None, int, bool, dict[str, Any], DocScores | None]:
+        """Evaluate under ``enter()``; ``per_input`` (the dynamic mode) runs one request per forward pass.
+
+        HFLM right-pads a batch without passing an attention mask, so a per-input score would see the
+        padding positions; one row per forward pass keeps the dynamic mode exact.
+        """
+        records, res = self.evaluate_samples(enter, dict(self.samples), per_input)
         values: list[float] = []
         per_task: dict[str, Any] = {}
         other: dict[str, list[float]] = {}
         rows = _DocRows()
-        for name, examples in res["samples"].items():
-            first_filter = examples[0]["filter"] if examples else None
-            kept = [ex for ex in examples if ex["filter"] == first_filter]
+        for name, kept in records.items():
             vals = [float(ex[self.metric]) for ex in kept]
             values.extend(vals)
             per_task[name] = {"value": sum(vals) / len(vals) if vals else None, "n": len(vals)}
             task = self.tasks.get(name)
             for ex, v in zip(kept, vals):
-                rows.add(f"{name}:{ex['doc_id']}", v, *_choice_scores(task, ex, self.metric))
+                rows.add(f"{name}:{ex['doc_id']}", v, *choice_scores(task, ex, self.metric))
                 for m in ex["metrics"]:
                     if m != self.metric and isinstance(ex.get(m), (int, float)):
                         other.setdefault(m, []).append(float(ex[m]))
@@ -310,7 +325,7 @@ class _DocRows:
                          gold=tuple(self.gold) if full else None)
 
 
-def _choice_scores(task: Any, ex: dict[str, Any], metric: str) -> tuple[Any, Any]:
+def choice_scores(task: Any, ex: dict[str, Any], metric: str) -> tuple[Any, Any]:
     """The per-choice scores ``metric`` takes the argmax of, and the gold index (lm-eval's rules).
 
     ``acc_norm`` divides each log-likelihood by the choice's length in characters, ``acc_bytes`` by its

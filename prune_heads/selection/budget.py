@@ -202,9 +202,11 @@ def assess_plan(evaluator: Any, removed: Any, heads_removed: int, budget: Budget
         return Assessment(baseline, result, [], None)
     j = BudgetJudge.start(baseline, budget, allow_underpowered=allow_underpowered)
     if heads_removed and not j(result, k=heads_removed, heads_removed=heads_removed):
-        warnings.warn(f"the plan is over budget on the search data: {describe_drop(j.trace[-1].drop, metric=result.metric, relative=budget.relative)}",
-                      stacklevel=3)
-    ver = verify(verify_evaluator, removed, budget, any_removed=bool(heads_removed)) if verify_evaluator is not None else None
+        line = describe_drop(j.trace[-1].drop, metric=result.metric, relative=budget.relative)
+        warnings.warn(f"the plan is over budget on the search data: {line}", stacklevel=3)
+    ver = None
+    if verify_evaluator is not None:
+        ver = verify(verify_evaluator, removed, budget, any_removed=bool(heads_removed))
     return Assessment(baseline, result, j.trace, ver)
 
 
@@ -233,21 +235,21 @@ def raise_if_unverified(plan: Any, *, accept_unverified: bool = False, strict: b
     """
     sel = plan.selection
     v = sel.verification
-    if v is None or v.verdict == WITHIN or (v.verdict == INCONCLUSIVE and not strict):
-        if v is not None and v.verdict == INCONCLUSIVE:
-            warnings.warn(f"verification inconclusive: {describe_drop(v.drop, metric=v.result.get('metric'), relative=sel.budget.relative if sel.budget else False)}; "
-                          "more held-out documents would settle it", stacklevel=3)
+    if v is None or v.verdict == WITHIN:
         return plan
     rel = bool(sel.budget.relative) if sel.budget else False
+    held = describe_drop(v.drop, metric=v.result.get("metric"), relative=rel)
+    if v.verdict == INCONCLUSIVE and not strict:
+        warnings.warn(f"verification inconclusive: {held}; more held-out documents would settle it", stacklevel=3)
+        return plan
     chosen = sel.chosen_probe
-    search = describe_drop(chosen.drop, relative=rel) if chosen is not None and chosen.drop else "within budget"
-    msg = (f"verification failed: the chosen {sel.heads_removed} heads are within budget on the search split ({search}) "
-           f"but not on the held-out data ({describe_drop(v.drop, metric=v.result.get('metric'), relative=rel)}). "
-           "Select again with more documents (--limit) or a higher --confidence, or pass --accept-unverified to "
-           "write this plan anyway (it is then marked accepted_unverified)")
+    search = describe_drop(chosen.drop, relative=rel) if chosen is not None and chosen.drop else "no statistics"
+    what = "over budget" if v.verdict == OVER else "not shown to be within budget"
+    msg = (f"verification failed: the chosen {sel.heads_removed} heads are {what} on the held-out data ({held}); "
+           f"on the search split: {search}. Select again with more documents (--limit) or a higher --confidence, "
+           "or pass --accept-unverified to write this plan anyway (it is then marked accepted_unverified)")
     err = VerificationFailed(msg, plan)
     if accept_unverified:
         warnings.warn(msg, stacklevel=3)
         return err.accept()
     raise err
-

@@ -38,7 +38,13 @@ from prune_heads.selection.budget import (
     verify,
 )
 from prune_heads.selection.policies import candidate_units, heads_of, removal_mask
-from prune_heads.selection.search import max_probes, max_probes_ascending, search_ascending, search_largest_k
+from prune_heads.selection.search import (
+    geometric_step,
+    max_probes,
+    max_probes_ascending,
+    search_ascending,
+    search_largest_k,
+)
 
 #: pseudo score id: a seeded random ranking, the baseline every real score must beat
 RANDOM_SCORE = "random"
@@ -109,7 +115,10 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
     check_disjoint(evaluator, verify_evaluator)
     values = ranking(scores, score_id, layout, seed)
     units = candidate_units(values, layout, policy, min_heads_per_layer, allow_empty_layers)
-    n_max = (max_probes(len(units)) if strategy == "bisect" else max_probes_ascending(len(units), first_probe)) + 1
+    if strategy == "ascend" and first_probe is None:
+        first_probe = ascending_first_probe(len(units))
+    # the bisection's bound is exact; the ascending search is capped at twice its geometric-growth count
+    n_max = (max_probes(len(units)) if strategy == "bisect" else 2 * max_probes_ascending(len(units), first_probe)) + 1
     bar = tqdm(total=n_max, desc=f"select ({score_id}, {policy})", unit="eval", disable=not progress)
     probe = _Prober(evaluator, units, layout, bar)
     baseline = probe.evaluate(0)
@@ -122,8 +131,9 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
     if strategy == "bisect":
         result = search_largest_k(len(units), probe.passes, first=first_probe, progress=bar)
     else:
-        step = _guided_step(probe.judge, budget, len(units)) if surrogate else None
-        result = search_ascending(len(units), probe.passes, first=first_probe, next_k=step, progress=bar)
+        step = _ascending_step(probe.judge, budget, len(units), guided=surrogate is not None)
+        result = search_ascending(len(units), probe.passes, first=first_probe, next_k=step, progress=bar,
+                                  max_evaluations=n_max - 1)
     bar.close()
     k = result.k
     chosen = probe.evaluate(k)
@@ -207,13 +217,29 @@ def _check_surrogate(baseline: Any, surrogate: str | None) -> None:
                               f"(per-choice scores); {baseline.metric} on this task has none")
 
 
-def _guided_step(judge: BudgetJudge, budget: Budget, n: int, gain: float = 0.5) -> Any:
-    """Next ``k`` of the ascending search, predicted from the surrogate's curve (see ``predict_crossing``)."""
+def ascending_first_probe(n: int) -> int:
+    """The ascending search starts low (it never comes back below a failure) and doubles while far from the budget."""
+    return max(1, n // 64)
+
+
+def _ascending_step(judge: BudgetJudge, budget: Budget, n: int, *, guided: bool, gain: float = 0.5) -> Any:
+    """Next ``k`` after a pass at ``lo``: double while the bound is far below the budget, then close in.
+
+    Without a surrogate: double while the last bound is below a quarter of the budget, else grow by
+    ``GROWTH``. With one: double while the predicted bound at ``2 lo`` is within budget, else go
+    ``gain`` of the way to the predicted crossing (``predict_crossing``), at least 5%.
+    """
 
     def step(lo: int) -> int:
         passed = sorted((p for p in judge.trace if 0 < p.k <= lo and p.within_budget and p.drop is not None),
                         key=lambda p: p.k)
+        last = passed[-1].drop if passed and passed[-1].k == lo else None
+        if not guided:
+            far = last is not None and last.bound <= budget.max_drop / 4
+            return min(n, 2 * lo if far else geometric_step(lo))
         k_pred = predict_crossing(passed, budget.max_drop, lo)
+        if k_pred >= 2 * lo:
+            return min(n, 2 * lo)
         min_step = max(1, math.ceil(lo / 20))
         return int(min(n, max(lo + min_step, math.floor(lo + gain * (k_pred - lo)))))
 
