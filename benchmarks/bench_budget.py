@@ -275,7 +275,7 @@ def surrogate_tracking(ct: CachedTask, docs: list[int], metric: str) -> dict[str
     from prune_heads.evaluation.paired import paired_drop, surrogate_drop
 
     ks = sorted(k for k, recs in ct.cache.items() if k > 0 and all(i in recs for i in docs))
-    if 0 not in ct.cache or not all(i in ct.cache[0] for i in docs):
+    if not docs or 0 not in ct.cache or not all(i in ct.cache[0] for i in docs):
         return {"ks": [], "n_docs": len(docs)}
     base = ct.result(0, docs, metric)
     drops, margin, kl = [], [], []
