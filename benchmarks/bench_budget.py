@@ -143,6 +143,14 @@ class CachedTask:
             lines.append(json.dumps({"doc": int(ex["doc_id"]), **rec.__dict__}))
         with open(self.dir / f"k{k}.jsonl", "a") as f:
             f.write("\n".join(lines) + "\n")
+        with open(self.dir / "timing.jsonl", "a") as f:  # what every run spent, for the cost estimate
+            f.write(json.dumps({"k": k, "docs": len(missing), "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+
+    def total_cost(self) -> tuple[int, float]:
+        """(k, document) results computed and the seconds spent on them, over every run of this cache."""
+        f = self.dir / "timing.jsonl"
+        recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+        return sum(r["docs"] for r in recs), sum(r["seconds"] for r in recs)
 
     def result(self, k: int, docs: list[int], metric: str) -> Any:
         """The ``EvalResult`` of these documents under ``k`` (per-document scores included)."""
@@ -347,6 +355,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this long; rerun to resume")
     ap.add_argument("--out", default=str(HERE / "results" / "budget.md"))
     ap.add_argument("--quick", action="store_true", help="tiny random model and a local task (smoke test)")
+    ap.add_argument("--note", default="", help="a sentence added under the table (e.g. how the cache was filled)")
     return ap.parse_args(argv)
 
 
@@ -417,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(_row_line(row), flush=True)
             done = [r.limit for r in task_rows if r.status == "done"]
             tracking[ct.name] = surrogate_tracking(ct, pools.search[:max(done)] if done else [], metric)
-            timing[ct.name] = {"doc_evals": ct.doc_evals, "seconds": ct.seconds, "pools": pools}
+            timing[ct.name] = {"doc_evals": ct.doc_evals, "seconds": ct.seconds, "pools": pools,
+                               "total": ct.total_cost(), "distinct_k": len(ct.cache)}
     write_markdown(args, rows, tracking, skipped, timing, t_calib, time.perf_counter() - t_start)
     return 0
 
@@ -472,8 +482,11 @@ def write_markdown(args: argparse.Namespace, rows: list[Row], tracking: dict[str
     for name, t in timing.items():
         p = t["pools"]
         rate = f", {t['seconds'] / t['doc_evals']:.2f} s per document evaluation" if t["doc_evals"] else ""
+        done, secs = t["total"]
+        total = (f" The cache holds {t['distinct_k']} distinct k; computing its {done} (k, document) results took "
+                 f"{secs:.0f} s in all ({secs / done:.2f} s each)." if done else "")
         lines.append(f"- {name}: pools of {len(p.search)} search / {len(p.verify)} verify / {len(p.untouched)} untouched "
-                     f"documents; {t['doc_evals']} new (k, document) evaluations this run{rate}."
+                     f"documents; {t['doc_evals']} new (k, document) evaluations this run{rate}.{total}"
                      + (f" Limits {skipped[name]} skipped: the task has too few documents." if skipped.get(name) else ""))
     lines += ["", "| task | metric | budget | limit | conf. | surrogate | heads removed | evals | search drop | "
               "verify drop (verdict) | untouched drop | target | resolvable / docs needed | var(d)/var(b) |",
@@ -488,6 +501,8 @@ def write_markdown(args: argparse.Namespace, rows: list[Row], tracking: dict[str
         lines.append(f"| {r.task} | {r.metric} | {r.budget:g} | {r.limit} | {r.confidence:g} | {r.surrogate or '-'} | "
                      f"{r.heads} | {r.evaluations} | {_fmt(r.search)} | {_fmt(r.verify)} ({r.verdict}) | "
                      f"{_fmt(r.untouched)} | {_target(r)} | {res} | {vr} |")
+    if args.note:
+        lines += ["", args.note]
     lines += ["", "Surrogates against accuracy across every evaluated k (search documents of the largest limit run):", "",
               "| task | k evaluated | documents | Spearman(drop, margin loss) | Spearman(drop, choice KL) |",
               "|---|---:|---:|---:|---:|"]
