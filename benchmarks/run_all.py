@@ -21,6 +21,8 @@ SCRIPTS = {
     "selection": "bench_selection.py",
     "compare_selectors": "compare_selectors.py",
     "export": "bench_export.py",
+    # not in ORDER: the full table takes hours on a CPU (run it with --only budget, or see its docstring)
+    "budget": "bench_budget.py",
 }
 
 

@@ -64,3 +64,28 @@ def test_galloping_beats_bisection_for_typical_budgets():
         assert r.k == true_k and r.num_probes <= 8
     r = search_largest_k(1000, lambda k: k <= 1, first=1)
     assert r.k == 1 and [k for k, _ in r.probes][:2] == [1, 2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 600), data=st.data())
+def test_ascending_search_stops_at_the_first_failure(n, data):
+    from prune_heads.selection.search import max_probes_ascending, search_ascending
+
+    true_k = data.draw(st.integers(0, n))
+    first = data.draw(st.one_of(st.none(), st.integers(1, max(1, n))))
+    seen: list[int] = []
+
+    def passes(k: int) -> bool:
+        assert 1 <= k <= n and (not seen or k > seen[-1]), "ascending, never k = 0"
+        seen.append(k)
+        return k <= true_k
+
+    r = search_ascending(n, passes, first=first)
+    # the last probe is the only failure (or the search reached n); the answer is the last pass
+    assert all(k <= true_k for k in seen[:-1])
+    assert r.k == max([k for k in seen if k <= true_k], default=0) <= true_k
+    assert r.k == true_k or (seen and seen[-1] > true_k)
+    assert len(seen) <= max_probes_ascending(n, first)
+    # it lands within one growth step of the answer, unless even the first probe failed
+    if r.k and r.k < n:
+        assert seen[-1] <= max(r.k + 1, math.ceil(r.k * 1.25))

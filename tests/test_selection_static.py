@@ -18,6 +18,7 @@ from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
 from prune_heads.scoring.head_scores import HeadScores
 from prune_heads.selection import candidate_units, max_probes, select_static, within_budget
+from prune_heads.selection.budget import VerificationFailed
 from prune_heads.selection.policies import heads_of
 
 
@@ -119,19 +120,25 @@ def test_plan_meta_and_verification(model, tmp_path):
     harm = torch.full((3, 4), 0.004)
     ev, ver = FakeEvaluator(harm), FakeEvaluator(harm * 2)
     scores = make_scores(model, torch.rand(3, 4))
+    with pytest.raises(VerificationFailed, match="held-out") as failed:  # over budget on held-out data: an error
+        select_static(model, scores, ev, score_id="ahon_ln", max_drop=0.01, verify_evaluator=ver, progress=False)
+    assert failed.value.plan.selection.details.k == 2 and not failed.value.plan.selection.accepted_unverified
     with warnings.catch_warnings(), pytest.warns(UserWarning, match="held-out"):
         warnings.filterwarnings("error", message=".*not normalised")  # an LN score ranks without that warning
-        plan = select_static(model, scores, ev, score_id="ahon_ln", max_drop=0.01, verify_evaluator=ver, progress=False)
+        plan = select_static(model, scores, ev, score_id="ahon_ln", max_drop=0.01, verify_evaluator=ver, progress=False,
+                             accept_unverified=True)
+    assert plan.selection.accepted_unverified
     m = plan.to_dict()  # the plan file's shape
     assert m["details"]["k"] == 2 and len(plan.removed_heads) == 2  # 2 heads x 0.004 <= 0.01 < 3 x 0.004
     for key in ("fingerprint", "score_id", "policy", "budget", "baseline", "result", "per_layer_counts", "trace",
                 "verification", "tool_version", "allow_empty_layers", "cost"):
         assert key in m
     assert m["budget"] == {"max_drop": 0.01, "relative": False, "metric": "acc", "higher_is_better": True,
-                           "confidence": 0.0}
+                           "confidence": 0.0, "resolvable_drop": None, "docs_needed": None, "underpowered": False}
     v = m["verification"]
     assert v["baseline"]["value"] == pytest.approx(0.6) and v["result"]["value"] == pytest.approx(0.6 - 0.016)
-    assert v["within_budget"] is False
+    assert v["within_budget"] is False and v["verdict"] == "over"
+    assert v["drop"]["estimate"] == pytest.approx(0.016) and v["drop"]["method"] == "unpaired"
     # round trip through the plan file
     path = plan.save(tmp_path / "plan.json")
     back = Plan.load(path)

@@ -8,30 +8,39 @@ mask, because a selector asks for the same mask (at least the empty one) more th
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from prune_heads.errors import PruneHeadsError
+from prune_heads.evaluation.paired import DocScores
 from prune_heads.model.masking import heads_to_mask, static_mask
 
-__all__ = ["EvalResult", "Evaluator", "make_evaluator", "parse_task"]
+__all__ = ["DocScores", "EvalResult", "Evaluator", "make_evaluator", "parse_task"]
 
 
 @dataclass
 class EvalResult:
+    """One evaluation: the metric, its standard error over documents, and each document's score.
+
+    ``docs`` (the per-document scores, aligned by document id) make paired statistics possible
+    (``prune_heads.evaluation.paired``); they stay in memory and are not written into plan files.
+    """
+
     metric: str
     value: float
     stderr: float | None
     higher_is_better: bool
     n: int
     details: dict = field(default_factory=dict)
+    docs: DocScores | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "docs"}
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -66,6 +75,11 @@ class Evaluator:
         self.seconds = 0.0
         self._cache: dict[bytes, EvalResult] = {}
 
+    @property
+    def doc_ids(self) -> tuple[str, ...]:
+        """Stable ids of the documents this evaluator scores (``task:index``): overlap checks compare them."""
+        return tuple(self.backend.doc_ids)
+
     def _key(self, mask: torch.Tensor) -> bytes:
         return bytes(mask.shape) + mask.to(torch.uint8).flatten().numpy().tobytes()
 
@@ -92,14 +106,14 @@ class Evaluator:
                 return context(self.model)
         self.backend.prepare()
         t0 = time.perf_counter()
-        value, stderr, n, hib, details = self.backend.run(enter, per_input=context is not None)
+        value, stderr, n, hib, details, docs = self.backend.run(enter, per_input=context is not None)
         elapsed = time.perf_counter() - t0
         self.calls += 1
         self.seconds += elapsed
         details = {**details, "seconds": round(elapsed, 3)}
         if self.compensation is not None and context is None:
             details["compensation"] = self.compensation.spec.mode
-        result = EvalResult(self.task_config["metric"], float(value), stderr, hib, int(n), details)
+        result = EvalResult(self.task_config["metric"], float(value), stderr, hib, int(n), details, docs)
         if key is not None:
             self._cache[key] = result
         return result

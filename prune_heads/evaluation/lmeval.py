@@ -18,8 +18,11 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from prune_heads.errors import PruneHeadsError
 from prune_heads.evaluation import offline
+from prune_heads.evaluation.paired import DocScores
 
 log = logging.getLogger(__name__)
 
@@ -237,31 +240,48 @@ class LMEvalBackend:
     def prepare(self) -> None:
         pass
 
-    def run(self, enter: Any, per_input: bool = False) -> tuple[float, float | None, int, bool, dict[str, Any]]:
-        """Evaluate under ``enter()``; ``per_input`` (the dynamic mode) runs one request per forward pass.
+    def evaluate_samples(self, enter: Any, samples: dict[str, list[int]], per_input: bool = False
+                         ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        """lm-eval's per-document records (first filter) for the documents ``samples`` names, under ``enter()``.
 
-        HFLM right-pads a batch without passing an attention mask, so a per-input score would see the
-        padding positions; one row per forward pass keeps the dynamic mode exact.
+        Returns ``({task: [record, ...]}, lm-eval's results)``; records hold ``doc_id``, the metrics,
+        ``filtered_resps`` and the ``doc``. ``run`` uses it for the evaluator's own documents; callers that
+        cache per-document results (benchmarks) use it for the documents they miss.
         """
         from lm_eval.evaluator import evaluate
 
         for task in self.tasks.values():
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
         _quiet_lm_eval()
+        chosen = {name: _IndexList(sorted(int(i) for i in idx)) for name, idx in samples.items() if idx}
         with enter():
-            res = evaluate(lm=self.lm(1 if per_input else self.batch_size), task_dict=self.loaded, samples=dict(self.samples), bootstrap_iters=0,
-                           log_samples=True)
+            res = evaluate(lm=self.lm(1 if per_input else self.batch_size), task_dict=self.loaded, samples=chosen,
+                           bootstrap_iters=0, log_samples=True)
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, examples in res["samples"].items():
+            first_filter = examples[0]["filter"] if examples else None
+            out[name] = [ex for ex in examples if ex["filter"] == first_filter]
+        return out, res
+
+    def run(self, enter: Any, per_input: bool = False
+            ) -> tuple[float, float | None, int, bool, dict[str, Any], DocScores | None]:
+        """Evaluate under ``enter()``; ``per_input`` (the dynamic mode) runs one request per forward pass.
+
+        HFLM right-pads a batch without passing an attention mask, so a per-input score would see the
+        padding positions; one row per forward pass keeps the dynamic mode exact.
+        """
+        records, res = self.evaluate_samples(enter, dict(self.samples), per_input)
         values: list[float] = []
         per_task: dict[str, Any] = {}
         other: dict[str, list[float]] = {}
-        for name, examples in res["samples"].items():
-            first_filter = examples[0]["filter"] if examples else None
-            vals = [float(ex[self.metric]) for ex in examples if ex["filter"] == first_filter]
+        rows = _DocRows()
+        for name, kept in records.items():
+            vals = [float(ex[self.metric]) for ex in kept]
             values.extend(vals)
             per_task[name] = {"value": sum(vals) / len(vals) if vals else None, "n": len(vals)}
-            for ex in examples:
-                if ex["filter"] != first_filter:
-                    continue
+            task = self.tasks.get(name)
+            for ex, v in zip(kept, vals):
+                rows.add(f"{name}:{ex['doc_id']}", v, *choice_scores(task, ex, self.metric))
                 for m in ex["metrics"]:
                     if m != self.metric and isinstance(ex.get(m), (int, float)):
                         other.setdefault(m, []).append(float(ex[m]))
@@ -274,7 +294,60 @@ class LMEvalBackend:
             details["per_task"] = per_task
         if per_input:
             details["batch_size_used"] = 1
-        return value, stderr, len(values), self.higher_is_better, details
+        return value, stderr, len(values), self.higher_is_better, details, rows.build()
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [f"{name}:{i}" for name, idx in self.samples.items() for i in idx]
+
+
+class _DocRows:
+    """Collects per-document scores; choice scores are kept only if every document has them."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.values: list[float] = []
+        self.scores: list[Any] = []
+        self.gold: list[Any] = []
+
+    def add(self, doc_id: str, value: float, scores: Any, gold: Any) -> None:
+        self.ids.append(doc_id)
+        self.values.append(value)
+        self.scores.append(scores)
+        self.gold.append(gold)
+
+    def build(self) -> DocScores | None:
+        if not self.ids:
+            return None
+        full = all(s is not None for s in self.scores)
+        return DocScores(tuple(self.ids), np.asarray(self.values), "mean",
+                         choice_scores=tuple(self.scores) if full else None,
+                         gold=tuple(self.gold) if full else None)
+
+
+def choice_scores(task: Any, ex: dict[str, Any], metric: str) -> tuple[Any, Any]:
+    """The per-choice scores ``metric`` takes the argmax of, and the gold index (lm-eval's rules).
+
+    ``acc_norm`` divides each log-likelihood by the choice's length in characters, ``acc_bytes`` by its
+    length in bytes, everything else uses the raw log-likelihoods. ``(None, None)`` for tasks that are
+    not multiple choice.
+    """
+    if task is None or getattr(task, "OUTPUT_TYPE", None) != "multiple_choice":
+        return None, None
+    try:
+        doc = ex["doc"]
+        choices = task.doc_to_choice(doc)
+        lls = np.asarray([float(r[0]) for r in ex["filtered_resps"]], dtype=np.float64)[: len(choices)]
+        gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    except Exception:  # a task with its own process_results: no surrogate, the metric still works
+        return None, None
+    if isinstance(gold, str):
+        gold = choices.index(gold) if gold in choices else -1
+    if metric == "acc_norm":
+        lls = lls / np.asarray([float(len(c)) for c in choices])
+    elif metric == "acc_bytes":
+        lls = lls / np.asarray([float(len(c.encode("utf-8"))) for c in choices])
+    return lls, (list(gold) if isinstance(gold, (list, tuple)) else int(gold))
 
 
 def _lm_eval_version() -> str:

@@ -26,6 +26,7 @@ import torch
 
 from prune_heads.data import batches, doc_start_ids, iter_documents
 from prune_heads.errors import DataError, PruneHeadsError
+from prune_heads.evaluation.paired import DocScores
 
 DEFAULT_DOCS = {"ppl": 32, "kl": 16}
 DEFAULT_SEQ_LEN = 256
@@ -33,26 +34,36 @@ MIN_TOKENS = 16
 BOOTSTRAP = 1000
 
 
-def select_documents(docs: list[str], split: str, seed: int) -> list[str]:
-    """``all`` in source order; ``search``/``verify``: disjoint halves of a seeded permutation."""
+def select_indices(n: int, split: str, seed: int) -> list[int]:
+    """Source positions of a split: ``all`` in order; ``search``/``verify``: halves of a seeded permutation."""
     if split == "all":
-        return docs
+        return list(range(n))
     if split not in ("search", "verify"):
         raise PruneHeadsError(f"split must be 'search', 'verify' or 'all', not {split!r}")
-    perm = list(range(len(docs)))
+    perm = list(range(n))
     random.Random(f"{seed}:text").shuffle(perm)
-    half = len(docs) // 2
-    chosen = perm[:half] if split == "search" else perm[half:]
-    return [docs[i] for i in sorted(chosen)]
+    half = n // 2
+    return sorted(perm[:half] if split == "search" else perm[half:])
 
 
-def tokenize(docs: list[str], tokenizer: Any, limit: int, seq_len: int) -> list[list[int]]:
+def select_documents(docs: list[str], split: str, seed: int) -> list[str]:
+    """``all`` in source order; ``search``/``verify``: disjoint halves of a seeded permutation."""
+    return [docs[i] for i in select_indices(len(docs), split, seed)]
+
+
+def tokenize(docs: list[str], tokenizer: Any, limit: int, seq_len: int,
+             keys: list[Any] | None = None) -> list[list[int]]:
+    """Token lists of the first ``limit`` documents with at least ``MIN_TOKENS`` tokens.
+
+    With ``keys`` (one per document) the result is ``(key, ids)`` pairs, so callers know which
+    documents were kept.
+    """
     start = doc_start_ids(tokenizer)
-    seqs = []
-    for d in docs:
+    seqs: list[Any] = []
+    for j, d in enumerate(docs):
         ids = (start + tokenizer(d, add_special_tokens=False).input_ids)[:seq_len]
         if len(ids) >= MIN_TOKENS:
-            seqs.append(ids)
+            seqs.append(ids if keys is None else (keys[j], ids))
         if len(seqs) >= limit:
             break
     if not seqs:
@@ -114,8 +125,12 @@ class TextBackend:
             raise PruneHeadsError(f"{kind}: needs a data spec, e.g. {kind}:wikitext2")
         self.model, self.kind, self.batch_size = model, kind, batch_size
         limit = limit or DEFAULT_DOCS[kind]
-        docs = select_documents(list(iter_documents(spec)), split, seed)
-        self.seqs = tokenize(docs, tokenizer, limit, seq_len)
+        source = list(iter_documents(spec))
+        idx = select_indices(len(source), split, seed)
+        kept = tokenize([source[i] for i in idx], tokenizer, limit, seq_len, keys=idx)
+        #: ``data:position`` of each document in the data source: stable ids for pairing and overlap checks
+        self.doc_ids = [f"{spec}:{i}" for i, _ in kept]
+        self.seqs = [ids for _, ids in kept]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.reference: _Reference | None = None
         self.task_config: dict[str, Any] = {
@@ -153,7 +168,7 @@ class TextBackend:
         self.task_config["reference_storage"] = "disk" if ref.spilled else "memory"
 
     def run(self, enter: Callable[[], contextlib.AbstractContextManager], per_input: bool = False
-            ) -> tuple[float, float | None, int, bool, dict]:
+            ) -> tuple[float, float | None, int, bool, dict, DocScores]:
         """Evaluate under ``enter()``; batches carry attention masks, so ``per_input`` needs nothing here."""
         n_docs = len(self.seqs)
         num = torch.zeros(n_docs, dtype=torch.float64)
@@ -180,4 +195,6 @@ class TextBackend:
             value = total
             stderr = bootstrap_stderr(num, den, lambda x: x)
             details = {}
-        return value, stderr, int(den.sum()), False, details
+        docs = DocScores(tuple(self.doc_ids), num.numpy(), "exp_ratio" if self.kind == "ppl" else "ratio",
+                         weights=den.numpy())
+        return value, stderr, int(den.sum()), False, details, docs

@@ -34,6 +34,37 @@ class Budget:
     higher_is_better: bool = True
     #: one-sided confidence level of the drop's upper bound (0: the point estimate decides)
     confidence: float = 0.0
+    #: the smallest drop the search documents can resolve at ``confidence`` (``resolution()``), when known
+    resolvable_drop: float | None = None
+    #: documents the search split would need for ``max_drop`` at ``confidence``, when known
+    docs_needed: int | None = None
+    #: the budget was below ``resolvable_drop`` and the search ran anyway (``allow_underpowered``)
+    underpowered: bool = False
+
+
+@dataclass
+class DropStats:
+    """The drop of one evaluation against the baseline on the same documents, and its verdict.
+
+    ``estimate``/``stderr`` in budget units (metric units, or a fraction of the baseline when the budget
+    is relative); ``bound`` is the one-sided upper ``confidence`` bound (the estimate at confidence 0)
+    and ``lower`` the matching lower one; ``allowed`` is the budget in the same units.
+    """
+
+    estimate: float
+    stderr: float | None
+    bound: float
+    lower: float
+    confidence: float
+    allowed: float
+    within_budget: bool
+    n: int = 0
+    #: ``paired`` (per-document differences), ``unpaired`` (standard errors combined), ``point``
+    method: str = "paired"
+    #: the surrogate's mean per-document harm and its standard error, when the search used one
+    surrogate: str | None = None
+    surrogate_estimate: float | None = None
+    surrogate_stderr: float | None = None
 
 
 @dataclass
@@ -48,19 +79,24 @@ class Probe:
     n: int = 0
     seconds: float = 0.0
     within_budget: bool | None = None
-    #: the paired drop statistics of this probe (estimate, stderr, bound), when the budget is paired
-    drop: dict[str, Any] | None = None
+    #: the drop statistics of this probe (estimate, stderr, bound, verdict)
+    drop: DropStats | None = None
 
 
 @dataclass
 class Verification:
-    """The chosen plan judged on data the search never saw (held-out documents or another task)."""
+    """The chosen plan judged on data the search never saw (held-out documents or another task).
+
+    ``verdict``: ``within`` (the upper bound is within budget), ``over`` (the lower bound is above it:
+    the held-out data show the budget broken) or ``inconclusive`` (the interval straddles it).
+    """
 
     task: dict[str, Any] | None
     baseline: dict[str, Any]
     result: dict[str, Any]
     within_budget: bool
-    drop: dict[str, Any] | None = None
+    drop: DropStats | None = None
+    verdict: str | None = None
 
 
 @dataclass
@@ -83,6 +119,10 @@ class StaticDetails:
     k: int = 0
     num_units: int = 0
     seed: int | None = None
+    #: ``bisect`` (gallop + bisection) or ``ascend`` (increasing k, stop at the first failure)
+    search: str = "bisect"
+    #: the surrogate that sized the ascending search's steps, if any
+    surrogate: str | None = None
 
 
 @dataclass
@@ -148,6 +188,12 @@ class SelectionResult:
     NESTED: ClassVar[dict[str, type]] = {"budget": Budget, "verification": Verification, "cost": Cost}
 
     @property
+    def chosen_probe(self) -> Probe | None:
+        """The trace entry of the chosen plan (the last evaluated probe with its number of heads)."""
+        hits = [p for p in self.trace if p.heads_removed == self.heads_removed]
+        return hits[-1] if hits else None
+
+    @property
     def fraction_removed(self) -> float | None:
         if not self.heads_total or self.heads_removed is None:
             return None
@@ -192,5 +238,5 @@ def result_dict(result: Any) -> dict[str, Any] | None:
     return dict(result.__dict__)
 
 
-__all__ = ["DETAILS", "Budget", "Cost", "GatesDetails", "IterativeDetails", "ManualDetails", "PlanFormatError",
+__all__ = ["DETAILS", "Budget", "Cost", "DropStats", "GatesDetails", "IterativeDetails", "ManualDetails", "PlanFormatError",
            "Probe", "SelectionResult", "StaticDetails", "Verification", "register_details", "result_dict"]

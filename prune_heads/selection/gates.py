@@ -31,6 +31,7 @@ from prune_heads.model.attention import HeadControl, attach
 from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
 from prune_heads.plan.record import Cost, GatesDetails, SelectionResult, result_dict
+from prune_heads.selection.budget import assess_plan, make_budget, raise_if_unverified
 from prune_heads.selection.policies import layer_floor
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -84,7 +85,9 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
                  pad_id: int = 0, min_heads_per_layer: int = 1, allow_empty_layers: bool = False,
                  evaluator: Any = None, progress: bool = True, seed: int = 0, lambda_lr: float = 0.2,
                  init: float = 3.0, penalty_mu: float = 50.0, betas: tuple[float, float] = (0.5, 0.9),
-                 compensation: Any = None) -> Plan:
+                 max_drop: float | None = None, relative: bool = False, confidence: float = 0.0,
+                 verify_evaluator: Any = None, accept_unverified: bool = False,
+                 strict_verification: bool = False, compensation: Any = None) -> Plan:
     """Train one gate per head on ``seqs`` and return the plan of the heads whose gates close.
 
     Exactly one of ``target_fraction`` (fraction of all heads to remove, in [0, 1)) and
@@ -96,6 +99,10 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
 
     ``compensation`` (a ``prune_heads.compensation.Compensator``): the gates still train on zeroed
     outputs (a fractional gate has no compensation), but the plan is evaluated, and recorded, compensated.
+
+    With ``max_drop`` (and an ``evaluator``) the plan's drop is judged by ``selection.budget.judge`` at
+    ``confidence`` and recorded in its trace; ``verify_evaluator``, ``accept_unverified`` and
+    ``strict_verification`` work as for ``select_static``.
     """
     if (target_fraction is None) == (l0_penalty is None):
         raise PruneHeadsError("gates need exactly one of --target-fraction and --l0-penalty")
@@ -105,6 +112,7 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
         raise PruneHeadsError(f"--l0-penalty must be > 0, got {l0_penalty}")
     if steps < 1 or lr <= 0:
         raise PruneHeadsError(f"gates need steps >= 1 and lr > 0 (got steps={steps}, lr={lr})")
+    budget = make_budget(max_drop, relative, confidence) if max_drop is not None else None
     seqs = [list(map(int, s)) for s in seqs]
     if not seqs or any(len(s) < 2 for s in seqs):
         raise PruneHeadsError("gates need calibration sequences of at least 2 tokens")
@@ -196,14 +204,13 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
     mask = torch.zeros(L, H, dtype=torch.bool)
     for i, h in heads:
         mask[i, h] = True
-    evaluation = baseline = None
     from prune_heads.compensation.plans import evaluator_with, record_of
 
     compensation = compensation if compensation is not None else getattr(evaluator, "compensation", None)
     evaluator = evaluator_with(evaluator, compensation)
-    if evaluator is not None:
-        baseline = evaluator(None)
-        evaluation = evaluator(mask) if heads else baseline
+    verify_evaluator = evaluator_with(verify_evaluator, compensation)
+    judged = assess_plan(evaluator, mask, len(heads), budget, verify_evaluator=verify_evaluator)
+    baseline, evaluation = judged.baseline, judged.result
     selection = SelectionResult(
         method="gates",
         heads_total=total,
@@ -216,6 +223,9 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
         task=getattr(evaluator, "task_config", None) if evaluator is not None else None,
         baseline=result_dict(baseline),
         result=result_dict(evaluation),
+        budget=budget,
+        trace=judged.trace,
+        verification=judged.verification,
         cost=Cost(evaluations=0 if evaluator is None else (2 if heads else 1), wall_seconds=round(time.time() - t0, 2),
                   forward_equivalents=float(forwards)),
         calibration={"num_samples": len(seqs), "num_tokens": int(sum(len(s) for s in seqs))},
@@ -225,4 +235,4 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
                              log_alpha=[[round(float(x), 4) for x in row] for row in log_alpha]),
         compensation=record_of(compensation),
     )
-    return Plan(heads, selection)
+    return raise_if_unverified(Plan(heads, selection), accept_unverified=accept_unverified, strict=strict_verification)

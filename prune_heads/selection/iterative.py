@@ -21,8 +21,9 @@ from prune_heads.errors import PruneHeadsError
 from prune_heads.model.adapters import HeadLayout, get_adapter
 from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
-from prune_heads.plan.record import Budget, Cost, IterativeDetails, SelectionResult, Verification, result_dict
+from prune_heads.plan.record import Cost, IterativeDetails, SelectionResult, result_dict
 from prune_heads.scoring.score_defs import ABLATION
+from prune_heads.selection.budget import BudgetJudge, check_disjoint, make_budget, raise_if_unverified, verify
 from prune_heads.selection.policies import layer_floor
 from prune_heads.selection.static import within_budget
 
@@ -32,9 +33,9 @@ POLICIES_SUPPORTED = ("free", "kv-groups")
 
 # ---- shared with gates -----------------------------------------------------------------------
 
-def budget_check(baseline: Any, result: Any, max_drop: float, relative: bool) -> bool:
-    """The static selector's budget rule, so every method judges a drop the same way."""
-    return bool(within_budget(baseline, result, max_drop, relative))
+def budget_check(baseline: Any, result: Any, max_drop: float, relative: bool, confidence: float = 0.0) -> bool:
+    """The static selector's budget rule (``selection.budget.judge``), so every method judges a drop the same way."""
+    return bool(within_budget(baseline, result, max_drop, relative, confidence))
 
 
 # ---- units ------------------------------------------------------------------------------------
@@ -84,8 +85,9 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
                      relative: bool = False, round_size: int = 4, score_id: str = "ablation_kl", policy: str = "free",
                      min_heads_per_layer: int = 1, allow_empty_layers: bool = False,
                      candidates_fraction: float | None = None, verify_evaluator: Any = None, batch_size: int = 8,
-                     pad_id: int = 0, progress: bool = True, max_rounds: int | None = None,
-                     compensation: Any = None) -> Plan:
+                     pad_id: int = 0, progress: bool = True, max_rounds: int | None = None, confidence: float = 0.0,
+                     allow_underpowered: bool = False, accept_unverified: bool = False,
+                     strict_verification: bool = False, compensation: Any = None) -> Plan:
     """Remove heads in measured rounds until the evaluator's budget would break; return the plan.
 
     Args:
@@ -98,6 +100,8 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
         max_rounds: stop after this many accepted rounds (None: until the budget or the floor stops it).
         compensation: a ``prune_heads.compensation.Compensator``: units are measured, and every round
             evaluated, with the removed heads compensated.
+        confidence, allow_underpowered, accept_unverified, strict_verification: as for ``select_static``;
+            every evaluation is judged by ``selection.budget.judge`` and recorded in the plan's trace.
     """
     from prune_heads.compensation.plans import evaluator_with, record_of
     from prune_heads.scoring.ablation import measure_units
@@ -106,8 +110,8 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
         raise PruneHeadsError(f"iterative selection measures {' or '.join(ABLATION)}, not {score_id!r}")
     if round_size < 1:
         raise PruneHeadsError(f"--round-size must be >= 1, got {round_size}")
-    if max_drop < 0:
-        raise PruneHeadsError(f"--max-drop must be >= 0, got {max_drop}")
+    budget = make_budget(max_drop, relative, confidence)
+    check_disjoint(evaluator, verify_evaluator)
     if candidates_fraction is not None and not 0 < candidates_fraction <= 1:
         raise PruneHeadsError(f"--candidates-fraction must be in (0, 1], got {candidates_fraction}")
     layout = get_adapter(model).layout(model.config)
@@ -122,6 +126,7 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
     evaluations = 0
     baseline = evaluator(None)
     evaluations += 1
+    judge = BudgetJudge.start(baseline, budget, allow_underpowered=allow_underpowered)
     removed = torch.zeros(layout.num_layers, layout.num_heads, dtype=torch.bool)
     final = baseline
     rounds: list[dict[str, Any]] = []
@@ -154,7 +159,7 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
             break
         result = evaluator(trial)
         evaluations += 1
-        ok = budget_check(baseline, result, max_drop, relative)
+        ok = judge(result, k=int(trial.sum()), heads_removed=int(trial.sum()))
         record: dict[str, Any] = {
             "round": len(rounds) + 1,
             "measured": _summary(means),
@@ -177,7 +182,7 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
             cand = _with(removed, [allowed[j] for j in picked[:mid]])
             res = evaluator(cand)
             evaluations += 1
-            passed = budget_check(baseline, res, max_drop, relative)
+            passed = judge(res, k=int(cand.sum()), heads_removed=int(cand.sum()))
             record["backoff"].append({"units": mid, "evaluation": result_dict(res), "within_budget": passed})
             if passed:
                 lo, lo_result = mid, res
@@ -197,12 +202,8 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
     bar.close()
 
     heads = [tuple(x) for x in removed.nonzero().tolist()]
-    verification = None
-    if verify_evaluator is not None:
-        vb = verify_evaluator(None)
-        vr = verify_evaluator(removed) if heads else vb
-        verification = Verification(task=getattr(verify_evaluator, "task_config", None), baseline=result_dict(vb),
-                                    result=result_dict(vr), within_budget=budget_check(vb, vr, max_drop, relative))
+    verification = (verify(verify_evaluator, removed, budget, any_removed=bool(heads))
+                    if verify_evaluator is not None else None)
     selection = SelectionResult(
         method="iterative",
         heads_total=layout.total_heads,
@@ -214,12 +215,12 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
         policy=policy,
         min_heads_per_layer=min_heads_per_layer,
         allow_empty_layers=bool(allow_empty_layers),
-        budget=Budget(max_drop=max_drop, relative=relative, metric=baseline.metric,
-                      higher_is_better=bool(baseline.higher_is_better)),
+        budget=budget,
         task=getattr(evaluator, "task_config", None),
         baseline=result_dict(baseline),
         result=result_dict(final),
         verification=verification,
+        trace=judge.trace,
         cost=Cost(evaluations=evaluations, wall_seconds=round(time.time() - t0, 2),
                   forward_equivalents=round(forward_equivalents, 2)),
         calibration={"num_samples": len(seqs), "num_tokens": int(sum(len(s) for s in seqs))},
@@ -227,4 +228,4 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
                                  stop_reason=stop_reason),
         compensation=record_of(compensation),
     )
-    return Plan(heads, selection)
+    return raise_if_unverified(Plan(heads, selection), accept_unverified=accept_unverified, strict=strict_verification)

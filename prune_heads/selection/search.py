@@ -1,5 +1,16 @@
 """The largest ``k`` that passes a (presumed monotone) test, in few evaluations.
 
+Two searches:
+
+- ``search_largest_k`` (gallop, then bisection) is the fewest evaluations for a test that is exact.
+  With a noisy test it retries after every failure, and each retry near the answer is another chance
+  for a lucky pass: the returned ``k`` is over budget more often than one test's error rate.
+- ``search_ascending`` tests increasing ``k`` and stops at the first failure (fixed-sequence testing,
+  as in "Learn then Test", Angelopoulos et al. 2021): only the first ``k`` beyond the true answer can
+  pass by luck, so when each test passes a ``k`` over budget with probability at most ``alpha``, the
+  returned ``k`` is over budget with probability at most about ``alpha`` (exactly, when the steps
+  do not depend on the data). It spends a few more evaluations and lands up to one step short.
+
 Every probe is a full task evaluation, so the count matters more than anything else. The search
 gallops upward from a first guess (doubling while the test passes), then bisects the bracket it
 found. Each probe is clamped so that, whatever the outcome, the rest of the search still fits in
@@ -78,4 +89,52 @@ def search_largest_k(n: int, passes: Callable[[int], bool], *, first: int | None
     return SearchResult(k=lo, probes=probes)
 
 
-__all__ = ["SearchResult", "default_first_probe", "max_probes", "search_largest_k"]
+#: growth factor of the ascending search's steps when nothing better is known
+GROWTH = 1.25
+
+
+def geometric_step(lo: int) -> int:
+    return max(lo + 1, math.ceil(lo * GROWTH))
+
+
+def max_probes_ascending(n: int, first: int | None = None, growth: float = GROWTH) -> int:
+    """Probes ``search_ascending`` makes with geometric steps when every probe passes."""
+    if n <= 0:
+        return 0
+    k, count = min(n, first if first is not None else default_first_probe(n)), 1
+    while k < n:
+        k = min(n, max(k + 1, math.ceil(k * growth)))
+        count += 1
+    return count
+
+
+def search_ascending(n: int, passes: Callable[[int], bool], *, first: int | None = None,
+                     next_k: Callable[[int], int] | None = None, max_evaluations: int | None = None,
+                     progress: Any = None) -> SearchResult:
+    """Largest ``k`` in ``[0, n]`` reached by testing increasing ``k`` until the first failure.
+
+    ``next_k(lo)`` proposes the probe after a pass at ``lo`` (clamped to ``[lo + 1, n]``); the default
+    grows ``k`` by ``GROWTH``. ``max_evaluations`` caps the probes (the last passing ``k`` is returned).
+    """
+    probes: list[tuple[int, bool]] = []
+    if n <= 0:
+        return SearchResult(k=0, probes=probes)
+    step = next_k or geometric_step
+    lo, k = 0, max(1, min(n, first if first is not None else default_first_probe(n)))
+    cap = max_evaluations if max_evaluations is not None else 4 * max_probes_ascending(n, first)
+    while len(probes) < cap:
+        ok = bool(passes(k))
+        probes.append((k, ok))
+        if progress is not None:
+            progress.update(1)
+        if not ok:
+            break
+        lo = k
+        if lo >= n:
+            break
+        k = min(n, max(lo + 1, int(step(lo))))
+    return SearchResult(k=lo, probes=probes)
+
+
+__all__ = ["GROWTH", "SearchResult", "default_first_probe", "geometric_step", "max_probes", "max_probes_ascending",
+           "search_ascending", "search_largest_k"]

@@ -2,8 +2,12 @@
 
 Heads are ranked once, globally, by a calibration score (LN scores are comparable across layers);
 the GQA policy groups them into removal units; the search finds the largest number of units whose
-static mask keeps the task metric within ``max_drop`` of the unmasked baseline. Search and
-verification evaluate disjoint data, so the verified figure is not the one the search tuned on.
+static mask keeps the task metric within ``max_drop`` of the unmasked baseline. Every probe is judged
+by ``selection.budget.judge`` on paired per-document differences; with a confidence level, a probe
+passes only when the upper bound of its drop is within budget, and the search ascends and stops at
+the first failure so that the bound's confidence holds for the returned ``k`` (``selection.search``).
+Search and verification evaluate disjoint data (checked), so the verified figure is not the one the
+search tuned on, and a plan that fails its verification raises ``VerificationFailed``.
 """
 
 from __future__ import annotations
@@ -17,42 +21,43 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prune_heads.errors import BudgetError, PruneHeadsError
+from prune_heads.errors import PruneHeadsError
+from prune_heads.evaluation.paired import SURROGATES
 from prune_heads.model.adapters import HeadLayout, get_adapter
 from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
-from prune_heads.plan.record import (
-    Budget,
-    Cost,
-    Probe,
-    SelectionResult,
-    StaticDetails,
-    Verification,
-    result_dict,
-)
+from prune_heads.plan.record import Budget, Cost, Probe, SelectionResult, StaticDetails, result_dict
 from prune_heads.scoring.head_scores import HeadScores
 from prune_heads.scoring.score_defs import inactivity, is_layer_comparable, validate_score_ids
+from prune_heads.selection.budget import (
+    BudgetJudge,
+    check_disjoint,
+    judge,
+    make_budget,
+    raise_if_unverified,
+    verify,
+)
 from prune_heads.selection.policies import candidate_units, heads_of, removal_mask
-from prune_heads.selection.search import max_probes, search_largest_k
+from prune_heads.selection.search import (
+    geometric_step,
+    max_probes,
+    max_probes_ascending,
+    search_ascending,
+    search_largest_k,
+)
 
 #: pseudo score id: a seeded random ranking, the baseline every real score must beat
 RANDOM_SCORE = "random"
 
 
-def within_budget(baseline: Any, result: Any, max_drop: float, relative: bool) -> bool:
-    """Whether ``result`` lost at most ``max_drop`` against ``baseline``.
+def within_budget(baseline: Any, result: Any, max_drop: float, relative: bool, confidence: float = 0.0) -> bool:
+    """Whether ``result`` lost at most ``max_drop`` against ``baseline`` (``budget.judge`` decides).
 
     For a higher-is-better metric (accuracy) the loss is the drop; for a lower-is-better one
     (perplexity, KL) it is the increase. ``relative`` measures it as a fraction of the baseline value.
+    With ``confidence`` > 0 the upper one-sided bound of the paired drop must be within budget.
     """
-    if max_drop < 0 or math.isnan(max_drop):
-        raise BudgetError(f"--max-drop must be >= 0, got {max_drop}: even the unpruned model cannot meet it")
-    base, value = float(baseline.value), float(result.value)
-    if math.isnan(value) or math.isnan(base):
-        return False
-    loss = base - value if baseline.higher_is_better else value - base
-    allowed = max_drop * abs(base) if relative else max_drop
-    return loss <= allowed + 1e-12 * max(1.0, abs(base))
+    return judge(baseline, result, make_budget(max_drop, relative, confidence)).within_budget
 
 
 def ranking(scores: HeadScores | None, score_id: str, layout: HeadLayout, seed: int = 0) -> torch.Tensor:
@@ -78,7 +83,9 @@ def _task_config(evaluator: Any) -> Any:
 def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *, score_id: str, max_drop: float,
                   relative: bool = False, policy: str = "free", min_heads_per_layer: int = 1,
                   allow_empty_layers: bool = False, verify_evaluator: Any = None, progress: bool = True,
-                  seed: int = 0, first_probe: int | None = None) -> Plan:
+                  seed: int = 0, first_probe: int | None = None, confidence: float = 0.0,
+                  allow_underpowered: bool = False, accept_unverified: bool = False,
+                  strict_verification: bool = False, surrogate: str | None = None, search: str | None = None) -> Plan:
     """Largest static removal within budget under a score ranking; returns a ``Plan`` with its provenance.
 
     Args:
@@ -87,76 +94,63 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
             Built with ``compensation=`` it evaluates every candidate compensated (rank by ``lsq_error``
             then); the plan records that compensation under ``compensation``.
         max_drop: allowed loss in metric units (0.01 = one accuracy point), or a fraction with ``relative``.
-        verify_evaluator: evaluator on held-out data; the plan records its baseline and masked result.
+        verify_evaluator: evaluator on held-out data (documents disjoint from the search's, else an error);
+            the plan records its paired drop, and a plan the held-out data show over budget raises
+            ``VerificationFailed`` (``accept_unverified``: returned marked ``accepted_unverified``;
+            ``strict_verification``: an inconclusive verification fails too).
         seed: seed of the ``random`` ranking.
+        confidence: a probe passes only if the upper one-sided ``confidence`` bound of its paired drop is
+            within ``max_drop``; 0 = the point estimate. Budgets below what the search documents can
+            resolve stop with ``UnderpoweredBudget`` unless ``allow_underpowered``.
+        surrogate: ``margin`` or ``choice_kl`` (multiple-choice tasks): a low-variance per-document signal
+            that sizes the ascending search's steps; every step is still judged on the task's metric.
+        search: ``ascend`` (test increasing k, stop at the first failure: the bound's confidence holds for
+            the returned k) or ``bisect`` (gallop + bisection: fewest evaluations, exact for a noiseless
+            metric); default ``bisect`` at confidence 0 without a surrogate, else ``ascend``.
     """
     t0 = time.time()
     layout = get_adapter(model).layout(model.config)
     if scores is not None:
         scores.check(model)
-    if max_drop < 0 or math.isnan(max_drop):
-        raise BudgetError(f"--max-drop must be >= 0, got {max_drop}: even the unpruned model (k = 0) fails it")
+    budget = make_budget(max_drop, relative, confidence)
     from prune_heads.compensation.greedy import ensure_lsq_scores
 
     scores = ensure_lsq_scores(scores, model, score_id)
+    strategy = _strategy(search, budget, surrogate)
+    check_disjoint(evaluator, verify_evaluator)
     values = ranking(scores, score_id, layout, seed)
     units = candidate_units(values, layout, policy, min_heads_per_layer, allow_empty_layers)
-
-    cache: dict[bytes, Any] = {}
-    trace: list[Probe] = []
-
-    def evaluate(k: int) -> Any:
-        mask = removal_mask(units, k, layout)
-        key = mask.numpy().tobytes()
-        if key not in cache:
-            tic = time.time()
-            cache[key] = evaluator(mask if k else None)
-            trace.append(_probe(k, int(mask.sum()), cache[key], time.time() - tic))
-        return cache[key]
-
-    bar = tqdm(total=max_probes(len(units)) + 1, desc=f"select ({score_id}, {policy})", unit="eval",
-               disable=not progress)
-    baseline = evaluate(0)
-    bar.update(1)
-    trace[0].within_budget = within_budget(baseline, baseline, max_drop, relative)
-    if not trace[0].within_budget:
-        raise BudgetError(f"the unpruned model (k = 0) does not meet the budget: its {baseline.metric} is "
-                          f"{baseline.value}; check the task and --limit")
-    if relative and float(baseline.value) == 0.0:
-        raise BudgetError(f"the baseline {baseline.metric} is 0, so a relative budget allows nothing; use an absolute --max-drop")
-
-    def passes(k: int) -> bool:
-        ok = within_budget(baseline, evaluate(k), max_drop, relative)
-        for probe in trace:
-            if probe.k == k:
-                probe.within_budget = ok
-        return ok
+    if strategy == "ascend" and first_probe is None:
+        first_probe = ascending_first_probe(len(units))
+    # the bisection's bound is exact; the ascending search is capped at twice its geometric-growth count
+    n_max = (max_probes(len(units)) if strategy == "bisect" else 2 * max_probes_ascending(len(units), first_probe)) + 1
+    bar = tqdm(total=n_max, desc=f"select ({score_id}, {policy})", unit="eval", disable=not progress)
+    probe = _Prober(evaluator, units, layout, bar)
+    baseline = probe.evaluate(0)
+    _check_surrogate(baseline, surrogate)
+    probe.judge = BudgetJudge.start(baseline, budget, surrogate=surrogate, allow_underpowered=allow_underpowered,
+                                    seconds=probe.baseline_seconds)
 
     if not units:
         warnings.warn("no head can be removed under this policy and --min-heads-per-layer", stacklevel=2)
-    result = search_largest_k(len(units), passes, first=first_probe, progress=bar)
+    if strategy == "bisect":
+        result = search_largest_k(len(units), probe.passes, first=first_probe, progress=bar)
+    else:
+        step = _ascending_step(probe.judge, budget, len(units), guided=surrogate is not None)
+        result = search_ascending(len(units), probe.passes, first=first_probe, next_k=step, progress=bar,
+                                  max_evaluations=n_max - 1)
     bar.close()
     k = result.k
-    chosen = evaluate(k)
+    chosen = probe.evaluate(k)
     removed = heads_of(units, k)
     mask = removal_mask(units, k, layout)
-
     verification = None
     if verify_evaluator is not None:
         from prune_heads.compensation.plans import evaluator_with
 
+        # held-out data judge the same (compensated) model the search evaluated
         verify_evaluator = evaluator_with(verify_evaluator, getattr(evaluator, "compensation", None))
-        vb = verify_evaluator(None)
-        vr = verify_evaluator(mask) if k else vb
-        ok = within_budget(vb, vr, max_drop, relative)
-        verification = Verification(task=_task_config(verify_evaluator), baseline=result_dict(vb),
-                                    result=result_dict(vr), within_budget=ok)
-        if not ok:
-            warnings.warn(
-                f"the chosen {len(removed)} heads stay within budget on the search data but not on the held-out "
-                f"data ({vb.metric} {float(vb.value):.4f} -> {float(vr.value):.4f}); consider a smaller --max-drop "
-                "or a larger --limit", stacklevel=2
-            )
+        verification = verify(verify_evaluator, mask, budget, any_removed=bool(k))
 
     selection = SelectionResult(
         method="static",
@@ -169,25 +163,137 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         policy=policy,
         min_heads_per_layer=min_heads_per_layer,
         allow_empty_layers=bool(allow_empty_layers),
-        budget=Budget(max_drop=max_drop, relative=relative, metric=baseline.metric,
-                      higher_is_better=bool(baseline.higher_is_better)),
+        budget=budget,
         task=_task_config(evaluator),
         baseline=result_dict(baseline),
         result=result_dict(chosen),
         verification=verification,
-        trace=trace,
-        cost=Cost(evaluations=len(trace), max_evaluations=max_probes(len(units)) + 1,
-                  wall_seconds=round(time.time() - t0, 2)),
+        trace=probe.judge.trace,
+        cost=Cost(evaluations=len(probe.judge.trace), max_evaluations=n_max, wall_seconds=round(time.time() - t0, 2)),
         scores=scores.summary() if scores is not None else None,
         compensation=_compensation_record(evaluator),
-        details=StaticDetails(k=k, num_units=len(units), seed=seed if score_id == RANDOM_SCORE else None),
+        details=StaticDetails(k=k, num_units=len(units), seed=seed if score_id == RANDOM_SCORE else None,
+                              search=strategy, surrogate=surrogate),
     )
-    return Plan(removed, selection)
+    return raise_if_unverified(Plan(removed, selection), accept_unverified=accept_unverified,
+                               strict=strict_verification)
 
 
-def _probe(k: int, heads_removed: int, r: Any, seconds: float) -> Probe:
-    return Probe(k=k, heads_removed=heads_removed, metric=r.metric, value=float(r.value),
-                 stderr=None if r.stderr is None else float(r.stderr), n=int(r.n), seconds=round(seconds, 2))
+STRATEGIES = ("ascend", "bisect")
+
+
+def _strategy(search: str | None, budget: Budget, surrogate: str | None) -> str:
+    if surrogate is not None and surrogate not in SURROGATES:
+        raise PruneHeadsError(f"surrogate must be one of {', '.join(SURROGATES)} (or none), not {surrogate!r}")
+    if search is None:
+        return "bisect" if budget.confidence == 0 and surrogate is None else "ascend"
+    if search not in STRATEGIES:
+        raise PruneHeadsError(f"search must be one of {', '.join(STRATEGIES)}, not {search!r}")
+    if search == "bisect" and surrogate is not None:
+        raise PruneHeadsError("the surrogate sizes the steps of the ascending search; use search='ascend'")
+    return search
+
+
+class _Prober:
+    """Evaluates prefixes of the ranking once each and judges every new one (the plan's trace)."""
+
+    def __init__(self, evaluator: Any, units: list, layout: HeadLayout, bar: Any) -> None:
+        self.evaluator, self.units, self.layout, self.bar = evaluator, units, layout, bar
+        self.cache: dict[int, Any] = {}
+        self.judge: BudgetJudge | None = None
+        self.baseline_seconds = 0.0
+
+    def evaluate(self, k: int) -> Any:
+        if k not in self.cache:
+            mask = removal_mask(self.units, k, self.layout)
+            tic = time.time()
+            self.cache[k] = self.evaluator(mask if k else None)
+            if self.judge is not None:
+                self.judge.probe(self.cache[k], k=k, heads_removed=int(mask.sum()), seconds=time.time() - tic)
+            elif k == 0:
+                self.baseline_seconds = time.time() - tic
+        return self.cache[k]
+
+    def passes(self, k: int) -> bool:
+        self.evaluate(k)
+        assert self.judge is not None
+        return bool(next(p for p in reversed(self.judge.trace) if p.k == k).within_budget)
+
+
+def _check_surrogate(baseline: Any, surrogate: str | None) -> None:
+    if surrogate is None:
+        return
+    docs = getattr(baseline, "docs", None)
+    if docs is None or docs.choice_scores is None:
+        raise PruneHeadsError(f"the {surrogate} surrogate needs a multiple-choice task scored by log-likelihood "
+                              f"(per-choice scores); {baseline.metric} on this task has none")
+
+
+def ascending_first_probe(n: int) -> int:
+    """The ascending search starts low (it never comes back below a failure) and doubles while far from the budget."""
+    return max(1, n // 64)
+
+
+def _ascending_step(judge: BudgetJudge, budget: Budget, n: int, *, guided: bool, gain: float = 0.5) -> Any:
+    """Next ``k`` after a pass at ``lo``: double while the bound is far below the budget, then close in.
+
+    Without a surrogate: double while the last bound is below a quarter of the budget, else grow by
+    ``GROWTH``. With one: double while the predicted bound at ``2 lo`` is within budget, else go
+    ``gain`` of the way to the predicted crossing (``predict_crossing``), at least 5%.
+    """
+
+    def step(lo: int) -> int:
+        passed = sorted((p for p in judge.trace if 0 < p.k <= lo and p.within_budget and p.drop is not None),
+                        key=lambda p: p.k)
+        last = passed[-1].drop if passed and passed[-1].k == lo else None
+        if not guided:
+            far = last is not None and last.bound <= budget.max_drop / 4
+            return min(n, 2 * lo if far else geometric_step(lo))
+        k_pred = predict_crossing(passed, budget.max_drop, lo)
+        if k_pred >= 2 * lo:
+            return min(n, 2 * lo)
+        min_step = max(1, math.ceil(lo / 20))
+        return int(min(n, max(lo + min_step, math.floor(lo + gain * (k_pred - lo)))))
+
+    return step
+
+
+def predict_crossing(passed: list[Probe], allowed: float, lo: int, cap: float = 2.0) -> float:
+    """Where the metric's bound is predicted to reach ``allowed``, from the probes that passed (up to ``cap * lo``).
+
+    The surrogate is smooth in ``k``, so its last two points give the curve's shape: ``S(k) = S_lo (k/lo)^b``
+    (``b`` clamped to [0.5, 3]). The metric's estimate is predicted as ``rho * S(k)`` with ``rho`` the ratio
+    of the summed metric drops to the summed surrogate values of all passing probes (pooling many probes
+    averages the metric's per-probe noise), and its bound's margin as growing like ``sqrt(S)`` (the
+    variance of paired differences grows with the number of documents that change).
+    """
+    last = passed[-1] if passed else None
+    if last is None or last.k != lo or last.drop is None or not last.drop.surrogate_estimate:
+        return cap * lo
+    s_lo = float(last.drop.surrogate_estimate)
+    if s_lo <= 0:
+        return cap * lo
+    b = 1.0
+    prev = [p for p in passed[:-1] if p.drop is not None and (p.drop.surrogate_estimate or 0) > 0]
+    if prev and prev[-1].k < lo:
+        b = math.log(s_lo / float(prev[-1].drop.surrogate_estimate)) / math.log(lo / prev[-1].k)
+        b = min(max(b, 0.5), 3.0)
+    pts = [p.drop for p in passed if p.drop is not None and (p.drop.surrogate_estimate or 0) > 0]
+    rho = max(0.0, sum(d.estimate for d in pts) / sum(float(d.surrogate_estimate) for d in pts))
+    margin = max(0.0, last.drop.bound - last.drop.estimate)
+
+    def bound_at(r: float) -> float:
+        return rho * s_lo * r ** b + margin * r ** (b / 2)
+
+    if bound_at(cap) <= allowed:
+        return cap * lo
+    if bound_at(1.0) >= allowed:
+        return float(lo)
+    a, z = 1.0, cap
+    for _ in range(40):
+        mid = 0.5 * (a + z)
+        a, z = (mid, z) if bound_at(mid) <= allowed else (a, mid)
+    return a * lo
 
 
 def _compensation_record(evaluator: Any) -> dict[str, Any]:

@@ -6,6 +6,11 @@ for every input) or, with ``dynamic``, per input as in the paper (a head is zero
 that input's score crosses the threshold that marks the fraction in the calibration set). A random
 ranking is the baseline every score must beat. The summary table is the paper's Table 2: the largest
 fraction each score zeroes while staying within one point of the unmasked model.
+
+Every row also carries the paired drop against the unmasked model on the same documents
+(``selection.budget.judge``): its estimate, standard error and one-sided ``band`` bounds, which the
+plot draws as a band around the drop curve, with the budget line and each score's chosen fraction.
+With ``confidence`` > 0 a fraction counts as within budget only if its upper bound is.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +31,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prune_heads.errors import PruneHeadsError
+from prune_heads.evaluation.paired import paired_drop
 from prune_heads.io_utils import atomic_dir, write_json_atomic
 from prune_heads.model.adapters import get_adapter
 from prune_heads.plan.record import result_dict
 from prune_heads.scoring.head_scores import HeadScores
+from prune_heads.selection.budget import check_confidence, judge, make_budget
 from prune_heads.selection.policies import candidate_units, removal_mask
 from prune_heads.selection.static import RANDOM_SCORE, ranking, within_budget
 
@@ -61,8 +69,10 @@ class SweepResult:
                     "fraction": f,
                     "pct_zeroed": sum(r["pct_zeroed"] for r in rs) / len(rs),
                     "value": sum(r["value"] for r in rs) / len(rs),
-                    "within_budget": all(r["within_budget"] for r in rs) if len(rs) == 1 else
+                    "within_budget": all(r["within_budget"] for r in rs) if len(rs) == 1 or self.meta.get("confidence")
+                    else
                     _passes(self.baseline, sum(r["value"] for r in rs) / len(rs), self.max_drop),
+                    **{key: _mean([r.get(key) for r in rs]) for key in ("drop", "drop_lower", "drop_upper")},
                 })
             out[sid] = pts
         return out
@@ -100,22 +110,26 @@ class SweepResult:
 
     def rows_csv(self) -> str:
         return _csv(self.rows, ["score", "seed", "fraction", "pct_zeroed", "heads_zeroed", "metric", "value", "stderr",
-                                "n", "within_budget", "threshold"])
+                                "n", "within_budget", "threshold", "drop", "drop_stderr", "drop_lower", "drop_upper"])
 
     def _fractions(self) -> list[float]:
         return sorted({r["fraction"] for r in self.rows})
 
     # ---- outputs ------------------------------------------------------------------------------
     def plot(self, path: str | os.PathLike) -> Path:
+        """The metric against % of heads zeroed (left) and the paired drop with its band (right)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-        for sid, pts in self.curves().items():
+        fig, (ax, ax_drop) = plt.subplots(1, 2, figsize=(11.5, 4.2), dpi=120)
+        curves = self.curves()
+        colors: dict[str, Any] = {}
+        for sid, pts in curves.items():
             style = {"color": "0.5", "linestyle": "--"} if sid == RANDOM_SCORE else {}
-            ax.plot([p["pct_zeroed"] for p in pts], [p["value"] for p in pts], marker="o", label=sid, **style)
+            line = ax.plot([p["pct_zeroed"] for p in pts], [p["value"] for p in pts], marker="o", label=sid, **style)
+            colors[sid] = line[0].get_color()
         base = float(self.baseline["value"])
         hib = self.baseline["higher_is_better"]
         ax.axhline(base - self.max_drop if hib else base + self.max_drop, color="k", linewidth=0.8, linestyle=":",
@@ -126,10 +140,36 @@ class SweepResult:
         ax.set_title(f"{task or ''} - heads zeroed by score".strip(" -"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        self._plot_drop(ax_drop, curves, colors)
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
         return Path(path)
+
+    def _plot_drop(self, ax: Any, curves: dict[str, list[dict[str, Any]]], colors: dict[str, Any]) -> None:
+        band = self.meta.get("band", 0.9)
+        chosen = {r["score"]: r for r in self.table()}
+        for sid, pts in curves.items():
+            pts = [p for p in pts if p.get("drop") is not None]
+            if not pts:
+                continue
+            x = [p["pct_zeroed"] for p in pts]
+            ax.plot(x, [p["drop"] for p in pts], marker="o", color=colors[sid], label=sid,
+                    linestyle="--" if sid == RANDOM_SCORE else "-")
+            lo, hi = [p["drop_lower"] for p in pts], [p["drop_upper"] for p in pts]
+            if all(v is not None and math.isfinite(v) for v in lo + hi):
+                ax.fill_between(x, lo, hi, color=colors[sid], alpha=0.15, linewidth=0)
+            best = next((p for p in pts if p["fraction"] == chosen.get(sid, {}).get("max_fraction")), None)
+            if best is not None and best["fraction"] > 0:
+                ax.plot([best["pct_zeroed"]], [best["drop"]], marker="*", markersize=14, color=colors[sid],
+                        markeredgecolor="k", linestyle="none")
+        ax.axhline(self.max_drop, color="k", linewidth=0.8, linestyle=":", label=f"budget {self.max_drop:g}")
+        ax.axhline(0.0, color="0.7", linewidth=0.6)
+        ax.set_xlabel(f"% of heads zeroed ({self.mode})")
+        ax.set_ylabel(f"{self.baseline['metric']} drop (paired, one-sided {100 * band:g}% band)")
+        ax.set_title("drop vs. heads zeroed; * = largest fraction within budget")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "max_drop": self.max_drop, "task": self.task, "baseline": self.baseline,
@@ -154,6 +194,22 @@ def _passes(baseline: dict[str, Any], value: float, max_drop: float) -> bool:
     return within_budget(_R(baseline["value"]), _R(value), max_drop, False)
 
 
+def _mean(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _drop_columns(baseline: Any, result: Any, max_drop: float, confidence: float, band: float) -> dict[str, Any]:
+    """The row's paired drop (estimate, stderr, ``band`` bounds) and its verdict at ``confidence``."""
+    verdict = judge(baseline, result, make_budget(max_drop, False, confidence)).within_budget
+    try:
+        d = paired_drop(baseline, result, confidence=band)
+    except PruneHeadsError:  # no per-document scores and no standard errors: the point estimate only
+        d = paired_drop(baseline, result, confidence=0.0)
+    return {"within_budget": verdict, "drop": d.estimate, "drop_stderr": d.stderr, "drop_lower": d.lower,
+            "drop_upper": d.upper}
+
+
 def _csv(rows: Sequence[dict[str, Any]], columns: list[str]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -174,8 +230,11 @@ def _capturing_dynamic(model: nn.Module, score_id: str, threshold: float, sink: 
 
 def run_sweep(model: nn.Module, scores: HeadScores, evaluator: Any, *, score_ids: Sequence[str],
               fractions: Sequence[float] = DEFAULT_FRACTIONS, dynamic: bool = False, random_seeds: Sequence[int] = (0,),
-              max_drop: float = 0.01, progress: bool = True) -> SweepResult:
+              max_drop: float = 0.01, progress: bool = True, confidence: float = 0.0, band: float = 0.9) -> SweepResult:
     """Evaluate every (score, fraction) pair, plus a random ranking per seed; see the module docstring.
+
+    ``confidence``: a fraction is within budget only if the upper one-sided bound of its paired drop is
+    (0: the point estimate, the paper's rule); ``band``: the one-sided level of the plotted band.
 
     Static rankings are global and unconstrained (a layer may lose every head), as in the paper:
     the sweep measures scores, it does not produce an exportable plan. The random baseline zeroes
@@ -183,6 +242,8 @@ def run_sweep(model: nn.Module, scores: HeadScores, evaluator: Any, *, score_ids
     """
     layout = get_adapter(model).layout(model.config)
     scores.check(model)
+    make_budget(max_drop, False, confidence)  # bad --max-drop / --confidence: fail before evaluating
+    check_confidence(band)
     fractions = sorted({float(f) for f in fractions})
     if not fractions or fractions[0] < 0 or fractions[-1] > 1:
         raise PruneHeadsError(f"fractions must lie in [0, 1], got {fractions}")
@@ -229,12 +290,13 @@ def run_sweep(model: nn.Module, scores: HeadScores, evaluator: Any, *, score_ids
                 "score": sid, "seed": seed, "fraction": f, "heads_zeroed": round(zeroed, 2),
                 "pct_zeroed": 100.0 * zeroed / total, "metric": result.metric, "value": float(result.value),
                 "stderr": None if result.stderr is None else float(result.stderr), "n": int(result.n),
-                "within_budget": within_budget(baseline, result, max_drop, False), "threshold": threshold,
+                "threshold": threshold, **_drop_columns(baseline, result, max_drop, confidence, band),
             })
     bar.close()
     return SweepResult(base_d, rows, "dynamic" if dynamic else "static", max_drop,
                        task=getattr(evaluator, "task_config", None),
-                       meta={"heads_total": total, "fractions": fractions, "random_seeds": list(random_seeds)})
+                       meta={"heads_total": total, "fractions": fractions, "random_seeds": list(random_seeds),
+                             "confidence": confidence, "band": band})
 
 
 def load_sweep(path: str | os.PathLike) -> SweepResult:
