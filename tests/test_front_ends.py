@@ -27,6 +27,8 @@ METHODS = {
     "random": {"method": "static", "score": "random", "seed": 3, "max_drop": 5.0, "relative": True},
     "iterative": {"method": "iterative", "round_size": 2, "max_drop": 5.0, "relative": True},
     "gates": {"method": "gates", "target_fraction": 0.25, "steps": 30, "lr": 0.1, "gate_batch_size": 2},
+    # compensated (the recipes' default): ranked by lsq_error, the compensation file travels with the plan
+    "static_lsq": {"method": "static", "max_drop": 5.0, "relative": True, "compensate": "lsq"},
 }
 
 
@@ -109,7 +111,12 @@ def test_cli_and_recipe_runner_agree(world, tmp_path, name):
     # the plans, field by field
     pc, pr = json.loads((cli_dir / "plan.json").read_text()), json.loads((wd / "select" / "plan.json").read_text())
     assert strip(pc) == strip(pr)
-    assert pc["method"] == ("static" if name == "random" else name) and pc["removed_heads"]
+    assert pc["method"] == ("static" if name in ("random", "static_lsq") else name) and pc["removed_heads"]
+    if name == "static_lsq":
+        assert pc["compensation"]["mode"] == "lsq" and pc["score_id"] == "lsq_error"
+        ca = load_file(str(cli_dir / pc["compensation"]["file"]))
+        cb = load_file(str(wd / "select" / pr["compensation"]["file"]))
+        assert ca and ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
     # the checkpoints, tensor by tensor, and their configs
     ta, tb = load_file(str(cli_dir / "model" / "model.safetensors")), load_file(str(wd / "export" / "model" / "model.safetensors"))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

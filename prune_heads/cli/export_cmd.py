@@ -15,11 +15,14 @@ from prune_heads.schema import click_options
 @click.command()
 @click.argument("model")
 @click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Plan JSON (removed_heads).")
+@click.option("--scores", "scores_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Scores directory whose moments rebuild a compensated plan's compensation (only for plans "
+                   "without their .compensation.safetensors file).")
 @click_options(ExportConfig)
 @click_options(VerifyConfig)
 @output_option("Checkpoint directory to write.")
 @click_options(ModelConfig, skip=("dtype", "device", "device_map"))
-def export(model, plan_path, output, overwrite, **kw):
+def export(model, plan_path, scores_dir, output, overwrite, **kw):
     """Write MODEL with the heads in --plan removed as a new checkpoint.
 
     Exits with status 1 when verification exceeds the tolerance (the checkpoint and its
@@ -32,9 +35,9 @@ def export(model, plan_path, output, overwrite, **kw):
     mc = model_config(model, kw, fields=("revision", "gguf_file", "trust_remote_code"))
     verify = from_cli(VerifyConfig, {k: kw.pop(k) for k in ("enabled", "tol", "num_sequences", "seq_len")})
     cfg = from_cli(ExportConfig, kw)
-    check_output(output, overwrite, inputs=(model, plan_path))
+    check_output(output, overwrite, inputs=(model, plan_path, scores_dir))
     plan = Plan.load(plan_path)
-    result = run_export(cfg, mc, plan, output, verify=verify, overwrite=overwrite)
+    result = run_export(cfg, mc, plan, output, verify=verify, overwrite=overwrite, scores=scores_dir)
     removed = 1 - result.params_after / result.params_before
     click.echo(f"{cfg.format}: {result.params_before:,} -> {result.params_after:,} parameters ({removed:.1%} removed), "
                f"{len(plan.removed_heads)} heads -> {output}")
@@ -42,7 +45,7 @@ def export(model, plan_path, output, overwrite, **kw):
     if v is not None:
         status = "ok" if v["passed"] else "EXCEEDED"
         click.echo(f"verification: max |logit diff| {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:g}, "
-                   f"float64) {status}")
+                   f"float64, against the {'compensated ' if result.compensated else ''}masked original) {status}")
         if not v["passed"] and v.get("approximate_norms"):
             click.echo("(expected with --approximate-norms: the measured error is recorded in prune_heads.json)")
     if not result.passed:

@@ -18,6 +18,10 @@ from prune_heads.compensation.solve import Compensation, Compensator
 from prune_heads.compensation.spec import CompensationSpec, as_spec
 from prune_heads.errors import ModelMismatchError, PruneHeadsError
 
+#: the compensation a plan was selected with, written beside the plan file (``plan.json`` ->
+#: ``plan.compensation.safetensors``) so export and evaluation apply exactly it, sequential or not
+SIDECAR_SUFFIX = ".compensation.safetensors"
+
 RECALIBRATE = ("recompute them with `prune-heads calibrate MODEL --data DATA -o {where}` "
                "(calibration collects the moments by default)")
 
@@ -93,6 +97,9 @@ def compensation_for_plan(plan: Any, *, scores: Any = None, moments: Any = None,
     if not spec.active:
         return None
     recorded = (entry or {}).get("moments") or {}
+    travelled = compensation is None and moments is None and scores is None
+    if travelled:  # the file beside the plan, checked by its own fingerprint
+        compensation = _sidecar(plan, entry or {})
     target = model if model is not None else config
     from prune_heads.model.adapters import get_adapter
 
@@ -101,7 +108,8 @@ def compensation_for_plan(plan: Any, *, scores: Any = None, moments: Any = None,
         comp = compensation if isinstance(compensation, Compensation) else Compensation.load(compensation)
         if comp.spec != spec:
             raise PruneHeadsError(f"the compensation file is {comp.spec.to_dict()} but the plan asks for {spec.to_dict()}")
-        if recorded.get("fingerprint") and (comp.statistics or {}).get("fingerprint") != recorded["fingerprint"]:
+        if not travelled and recorded.get("fingerprint") and \
+                (comp.statistics or {}).get("fingerprint") != recorded["fingerprint"]:
             raise ModelMismatchError("the compensation file was solved from other statistics than the plan records; "
                                      "use the file written with the plan, or select again")
         if mask is not None:
@@ -123,6 +131,39 @@ def compensation_for_plan(plan: Any, *, scores: Any = None, moments: Any = None,
     m.check(target)
     _check_recorded(m, recorded)
     return Compensator(spec, moments=m)(mask)
+
+
+def sidecar_path(plan_path: str | os.PathLike) -> Path:
+    p = Path(plan_path)
+    return p.with_name(p.stem + SIDECAR_SUFFIX)
+
+
+def save_beside_plan(plan: Any, compensation: Compensation, plan_path: str | os.PathLike) -> Path:
+    """Write ``compensation`` beside ``plan_path`` and record its file and fingerprint in the plan.
+
+    Call before the plan itself is written, so a plan file never names a compensation that is not there.
+    """
+    path = compensation.save(sidecar_path(plan_path))
+    entry = dict(plan.selection.compensation or compensation.record())
+    entry.update(file=path.name, fingerprint=compensation.fingerprint())
+    plan.selection.compensation = entry
+    return path
+
+
+def _sidecar(plan: Any, entry: dict[str, Any]) -> Compensation | None:
+    """The compensation file that travels with a loaded plan, checked against the plan's record; None if none."""
+    name, where = entry.get("file"), getattr(plan, "path", None)
+    if not name or where is None:
+        return None
+    path = Path(where).with_name(name)
+    if not path.is_file():
+        raise PruneHeadsError(f"the plan {where} was compensated with {name}, which is not beside it; copy it with "
+                              "the plan, or pass the scores directory it was selected with (--scores)")
+    comp = Compensation.load(path)
+    if entry.get("fingerprint") and comp.fingerprint() != entry["fingerprint"]:
+        raise ModelMismatchError(f"{path} is not the compensation this plan was selected with (its fingerprint "
+                                 "differs); select again or restore the file")
+    return comp
 
 
 def record_of(compensator: Compensator | None) -> dict[str, Any]:

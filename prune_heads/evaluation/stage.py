@@ -180,10 +180,12 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
     model = loaded.model
     layout = get_adapter(model).layout(model.config)
     mask_info: dict[str, Any] = {"type": "none"}
-    removed, context, box = None, None, {}
+    removed, context, box, compensation = None, None, {}, None
     if side.plan is not None:
         side.plan.validate(model, check_weights=model)
         removed = side.plan.mask(layout)
+        if side.export_dir is None:
+            compensation = _plan_compensation(side, model, loaded.tokenizer, cfg.batch_size)
         mask_info = {"type": "plan", "removed_heads": [list(x) for x in side.plan.removed_heads],
                      "method": side.plan.selection.method, "compensation": side.plan.selection.compensation}
     elif cfg.dynamic or cfg.dynamic_fraction:
@@ -196,7 +198,8 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
     outcomes, calls = [], 0
     for t in cfg.tasks:
         ev = make_evaluator(model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot, split=t.split,
-                            data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, metric=t.metric)
+                            data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, metric=t.metric,
+                            compensation=compensation)
         baseline = ev(None)
         if pruned_model is not None:
             pev = make_evaluator(pruned_model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot,
@@ -231,6 +234,19 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
     if out is not None:
         write_json_atomic(out, result.to_dict(), overwrite=overwrite)
     return result
+
+
+def _plan_compensation(side: PrunedSide, model: Any, tokenizer: Any, batch_size: int) -> Any:
+    """The compensation a plan was selected with (its file beside the plan, or rebuilt from ``--scores``), so
+    ``eval --plan`` measures the same model the export writes; None for plans that zero their heads."""
+    if (side.plan.selection.compensation or {}).get("mode", "none") == "none":
+        return None
+    from prune_heads.compensation.plans import compensation_for_plan
+
+    seqs = side.scores.tokens if side.scores is not None else None
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    return compensation_for_plan(side.plan, scores=side.scores, model=model, seqs=seqs, batch_size=batch_size,
+                                 pad_id=int(pad))
 
 
 def _load_export(path: Path, original: Any) -> Any:

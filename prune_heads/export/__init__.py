@@ -44,6 +44,8 @@ class ExportResult:
     predicted_params_after: int | None = None
     bytes_written: int = 0
     peak_buffer_bytes: int = 0
+    #: the plan's compensation was folded into the weights (and verification compared with it)
+    compensated: bool = False
 
     @property
     def passed(self) -> bool:
@@ -221,7 +223,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         write_json_atomic(tmp / PROVENANCE_FILE, provenance)
 
     return ExportResult(out, params_before, writer.total_params, verification, sorted(files), predicted,
-                        writer.total_bytes, writer.peak_buffer_bytes)
+                        writer.total_bytes, writer.peak_buffer_bytes, compensated=o_bias)
 
 
 def _cast(tensor: Any, dtype: Any) -> Any:
@@ -239,7 +241,8 @@ def _plan_compensation(plan: Plan, config: Any, compensation: Any, moments: Any)
             raise PruneHeadsError("a compensation was given but the plan records none (it was selected with "
                                   "--compensate none); select again with --compensate lsq")
         return None
-    if compensation is None and moments is None:
+    travels = bool((plan.selection.compensation or {}).get("file")) and plan.path is not None
+    if compensation is None and moments is None and not travels:
         raise PruneHeadsError(
             f"this plan was selected with --compensate {spec.mode}: export needs the scores directory it was selected "
             "with (its moments.safetensors) to fold the compensation into the weights"

@@ -165,6 +165,7 @@ def render_model_card(info: Mapping[str, Any]) -> str:
         _summary(info),
         _heads_section(info),
         compensation_section(info.get("compensation")),
+        budget_section(info.get("plan")),
         _eval_section(rows),
         _verification_section(info.get("verification"), info.get("compensation")),
         _loading_section(info),
@@ -195,6 +196,38 @@ def compensation_section(comp: Any) -> str:
     if comp.get("layers") is not None:
         lines.append(f"| layers with an o_proj bias from compensation | {len(comp['layers'])} |")
     return "\n".join(lines + [""])
+
+
+# ---- selection budget -----------------------------------------------------------------------------
+def budget_section(plan: Any) -> str:
+    """The budget the heads were selected under and what the held-out verification found (with its interval).
+
+    A plan written with ``--accept-unverified`` after failing its verification says so first, in bold:
+    readers of the card must not take it for a verified plan.
+    """
+    if not isinstance(plan, Mapping) or not isinstance(plan.get("budget"), Mapping):
+        return ""
+    b = plan["budget"]
+    rel = bool(b.get("relative"))
+    fmt = (lambda x: f"{100 * float(x):.2f}%") if rel else (lambda x: f"{float(x):.4g}")
+    metric = b.get("metric") or "metric"
+    lines = ["## Selection budget", ""]
+    if plan.get("accepted_unverified"):
+        lines += ["**This plan failed its held-out verification and was written anyway (`--accept-unverified`).**", ""]
+    conf = float(b.get("confidence") or 0)
+    rule = (f"the one-sided {100 * conf:g}% upper bound of the paired drop" if conf else "the measured drop")
+    lines += [f"Heads were removed while {rule} in {metric} stayed within {fmt(b['max_drop'])}"
+              f"{' of the baseline' if rel else ''}.", ""]
+    v = plan.get("verification")
+    drop = v.get("drop") if isinstance(v, Mapping) else None
+    if isinstance(drop, Mapping):
+        verdict = v.get("verdict") or ("within" if v.get("within_budget") else "over")
+        interval = (f", {100 * float(drop['confidence']):g}% one-sided bounds {fmt(drop['lower'])} .. "
+                    f"{fmt(drop['bound'])}" if drop.get("confidence") else "")
+        se = f", standard error {fmt(drop['stderr'])}" if drop.get("stderr") is not None else ""
+        lines += [f"Held-out verification ({_int(drop.get('n') or 0)} documents not used by the search): drop "
+                  f"{fmt(drop['estimate'])}{se}{interval}; verdict **{verdict}**.", ""]
+    return "\n".join(lines)
 
 
 # ---- front matter ---------------------------------------------------------------------------------

@@ -44,9 +44,13 @@ class VerifyConfig(Config):
 
 
 def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify: VerifyConfig | None = None,
-               overwrite: bool = False, progress: bool = True) -> Any:
+               overwrite: bool = False, progress: bool = True, scores: Any = None) -> Any:
     """Write ``plan`` applied to the model (a ``ModelConfig``) as a checkpoint in ``out``; verify it inline
-    when ``verify`` is given and enabled. Returns ``ExportResult``."""
+    when ``verify`` is given and enabled. Returns ``ExportResult``.
+
+    A compensated plan brings its compensation file along (written beside it by ``select``); ``scores``
+    (a scores directory or ``HeadScores`` with moments) rebuilds it instead, for plans without one.
+    """
     from prune_heads.export import export_checkpoint
 
     v = verify if verify is not None and verify.enabled else None
@@ -55,7 +59,7 @@ def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify
                              approximate_norms=config.approximate_norms,
                              scores_summary=plan.selection.scores, gguf_file=model.gguf_file, progress=progress,
                              verify_tol=v.tol if v else 1e-4, verify_num_sequences=v.num_sequences if v else 4,
-                             verify_seq_len=v.seq_len if v else 64)
+                             verify_seq_len=v.seq_len if v else 64, moments=scores)
 
 
 @dataclass
@@ -78,8 +82,8 @@ class VerificationResult:
         return self.passed or self.approximate_norms
 
 
-def run_verify(config: VerifyConfig, model: Any, export_dir: Path, plan: Any) -> VerificationResult:
-    """Largest |logit difference| between the export and the masked original (``verify_export``)."""
+def run_verify(config: VerifyConfig, model: Any, export_dir: Path, plan: Any, *, scores: Any = None) -> VerificationResult:
+    """Largest |logit difference| between the export and the (compensated) masked original (``verify_export``)."""
     import json
 
     from prune_heads.export.verify import verify_export
@@ -87,5 +91,20 @@ def run_verify(config: VerifyConfig, model: Any, export_dir: Path, plan: Any) ->
     prov = json.loads((Path(export_dir) / "prune_heads.json").read_text())
     rec = verify_export(model.id, export_dir, plan, num_sequences=config.num_sequences, seq_len=config.seq_len,
                         tol=config.tol, dtype=None if prov.get("dtype") == "source" else prov.get("dtype"),
-                        approximate=bool(prov.get("approximate_norms")))
+                        approximate=bool(prov.get("approximate_norms")),
+                        compensation=plan_compensation(plan, model, scores))
     return VerificationResult.from_record(rec)
+
+
+def plan_compensation(plan: Any, model: Any, scores: Any = None) -> Any:
+    """The plan's ``Compensation`` (None when it zeroes), checked against the source model's config."""
+    if (plan.selection.compensation or {}).get("mode", "none") == "none":
+        return None
+    from transformers import AutoConfig
+
+    from prune_heads.compensation.plans import compensation_for_plan
+    from prune_heads.export import register_auto_classes, resolve_source
+
+    register_auto_classes()
+    config = AutoConfig.from_pretrained(resolve_source(model.id, model.gguf_file))
+    return compensation_for_plan(plan, scores=scores, config=config)

@@ -79,7 +79,8 @@ def _select(ctx: RunContext, out: Path) -> dict[str, Any]:
     from prune_heads.selection.stage import plot_search, run_select
 
     plan = run_select(ctx.recipe.select, ctx.model(), ctx.scores(), out / "plan.json", model_id=ctx.recipe.model.id,
-                      recipe=ctx.recipe.name, progress=ctx.progress)
+                      recipe=ctx.recipe.name, progress=ctx.progress,
+                      keep_unverified=ctx.workdir / "plan.unverified.json")  # the stage's own folder is discarded
     plot_search(plan, out / "search.png")
     s = plan.selection
     return {"plan": "plan.json", "heads_removed": len(plan.removed_heads), "heads_total": s.heads_total,

@@ -47,6 +47,8 @@ def parse_heads(entries: Any, where: str = "plan") -> list[Head]:
 class Plan:
     removed_heads: list[Head]
     selection: SelectionResult = field(default_factory=SelectionResult)
+    #: the file this plan was loaded from or saved to: files that travel with it (its compensation) sit beside it
+    path: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.selection, Mapping):
@@ -108,7 +110,8 @@ class Plan:
         return {"removed_heads": [list(x) for x in self.removed_heads], **self.selection.to_dict()}
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        return write_json_atomic(path, self.to_dict(), overwrite=overwrite)
+        self.path = write_json_atomic(path, self.to_dict(), overwrite=overwrite)
+        return self.path
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "plan") -> Plan:
@@ -126,7 +129,9 @@ class Plan:
             raise PruneHeadsError(f"plan file {p} not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PruneHeadsError(f"plan file {p} is not valid JSON: {e}") from e
-        return cls.from_dict(d, f"plan file {p}")
+        plan = cls.from_dict(d, f"plan file {p}")
+        plan.path = p
+        return plan
 
 
 __all__ = ["Plan", "PlanFormatError", "SelectionResult", "parse_heads"]

@@ -28,9 +28,9 @@ def _ranking_score(v: Any) -> str | None:
 class StaticMethod(Config):
     """Rank heads once by a calibration score; gallop + bisect to the most heads within budget."""
 
-    score: str = option("ahon_ln", check=_ranking_score,
-                        help="Ranking score (static: ahon_ln by default; 'random' for a seeded random ranking; "
-                             "iterative: ablation_kl or ablation_loss).")
+    score: str | None = option(None, check=_ranking_score,
+                               help="Ranking score (default: lsq_error with --compensate lsq, lsq_error_group for "
+                                    "--gqa kv-groups, else ahon_ln; 'random' for a seeded random ranking).")
 
 
 @dataclass
@@ -81,6 +81,14 @@ class SelectConfig(Config):
     allow_underpowered: bool = option(False, help="Search even when the documents cannot resolve --max-drop.")
     accept_unverified: bool = option(False, help="Write the plan even when it fails its held-out verification "
                                                  "(it is marked so).")
+    strict_verification: bool = option(False, help="Fail also when the held-out verification is inconclusive "
+                                                   "(its interval straddles the budget).")
+    surrogate: str | None = option(None, choices=("margin", "choice_kl"),
+                                   help="static, multiple-choice tasks: a low-variance per-document signal that "
+                                        "sizes the search's steps (every step is still judged on the metric).")
+    search: str | None = option(None, choices=("ascend", "bisect"),
+                                help="static: ascend (confidence holds for the returned k) or bisect (fewest "
+                                     "evaluations); default bisect at --confidence 0 without a surrogate.")
     limit: int | None = option(None, ge=1, help="Documents of the search split to evaluate.")
     num_fewshot: int | None = option(None, ge=0, help="Few-shot examples (default: the task's own).")
     verify: bool = option(True, help="Check the plan on the held-out half of the task's documents.")
@@ -102,6 +110,8 @@ class SelectConfig(Config):
     seed: int = option(0, ge=0, help="Seed of the search/verify split and of the random ranking.")
 
     def check(self) -> None:
+        if self.sequential and self.compensate == "none":
+            raise ConfigError("sequential", "sequential compensation needs --compensate lsq or mean (none zeroes)")
         needs_budget = not isinstance(self.method, GatesMethod)
         if needs_budget and not self.task:
             raise ConfigError("task", "this method needs a budget task (e.g. arc_easy, ppl:wikitext2)")
@@ -120,6 +130,21 @@ class SelectConfig(Config):
 
         return variant_name(METHODS, self.method)
 
+    @property
+    def ranking(self) -> str:
+        """The static ranking score: the configured one, else the one that fits the compensation and policy."""
+        score = getattr(self.method, "score", None)
+        if score:
+            return score
+        if self.compensate == "lsq":
+            return "lsq_error_group" if self.policy == "kv-groups" else "lsq_error"
+        return "ahon_ln"
+
+    def compensation_spec(self) -> Any:
+        from prune_heads.compensation.spec import CompensationSpec
+
+        return CompensationSpec(mode=self.compensate, sequential=self.sequential)
+
 
 # ---- what a selector gets -------------------------------------------------------------------
 @dataclass
@@ -134,6 +159,8 @@ class SelectContext:
     progress: bool = True
     _seqs: list[list[int]] | None = field(default=None, repr=False)
     data: str | None = None
+    #: the ``Compensator`` every evaluation applies (None: removed heads are zeroed)
+    compensation: Any = None
 
     @property
     def pad_id(self) -> int:
@@ -160,10 +187,17 @@ Selector = Callable[[SelectConfig, SelectContext], Any]
 def _static(cfg: SelectConfig, ctx: SelectContext) -> Any:
     from prune_heads.selection.static import select_static
 
-    return select_static(ctx.model, ctx.scores, ctx.search, score_id=cfg.method.score, max_drop=cfg.max_drop,
+    return select_static(ctx.model, ctx.scores, ctx.search, score_id=cfg.ranking, max_drop=cfg.max_drop,
                          relative=cfg.relative, policy=cfg.policy, min_heads_per_layer=cfg.min_heads_per_layer,
                          allow_empty_layers=cfg.allow_empty_layers, verify_evaluator=ctx.verify,
-                         progress=ctx.progress, seed=cfg.seed)
+                         progress=ctx.progress, seed=cfg.seed, **budget_options(cfg), surrogate=cfg.surrogate,
+                         search=cfg.search)
+
+
+def budget_options(cfg: SelectConfig) -> dict[str, Any]:
+    """The budget rule's options, the same for every budgeted selector."""
+    return {"confidence": cfg.confidence, "allow_underpowered": cfg.allow_underpowered,
+            "accept_unverified": cfg.accept_unverified, "strict_verification": cfg.strict_verification}
 
 
 def _iterative(cfg: SelectConfig, ctx: SelectContext) -> Any:
@@ -174,7 +208,8 @@ def _iterative(cfg: SelectConfig, ctx: SelectContext) -> Any:
                             relative=cfg.relative, round_size=m.round_size, score_id=m.score, policy=cfg.policy,
                             min_heads_per_layer=cfg.min_heads_per_layer, allow_empty_layers=cfg.allow_empty_layers,
                             candidates_fraction=m.candidates_fraction, verify_evaluator=ctx.verify,
-                            batch_size=cfg.batch_size, pad_id=ctx.pad_id, progress=ctx.progress)
+                            batch_size=cfg.batch_size, pad_id=ctx.pad_id, progress=ctx.progress,
+                            compensation=ctx.compensation, **budget_options(cfg))
 
 
 def _gates(cfg: SelectConfig, ctx: SelectContext) -> Any:
@@ -185,7 +220,9 @@ def _gates(cfg: SelectConfig, ctx: SelectContext) -> Any:
                         l0_penalty=m.l0_penalty, steps=m.steps, lr=m.lr, batch_size=m.gate_batch_size,
                         pad_id=ctx.pad_id, min_heads_per_layer=cfg.min_heads_per_layer,
                         allow_empty_layers=cfg.allow_empty_layers, evaluator=ctx.search, progress=ctx.progress,
-                        seed=cfg.seed)
+                        seed=cfg.seed, compensation=ctx.compensation, max_drop=cfg.max_drop, relative=cfg.relative,
+                        confidence=cfg.confidence, verify_evaluator=ctx.verify,
+                        accept_unverified=cfg.accept_unverified, strict_verification=cfg.strict_verification)
 
 
 SELECTORS: dict[type, Selector] = {StaticMethod: _static, IterativeMethod: _iterative, GatesMethod: _gates}
@@ -219,24 +256,81 @@ def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]
 
 
 def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *, model_id: str | None = None,
-               recipe: str | None = None, overwrite: bool = False, progress: bool = True) -> Any:
-    """Choose the heads to remove; write the plan to ``out`` (when given) and return it."""
+               recipe: str | None = None, overwrite: bool = False, progress: bool = True,
+               keep_unverified: Path | None = None) -> Any:
+    """Choose the heads to remove; write the plan to ``out`` (when given) and return it.
+
+    A plan that fails its held-out verification raises ``VerificationFailed``; the plan is kept in
+    ``keep_unverified`` (default ``PLAN.unverified.json`` beside ``out``) so the search need not be rerun.
+    """
     scores.check(loaded.model)
     search, verify = evaluators(cfg, loaded.model, loaded.tokenizer)
     ctx = SelectContext(loaded.model, loaded.tokenizer, scores, search, verify, progress=progress, data=cfg.data)
+    _compensate(cfg, ctx)
     try:
         selector = SELECTORS[type(cfg.method)]
     except KeyError:
         raise PruneHeadsError(f"no selector is registered for {type(cfg.method).__name__}") from None
-    plan = selector(cfg, ctx)
+    from prune_heads.selection.budget import VerificationFailed
+
+    try:
+        plan = selector(cfg, ctx)
+    except VerificationFailed as e:  # keep what the search found: rerunning it would cost the whole search
+        _finish(e.plan, scores, model_id, recipe)
+        keep = keep_unverified or (unverified_path(out) if out is not None else None)
+        if keep is not None:
+            _save_compensation(ctx, e.plan, keep)
+            kept = e.plan.save(keep, overwrite=True)
+            raise VerificationFailed(f"{e}; the rejected plan is kept in {kept}", e.plan) from None
+        raise
+    _finish(plan, scores, model_id, recipe)
+    if out is not None:
+        from prune_heads.io_utils import check_output_dir
+
+        check_output_dir(out, overwrite, kind="file")  # before the compensation file beside it is written
+        _save_compensation(ctx, plan, out)
+        plan.save(out, overwrite=overwrite)
+    return plan
+
+
+def _save_compensation(ctx: SelectContext, plan: Any, out: Path) -> None:
+    """Write the chosen plan's compensation beside the plan file, so export and ``eval --plan`` apply exactly it."""
+    if ctx.compensation is None:
+        return
+    from prune_heads.compensation.plans import save_beside_plan
+    from prune_heads.model.adapters import get_adapter
+
+    mask = plan.mask(get_adapter(ctx.model).layout(ctx.model.config))
+    save_beside_plan(plan, ctx.compensation(mask), out)
+
+
+def unverified_path(out: Path) -> Path:
+    """Where a plan that failed its verification is kept (beside ``out``, never in its place)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.unverified{out.suffix or '.json'}")
+
+
+def _finish(plan: Any, scores: Any, model_id: str | None, recipe: str | None) -> None:
     sel = plan.selection
     sel.model = model_id or sel.model
     sel.recipe = recipe
     if sel.scores is None:
         sel.scores = scores.summary()
-    if out is not None:
-        plan.save(out, overwrite=overwrite)
-    return plan
+
+
+def _compensate(cfg: SelectConfig, ctx: SelectContext) -> None:
+    """Build the compensation from the scores' moments (or, sequential, on the calibration tokens) and make
+    every evaluation of the search and the verification apply it: the model judged is the model exported."""
+    from prune_heads.compensation.plans import compensator_for, evaluator_with
+
+    spec = cfg.compensation_spec()
+    if not spec.active:
+        return
+    ctx.compensation = compensator_for(spec, scores=ctx.scores, model=ctx.model,
+                                       seqs=ctx.calibration_tokens() if spec.sequential else None,
+                                       batch_size=cfg.batch_size, pad_id=ctx.pad_id)
+    ctx.search = evaluator_with(ctx.search, ctx.compensation)
+    ctx.verify = evaluator_with(ctx.verify, ctx.compensation)
 
 
 def plot_search(plan: Any, path: Path) -> Path | None:
@@ -254,10 +348,14 @@ def plan_line(plan: Any, out: Any) -> str:
     msg = f"{s.method}: removing {len(plan.removed_heads)} of {s.heads_total} heads"
     if s.baseline and s.result:
         msg += f"; {s.baseline['metric']} {s.baseline['value']:.4f} -> {s.result['value']:.4f} on the search split"
+    if s.compensation and s.compensation.get("mode", "none") != "none":
+        msg += f" (compensated: {s.compensation['mode']}{', sequential' if s.compensation.get('sequential') else ''})"
     v = s.verification
     if v is not None:
-        msg += (f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f}"
-                f" ({'within' if v.within_budget else 'OUTSIDE'} budget)")
+        verdict = v.verdict or ("within" if v.within_budget else "OUTSIDE")
+        msg += f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f} ({verdict} budget)"
+        if s.accepted_unverified:
+            msg += ", ACCEPTED UNVERIFIED"
     if s.cost.evaluations:
         msg += f"; {s.cost.evaluations} evaluations"
     return f"{msg} -> {out}"
