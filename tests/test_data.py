@@ -263,3 +263,22 @@ def test_wikitext2_hub_offline_says_what_to_do(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="cannot load Salesforce/wikitext.*--data wikitext2"):
         list(iter_documents("wikitext2:hub"))
+
+
+def test_calibration_split_is_the_ppl_tasks_search_half(tmp_path, tok):
+    """calibration.split=search takes only documents of the search half that ppl: tasks use with the same
+    seed: the verify half (held-out verification) never contributes a calibration token."""
+    from prune_heads.data import DataSpec, calibration_sequences
+    from prune_heads.evaluation.perplexity import TextBackend
+
+    docs = [words(20 + i, seed=100 + i) for i in range(30)]
+    f = tmp_path / "docs.txt"
+    f.write_text("\n\n".join(docs) + "\n")
+    for seed in (0, 3):
+        cal = calibration_sequences(DataSpec(str(f), num_samples=15, seq_len=64, seed=seed, split="search"), tok)
+        m = tiny_model("llama", layers=1, heads=2, kv_heads=1, head_dim=4, vocab=tok.vocab_size)
+        halves = {s: {tuple(x) for x in TextBackend(m, tok, "ppl", str(f), limit=30, split=s, seed=seed,
+                                                             batch_size=4, seq_len=64).seqs}
+                  for s in ("search", "verify")}
+        assert len(cal) == 15 and {tuple(x) for x in cal} == halves["search"]
+        assert not ({tuple(x) for x in cal} & halves["verify"])

@@ -19,7 +19,7 @@ from prune_heads.schema import click_options
 @click.command("eval")
 @click.argument("model")
 @click.option("--plan", "plan_path", default=None, type=click.Path(exists=True, dir_okay=False), help="Plan file: remove its heads (compensated as the plan says).")
-@click.option("--scores", "scores_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Scores directory (for --dynamic-fraction, and a compensated plan's statistics).")
+@click.option("--scores", "scores_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Scores directory (for --dynamic-fraction, a compensated plan's statistics; ppl:/kl: tasks then leave its calibration documents out).")
 @click_options(EvalTask)
 @click_options(EvaluateConfig)
 @output_option("results.json to write.")
@@ -39,9 +39,12 @@ def eval_(model, plan_path, scores_dir, output, overwrite, **kw):
         raise PruneHeadsError("give at most one of --plan, --dynamic and --dynamic-fraction")
     check_output(output, overwrite, inputs=(model, plan_path, scores_dir, local_path(task.task)), kind="file")
     check_sources(tasks=(task.task,))
+    from prune_heads.selection.stage import calibration_documents
+
     side = PrunedSide(plan=Plan.load(plan_path) if plan_path else None,
                       scores=HeadScores.load(scores_dir) if scores_dir else None)
-    res = run_evaluate(cfg, mc.load(), model, side, output, overwrite=overwrite)
+    res = run_evaluate(cfg, mc.load(), model, side, output, overwrite=overwrite,
+                       exclude_docs=calibration_documents(side.scores))
     t = res.tasks[0]
 
     def fmt(r):

@@ -25,6 +25,8 @@ class DataSpec:
     seq_len: int = 512
     seed: int = 0
     min_tokens: int = 16
+    #: ``all`` documents, or the ``search``/``verify`` half (``data.splits``, seeded by ``seed``)
+    split: str = "all"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -42,9 +44,13 @@ def doc_start_ids(tokenizer: Any) -> list[int]:
 
 
 def tokenize_documents(
-    docs: Iterable[str], tokenizer: Any, spec: DataSpec, max_context: int | None = None
+    docs: Iterable[str], tokenizer: Any, spec: DataSpec, max_context: int | None = None,
+    positions: list[int] | None = None,
 ) -> list[list[int]]:
-    """Pick ``spec.num_samples`` documents (seeded) and tokenise each, truncated to ``spec.seq_len``."""
+    """Pick ``spec.num_samples`` documents (seeded) and tokenise each, truncated to ``spec.seq_len``.
+
+    ``positions``: when given, the index in ``docs`` of every document taken is appended to it.
+    """
     if max_context is not None and spec.seq_len > max_context:
         raise DataError(f"--seq-len {spec.seq_len} is beyond the model's context of {max_context} tokens")
     start = doc_start_ids(tokenizer)
@@ -59,6 +65,8 @@ def tokenize_documents(
         if len(ids) < spec.min_tokens:
             continue
         samples.append(ids[: spec.seq_len])
+        if positions is not None:
+            positions.append(i)
         if spec.num_samples and len(samples) >= spec.num_samples:
             break
     if not samples:
@@ -96,10 +104,13 @@ def batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iter
         yield idx, ids, mask
 
 
-def calibration_sequences(spec: DataSpec, tokenizer: Any, model: Any = None) -> list[list[int]]:
+def calibration_sequences(spec: DataSpec, tokenizer: Any, model: Any = None,
+                          documents: list[str] | None = None) -> list[list[int]]:
     """The token sequences of ``spec``: the one way every stage builds calibration data.
 
-    ``model`` (optional) bounds ``seq_len`` by its context length.
+    ``model`` (optional) bounds ``seq_len`` by its context length. ``documents``: when given, the id
+    ``SOURCE:POSITION`` of every document used is appended to it, in the form ``ppl:``/``kl:`` tasks name
+    their documents, so evaluations can leave the calibration documents out.
     """
     from prune_heads.data.documents import iter_documents
 
@@ -108,4 +119,12 @@ def calibration_sequences(spec: DataSpec, tokenizer: Any, model: Any = None) -> 
         from prune_heads.model.adapters import get_adapter
 
         context = getattr(get_adapter(model).text_config(model.config), "max_position_embeddings", None)
-    return tokenize_documents(iter_documents(spec.source), tokenizer, spec, context)
+    from prune_heads.data.splits import select_indices
+
+    docs = list(iter_documents(spec.source))
+    index = select_indices(len(docs), spec.split, spec.seed)
+    taken: list[int] = []
+    seqs = tokenize_documents([docs[i] for i in index], tokenizer, spec, context, positions=taken)
+    if documents is not None:
+        documents.extend(f"{spec.source}:{index[j]}" for j in taken)
+    return seqs

@@ -130,8 +130,11 @@ class Evaluator:
 
 def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None = None, num_fewshot: int | None = None,
                    split: str = "all", data_dir: str | None = None, batch_size: int = 8, seed: int = 0,
-                   metric: str | None = None, compensation: Any = None) -> Evaluator:
+                   metric: str | None = None, compensation: Any = None, exclude_docs: Any = None) -> Evaluator:
     """Prepare ``task`` on ``model``; see the module docs of ``lmeval``, ``local_tasks`` and ``perplexity``.
+
+    ``exclude_docs``: ``ppl:``/``kl:`` tasks leave out these document ids (``SOURCE:POSITION``, as the
+    scores record their calibration documents), so a held-out perplexity never scores calibration text.
 
     ``split``: ``search`` and ``verify`` use disjoint halves of the task's documents (seeded by ``seed``),
     ``all`` uses them in order; ``limit`` caps the documents taken (per subtask for groups).
@@ -148,7 +151,8 @@ def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None =
 
         if num_fewshot:
             raise PruneHeadsError(f"--num-fewshot does not apply to {kind}: tasks")
-        backend = TextBackend(model, tokenizer, kind, rest, limit=limit, split=split, seed=seed, batch_size=batch_size)
+        backend = TextBackend(model, tokenizer, kind, rest, limit=limit, split=split, seed=seed, batch_size=batch_size,
+                              exclude=exclude_docs)
     else:
         from prune_heads.evaluation.lmeval import LMEvalBackend
 

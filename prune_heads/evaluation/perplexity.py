@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import shutil
 import tempfile
 import weakref
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from prune_heads.data import batches, doc_start_ids, iter_documents
+from prune_heads.data.splits import select_documents, select_indices  # noqa: F401  (re-exported)
 from prune_heads.errors import DataError, PruneHeadsError
 from prune_heads.evaluation.paired import DocScores
 
@@ -32,23 +32,6 @@ DEFAULT_DOCS = {"ppl": 32, "kl": 16}
 DEFAULT_SEQ_LEN = 256
 MIN_TOKENS = 16
 BOOTSTRAP = 1000
-
-
-def select_indices(n: int, split: str, seed: int) -> list[int]:
-    """Source positions of a split: ``all`` in order; ``search``/``verify``: halves of a seeded permutation."""
-    if split == "all":
-        return list(range(n))
-    if split not in ("search", "verify"):
-        raise PruneHeadsError(f"split must be 'search', 'verify' or 'all', not {split!r}")
-    perm = list(range(n))
-    random.Random(f"{seed}:text").shuffle(perm)
-    half = n // 2
-    return sorted(perm[:half] if split == "search" else perm[half:])
-
-
-def select_documents(docs: list[str], split: str, seed: int) -> list[str]:
-    """``all`` in source order; ``search``/``verify``: disjoint halves of a seeded permutation."""
-    return [docs[i] for i in select_indices(len(docs), split, seed)]
 
 
 def tokenize(docs: list[str], tokenizer: Any, limit: int, seq_len: int,
@@ -118,7 +101,8 @@ class TextBackend:
     """Perplexity or KL on documents of a data spec; the caller decides which mask is active."""
 
     def __init__(self, model: Any, tokenizer: Any, kind: str, spec: str, *, limit: int | None, split: str,
-                 seed: int, batch_size: int, seq_len: int = DEFAULT_SEQ_LEN) -> None:
+                 seed: int, batch_size: int, seq_len: int = DEFAULT_SEQ_LEN, exclude: Any = None) -> None:
+        """``exclude``: document ids (``SPEC:POSITION``) to leave out, e.g. the calibration documents."""
         if kind not in ("ppl", "kl"):
             raise PruneHeadsError(f"unknown label-free metric {kind!r}")
         if not spec:
@@ -127,6 +111,13 @@ class TextBackend:
         limit = limit or DEFAULT_DOCS[kind]
         source = list(iter_documents(spec))
         idx = select_indices(len(source), split, seed)
+        skip = set(exclude or ())
+        excluded = {i for i in idx if f"{spec}:{i}" in skip}
+        if excluded:  # calibration documents: scoring them would not be held out
+            idx = [i for i in idx if i not in excluded]
+            if not idx:
+                raise DataError(f"{kind}:{spec} ({split}) has no document left once the {len(excluded)} calibration "
+                                "documents are left out; calibrate on fewer documents or on one half (--split search)")
         kept = tokenize([source[i] for i in idx], tokenizer, limit, seq_len, keys=idx)
         #: ``data:position`` of each document in the data source: stable ids for pairing and overlap checks
         self.doc_ids = [f"{spec}:{i}" for i, _ in kept]
@@ -138,6 +129,7 @@ class TextBackend:
             "limit": limit, "split": split, "seed": seed, "seq_len": seq_len, "min_tokens": MIN_TOKENS,
             "num_docs": len(self.seqs), "num_tokens": sum(len(s) for s in self.seqs),
             "num_positions": sum(len(s) - 1 for s in self.seqs), "stderr": f"bootstrap over documents ({BOOTSTRAP})",
+            "excluded_calibration_docs": len(excluded),
         }
 
     def _device(self) -> torch.device:

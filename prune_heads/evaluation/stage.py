@@ -169,8 +169,12 @@ def _dynamic_context(cfg: EvaluateConfig, model: Any, scores: Any, mask_info: di
 
 
 def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSide, out: Path | None = None, *,
-                 overwrite: bool = False, load_export: Any = None) -> EvaluationResult:
-    """Every task on the original (baseline) and on the pruned side; ``results.json`` in ``out``."""
+                 overwrite: bool = False, load_export: Any = None, exclude_docs: Any = None) -> EvaluationResult:
+    """Every task on the original (baseline) and on the pruned side; ``results.json`` in ``out``.
+
+    ``exclude_docs``: document ids ``ppl:``/``kl:`` tasks leave out (the calibration documents, from the
+    scores' record), so their perplexity is held out from what compensation was fitted on.
+    """
     from prune_heads.evaluation import make_evaluator
     from prune_heads.io_utils import write_json_atomic
     from prune_heads.model.adapters import get_adapter
@@ -199,12 +203,12 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
     for t in cfg.tasks:
         ev = make_evaluator(model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot, split=t.split,
                             data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, metric=t.metric,
-                            compensation=compensation)
+                            compensation=compensation, exclude_docs=exclude_docs)
         baseline = ev(None)
         if pruned_model is not None:
             pev = make_evaluator(pruned_model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot,
                                  split=t.split, data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
-                                 metric=t.metric)
+                                 metric=t.metric, exclude_docs=exclude_docs)
             pruned = pev(None)
             calls += pev.calls
         elif removed is not None:

@@ -122,9 +122,10 @@ def _evaluate(ctx: RunContext, out: Path) -> dict[str, Any]:
 
     cfg = dataclasses.replace(ctx.recipe.evaluate, tasks=ctx.recipe.eval_tasks())
     from prune_heads.export.model_card import refresh_card
+    from prune_heads.selection.stage import calibration_documents
 
     res = run_evaluate(cfg, ctx.model(), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
-                       out / "results.json")
+                       out / "results.json", exclude_docs=calibration_documents(ctx.scores()))
     refresh_card(ctx.export_dir(), evaluation=res.to_dict())
     return {"results": "results.json", "tasks": len(res.tasks)}
 

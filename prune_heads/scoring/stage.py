@@ -37,12 +37,16 @@ class CalibrateConfig(Config):
     seq_len: int | None = option(None, ge=2, le=1 << 20,
                                  help="Tokens per sample (default: 512, or the model's context if shorter).")
     batch_size: int = option(8, ge=1, help="Sequences per forward pass.")
-    seed: int = option(0, ge=0, help="Seed of the document order.")
+    seed: int = option(0, ge=0, help="Seed of the document order (and of --split's halves).")
+    split: str = option("all", choices=("all", "search", "verify"),
+                        help="Calibrate on all documents, or on one seeded half: the same halves that ppl:/kl: tasks' "
+                             "search/verify splits use with the same seed, so held-out evaluation never scores "
+                             "calibration text.")
     scores: list[str] | None = option(None, check=check_score_ids,
                                       help="Score ids (default: every forward-pass score; grad, ablation_kl, "
                                            "ablation_loss on request).")
     block_size: int | None = option(None, ge=1, help="Query block size of the scoring attention (default: adaptive).")
-    moments: bool = option(True, help="Also keep the o_proj-input statistics that compensation needs.")
+    moments: bool = option(True, help="Keep the o_proj-input statistics that compensation needs (--no-moments skips them).")
 
     def data_now(self) -> str:
         """The data spec to use now: ``offline_data`` when the Hub is switched off and ``data`` is a hub: spec."""
@@ -63,7 +67,8 @@ class CalibrateConfig(Config):
 
                 context = getattr(get_adapter(model).text_config(model.config), "max_position_embeddings", None)
             seq_len = min(512, context or 512)
-        return DataSpec(source=self.data_now(), num_samples=self.num_samples, seq_len=seq_len, seed=self.seed)
+        return DataSpec(source=self.data_now(), num_samples=self.num_samples, seq_len=seq_len, seed=self.seed,
+                        split=self.split)
 
 
 @dataclass
@@ -92,12 +97,14 @@ def run_calibrate(config: CalibrateConfig, loaded: Any, model_id: str, out: Path
     from prune_heads.scoring.distributed import rank_and_world
 
     spec = config.spec(loaded.model)
-    seqs = calibration_sequences(spec, loaded.tokenizer, loaded.model)
+    documents: list[str] = []
+    seqs = calibration_sequences(spec, loaded.tokenizer, loaded.model, documents=documents)
     t0 = time.time()
     hs = calibrate(loaded.model, seqs, scores=config.scores, batch_size=config.batch_size, tokenizer=loaded.tokenizer,
                    block_size=config.block_size, progress=progress, model_name=model_id, revision=revision,
                    moments=config.moments)
-    hs.meta["data"] = spec.to_dict()
+    # which documents were calibrated on, so ppl:/kl: evaluations of the same source can leave them out
+    hs.meta["data"] = {**spec.to_dict(), "documents": documents}
     if hs.moments is not None:  # the moments name the same data, so a mismatch with a plan's data is caught
         hs.moments.meta["data"] = spec.to_dict()
     hs.meta["wall_seconds"] = round(time.time() - t0, 2)

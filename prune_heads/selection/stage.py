@@ -235,16 +235,27 @@ def register_selector(name: str, config_cls: type, fn: Selector) -> None:
 
 
 # ---- the stage --------------------------------------------------------------------------------
-def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
-    """The search evaluator and the verification one (held-out half of the task, or --verify-task)."""
+def calibration_documents(scores: Any) -> list[str]:
+    """The document ids the scores were calibrated on (empty for scores that do not record them)."""
+    data = (getattr(scores, "meta", None) or {}).get("data")
+    return list(data.get("documents") or []) if isinstance(data, dict) else []
+
+
+def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None) -> tuple[Any, Any]:
+    """The search evaluator and the verification one (held-out half of the task, or --verify-task).
+
+    ``ppl:``/``kl:`` tasks on the calibration source leave the calibration documents out of both: the
+    compensation is fitted on them, so a search judged on them would be optimistic.
+    """
     from prune_heads.evaluation import make_evaluator
 
     if not cfg.task:
         return None, None
+    exclude = calibration_documents(scores)
 
     def make(task: str, split: str, limit: int | None) -> Any:
         return make_evaluator(model, tokenizer, task, limit=limit, num_fewshot=cfg.num_fewshot, split=split,
-                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed)
+                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, exclude_docs=exclude)
 
     other_task = cfg.verify_task is not None and cfg.verify_task != cfg.task
     search = make(cfg.task, "all" if other_task else "search", cfg.limit)
@@ -264,7 +275,7 @@ def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *,
     ``keep_unverified`` (default ``PLAN.unverified.json`` beside ``out``) so the search need not be rerun.
     """
     scores.check(loaded.model)
-    search, verify = evaluators(cfg, loaded.model, loaded.tokenizer)
+    search, verify = evaluators(cfg, loaded.model, loaded.tokenizer, scores)
     ctx = SelectContext(loaded.model, loaded.tokenizer, scores, search, verify, progress=progress, data=cfg.data)
     _compensate(cfg, ctx)
     try:
