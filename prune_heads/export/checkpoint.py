@@ -73,11 +73,6 @@ def resolve_source(model: str, gguf_file: str | None = None) -> Path:
         raise PruneHeadsError(f"cannot fetch {location!r} from the Hub ({e}); pass a local checkpoint directory") from e
 
 
-def _tied_duplicate(name: str, src_config: dict, names: set[str]) -> bool:
-    tied = src_config.get("tie_word_embeddings", (src_config.get("text_config") or {}).get("tie_word_embeddings"))
-    return bool(tied) and name == "lm_head.weight" and "model.embed_tokens.weight" in names
-
-
 def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
            shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
            eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
@@ -111,7 +106,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
     comp = _plan_compensation(plan, config, compensation, moments)
     o_bias = comp is not None and bool(comp.layers)
     fmt.check(adapter, layout, heads, src.config, o_bias=o_bias)
-    approximate = bool(approximate_norms and adapter.qk_norm == "full_width")
+    approximate = bool(approximate_norms and adapter.qk_norm_spans_heads)
     if approximate_norms and not approximate:
         log.warning("--approximate-norms has no effect on %s (no full-width q/k norm)", adapter.name)
     out_config = fmt.output_config(src.config, adapter, layout, heads, dtype=dtype_name, approximate_norms=approximate,
@@ -130,12 +125,12 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
     same_weights = FingerprintCheck(plan.selection.fingerprint, "this plan") if plan.selection.fingerprint else None
     with atomic_dir(out, overwrite=overwrite, inputs=[src.path]) as tmp:
         writer = ShardWriter(tmp, max_bytes)
-        names = set(src.weight_map)
+        tied_head = adapter.tied_lm_head(src.config, set(src.weight_map))  # skipped: checkpoints store it once
         params_before = 0
         for name, source in iter_tensors(src, progress=progress):
             if same_weights is not None:
                 same_weights.add(name, source)
-            if _tied_duplicate(name, src.config, names):
+            if name == tied_head:
                 continue
             params_before += source.numel()
             rule = rules.get(name)

@@ -12,7 +12,8 @@ the numbers:
   ``l..L-1``, the final norm and the LM head are run for the copies;
 - the KL needs no per-copy log-softmax over the vocabulary: with a linear LM head it follows from
   the hidden-state difference in one elementwise pass (``logit_shift``), as accurately as the direct
-  formula. Families that soft-cap their logits (Gemma-2) keep the direct formula.
+  formula. Families whose ``forward`` changes the LM head's output (``adapter.logit_transform``: Gemma's
+  soft-cap) keep the direct formula.
 
 The prefix reuse calls the decoder layers directly, so it is checked once per call against a full
 forward; if a family does something between layers that the check catches, the code falls back to
@@ -76,17 +77,9 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _softcap(model: nn.Module) -> float | None:
-    return getattr(get_adapter(model).text_config(model.config), "final_logit_softcapping", None) or None
-
-
 def _final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head plus the final soft-capping some families (Gemma-2) apply in ``forward``."""
-    logits = model.lm_head(hidden)
-    cap = _softcap(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
+    """LM head plus whatever the family's ``forward`` does after it (``adapter.logit_transform``)."""
+    return get_adapter(model).final_logits(model, hidden).float()
 
 
 def _per_seq(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -190,7 +183,7 @@ class _Measurer:
         adapter = get_adapter(model)
         self.layout = adapter.layout(model.config)
         self.layers = adapter.decoder(model).layers
-        self.norm = adapter.decoder(model).norm
+        self.norm = adapter.final_norm(model)
         self.removed = removed
         self.control = HeadControl()
         self.base_scale = {i: (~removed[i]).float() for i in range(removed.shape[0]) if removed[i].any()}
@@ -253,10 +246,13 @@ class _Measurer:
                 cap.remove()
         ref_lp = torch.log_softmax(logits, -1)
         self.ref_nll = _per_seq(-ref_lp.gather(-1, target[..., None]).squeeze(-1), self.valid)
-        self.linear_head = _softcap(self.model) is None and isinstance(self.model.lm_head, nn.Linear) and len(normed) == 1
+        adapter = get_adapter(self.model)
+        head = adapter.lm_head(self.model)
+        self.linear_head = (adapter.logit_transform(self.model.config) is None and isinstance(head, nn.Linear)
+                            and len(normed) == 1)
         if self.linear_head:
             hidden = normed[0][:, :-1]
-            self.shift = LinearHeadReference.build(self.model.lm_head.weight, hidden.reshape(-1, hidden.shape[-1]),
+            self.shift = LinearHeadReference.build(head.weight, hidden.reshape(-1, hidden.shape[-1]),
                                                    ref_lp.reshape(-1, ref_lp.shape[-1]))
         else:
             self.ref_lp, self.ref_p = ref_lp, ref_lp.exp()
