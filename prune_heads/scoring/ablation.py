@@ -350,17 +350,10 @@ def _group_by_start(units: Sequence[Unit]) -> dict[int, list[int]]:
     return groups
 
 
-def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequence[Unit], *,
-                  scores: Iterable[str] = ABLATION, removed: torch.Tensor | None = None, batch_size: int = 8,
-                  pad_id: int = 0, heads_per_pass: int | None = None, progress: bool = True,
-                  desc: str = "ablation", compensation: Any = None) -> tuple[dict[str, torch.Tensor], AblationCost]:
-    """Per-sequence effect ``(N, U)`` of zeroing each unit (a set of heads) on top of ``removed``.
-
-    The reference is always the unpruned model: ``ablation_kl`` is ``KL(original || removed+unit)``
-    and ``ablation_loss`` the LM-loss increase over the original, so values under different
-    ``removed`` sets stay on one scale. With ``compensation`` (a ``Compensator``) every removal, the
-    unit's included, is compensated instead of only zeroed.
-    """
+def _checked_inputs(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequence[Unit], scores: Iterable[str],
+                    removed: torch.Tensor | None, heads_per_pass: int | None) -> tuple[list[str], torch.Tensor]:
+    """The requested ablation ids and the ``(L, H)`` removed mask, after refusing bad input before any work
+    (each error names what to change)."""
     want = [s for s in scores if s in ABLATION]
     if not want:
         raise PruneHeadsError(f"ablation scores are {', '.join(ABLATION)}; got {list(scores)}")
@@ -380,7 +373,37 @@ def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequen
                 raise PruneHeadsError(f"head [{layer}, {h}] is outside the model ({layout.num_layers} x {layout.num_heads})")
     if heads_per_pass is not None and heads_per_pass < 1:
         raise PruneHeadsError(f"heads_per_pass must be >= 1, got {heads_per_pass}")
+    return want, removed
 
+
+def _smaller_pass(error: BaseException, heads_per_pass: int, auto: bool, batch_size: int,
+                  measurer: _Measurer, device: torch.device) -> int:
+    """After running out of memory: half the ablations per pass when the size was guessed (``auto``: the
+    activation estimate is rough), else the error that says what to set. Frees what the failed pass held."""
+    measurer.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if auto and heads_per_pass > 1:
+        return max(1, heads_per_pass // 2)
+    raise PruneHeadsError(
+        f"ablation ran out of memory with heads_per_pass={heads_per_pass}, batch_size={batch_size}: "
+        f"set heads_per_pass (--heads-per-pass) to {max(1, heads_per_pass // 2)} or lower, "
+        "or lower batch_size") from error
+
+
+def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequence[Unit], *,
+                  scores: Iterable[str] = ABLATION, removed: torch.Tensor | None = None, batch_size: int = 8,
+                  pad_id: int = 0, heads_per_pass: int | None = None, progress: bool = True,
+                  desc: str = "ablation", compensation: Any = None) -> tuple[dict[str, torch.Tensor], AblationCost]:
+    """Per-sequence effect ``(N, U)`` of zeroing each unit (a set of heads) on top of ``removed``.
+
+    The reference is always the unpruned model: ``ablation_kl`` is ``KL(original || removed+unit)``
+    and ``ablation_loss`` the LM-loss increase over the original, so values under different
+    ``removed`` sets stay on one scale. With ``compensation`` (a ``Compensator``) every removal, the
+    unit's included, is compensated instead of only zeroed.
+    """
+    want, removed = _checked_inputs(model, seqs, units, scores, removed, heads_per_pass)
+    layout = get_adapter(model).layout(model.config)
     device = _device(model)
     groups = _group_by_start(units)
     width = max(len(s) for s in seqs)
@@ -406,16 +429,8 @@ def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequen
                     except (RuntimeError, torch.OutOfMemoryError) as e:
                         if not _is_oom(e):
                             raise
-                        measurer.reset()
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        if auto and heads_per_pass > 1:
-                            heads_per_pass = max(1, heads_per_pass // 2)
-                            continue
-                        raise PruneHeadsError(
-                            f"ablation ran out of memory with heads_per_pass={heads_per_pass}, batch_size={batch_size}: "
-                            f"set heads_per_pass (--heads-per-pass) to {max(1, heads_per_pass // 2)} or lower, "
-                            "or lower batch_size") from e
+                        heads_per_pass = _smaller_pass(e, heads_per_pass, auto, batch_size, measurer, device)
+                        continue
                     for w in want:
                         for c, ui in enumerate(chunk):
                             result[w][idx, ui] = vals[w][c].float().cpu()
