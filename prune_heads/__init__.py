@@ -44,7 +44,7 @@ _EXPORTS: dict[str, str] = {
     "select_static": "prune_heads.selection.static",
     "select_iterative": "prune_heads.selection.iterative",
     "select_gates": "prune_heads.selection.gates",
-    "export_checkpoint": "prune_heads.export",
+    "export_checkpoint": "prune_heads.export.checkpoint",
     "verify_export": "prune_heads.export.verify",
     "refresh_card": "prune_heads.export.model_card",
     "push": "prune_heads.publish.hub",
@@ -66,7 +66,7 @@ _WATCHED = ("transformers", "prune_heads")
 
 def _register_auto_classes() -> None:
     try:
-        from prune_heads.export import register_auto_classes
+        from prune_heads.export.registration import register_auto_classes
 
         register_auto_classes()
     except Exception as e:  # never break the user's import of transformers

@@ -67,7 +67,7 @@ def env(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def sentinel(monkeypatch):
     """Real work raises WorkStarted: loading a model, streaming a checkpoint, writing a report, running a recipe."""
-    import prune_heads.export as export_mod
+    import prune_heads.export.checkpoint as export_mod
     import prune_heads.model.loading as loading
     import prune_heads.pipeline.runner as runner
     import prune_heads.report as report_mod

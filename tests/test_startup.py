@@ -86,3 +86,19 @@ def test_registration_waits_until_transformers_has_finished_importing(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "could not register" not in p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) == [True, []]
+
+
+def test_stage_configs_and_package_tables_load_no_heavy_library():
+    """Each stage's config module, and each stage package's lazy table, import nothing heavy: the CLI and
+    the recipe runner build their options from these, so one top-level ``import torch`` here costs every
+    ``--help`` seconds."""
+    modules = ["prune_heads.scoring.stage", "prune_heads.selection.stage", "prune_heads.selection.compare",
+               "prune_heads.export.stage", "prune_heads.evaluation.stage", "prune_heads.report.stage",
+               "prune_heads.publish.stage", "prune_heads.export", "prune_heads.evaluation", "prune_heads.selection",
+               "prune_heads.pipeline"]
+    out = run(
+        "import importlib, json, sys\n"
+        f"loaded = {{m: [h for h in {HEAVY!r} if importlib.import_module(m) and h in sys.modules] for m in {modules!r}}}\n"
+        "print(json.dumps(loaded))\n"
+    )
+    assert out == {m: [] for m in modules}

@@ -82,8 +82,9 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _text_config(model: nn.Module) -> Any:
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    from prune_heads.model.adapters import get_adapter
+
+    return get_adapter(model).text_config(model.config)
 
 
 @contextlib.contextmanager

@@ -173,8 +173,12 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
     """Every task on the original (baseline) and on the pruned side; ``results.json`` in ``out``.
 
     ``exclude_docs``: document ids ``ppl:``/``kl:`` tasks leave out (the calibration documents, from the
-    scores' record), so their perplexity is held out from what compensation was fitted on.
+    scores' record), so their perplexity is held out from what compensation was fitted on; by default
+    the calibration documents the plan records.
     """
+    if not exclude_docs and side.plan is not None:
+        data = (side.plan.selection.scores or {}).get("data")
+        exclude_docs = list(data.get("documents") or []) if isinstance(data, dict) else None
     from prune_heads.evaluation import make_evaluator
     from prune_heads.io_utils import write_json_atomic
     from prune_heads.model.adapters import get_adapter

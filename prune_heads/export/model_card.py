@@ -98,7 +98,7 @@ def refresh_card(export_dir: str | os.PathLike, *, verification: Mapping[str, An
     ...}``), a list of such rows, or ``{task: {"baseline": ..., "pruned": ...}}``; its rows replace
     earlier rows measured on the same thing. ``repo_id`` fills the loading snippet. Returns the card.
     """
-    from prune_heads.export import PROVENANCE_FILE
+    from prune_heads.export.checkpoint import PROVENANCE_FILE
     from prune_heads.io_utils import write_json_atomic
 
     folder = Path(export_dir)

@@ -89,7 +89,7 @@ def output_config(src_config: dict[str, Any], adapter: FamilyAdapter, layout: He
         base_model_type=base_type,
         kept_heads=[list(h.kept) for h in heads],
         pruned_layout=pruned_layout(adapter),
-        approximate_norms=bool(approximate_norms and adapter.qk_norm == "full_width"),
+        approximate_norms=bool(approximate_norms and adapter.qk_norm_spans_heads),
     )
     if o_bias:
         d["pruned_o_bias"] = True  # every layer's o_proj gets a bias (the compensation's; zeros elsewhere)

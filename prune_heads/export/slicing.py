@@ -50,7 +50,8 @@ def pruned_layout(adapter: FamilyAdapter) -> dict[str, Any]:
         "v_name": adapter.v_name,
         "o_name": adapter.o_name,
         "fused_qkv": adapter.fused_qkv,
-        "qk_norm": adapter.qk_norm,
+        # the checkpoint's code knows the three labels; whether the norm spans heads is the adapter's to say
+        "qk_norm": "full_width" if adapter.qk_norm_spans_heads else adapter.qk_norm,
         "q_norm_name": adapter.q_norm_name,
         "k_norm_name": adapter.k_norm_name,
     }
@@ -100,7 +101,7 @@ def slicing_rules(adapter: FamilyAdapter, layout: HeadLayout, heads: list[LayerH
     """
     rules: dict[str, Rule] = {}
     d = layout.head_dim
-    full_norm = adapter.qk_norm == "full_width"
+    full_norm = adapter.qk_norm_spans_heads
     keep_full_qk = full_norm and not approximate_norms
     all_heads = tuple(range(layout.num_heads))
     for i, lh in enumerate(heads):
@@ -148,7 +149,7 @@ def predicted_removed_params(layout: HeadLayout, adapter: FamilyAdapter, heads: 
                              approximate_norms: bool = False) -> int:
     """Projection weights the ``sliced`` format removes (biases and norm weights not counted)."""
     d, hidden = layout.head_dim, layout.hidden_size
-    keep_full_qk = adapter.qk_norm == "full_width" and not approximate_norms
+    keep_full_qk = adapter.qk_norm_spans_heads and not approximate_norms
     removed = 0
     for lh in heads:
         rq = layout.num_heads - len(lh.kept)

@@ -113,8 +113,8 @@ def output_config(src_config: dict[str, Any], adapter: FamilyAdapter, layout: He
         d.update(adapter.o_bias.config)
     if model_type != src_config["model_type"]:
         d["model_type"] = model_type
-        if "sliding_window" in target().to_dict() and "sliding_window" not in src_config:
-            d["sliding_window"] = None  # the source attends to the full context
+        target_keys = target().to_dict()
+        d.update({k: v for k, v in adapter.uniform_defaults.items() if k in target_keys and k not in src_config})
         d["architectures"] = [target.__name__.removesuffix("Config") + "ForCausalLM"]
     else:
         d["architectures"] = src_config.get("architectures")

@@ -30,7 +30,7 @@ from prune_heads.plan import Plan
 def _load(path: str, dtype: torch.dtype | None, compute: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    from prune_heads.export import register_auto_classes
+    from prune_heads.export.registration import register_auto_classes
 
     register_auto_classes()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
@@ -97,7 +97,7 @@ def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan
 
     torch_dtype = parse_dtype(dtype)
     compute = {"float64": torch.float64, "float32": torch.float32}[compute_dtype]
-    from prune_heads.export import resolve_source
+    from prune_heads.export.checkpoint import resolve_source
 
     source = str(resolve_source(str(original)))
     if compensation is not None and compensation.layers:

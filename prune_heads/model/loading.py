@@ -133,6 +133,13 @@ def _gguf_cache_key(path: Path) -> str:
     return f"{gguf_sha256(path)[:16]}-c{CONVERTER_VERSION}"
 
 
+def _lm_head_weight(config: Any) -> str:
+    """The LM head's tensor name in the family's checkpoints (the one a tied head leaves missing)."""
+    from prune_heads.model.adapters import get_adapter
+
+    return f"{get_adapter(config).lm_head_name}.weight"
+
+
 def gguf_to_plain(directory: str, gguf_file: str, *, progress: bool = True) -> Path:
     """Convert a GGUF checkpoint into a plain float32 HF checkpoint once; return its directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,7 +155,7 @@ def gguf_to_plain(directory: str, gguf_file: str, *, progress: bool = True) -> P
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == _lm_head_weight(config))]
     if missing or unexpected:
         raise PruneHeadsError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     plain.config.name_or_path = str(src)

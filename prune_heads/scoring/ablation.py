@@ -12,7 +12,8 @@ the numbers:
   ``l..L-1``, the final norm and the LM head are run for the copies;
 - the KL needs no per-copy log-softmax over the vocabulary: with a linear LM head it follows from
   the hidden-state difference in one elementwise pass (``logit_shift``), as accurately as the direct
-  formula. Families that soft-cap their logits (Gemma-2) keep the direct formula.
+  formula. Families whose ``forward`` changes the LM head's output (``adapter.logit_transform``: Gemma's
+  soft-cap) keep the direct formula.
 
 The prefix reuse calls the decoder layers directly, so it is checked once per call against a full
 forward; if a family does something between layers that the check catches, the code falls back to
@@ -76,17 +77,9 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _softcap(model: nn.Module) -> float | None:
-    return getattr(get_adapter(model).text_config(model.config), "final_logit_softcapping", None) or None
-
-
 def _final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head plus the final soft-capping some families (Gemma-2) apply in ``forward``."""
-    logits = model.lm_head(hidden)
-    cap = _softcap(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
+    """LM head plus whatever the family's ``forward`` does after it (``adapter.logit_transform``)."""
+    return get_adapter(model).final_logits(model, hidden).float()
 
 
 def _per_seq(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -190,7 +183,7 @@ class _Measurer:
         adapter = get_adapter(model)
         self.layout = adapter.layout(model.config)
         self.layers = adapter.decoder(model).layers
-        self.norm = adapter.decoder(model).norm
+        self.norm = adapter.final_norm(model)
         self.removed = removed
         self.control = HeadControl()
         self.base_scale = {i: (~removed[i]).float() for i in range(removed.shape[0]) if removed[i].any()}
@@ -253,10 +246,13 @@ class _Measurer:
                 cap.remove()
         ref_lp = torch.log_softmax(logits, -1)
         self.ref_nll = _per_seq(-ref_lp.gather(-1, target[..., None]).squeeze(-1), self.valid)
-        self.linear_head = _softcap(self.model) is None and isinstance(self.model.lm_head, nn.Linear) and len(normed) == 1
+        adapter = get_adapter(self.model)
+        head = adapter.lm_head(self.model)
+        self.linear_head = (adapter.logit_transform(self.model.config) is None and isinstance(head, nn.Linear)
+                            and len(normed) == 1)
         if self.linear_head:
             hidden = normed[0][:, :-1]
-            self.shift = LinearHeadReference.build(self.model.lm_head.weight, hidden.reshape(-1, hidden.shape[-1]),
+            self.shift = LinearHeadReference.build(head.weight, hidden.reshape(-1, hidden.shape[-1]),
                                                    ref_lp.reshape(-1, ref_lp.shape[-1]))
         else:
             self.ref_lp, self.ref_p = ref_lp, ref_lp.exp()
@@ -354,17 +350,10 @@ def _group_by_start(units: Sequence[Unit]) -> dict[int, list[int]]:
     return groups
 
 
-def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequence[Unit], *,
-                  scores: Iterable[str] = ABLATION, removed: torch.Tensor | None = None, batch_size: int = 8,
-                  pad_id: int = 0, heads_per_pass: int | None = None, progress: bool = True,
-                  desc: str = "ablation", compensation: Any = None) -> tuple[dict[str, torch.Tensor], AblationCost]:
-    """Per-sequence effect ``(N, U)`` of zeroing each unit (a set of heads) on top of ``removed``.
-
-    The reference is always the unpruned model: ``ablation_kl`` is ``KL(original || removed+unit)``
-    and ``ablation_loss`` the LM-loss increase over the original, so values under different
-    ``removed`` sets stay on one scale. With ``compensation`` (a ``Compensator``) every removal, the
-    unit's included, is compensated instead of only zeroed.
-    """
+def _checked_inputs(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequence[Unit], scores: Iterable[str],
+                    removed: torch.Tensor | None, heads_per_pass: int | None) -> tuple[list[str], torch.Tensor]:
+    """The requested ablation ids and the ``(L, H)`` removed mask, after refusing bad input before any work
+    (each error names what to change)."""
     want = [s for s in scores if s in ABLATION]
     if not want:
         raise PruneHeadsError(f"ablation scores are {', '.join(ABLATION)}; got {list(scores)}")
@@ -384,7 +373,37 @@ def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequen
                 raise PruneHeadsError(f"head [{layer}, {h}] is outside the model ({layout.num_layers} x {layout.num_heads})")
     if heads_per_pass is not None and heads_per_pass < 1:
         raise PruneHeadsError(f"heads_per_pass must be >= 1, got {heads_per_pass}")
+    return want, removed
 
+
+def _smaller_pass(error: BaseException, heads_per_pass: int, auto: bool, batch_size: int,
+                  measurer: _Measurer, device: torch.device) -> int:
+    """After running out of memory: half the ablations per pass when the size was guessed (``auto``: the
+    activation estimate is rough), else the error that says what to set. Frees what the failed pass held."""
+    measurer.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if auto and heads_per_pass > 1:
+        return max(1, heads_per_pass // 2)
+    raise PruneHeadsError(
+        f"ablation ran out of memory with heads_per_pass={heads_per_pass}, batch_size={batch_size}: "
+        f"set heads_per_pass (--heads-per-pass) to {max(1, heads_per_pass // 2)} or lower, "
+        "or lower batch_size") from error
+
+
+def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequence[Unit], *,
+                  scores: Iterable[str] = ABLATION, removed: torch.Tensor | None = None, batch_size: int = 8,
+                  pad_id: int = 0, heads_per_pass: int | None = None, progress: bool = True,
+                  desc: str = "ablation", compensation: Any = None) -> tuple[dict[str, torch.Tensor], AblationCost]:
+    """Per-sequence effect ``(N, U)`` of zeroing each unit (a set of heads) on top of ``removed``.
+
+    The reference is always the unpruned model: ``ablation_kl`` is ``KL(original || removed+unit)``
+    and ``ablation_loss`` the LM-loss increase over the original, so values under different
+    ``removed`` sets stay on one scale. With ``compensation`` (a ``Compensator``) every removal, the
+    unit's included, is compensated instead of only zeroed.
+    """
+    want, removed = _checked_inputs(model, seqs, units, scores, removed, heads_per_pass)
+    layout = get_adapter(model).layout(model.config)
     device = _device(model)
     groups = _group_by_start(units)
     width = max(len(s) for s in seqs)
@@ -410,16 +429,8 @@ def measure_units(model: nn.Module, seqs: Sequence[Sequence[int]], units: Sequen
                     except (RuntimeError, torch.OutOfMemoryError) as e:
                         if not _is_oom(e):
                             raise
-                        measurer.reset()
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        if auto and heads_per_pass > 1:
-                            heads_per_pass = max(1, heads_per_pass // 2)
-                            continue
-                        raise PruneHeadsError(
-                            f"ablation ran out of memory with heads_per_pass={heads_per_pass}, batch_size={batch_size}: "
-                            f"set heads_per_pass (--heads-per-pass) to {max(1, heads_per_pass // 2)} or lower, "
-                            "or lower batch_size") from e
+                        heads_per_pass = _smaller_pass(e, heads_per_pass, auto, batch_size, measurer, device)
+                        continue
                     for w in want:
                         for c, ui in enumerate(chunk):
                             result[w][idx, ui] = vals[w][c].float().cpu()

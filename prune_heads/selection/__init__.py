@@ -1,38 +1,31 @@
 """Choosing which heads to remove: the budgeted static selector, GQA policies and the paper's sweep.
 
-The measured selectors (``iterative``, ``gates``) live in their own modules and are imported lazily.
+The measured selectors (``iterative``, ``gates``) live in their own modules. Names here load on first
+use (``prune_heads.lazy``), so importing a sibling module (the stage's config) does not import torch.
 """
 
-from prune_heads.selection.budget import (
-    BudgetJudge,
-    UnderpoweredBudget,
-    VerificationFailed,
-    VerificationOverlap,
-    check_power,
-    judge,
-)
-from prune_heads.selection.policies import POLICIES, candidate_units, heads_of, layer_floor, removal_mask
-from prune_heads.selection.search import SearchResult, max_probes, search_ascending, search_largest_k
-from prune_heads.selection.static import RANDOM_SCORE, ranking, select_static, within_budget
+from prune_heads.lazy import lazy_exports
 
-__all__ = [
-    "POLICIES",
-    "RANDOM_SCORE",
-    "BudgetJudge",
-    "SearchResult",
-    "UnderpoweredBudget",
-    "VerificationFailed",
-    "VerificationOverlap",
-    "check_power",
-    "judge",
-    "search_ascending",
-    "candidate_units",
-    "heads_of",
-    "layer_floor",
-    "max_probes",
-    "ranking",
-    "removal_mask",
-    "search_largest_k",
-    "select_static",
-    "within_budget",
-]
+_EXPORTS = {
+    "BudgetJudge": "prune_heads.selection.budget",
+    "UnderpoweredBudget": "prune_heads.selection.budget",
+    "VerificationFailed": "prune_heads.selection.budget",
+    "VerificationOverlap": "prune_heads.selection.budget",
+    "check_power": "prune_heads.selection.budget",
+    "judge": "prune_heads.selection.budget",
+    "POLICIES": "prune_heads.selection.policies",
+    "candidate_units": "prune_heads.selection.policies",
+    "heads_of": "prune_heads.selection.policies",
+    "layer_floor": "prune_heads.selection.policies",
+    "removal_mask": "prune_heads.selection.policies",
+    "SearchResult": "prune_heads.selection.search",
+    "max_probes": "prune_heads.selection.search",
+    "search_ascending": "prune_heads.selection.search",
+    "search_largest_k": "prune_heads.selection.search",
+    "RANDOM_SCORE": "prune_heads.selection.static",
+    "ranking": "prune_heads.selection.static",
+    "select_static": "prune_heads.selection.static",
+    "within_budget": "prune_heads.selection.static",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

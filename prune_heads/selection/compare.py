@@ -1,4 +1,4 @@
-"""Every selector on the same model, data and budget, side by side on the same model, data and budget, side by side.
+"""Every selector on the same model, data and budget, side by side.
 
 Selectors: static with each proxy score in the scores file, ``random``, static ranked by measured
 ``ablation_kl``, ``iterative`` and ``gates`` (trained once, then its ``log_alpha`` ranking is searched
@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import torch
 
 from prune_heads.errors import PruneHeadsError
 from prune_heads.schema import Config, ConfigError, option
@@ -88,6 +86,8 @@ def _selector_names(cfg: CompareConfig, scores: Any) -> list[str]:
 
 def _measure_shared(cfg: CompareConfig, s: _Setup, names: list[str], shared: dict[str, SharedMeasurement]) -> None:
     """The budget-independent work of the measured selectors, once (its cost is charged to each user)."""
+    import torch  # here, not at the top: the CLI imports ``CompareConfig`` from this module
+
     from prune_heads.scoring.ablation import ablation_scores
     from prune_heads.scoring.head_scores import HeadScores
     from prune_heads.selection.gates import GatesDidNotConverge, select_gates

@@ -6,7 +6,7 @@ model has to load in an environment where only ``transformers`` is installed.
 It holds no family table of its own. The exporter renders ``pruned_family.py`` beside it from
 prune-heads' family adapters (``FAMILIES``: model type -> the stock classes to subclass and the names
 of the pruned ones), so a family added with ``register_adapter()`` exports as well as a built-in one.
-Inside the prune_heads package there is no such file; ``prune_heads.export.register_auto_classes``
+Inside the prune_heads package there is no such file; ``prune_heads.export.registration.register_auto_classes``
 builds the classes from the live adapters with the same functions.
 
 Each class subclasses the family's own configuration and adds what the family's layout cannot say:

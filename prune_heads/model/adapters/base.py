@@ -7,6 +7,7 @@ adapters). A new family is one subclass plus one line in ``adapters/__init__.py`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,6 +86,15 @@ class FamilyAdapter:
     #: model types the ``sliced`` format covers (None = all of ``model_types``); a multimodal wrapper
     #: whose decoder sits elsewhere is left out
     sliced_model_types: tuple[str, ...] | None = None
+    #: the LM head's attribute on the ``*ForCausalLM`` (and its checkpoint key prefix)
+    lm_head_name: str = "lm_head"
+    #: the input embedding's module path in the ``*ForCausalLM`` (and its checkpoint key prefix)
+    embed_name: str = "model.embed_tokens"
+    #: the final norm's attribute on the decoder (``decoder(model)``)
+    final_norm_name: str = "norm"
+    #: config keys a ``uniform`` export sets when it writes the family as another stock ``model_type`` and the
+    #: source config lacks them, so the stock class computes what the source did
+    uniform_defaults: dict[str, Any] = {}
 
     # ---- geometry -------------------------------------------------------------------------
     def layout(self, config: Any) -> HeadLayout:
@@ -101,8 +111,61 @@ class FamilyAdapter:
         )
 
     def text_config(self, config: Any) -> Any:
-        """Multimodal wrappers (Gemma-3) keep the decoder's settings in a sub-config."""
+        """Multimodal wrappers (Gemma-3) keep the decoder's settings in a sub-config.
+
+        ``config`` is a transformers config or a checkpoint's ``config.json`` as a dict (the exporter reads
+        the source's file without building a config object); the same kind comes back.
+        """
+        if isinstance(config, dict):
+            return config.get("text_config") or config
         return getattr(config, "text_config", None) or config
+
+    # ---- q/k norms --------------------------------------------------------------------------
+    @property
+    def qk_norm_spans_heads(self) -> bool:
+        """q/k are normalised across all heads at once (OLMo-2), not per head.
+
+        The one reading of ``qk_norm == "full_width"``: a removed head's q/k rows still feed the kept heads'
+        norm statistic, so the exact export keeps them, the masked export cannot zero them, and only such a
+        family has an ``approximate_norms`` export (which drops them and shrinks the norm weights).
+        """
+        return self.qk_norm == "full_width"
+
+    # ---- the LM head --------------------------------------------------------------------------
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return getattr(model, self.lm_head_name)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return getattr(self.decoder(model), self.final_norm_name)
+
+    def logit_transform(self, config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What the family's ``forward`` does to the LM head's output, or None when nothing.
+
+        Measured scores recompute logits from hidden states (``scoring.ablation``), so they must apply the
+        same step the model does. The default is the final soft-cap some families configure
+        (``final_logit_softcapping``: Gemma-2, Gemma-3); a family that scales its logits overrides this.
+        """
+        cap = getattr(self.text_config(config), "final_logit_softcapping", None)
+        if not cap:
+            return None
+        cap = float(cap)
+        return lambda logits: torch.tanh(logits / cap) * cap
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits the model's ``forward`` returns for final-normed ``hidden`` states."""
+        logits = self.lm_head(model)(hidden)
+        transform = self.logit_transform(model.config)
+        return transform(logits) if transform is not None else logits
+
+    def tied_lm_head(self, config: dict[str, Any], names: set[str] | frozenset[str]) -> str | None:
+        """The checkpoint tensor that duplicates the embedding (a tied LM head stored anyway), or None.
+
+        ``config``: the checkpoint's ``config.json``; ``names``: every tensor name in the checkpoint.
+        """
+        cfg = self.text_config(config)
+        tied = config.get("tie_word_embeddings", cfg.get("tie_word_embeddings"))
+        head, embed = f"{self.lm_head_name}.weight", f"{self.embed_name}.weight"
+        return head if tied and head in names and embed in names else None
 
     # ---- module access --------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:

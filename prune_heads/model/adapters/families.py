@@ -16,6 +16,8 @@ class LlamaAdapter(FamilyAdapter):
     uniform_model_type = "mistral"
     # Mistral's class has no o_proj bias; Llama's has one (with attention_bias), when heads | hidden_size
     o_bias = OBiasSupport({"attention_bias": True}, ("q_proj", "k_proj", "v_proj"), model_type="llama")
+    # Mistral's class defaults to a 4096-token sliding window; Llama attends to the full context
+    uniform_defaults = {"sliding_window": None}
     caveat = "SmolLM2 and other Llama-style models use this adapter."
 
 
@@ -70,9 +72,6 @@ class Gemma3Adapter(FamilyAdapter):
     # the multimodal ``gemma3`` wrapper keeps its decoder under ``model.language_model``
     sliced_model_types = ("gemma3_text",)
     o_bias = _ATTENTION_BIAS
-
-    def layer_prefix(self, layer_idx: int) -> str:
-        return f"model.layers.{layer_idx}."
 
 
 class Phi3Adapter(FamilyAdapter):

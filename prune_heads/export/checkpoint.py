@@ -1,0 +1,239 @@
+"""``export_checkpoint``: write a plan applied to a model as a ``sliced``, ``uniform`` or ``masked`` checkpoint.
+
+Export streams the source tensor by tensor into an atomic temporary directory; verification runs on
+that directory before it is renamed into place, so the result it writes describes exactly the files
+that land. A plan selected with compensation has it folded into the weights as they stream
+(``export.folding``): the kept heads' ``o_proj`` columns change and ``o_proj`` gains a bias.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prune_heads.__about__ import __version__
+from prune_heads.errors import PruneHeadsError
+from prune_heads.export import masked, model_card, sliced, uniform
+from prune_heads.export.folding import CompensationFold
+from prune_heads.export.folding import provenance as compensation_provenance
+from prune_heads.export.registration import register_auto_classes
+from prune_heads.export.slicing import layer_heads, predicted_removed_params, slicing_rules
+from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_source, parse_size
+from prune_heads.export.verify import verify_export
+from prune_heads.io_utils import atomic_dir, check_output_dir, write_json_atomic
+from prune_heads.model.adapters import get_adapter
+from prune_heads.model.fingerprint import FingerprintCheck
+from prune_heads.plan import Plan
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"sliced": sliced, "uniform": uniform, "masked": masked}
+PROVENANCE_FILE = "prune_heads.json"
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    params_before: int
+    params_after: int
+    verification: dict | None
+    files: list[str] = field(default_factory=list)
+    predicted_params_after: int | None = None
+    bytes_written: int = 0
+    peak_buffer_bytes: int = 0
+    #: the plan's compensation was folded into the weights (and verification compared with it)
+    compensated: bool = False
+
+    @property
+    def passed(self) -> bool:
+        """False only when verification ran, was exact by design, and exceeded its tolerance."""
+        v = self.verification
+        return v is None or bool(v["passed"]) or bool(v.get("approximate_norms"))
+
+
+def resolve_source(model: str, gguf_file: str | None = None) -> Path:
+    """A local checkpoint directory for ``model`` (directory, Hub id, GGUF, or ``smollm2``)."""
+    from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
+
+    location, gguf = resolve_model_spec(model, gguf_file)
+    if gguf:
+        return Path(gguf_to_plain(location, gguf))
+    p = Path(location)
+    if p.is_dir():
+        return p
+    if p.exists() or location.startswith((".", "/")):
+        raise PruneHeadsError(f"{location} is not a model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                 "*.tiktoken", "*.jinja", "LICENSE*", "NOTICE*"]))
+    except Exception as e:
+        raise PruneHeadsError(f"cannot fetch {location!r} from the Hub ({e}); pass a local checkpoint directory") from e
+
+
+def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
+           shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
+           eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
+           progress: bool = True, verify_tol: float = 1e-4, verify_num_sequences: int = 4, verify_seq_len: int = 64,
+           compensation: Any = None, moments: Any = None) -> ExportResult:
+    """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring.
+
+    A plan whose ``compensation`` is ``mean``/``lsq`` needs either ``compensation`` (a ``Compensation``, or
+    a file saved with one: required for sequential plans) or ``moments`` (a scores directory, a
+    ``HeadScores`` or a ``Moments``) to rebuild it; both are checked against the plan.
+    """
+    from prune_heads.model.loading import parse_dtype
+
+    if format not in FORMATS:
+        raise PruneHeadsError(f"unknown format {format!r}; choose sliced, uniform or masked")
+    fmt = FORMATS[format]
+    max_bytes = parse_size(shard_size)
+    torch_dtype = parse_dtype(dtype)
+    dtype_name = str(torch_dtype).removeprefix("torch.") if torch_dtype is not None else None
+    src = open_source(resolve_source(model, gguf_file))
+    check_output_dir(out_dir, overwrite, inputs=[src.path, model if Path(model).exists() else None])
+    out = Path(out_dir)
+
+    from transformers import AutoConfig
+
+    register_auto_classes()
+    config = AutoConfig.from_pretrained(src.path)
+    adapter = get_adapter(config)
+    layout = plan.validate(config)
+    heads = layer_heads(plan, layout)
+    comp = _plan_compensation(plan, config, compensation, moments)
+    o_bias = comp is not None and bool(comp.layers)
+    fmt.check(adapter, layout, heads, src.config, o_bias=o_bias)
+    approximate = bool(approximate_norms and adapter.qk_norm_spans_heads)
+    if approximate_norms and not approximate:
+        log.warning("--approximate-norms has no effect on %s (no full-width q/k norm)", adapter.name)
+    out_config = fmt.output_config(src.config, adapter, layout, heads, dtype=dtype_name, approximate_norms=approximate,
+                                   o_bias=o_bias)
+    rules = slicing_rules(adapter, layout, heads, mode=fmt.MODE, approximate_norms=approximate)
+    fold = None
+    if o_bias:
+        stock_bias = format != "sliced" and adapter.o_bias is not None
+        fold = CompensationFold(adapter, layout, comp, src, bias_every_layer=True,
+                                zero_biases=adapter.o_bias.also_biased if stock_bias else ())
+        rules = fold.wrap(rules)
+
+    from prune_heads.export.streaming import ShardWriter
+
+    # the plan must have been made on these very weights: every tensor is checked as it streams by
+    same_weights = FingerprintCheck(plan.selection.fingerprint, "this plan") if plan.selection.fingerprint else None
+    with atomic_dir(out, overwrite=overwrite, inputs=[src.path]) as tmp:
+        writer = ShardWriter(tmp, max_bytes)
+        tied_head = adapter.tied_lm_head(src.config, set(src.weight_map))  # skipped: checkpoints store it once
+        params_before = 0
+        for name, source in iter_tensors(src, progress=progress):
+            if same_weights is not None:
+                same_weights.add(name, source)
+            if name == tied_head:
+                continue
+            params_before += source.numel()
+            rule = rules.get(name)
+            tensor = rule(source) if rule is not None else source
+            if tensor is not None:
+                writer.add(name, _cast(tensor, torch_dtype))
+            for extra_name, extra in fold.extras(name, tensor, source) if fold is not None else ():
+                writer.add(extra_name, _cast(extra, torch_dtype))
+            del tensor, source
+        if same_weights is not None:
+            same_weights.finish()
+        files = writer.close()
+        write_json_atomic(tmp / "config.json", out_config)
+        files.append("config.json")
+        files += copy_aux_files(src.path, tmp)
+        if fmt.REMOTE_CODE:
+            files += fmt.write_extras(tmp, out_config)
+
+        verification = None
+        if verify:
+            verification = verify_export(src.path, tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate,
+                                         num_sequences=verify_num_sequences, seq_len=verify_seq_len,
+                                         compensation=comp)
+        predicted = params_before - (predicted_removed_params(layout, adapter, heads, approximate_norms=approximate)
+                                     if fmt.MODE == "slice" else 0) + (fold.added_params if fold is not None else 0)
+        removed_per_layer = [layout.num_heads - len(h.kept) for h in heads]
+        provenance = {
+            "tool": "prune-heads",
+            "tool_version": __version__,
+            "format": format,
+            "source": model_card.source_info(str(model), gguf_file, src.fingerprint()),
+            "family": adapter.name,
+            "plan": plan.to_dict(),
+            "removed_per_layer": removed_per_layer,
+            "heads_total": layout.total_heads,
+            "heads_removed": len(plan.removed_heads),
+            "kv_heads_removed": sum(layout.num_kv_heads - len(h.kept_kv) for h in heads),
+            "params_before": params_before,
+            "params_after": writer.total_params,
+            "params_after_predicted": predicted,
+            "dtype": dtype_name or "source",
+            "approximate_norms": approximate,
+            "compensation": compensation_provenance(comp),
+            "scores_summary": scores_summary,
+            "eval_results": eval_results,
+            # the plan's own record of the selection wins over a copy of it passed as eval_results
+            "evaluation": model_card.merge_evaluation(model_card.evaluation_rows(eval_results),
+                                                     model_card.evaluation_rows(plan.to_dict())),
+            "verification": verification,
+            "license": source_license(src.path),
+        }
+        provenance = model_card.scrub_local_paths(provenance)  # never a local path in what gets published
+        files.append(model_card.write_model_card(tmp, model_card.card_info(provenance)).name)
+        files.append(PROVENANCE_FILE)
+        # the export's own files, so `push` uploads exactly these (the card and this record change later)
+        provenance["files"] = {f: None if f in ("README.md", PROVENANCE_FILE) else (tmp / f).stat().st_size
+                               for f in sorted(files)}
+        write_json_atomic(tmp / PROVENANCE_FILE, provenance)
+
+    return ExportResult(out, params_before, writer.total_params, verification, sorted(files), predicted,
+                        writer.total_bytes, writer.peak_buffer_bytes, compensated=o_bias)
+
+
+def _cast(tensor: Any, dtype: Any) -> Any:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _plan_compensation(plan: Plan, config: Any, compensation: Any, moments: Any) -> Any:
+    """The plan's ``Compensation``, rebuilt and checked (None when the plan zeroes)."""
+    from prune_heads.compensation.plans import compensation_for_plan
+    from prune_heads.compensation.spec import CompensationSpec
+
+    spec = CompensationSpec.from_dict(plan.selection.compensation)
+    if not spec.active:
+        if compensation is not None:
+            raise PruneHeadsError("a compensation was given but the plan records none (it was selected with "
+                                  "--compensate none); select again with --compensate lsq")
+        return None
+    travels = bool((plan.selection.compensation or {}).get("file")) and plan.path is not None
+    if compensation is None and moments is None and not travels:
+        raise PruneHeadsError(
+            f"this plan was selected with --compensate {spec.mode}: export needs the scores directory it was selected "
+            "with (its moments.safetensors) to fold the compensation into the weights"
+            + (", or the compensation file saved with the plan (sequential)" if spec.sequential else ""))
+    return compensation_for_plan(plan, moments=moments, compensation=compensation, config=config)
+
+
+def source_license(path: Path) -> str | None:
+    """The ``license:`` of the source's model card front matter, if any."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
+
