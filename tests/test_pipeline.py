@@ -282,8 +282,8 @@ def test_cli_reports_recipe_errors_without_traceback(tmp_path):
     bad.write_text("name: x\nmodel: {id: m\n")
     res = CliRunner().invoke(cli, ["run", str(bad), "-o", str(tmp_path / "w")])
     assert res.exit_code == 2 and "not valid YAML" in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(cli, ["run", "recipes/smollm2-135m.yaml", "--set", "select.max_drop=2",
-                                   "-o", str(tmp_path / "w")])
+    res = CliRunner().invoke(cli, ["run", "recipes/smollm2-135m.yaml", "--set", "select.relative=false",
+                                   "--set", "select.task=arc_easy", "--set", "select.max_drop=2", "-o", str(tmp_path / "w")])
     assert res.exit_code == 2 and "select.max_drop: must be below 1 for an accuracy task" in res.output
 
 
@@ -308,8 +308,8 @@ def test_cli_run_end_to_end(tiny_dir, short_text, tmp_path):
 DEMO = Path(__file__).parent.parent / "recipes" / "smollm2-135m.yaml"
 DEMO_SMALL = [
     "calibration.num_samples=8", "calibration.seq_len=64",
-    "select.limit=20", "select.verify_limit=20", "select.max_drop=0.05",
-    "evaluate.tasks=[{task: arc_easy, split: verify, limit: 20}, {task: 'ppl:wikitext2', limit: 4}]",
+    "select.limit=8", "select.verify_limit=8", "select.max_drop=0.05", "select.accept_unverified=true",
+    "evaluate.tasks=[{task: arc_easy, split: verify, limit: 20}, {task: 'ppl:wikitext2', split: verify, limit: 4}]",
     "evaluate.speed_seq_len=64", "evaluate.speed_repeats=1", "report.scores=[ahon_ln, awft]",
 ]
 
@@ -324,18 +324,24 @@ def test_offline_demo_recipe_end_to_end(tmp_path):
     assert s.verification["passed"]
     arc = next(m for m in s.metrics if m["task"] == "arc_easy")
     assert arc["baseline"]["metric"].startswith("acc") and arc["baseline"]["n"] == 20
-    # the exported model's ARC result is the masked original's on the same documents (the export is exact)
+    # the exported model's ARC result is the compensated masked original's on the same documents (exact export)
+    from prune_heads.compensation.plans import compensation_for_plan
     from prune_heads.evaluation import make_evaluator
     from prune_heads.model.loading import load_model
 
     lm = load_model("smollm2")
-    ev = make_evaluator(lm.model, lm.tokenizer, "arc_easy", limit=20, split="verify")
+    plan_obj = Plan.load(wd / "select" / "plan.json")
+    comp = compensation_for_plan(plan_obj, model=lm.model)
+    assert comp is not None and comp.spec.mode == "lsq"
+    ev = make_evaluator(lm.model, lm.tokenizer, "arc_easy", limit=20, split="verify", compensation=comp)
     assert arc["baseline"]["value"] == pytest.approx(ev(None).value)
-    assert arc["pruned"]["value"] == pytest.approx(ev(Plan.load(wd / "select" / "plan.json")).value)
+    assert arc["pruned"]["value"] == pytest.approx(ev(plan_obj).value)
     plan = json.loads((wd / "select" / "plan.json").read_text())
-    assert plan["budget"]["max_drop"] == 0.05 and len(plan["removed_heads"]) == s.heads_removed
+    assert plan["budget"]["max_drop"] == 0.05 and plan["budget"]["relative"] and len(plan["removed_heads"]) == s.heads_removed
     per_head = 2 * 64 * 576  # q_proj rows + o_proj columns of one head (no biases in SmolLM2)
-    kv_removed, rest = divmod(s.params_before - s.params_after - s.heads_removed * per_head, per_head)
+    prov = json.loads((wd / "export" / "model" / "prune_heads.json").read_text())
+    bias = 576 * len(prov["compensation"]["layers"])  # the o_proj bias compensation adds to a layer
+    kv_removed, rest = divmod(s.params_before - s.params_after + bias - s.heads_removed * per_head, per_head)
     assert rest == 0 and 0 <= kv_removed <= s.heads_removed // 3  # whole KV groups drop k/v rows too
     assert (wd / "summary.md").is_file() and (wd / "report" / "plots" / "report.md").is_file()
     again = quiet_run(DEMO, wd, DEMO_SMALL)

@@ -75,9 +75,9 @@ class SelectConfig(Config):
                                     help="Allowed loss: 0.01 = one accuracy point; a fraction of the baseline with "
                                          "--relative; perplexity/KL units for ppl:/kl: tasks.")
     relative: bool = option(False, help="--max-drop is a fraction of the baseline value.")
-    confidence: float = option(0.0, ge=0, lt=1,
-                               help="A k passes only if the upper bound of its drop at this one-sided confidence "
-                                    "is within --max-drop (0: the point estimate).")
+    confidence: float = option(0.9, ge=0, lt=1,
+                               help="A k passes only if the upper bound of its paired drop at this one-sided "
+                                    "confidence is within --max-drop (0: the point estimate, fewest evaluations).")
     allow_underpowered: bool = option(False, help="Search even when the documents cannot resolve --max-drop.")
     accept_unverified: bool = option(False, help="Write the plan even when it fails its held-out verification "
                                                  "(it is marked so).")
@@ -345,12 +345,19 @@ def _compensate(cfg: SelectConfig, ctx: SelectContext) -> None:
 
 
 def plot_search(plan: Any, path: Path) -> Path | None:
-    """The search's probes against heads removed, when the method searched (static, iterative)."""
+    """The search's probes against heads removed, when the method searched (static, iterative): ``path``
+    shows the metric, and ``PATH-drop.png`` beside it each probe's paired drop with its confidence band,
+    the budget line and the chosen k (what the budget rule decided on)."""
     if not plan.selection.trace:
         return None
     from prune_heads.report.search import plot_selection_search
+    from prune_heads.selection.trace_plot import plot_selection
 
-    return plot_selection_search(plan, path)
+    out = plot_selection_search(plan, path)
+    if any(p.drop is not None for p in plan.selection.trace):
+        path = Path(path)
+        plot_selection(plan, path.with_name(f"{path.stem}-drop{path.suffix}"))
+    return out
 
 
 def plan_line(plan: Any, out: Any) -> str:
