@@ -667,7 +667,8 @@ def cost_lines(args: argparse.Namespace) -> list[str]:
         f"{c['sequential_seconds']:.0f} s wall, {c.get('sequential_cpu_seconds', float('nan')):.0f} s CPU on "
         f"{c.get('sequential_tokens', c['calib_tokens'])} tokens ({c.get('threads', '?')} threads, load average "
         f"{c.get('load_average', float('nan')):.1f}). "
-        f"Calibration with moments on {c['calib_tokens']} tokens took {c['calibration_seconds']} s.", ""]
+        f"Calibration with moments on {c['calib_tokens']} tokens took {c['calibration_seconds']} s wall (when the "
+        "scores cache was made, load not recorded).", ""]
 
 
 def choices_lines(args: argparse.Namespace) -> list[str]:
@@ -739,7 +740,10 @@ def export_lines(args: argparse.Namespace) -> list[str]:
            for r in e["rows"] if "prefill_cpu_seconds" in r]
     return lines + ["", "Times are ratios of interleaved wall-clock medians (5 prefill, 3 decode repetitions) in one process"
                     + (f"; load average {', '.join(loads)} when measured" if loads else "")
-                    + (f"; CPU-second ratios {'; '.join(cpu)}" if cpu else "") + ".", ""]
+                    + (f"; CPU-second ratios {'; '.join(cpu)}" if cpu else "") + "."
+                    + ("" if cpu else " Measured wall-clock only, with load average 4-6 on the shared 2-core machine: "
+                       "these ratios are noise-dominated (the two plans disagree in direction); rerun `--part export` "
+                       "(delete `export.json`) on a quiet machine for speed figures."), ""]
 
 
 def accuracy_lines(args: argparse.Namespace) -> list[str]:
@@ -752,6 +756,11 @@ def accuracy_lines(args: argparse.Namespace) -> list[str]:
         for r in a["rows"]:
             lines.append(f"- {r['policy']}/{r['mode']}/`{r['ranking']}` at +{r['budget']:.0%} ppl ({r['heads']} heads): "
                          f"{r['value']:.3f} ± {r['stderr'] or 0:.3f}")
+    measured = {f.stem.split("_", 1)[1].rsplit("_", 1)[0] for f in parts_dir(args).glob("accuracy_*.json")}
+    missing = [t for t in ("arc_easy", "hellaswag") if t not in measured]
+    if lines:
+        lines += ["", "Metric `acc` (lm-eval's per-document accuracy), ± its standard error over documents; the issue asks "
+                  "for at least 500 documents per task" + (f"; not measured: {', '.join(missing)}" if missing else "") + "."]
     return (["### Accuracy at the budget fractions", "", *lines, ""]) if lines else []
 
 
@@ -779,8 +788,22 @@ def targets_lines(args: argparse.Namespace) -> list[str]:
         need = math.ceil(target * total - 1e-9)
         verdict = "**met**" if units >= need else f"**missed by {need - units}** ({need} needed)"
         lines.append(f"- {title}: {units} of {total:.0f} ({pct(units / total)}), `{b['mode']}` + `{b['ranking']}`, "
-                     f"ppl {r['ppl']:.2f} against a budget of {(1 + budget) * r['baseline']:.2f}: {verdict}.")
+                     f"ppl {r['ppl']:.2f} (± {r['stderr']:.2f} standard error over documents) against a budget of "
+                     f"{(1 + budget) * r['baseline']:.2f}: {verdict}{next_heads_note(args, policy, budget, units, r)}.")
     return ["### Targets (issue 10)", "", *lines, ""] if lines else []
+
+
+def next_heads_note(args: argparse.Namespace, policy: str, budget: float, units: int, r: dict[str, Any]) -> str:
+    """For a missed target: how far the next heads of the ranking were from the budget (from the sequential part)."""
+    s = load_part(args, "sequential") or {"rows": []}
+    limit = (1 + budget) * r["baseline"]
+    rows = sorted((x for x in s["rows"] if x["policy"] == policy and x["budget"] == budget and x["mode"] == "lsq"
+                   and x["heads"] > units), key=lambda x: x["heads"])
+    if policy != "free" or not rows:
+        return ""
+    parts = [f"{x['heads']} heads give {x['ppl']:.3f} one-pass ({100 * (x['ppl'] / limit - 1):+.2f}% of the budget), "
+             f"{x['ppl_sequential']:.3f} sequential ({100 * (x['ppl_sequential'] / limit - 1):+.2f}%)" for x in rows]
+    return "; " + "; ".join(parts)
 
 
 def load_lines(meta: dict[str, Any]) -> list[str]:
