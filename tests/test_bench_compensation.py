@@ -87,3 +87,22 @@ def test_reported_budgets_hold_when_rechecked(quick_run):
             assert value <= base * (1 + budget) + 1e-9
             checked += 1
     assert checked >= 2 * 3 * 4  # both budgets, three modes, four rankings (free policy at least)
+
+
+def test_sequential_rows_extend_the_plus5_plan(quick_run):
+    """The sequential part re-evaluates each budget plan as saved and, for the free +5% plan, the next heads of
+    the same ranking: prefixes that grow one head at a time, the first of which one-pass mode fails."""
+    bench, _, out = quick_run
+    parts = out.parent / "compensation_quick"
+    seq = json.loads((parts / "sequential.json").read_text())
+    for mode in ("lsq", "mean"):
+        plan = json.loads((parts / f"budget_free_{mode}_lsq_error.json").read_text())["0.05"]
+        rows = sorted((r for r in seq["rows"] if r["mode"] == mode and r["policy"] == "free" and r["budget"] == 0.05),
+                      key=lambda r: r["heads"])
+        assert sorted(map(tuple, rows[0]["removed"])) == sorted(map(tuple, plan["removed"]))
+        assert rows[0]["ppl"] == pytest.approx(plan["ppl"])
+        for prev, row in zip(rows, rows[1:]):
+            assert row["heads"] == prev["heads"] + 1
+            assert set(map(tuple, prev["removed"])) < set(map(tuple, row["removed"]))
+        if len(rows) > 1:  # units were left: the search saw the next one fail
+            assert rows[1]["ppl"] > 1.05 * seq["baseline"]
