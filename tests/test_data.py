@@ -150,7 +150,10 @@ def test_text_spec_through_calibrate(tok, tmp_path):
     f.write_text("\n".join(json.dumps({"text": words(20 + i, seed=i)}) for i in range(6)))
     model = tiny_model("llama", vocab=len(tok))
     hs = calibrate(model, str(f), tokenizer=tok, num_samples=4, seq_len=18, batch_size=2, progress=False)
-    assert hs.meta["data"] == {"source": str(f), "num_samples": 4, "seq_len": 18, "seed": 0, "min_tokens": 16}
+    docs = hs.meta["data"].pop("documents")
+    assert hs.meta["data"] == {"source": str(f), "num_samples": 4, "seq_len": 18, "seed": 0, "min_tokens": 16,
+                               "split": "all"}
+    assert len(docs) == 4 and len(set(docs)) == 4 and all(d.startswith(f"{f}:") for d in docs)
     assert hs.meta["num_samples"] == 4 and hs.meta["num_tokens"] == 4 * 18
     seqs = tokenize_documents(iter_documents(str(f)), tok, DataSpec(source=str(f), num_samples=4, seq_len=18))
     pre = calibrate(model, seqs, batch_size=3, progress=False)

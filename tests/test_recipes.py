@@ -57,7 +57,9 @@ def test_paper_best_scores_per_family():
 
 def test_demo_recipe_is_offline():
     r = load_recipe(DEMO)
-    assert (r.model.id, r.calibration.data, r.select.task) == ("smollm2", "wikitext2", "arc_easy")
+    assert (r.model.id, r.calibration.data, r.select.task) == ("smollm2", "wikitext2", "ppl:wikitext2")
+    assert (r.select.compensate, r.select.ranking, r.select.relative) == ("lsq", "lsq_error", True)
+    assert "arc_easy" in [t.task for t in r.eval_tasks()]  # accuracy only for the final check
 
 
 def test_offline_data_is_used_when_hub_is_off(monkeypatch):
@@ -73,8 +75,8 @@ def test_offline_data_is_used_when_hub_is_off(monkeypatch):
 def test_defaults_fill_in():
     r = load_recipe(minimal())
     assert isinstance(r, Recipe)
-    assert (r.select.method_name, r.select.method.score, r.select.policy) == ("static", "ahon_ln", "free")
-    assert (r.select.compensate, r.select.confidence, r.verify.enabled) == ("lsq", 0.0, True)
+    assert (r.select.method_name, r.select.method.score, r.select.policy) == ("static", None, "free")
+    assert (r.select.ranking, r.select.compensate, r.select.confidence, r.verify.enabled) == ("lsq_error", "lsq", 0.9, True)
     assert (r.export.format, r.calibration.num_samples, r.hub.repo_id) == ("sliced", 128, None)
 
 

@@ -77,7 +77,8 @@ def test_compensated_plan_is_the_same_model_in_eval_and_export(world, tmp_path):
     assert "against the compensated masked original" in r.output
     weights = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert any(k.endswith("o_proj.bias") for k in weights)
-    r = invoke("eval", tmp_path / "export", *common, "-o", tmp_path / "exported.json")
+    # --scores: the same calibration documents left out as eval --plan leaves out (the plan records them)
+    r = invoke("eval", tmp_path / "export", *common, "--scores", world / "scores", "-o", tmp_path / "exported.json")
     assert r.exit_code == 0, r.output
     # the masked evaluation (hooks) and the export (folded weights) are two independent paths to one model
     base, masked = ppl(tmp_path / "masked.json")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prune_heads.data import DataSpec, as_token_lists, batches, iter_documents, tokenize_documents
+from prune_heads.data import DataSpec, as_token_lists, batches
 from prune_heads.errors import DataError
 from prune_heads.model.adapters import get_adapter
 from prune_heads.model.attention import HeadControl, attach
@@ -80,7 +80,11 @@ def _normalise_data(data: Any, tokenizer: Any, spec: DataSpec | None, model: nn.
             raise DataError("a text data spec needs a tokenizer (tokenizer=...)")
         spec = spec or DataSpec(source=data)
         spec.source = data
-        return tokenize_documents(iter_documents(data), tokenizer, spec, ctx), spec.to_dict()
+        from prune_heads.data import calibration_sequences
+
+        documents: list[str] = []  # recorded, so ppl:/kl: evaluations of this source can leave them out
+        seqs = calibration_sequences(spec, tokenizer, model, documents=documents)
+        return seqs, {**spec.to_dict(), "documents": documents}
     seqs = as_token_lists(data)
     if spec is not None:
         if ctx is not None and spec.seq_len > ctx:
