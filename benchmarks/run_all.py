@@ -23,6 +23,7 @@ SCRIPTS = {
     "export": "bench_export.py",
     # not in ORDER: the full table takes hours on a CPU (run it with --only budget, or see its docstring)
     "budget": "bench_budget.py",
+    "compensation": "bench_compensation.py",  # parts, resumable; see its docstring
 }
 
 

@@ -340,7 +340,8 @@ def test_offline_demo_recipe_end_to_end(tmp_path):
     assert plan["budget"]["max_drop"] == 0.05 and plan["budget"]["relative"] and len(plan["removed_heads"]) == s.heads_removed
     per_head = 2 * 64 * 576  # q_proj rows + o_proj columns of one head (no biases in SmolLM2)
     prov = json.loads((wd / "export" / "model" / "prune_heads.json").read_text())
-    bias = 576 * len(prov["compensation"]["layers"])  # the o_proj bias compensation adds to a layer
+    # compensation gives every layer an o_proj bias (one architecture for all layers), 576 values each
+    bias = 576 * len(prov["removed_per_layer"]) if prov["compensation"]["layers"] else 0
     kv_removed, rest = divmod(s.params_before - s.params_after + bias - s.heads_removed * per_head, per_head)
     assert rest == 0 and 0 <= kv_removed <= s.heads_removed // 3  # whole KV groups drop k/v rows too
     assert (wd / "summary.md").is_file() and (wd / "report" / "plots" / "report.md").is_file()

@@ -26,7 +26,8 @@ def _ranking_score(v: Any) -> str | None:
 # ---- method variants --------------------------------------------------------------------------
 @dataclass
 class StaticMethod(Config):
-    """Rank heads once by a calibration score; gallop + bisect to the most heads within budget."""
+    """Rank heads once by a score; search the most heads within budget (ascending under a confidence level,
+    else gallop + bisection)."""
 
     score: str | None = option(None, check=_ranking_score,
                                help="Ranking score (default: lsq_error with --compensate lsq, lsq_error_group for "
