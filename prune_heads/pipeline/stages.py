@@ -122,10 +122,9 @@ def _evaluate(ctx: RunContext, out: Path) -> dict[str, Any]:
 
     cfg = dataclasses.replace(ctx.recipe.evaluate, tasks=ctx.recipe.eval_tasks())
     from prune_heads.export.model_card import refresh_card
-    from prune_heads.selection.stage import calibration_documents
-
+    # ppl:/kl: tasks leave out the calibration documents the plan records (as `eval --plan` does)
     res = run_evaluate(cfg, ctx.model(), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
-                       out / "results.json", exclude_docs=calibration_documents(ctx.scores()))
+                       out / "results.json")
     refresh_card(ctx.export_dir(), evaluation=res.to_dict())
     return {"results": "results.json", "tasks": len(res.tasks)}
 
