@@ -104,6 +104,12 @@ def batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iter
         yield idx, ids, mask
 
 
+def recorded_documents(data_meta: Any) -> list[str]:
+    """The document ids a scores file's ``data`` record names (``calibration_sequences(documents=)``); empty
+    for records made before documents were recorded."""
+    return list(data_meta.get("documents") or []) if isinstance(data_meta, dict) else []
+
+
 def calibration_sequences(spec: DataSpec, tokenizer: Any, model: Any = None,
                           documents: list[str] | None = None) -> list[list[int]]:
     """The token sequences of ``spec``: the one way every stage builds calibration data.

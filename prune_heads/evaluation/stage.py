@@ -177,8 +177,7 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
     the calibration documents the plan records.
     """
     if not exclude_docs and side.plan is not None:
-        data = (side.plan.selection.scores or {}).get("data")
-        exclude_docs = list(data.get("documents") or []) if isinstance(data, dict) else None
+        exclude_docs = side.plan.selection.calibration_documents
     from prune_heads.evaluation import make_evaluator
     from prune_heads.io_utils import write_json_atomic
     from prune_heads.model.adapters import get_adapter
@@ -247,7 +246,7 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
 def _plan_compensation(side: PrunedSide, model: Any, tokenizer: Any, batch_size: int) -> Any:
     """The compensation a plan was selected with (its file beside the plan, or rebuilt from ``--scores``), so
     ``eval --plan`` measures the same model the export writes; None for plans that zero their heads."""
-    if (side.plan.selection.compensation or {}).get("mode", "none") == "none":
+    if not side.plan.selection.compensated:
         return None
     from prune_heads.compensation.plans import compensation_for_plan
 

@@ -98,7 +98,7 @@ def run_verify(config: VerifyConfig, model: Any, export_dir: Path, plan: Any, *,
 
 def plan_compensation(plan: Any, model: Any, scores: Any = None) -> Any:
     """The plan's ``Compensation`` (None when it zeroes), checked against the source model's config."""
-    if (plan.selection.compensation or {}).get("mode", "none") == "none":
+    if not plan.selection.compensated:
         return None
     from transformers import AutoConfig
 

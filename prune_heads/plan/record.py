@@ -194,6 +194,18 @@ class SelectionResult:
         return hits[-1] if hits else None
 
     @property
+    def compensated(self) -> bool:
+        """Whether the removed heads' output is made up for (``mean``/``lsq``), not just zeroed."""
+        return bool(self.compensation) and self.compensation.get("mode", "none") != "none"
+
+    @property
+    def calibration_documents(self) -> list[str]:
+        """The documents of the scores this plan was selected with (``data.recorded_documents``)."""
+        from prune_heads.data.tokens import recorded_documents
+
+        return recorded_documents((self.scores or {}).get("data"))
+
+    @property
     def fraction_removed(self) -> float | None:
         if not self.heads_total or self.heads_removed is None:
             return None

@@ -238,8 +238,9 @@ def register_selector(name: str, config_cls: type, fn: Selector) -> None:
 # ---- the stage --------------------------------------------------------------------------------
 def calibration_documents(scores: Any) -> list[str]:
     """The document ids the scores were calibrated on (empty for scores that do not record them)."""
-    data = (getattr(scores, "meta", None) or {}).get("data")
-    return list(data.get("documents") or []) if isinstance(data, dict) else []
+    from prune_heads.data.tokens import recorded_documents
+
+    return recorded_documents((getattr(scores, "meta", None) or {}).get("data"))
 
 
 def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None) -> tuple[Any, Any]:
@@ -367,7 +368,7 @@ def plan_line(plan: Any, out: Any) -> str:
     msg = f"{s.method}: removing {len(plan.removed_heads)} of {s.heads_total} heads"
     if s.baseline and s.result:
         msg += f"; {s.baseline['metric']} {s.baseline['value']:.4f} -> {s.result['value']:.4f} on the search split"
-    if s.compensation and s.compensation.get("mode", "none") != "none":
+    if s.compensated:
         msg += f" (compensated: {s.compensation['mode']}{', sequential' if s.compensation.get('sequential') else ''})"
     v = s.verification
     if v is not None:
