@@ -33,6 +33,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -599,10 +600,17 @@ class SignatureCache:
     from the one remembered, so an unchanged 140 GB model costs a few stat calls and 128 KiB reads per
     shard. ``cache_file`` (JSON) keeps the remembered signatures between processes; None keeps them in
     memory only.
+
+    File timestamps advance in ticks (a kernel jiffy on local disks, up to a second or two on network and
+    FAT filesystems), so a file changed again within the tick of its last change keeps its ctime. As git
+    does with "racily clean" index entries, a signature taken less than ``racy_margin_s`` after the file's
+    last change is not trusted: the next lookup hashes that file in full again, until one lookup sees it
+    older than the margin. Only files written moments before a run pay this second hash.
     """
 
-    def __init__(self, cache_file: PathLike | None = None) -> None:
+    def __init__(self, cache_file: PathLike | None = None, racy_margin_s: float = 2.0) -> None:
         self.cache_file = Path(cache_file) if cache_file is not None else None
+        self.racy_ns = int(racy_margin_s * 1e9)
         self.entries: dict[str, dict[str, Any]] = {}
         self.full_hashes = 0  # files hashed in full by this object (for tests and logs)
         if self.cache_file is not None and self.cache_file.is_file():
@@ -614,14 +622,16 @@ class SignatureCache:
 
     def file_digest(self, path: Path) -> str:
         key = str(path.resolve())
+        now = time.time_ns()  # before the stat: a change after it gets a ctime of at least this
         st = path.stat()
         cheap = _cheap_file(path, st)
         known = self.entries.get(key)
-        if known is not None and known.get("cheap") == cheap:
+        if known is not None and known.get("cheap") == cheap and not known.get("racy"):
             return str(known["sha256"])
         digest = file_sha256(path)
         self.full_hashes += 1
-        self.entries[key] = {"cheap": cheap, "sha256": digest}
+        racy = now - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns
+        self.entries[key] = {"cheap": cheap, "sha256": digest, "racy": racy}
         return digest
 
     def signature(self, target: PathLike) -> str:
