@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -180,6 +181,14 @@ def test_compensation_file_roundtrip(tmp_path):
     assert torch.equal(back.removed_mask(), mask)
     with pytest.raises(PruneHeadsError, match="other removed heads"):
         back.check_matches(torch.zeros(2, 4, dtype=torch.bool))
+    # written like every other output: the umask's mode, no temporary left beside it
+    old = os.umask(0o027)
+    try:
+        comp.save(tmp_path / "shared.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.safetensors").stat().st_mode & 0o777 == 0o640
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c.safetensors", "shared.safetensors"]
 
 
 def test_spec_validation():

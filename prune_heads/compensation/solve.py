@@ -209,22 +209,16 @@ class Compensation:
         return h.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the compensation atomically (sequential plans cannot be recomputed from stored moments)."""
-        import tempfile
+        """Write the compensation atomically (sequential plans cannot be recomputed from stored moments),
+        through the project's one atomic writer: an owner-tagged, fsynced temporary, the umask's mode, and
+        a full disk reported as such. It is a few MB at most, so it is serialised in memory first."""
+        from safetensors.torch import save
 
-        from safetensors.torch import save_file
+        from prune_heads.io_utils import write_bytes_atomic
 
-        p = Path(path)
         tensors = self.tensors() or {"empty": torch.zeros(0, dtype=torch.float64)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": COMPENSATION_FORMAT, "header": json.dumps(self._header())})
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return p
+        data = save(tensors, metadata={"format": COMPENSATION_FORMAT, "header": json.dumps(self._header())})
+        return write_bytes_atomic(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Compensation:
