@@ -187,6 +187,15 @@ class SelectionResult:
 
     NESTED: ClassVar[dict[str, type]] = {"budget": Budget, "verification": Verification, "cost": Cost}
 
+    @classmethod
+    def for_removal(cls, model: Any, mask: Any, **fields: Any) -> SelectionResult:
+        """The record of removing ``mask`` (a ``(layers, heads)`` bool tensor) from ``model``: the fields every
+        selection method fills the same way (the counts and the model's identity), plus the method's own."""
+        from prune_heads.model.fingerprint import fingerprint
+
+        return cls(heads_total=int(mask.numel()), heads_removed=int(mask.sum()), per_layer_counts=mask.sum(1).tolist(),
+                   model=getattr(model.config, "name_or_path", None) or None, fingerprint=fingerprint(model), **fields)
+
     @property
     def chosen_probe(self) -> Probe | None:
         """The trace entry of the chosen plan (the last evaluated probe with its number of heads)."""

@@ -29,7 +29,6 @@ from prune_heads.data import batches
 from prune_heads.errors import PruneHeadsError
 from prune_heads.model.adapters import get_adapter
 from prune_heads.model.attention import HeadControl, attach
-from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
 from prune_heads.plan.record import Cost, GatesDetails, SelectionResult, result_dict
 from prune_heads.selection.budget import assess_plan, make_budget, raise_if_unverified
@@ -257,13 +256,9 @@ def select_gates(model: nn.Module, seqs: Sequence[Sequence[int]], *, target_frac
     verify_evaluator = evaluator_with(verify_evaluator, compensation)
     judged = assess_plan(evaluator, mask, len(heads), budget, verify_evaluator=verify_evaluator)
     baseline, evaluation = judged.baseline, judged.result
-    selection = SelectionResult(
+    selection = SelectionResult.for_removal(
+        model, mask,
         method="gates",
-        heads_total=total,
-        heads_removed=len(heads),
-        per_layer_counts=mask.sum(1).tolist(),
-        model=getattr(model.config, "name_or_path", None) or None,
-        fingerprint=fingerprint(model),
         min_heads_per_layer=min_heads_per_layer,
         allow_empty_layers=bool(allow_empty_layers),
         task=getattr(evaluator, "task_config", None) if evaluator is not None else None,

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from prune_heads.errors import PruneHeadsError
 from prune_heads.model.adapters import HeadLayout, get_adapter
-from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
 from prune_heads.plan.record import Cost, IterativeDetails, SelectionResult, result_dict
 from prune_heads.scoring.score_defs import ABLATION
@@ -204,13 +203,9 @@ def select_iterative(model: nn.Module, seqs: Sequence[Sequence[int]], evaluator:
     heads = [tuple(x) for x in removed.nonzero().tolist()]
     verification = (verify(verify_evaluator, removed, budget, any_removed=bool(heads))
                     if verify_evaluator is not None else None)
-    selection = SelectionResult(
+    selection = SelectionResult.for_removal(
+        model, removed,
         method="iterative",
-        heads_total=layout.total_heads,
-        heads_removed=len(heads),
-        per_layer_counts=removed.sum(1).tolist(),
-        model=getattr(model.config, "name_or_path", None) or None,
-        fingerprint=fingerprint(model),
         score_id=score_id,
         policy=policy,
         min_heads_per_layer=min_heads_per_layer,

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from prune_heads.errors import PruneHeadsError
 from prune_heads.evaluation.paired import SURROGATES
 from prune_heads.model.adapters import HeadLayout, get_adapter
-from prune_heads.model.fingerprint import fingerprint
 from prune_heads.plan import Plan
 from prune_heads.plan.record import Budget, Cost, Probe, SelectionResult, StaticDetails, result_dict
 from prune_heads.scoring.head_scores import HeadScores
@@ -152,13 +151,9 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         verify_evaluator = evaluator_with(verify_evaluator, getattr(evaluator, "compensation", None))
         verification = verify(verify_evaluator, mask, budget, any_removed=bool(k))
 
-    selection = SelectionResult(
+    selection = SelectionResult.for_removal(
+        model, mask,
         method="static",
-        heads_total=layout.total_heads,
-        heads_removed=len(removed),
-        per_layer_counts=mask.sum(1).tolist(),
-        model=getattr(model.config, "name_or_path", None) or None,
-        fingerprint=fingerprint(model),
         score_id=score_id,
         policy=policy,
         min_heads_per_layer=min_heads_per_layer,
