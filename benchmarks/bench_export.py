@@ -3,6 +3,8 @@
     python benchmarks/bench_export.py                       # every plan, 1 and 2 threads (about 25 min)
     python benchmarks/bench_export.py --plans free@0.10 --threads 1 --repeats 5
     python benchmarks/bench_export.py --quick               # tiny random model, seconds (run by the tests)
+    python benchmarks/bench_export.py --shape llama-3.2-1b --plans free@0.25,uniform@0.33 --threads 2
+                                                            # random weights, a 1B model's shapes (10 GB RAM)
 
 For ``free``, ``kv-groups`` and ``uniform`` plans at 10%, 25% and 33% of the heads (a seeded random
 ranking: speed depends on how many heads each layer and KV group keeps, not on which), it exports the
@@ -78,6 +80,25 @@ def quick_source(tmp: Path) -> Path:
     return tmp / "quick-src"
 
 
+#: random-weight stand-ins with a real model's shapes (speed does not depend on the weights' values): does
+#: the export keep up with its FLOPs where the per-op overheads of a 135M model no longer dominate?
+SHAPES = {
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096,
+                         tie_word_embeddings=True),
+}
+
+
+def shaped_source(tmp: Path, name: str) -> Path:
+    """A random Llama with the shapes of ``name`` (``SHAPES``), float32 on disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", **SHAPES[name])
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp / name)
+    return tmp / name
+
+
 def export_rss(src: Path, plan_path: Path, out: Path, shard: str) -> dict:
     # VmHWM (peak RSS of this process image); ru_maxrss would inherit the parent's peak across fork+exec
     code = (
@@ -131,6 +152,8 @@ def parse_args() -> argparse.Namespace:
                     help="cpu: process CPU time, robust to other load on a shared machine (meaningful at 1 thread)")
     ap.add_argument("--no-rss", action="store_true", help="skip the export peak-memory measurement")
     ap.add_argument("--quick", action="store_true", help="a tiny random model, three plans, small sizes (for tests)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="a random-weight model with these real shapes instead of SmolLM2 (speed only)")
     ap.add_argument("--out", type=Path, default=None, help=f"markdown output (default {RESULTS})")
     args = ap.parse_args()
     if args.quick:
@@ -191,7 +214,9 @@ def render(args, layout, kv_original: int, load, rows, size_rows, rss, src: Path
             head += [f"{mode} {tok} tok, {n} thr: time ratio (IQR)", "FLOPs ratio"]
     cmd = "python benchmarks/bench_export.py " + " ".join(sys.argv[1:])
     lines = [
-        "## Export (quick check, tiny model)" if args.quick else "## Export (sliced) — SmolLM2-135M-Instruct, CPU",
+        "## Export (quick check, tiny model)" if args.quick else
+        f"## Export (sliced) — random weights with {args.shape}'s shapes, CPU" if args.shape else
+        "## Export (sliced) — SmolLM2-135M-Instruct, CPU",
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {platform.machine()} {os.cpu_count()}-core CPU, torch {torch.__version__}, float32; load average "
@@ -231,16 +256,31 @@ def render(args, layout, kv_original: int, load, rows, size_rows, rss, src: Path
 
 def main() -> None:
     args = parse_args()
-    from transformers import AutoModelForCausalLM
-
-    from prune_heads.evaluation.speed import kv_cache_bytes
     from prune_heads.export import register_auto_classes
-    from prune_heads.model.adapters import get_adapter
     from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
 
     register_auto_classes()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
-    src = quick_source(tmp) if args.quick else gguf_to_plain(*resolve_model_spec("smollm2"), progress=False)
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as name:  # exports are model-sized: never left behind
+        tmp = Path(name)
+        if args.quick:
+            src = quick_source(tmp)
+        elif args.shape:
+            src = shaped_source(tmp, args.shape)
+        else:
+            src = gguf_to_plain(*resolve_model_spec("smollm2"), progress=False)
+        text = run(args, src, tmp)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+def run(args, src: Path, tmp: Path) -> str:
+    """Every plan's rows, as the markdown text."""
+    from transformers import AutoModelForCausalLM
+
+    from prune_heads.evaluation.speed import kv_cache_bytes
+    from prune_heads.model.adapters import get_adapter
+
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     layout = get_adapter(original).layout(original.config)
     kv_original = kv_cache_bytes(original, args.kv_tokens)
@@ -259,10 +299,7 @@ def main() -> None:
         if rss is None and not args.no_rss and case.policy == "kv-groups":
             case.plan.save(tmp / "plan.json")
             rss = export_rss(src, tmp / "plan.json", tmp / "rss", "100MB")
-    text = render(args, layout, kv_original, load, rows, size_rows, rss, src)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    return render(args, layout, kv_original, load, rows, size_rows, rss, src)
 
 
 if __name__ == "__main__":
