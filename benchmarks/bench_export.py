@@ -126,10 +126,11 @@ def measure(original, exported, args, threads: list[int]) -> dict:
     out = {}
     for n in threads:
         out[("prefill", n)] = compare_speed(original, exported, mode="prefill", tokens=args.prefill_tokens,
-                                            repeats=args.repeats, threads=n, clock=args.clock)
+                                            repeats=args.repeats, threads=n, clock=args.clock,
+                                            placements=args.placements)
         out[("decode", n)] = compare_speed(original, exported, mode="decode", tokens=args.decode_tokens,
                                            context=args.decode_context, repeats=args.repeats, threads=n,
-                                           clock=args.clock)
+                                           clock=args.clock, placements=args.placements)
     return out
 
 
@@ -147,7 +148,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--decode-context", type=int, default=128)
     ap.add_argument("--kv-tokens", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved pairs per placement")
+    ap.add_argument("--placements", type=int, default=3,
+                    help="rounds with both models' weights moved to fresh memory (compare_speed's placements)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time, robust to other load on a shared machine (meaningful at 1 thread)")
     ap.add_argument("--no-rss", action="store_true", help="skip the export peak-memory measurement")
@@ -158,7 +161,7 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     if args.quick:
         args.prefill_tokens, args.decode_tokens, args.decode_context, args.kv_tokens = 32, 4, 8, 64
-        args.repeats, args.no_rss = 1, True
+        args.repeats, args.placements, args.no_rss = 1, 2, True
         args.plans = args.plans or "free@0.25,kv-groups@0.33,uniform@0.10,uniform@0.33"
         args.threads = args.threads or "1"
         args.out = args.out or Path(tempfile.gettempdir()) / "bench_export_quick.md"
@@ -226,8 +229,10 @@ def render(args, layout, kv_original: int, load, rows, size_rows, rss, src: Path
         "units of each GQA policy on a seeded random ranking.",
         "",
         f"Time ratio = median {'CPU' if args.clock == 'cpu' else 'wall'} time of the export / median time of the "
-        f"original over {args.repeats} interleaved runs "
-        "each (`prune_heads.evaluation.speed.compare_speed`), with the interquartile range of the per-pair ratios; "
+        f"original over {args.placements} placements x {args.repeats} interleaved runs each "
+        "(`prune_heads.evaluation.speed.compare_speed`; before each placement both models' weights move to fresh "
+        "memory, since batch-1 CPU decode speed follows where the weights sit), with the interquartile range of the "
+        "per-pair ratios; "
         "below 1 is faster. FLOPs ratio = multiply-adds per token of the real weights at the average context "
         "(`flops_per_token`). **slow** marks a time ratio above the FLOPs ratio by more than half the IQR (and 1%). "
         f"Decode = {args.decode_tokens} one-token steps after a {args.decode_context}-token prompt. "

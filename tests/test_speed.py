@@ -67,6 +67,37 @@ def test_runs_are_interleaved_and_the_ratio_is_of_medians(monkeypatch):
     assert d["repeats"] == 4 and d["ratio"] == res.ratio and d["mode"] == "prefill"
 
 
+def test_placements_move_both_models_weights_and_keep_their_values(monkeypatch):
+    """``placements=3``: before each round the weights of both models move to new memory (new addresses,
+    same values, tied weights still one tensor), each round has its warm-up and its ABBA pairs."""
+    import prune_heads.evaluation.speed as speed
+
+    clock = Clock()
+    monkeypatch.setitem(speed._CLOCKS, "wall", clock)
+    base = tiny_model("llama", layers=2, heads=4, kv_heads=2, hidden=32)
+    other = tiny_model("llama", layers=2, heads=4, kv_heads=2, hidden=32)
+    base.lm_head.weight = base.model.embed_tokens.weight  # tied, as in SmolLM2
+    before = {n: (t.data_ptr(), t.detach().clone()) for n, t in base.state_dict(keep_vars=True).items()}
+    log: list[str] = []
+    a, b = Slowed(base, 0.004, log, "a", clock), Slowed(other, 0.012, log, "b", clock)
+    res = compare_speed(a, b, mode="prefill", tokens=8, repeats=2, warmup=1, placements=3)
+    assert log == (["a", "b"] + ["a", "b", "b", "a"]) * 3
+    assert len(res.original_s) == len(res.pruned_s) == 6 and res.ratio == pytest.approx(3.0)
+    assert res.to_dict()["placements"] == 3 and res.to_dict()["repeats"] == 6
+    for name, t in base.state_dict(keep_vars=True).items():
+        assert t.data_ptr() != before[name][0] and torch.equal(t, before[name][1]), name
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    log.clear()
+    compare_speed(a, b, mode="prefill", tokens=8, repeats=1, warmup=0, placements=2)
+    assert log == ["a", "b", "b", "a"]  # the order alternates across placements, not only within one
+    with pytest.raises(ValueError, match="placements"):
+        compare_speed(base, other, placements=0)
+    # one placement leaves the weights where they are
+    ptrs = [t.data_ptr() for t in base.parameters()]
+    compare_speed(base, other, tokens=4, repeats=1, warmup=0)
+    assert [t.data_ptr() for t in base.parameters()] == ptrs
+
+
 def test_decode_times_only_the_steps():
     base = tiny_model("llama", layers=2, heads=4, kv_heads=2, hidden=32)
     log: list[str] = []

@@ -6,6 +6,14 @@ original, ... so a linear drift cancels), takes the median of each side, and rep
 medians beside the spread of the per-pair ratios and the ratio its FLOPs predict
 (``flops_per_token``). ``kv_cache_bytes`` measures the KV cache a prompt leaves behind.
 
+Interleaving cannot average out what stays fixed for a model's whole life: where its weights sit in
+memory. On the CPU a batch-1 decode step streams every weight once, so its speed follows the memory
+behind the weights (the page cache's folios of a memory-mapped safetensors file, or fresh anonymous
+pages). Measured on a 1B-shaped Llama at 2 threads, the same two models differed by 0.96 to 1.03 in
+decode from one load to the next. ``placements=P`` therefore copies both models' CPU weights into
+fresh memory ``P`` times and interleaves ``repeats`` pairs in each placement: the median and the
+quartiles then cover placement as well as load.
+
 ``clock="cpu"`` times the process's CPU time instead of the wall clock: on a machine shared with other
 work, time spent waiting for a core then does not count (with one thread it is the work done; with
 several it also counts their spinning). Wall time is what a user waits, and the default.
@@ -41,6 +49,7 @@ class SpeedComparison:
     pruned_s: list[float] = field(default_factory=list)
     flops_ratio: float | None = None
     clock: Clock = "wall"
+    placements: int = 1
 
     @property
     def original_median(self) -> float:
@@ -138,22 +147,33 @@ def _cache_of(output: Any) -> tuple[str, Any]:
     return name, output[name]
 
 
+@torch.no_grad()
+def replace_weights(model: nn.Module) -> None:
+    """Copy every CPU parameter and buffer of ``model`` into freshly allocated memory (same values; tied
+    weights stay tied, as a shared parameter is one object). See the module docstring for why."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu":
+            t.data = t.data.clone()
+
+
 def compare_speed(original: nn.Module, pruned: nn.Module, *, mode: Mode = "prefill", tokens: int = 512,
                   context: int = 64, repeats: int = 7, warmup: int = 1, threads: int | None = None,
-                  seed: int = 0, clock: Clock = "wall") -> SpeedComparison:
+                  seed: int = 0, clock: Clock = "wall", placements: int = 1) -> SpeedComparison:
     """Time ``mode`` on both models, interleaved, ``repeats`` times each after ``warmup`` untimed runs.
 
     ``prefill``: one forward pass over ``tokens`` tokens (batch 1, no cache, logits of the last token
     only). ``decode``: ``tokens`` one-token steps after a ``context``-token prompt. ``threads`` sets
     torch's CPU threads for the measurement (restored afterwards). ``clock``: ``wall`` or ``cpu`` (see
-    the module docstring). The token ids are random but the same for both models.
+    the module docstring). The token ids are random but the same for both models. ``placements`` > 1
+    moves both models' CPU weights into fresh memory before each of that many rounds of ``repeats``
+    pairs (``replace_weights``; the models keep their values, not their old storage).
     """
     if mode not in ("prefill", "decode"):
         raise ValueError(f"mode must be 'prefill' or 'decode', not {mode!r}")
     if clock not in _CLOCKS or (clock == "cpu" and _device(original).type != "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu' (the cpu clock only on the CPU), not {clock!r}")
-    if repeats < 1 or tokens < 1:
-        raise ValueError("repeats and tokens must be >= 1")
+    if repeats < 1 or tokens < 1 or placements < 1:
+        raise ValueError("repeats, tokens and placements must be >= 1")
     cfg = _text_config(original)
     limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
     if limit and (tokens + (context if mode == "decode" else 0)) > limit:
@@ -168,15 +188,19 @@ def compare_speed(original: nn.Module, pruned: nn.Module, *, mode: Mode = "prefi
         steps = torch.randint(0, vocab, (1, tokens), generator=gen)
         run = lambda m: _decode(m, prompt, steps, clock)  # noqa: E731
     with _threads(threads) as n:
-        for _ in range(warmup):
-            run(original)
-            run(pruned)
         result = SpeedComparison(mode, tokens, context if mode == "decode" else 0, n, str(_device(original)),
-                                 clock=clock)
-        for i in range(repeats):
-            order = ((original, result.original_s), (pruned, result.pruned_s))
-            for model, times in (order if i % 2 == 0 else order[::-1]):
-                times.append(run(model))
+                                 clock=clock, placements=placements)
+        order = ((original, result.original_s), (pruned, result.pruned_s))
+        for p in range(placements):
+            if placements > 1:
+                replace_weights(original)
+                replace_weights(pruned)
+            for _ in range(warmup):  # after each move: the first pass over new memory pays its page faults
+                run(original)
+                run(pruned)
+            for i in range(p * repeats, (p + 1) * repeats):  # ABBA across placements, too
+                for model, times in (order if i % 2 == 0 else order[::-1]):
+                    times.append(run(model))
     avg_context = (tokens + 1) / 2 if mode == "prefill" else context + (tokens + 1) / 2
     lm_head = mode == "decode"
     result.flops_ratio = (flops_per_token(pruned, avg_context, lm_head=lm_head)
@@ -223,4 +247,4 @@ def kv_cache_bytes(model: nn.Module, tokens: int = 2048, *, seed: int = 0) -> in
     return total
 
 
-__all__ = ["SpeedComparison", "compare_speed", "flops_per_token", "kv_cache_bytes"]
+__all__ = ["SpeedComparison", "compare_speed", "flops_per_token", "kv_cache_bytes", "replace_weights"]

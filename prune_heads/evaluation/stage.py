@@ -74,6 +74,9 @@ class EvaluateConfig(Config):
                                     "cache); cached: running statistics in the cache, faster, ~1% of decisions differ.")
     speed_seq_len: int = option(128, ge=0, cli=False, help="prefill length of the speed check; 0 skips it")
     speed_repeats: int = option(5, ge=1, cli=False, help="interleaved repeats of the speed check")
+    speed_placements: int = option(1, ge=1, cli=False,
+                                   help="rounds of the speed check, each with both models' CPU weights moved to fresh "
+                                        "memory (batch-1 CPU decode speed follows where the weights sit)")
 
     def check(self) -> None:
         if self.dynamic is not None and self.dynamic_fraction is not None:
@@ -234,7 +237,7 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
         fraction = 0.0
     speed = None
     if pruned_model is not None and cfg.speed_seq_len:
-        speed = measure_speed(model, pruned_model, cfg.speed_seq_len, cfg.speed_repeats)
+        speed = measure_speed(model, pruned_model, cfg.speed_seq_len, cfg.speed_repeats, cfg.speed_placements)
     result = EvaluationResult(model_id, layout.total_heads, mask_info, fraction,
                               side.describe() or ("dynamic per-input mode" if context else None), outcomes, speed,
                               calls, round(time.time() - t0, 2), fingerprint(model))
@@ -270,14 +273,15 @@ def _load_export(path: Path, original: Any) -> Any:
     return model.eval().requires_grad_(False)
 
 
-def measure_speed(original: Any, pruned: Any, seq_len: int, repeats: int) -> dict[str, Any]:
+def measure_speed(original: Any, pruned: Any, seq_len: int, repeats: int, placements: int = 1) -> dict[str, Any]:
     """Prefill and decode of both models, interleaved medians (``compare_speed``), beside the FLOPs ratio."""
     from prune_heads.evaluation.speed import compare_speed
 
     out: dict[str, Any] = {}
     for mode, tokens in (("prefill", seq_len), ("decode", max(1, seq_len // 8))):
         try:
-            out[mode] = compare_speed(original, pruned, mode=mode, tokens=tokens, context=seq_len, repeats=repeats).to_dict()
+            out[mode] = compare_speed(original, pruned, mode=mode, tokens=tokens, context=seq_len, repeats=repeats,
+                                      placements=placements).to_dict()
         except ValueError as e:  # a context too short for the check: say so instead of failing the run
             out[mode] = {"skipped": str(e)}
     return out
