@@ -364,6 +364,7 @@ def _floats(s: str) -> list[float]:
 
 
 def setup(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, list[str], Any, float]:
+    from prune_heads.errors import PruneHeadsError
     from prune_heads.scoring.calibrate import calibrate
     from prune_heads.scoring.head_scores import HeadScores
 
@@ -378,12 +379,16 @@ def setup(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, list[str], Any
     loaded = load_model("smollm2", dtype="float32", device=device)
     model, tok = loaded.model, loaded.tokenizer
     cached = Path(args.cache) / f"scores_ahon_ln_{args.calib_docs}x{args.seq_len}_s{args.seed}"
-    if cached.exists():
-        scores = HeadScores.load(cached)
-    else:
+    scores = HeadScores.load(cached) if cached.exists() else None
+    if scores is not None:
+        try:
+            scores.check(model)
+        except PruneHeadsError:  # made by an older prune-heads: recalibrate (the same data give the same
+            scores = None       # ranking, so the (k, document) results, keyed by the ranking, stay valid)
+    if scores is None:
         scores = calibrate(model, "wikitext2", tokenizer=tok, scores=["ahon_ln"], num_samples=args.calib_docs,
                            seq_len=args.seq_len, batch_size=8, progress=False)
-        scores.save(cached)
+        scores.save(cached, overwrite=True)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     return model, tok, tasks, scores, time.perf_counter() - t0
 
