@@ -55,7 +55,9 @@ BUDGETS = (0.10, 0.05)
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", action="append", default=[],
-                    help="cost, budgets, ablation, choices, sequential, iterative, export, accuracy (repeatable)")
+                    help="cost, budgets, ablation, choices, calib-sizes, sequential, iterative, export, accuracy "
+                         "(repeatable)")
+    ap.add_argument("--calib-sizes", default="512", help="calib-sizes part: calibration window counts to compare")
     ap.add_argument("--collect", action="store_true", help="only rebuild the markdown from the saved parts")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, every part (the test suite's smoke test)")
     ap.add_argument("--model", default="smollm2")
@@ -84,7 +86,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.calib_windows, args.calib_len, args.ppl_docs, args.seq_len = 12, 24, 6, 24
         args.ablation_windows, args.ablation_len, args.round_size, args.acc_limit = 3, 16, 2, 4
-        args.part = args.part or ["cost", "ablation", "budgets", "choices", "sequential", "iterative", "export"]
+        args.calib_sizes = "16"
+        args.part = args.part or ["cost", "ablation", "budgets", "choices", "calib-sizes", "sequential", "iterative",
+                                  "export"]
         args.rankings = "ahon_ln,random,lsq_error,ablation_kl"
     return args
 
@@ -344,6 +348,23 @@ def calib_size_rows(setup: Setup, fractions: tuple[float, ...]) -> list[dict[str
     return rows
 
 
+def part_calib_sizes(setup: Setup) -> None:
+    """More calibration windows than the main setup's (``--calib-sizes``): the same ranking and compensation
+    made from each, at the fixed fractions, appended to the ``choices`` rows (run ``--part choices`` first)."""
+    choices = load_part(setup.args, "choices")
+    if choices is None:
+        raise SystemExit("run --part choices first")
+    have = {(r["what"], r["value"]) for r in choices["rows"]}
+    for n in (int(x) for x in setup.args.calib_sizes.split(",") if x):
+        if ("calibration windows", n) in have or setup.out_of_time():
+            continue
+        other = Setup(argparse.Namespace(**{**vars(setup.args), "calib_windows": n}))  # its own scores cache
+        for f in (0.25, 1 / 3):
+            choices["rows"].append({"what": "calibration windows", "value": n, "fraction": f,
+                                    "ppl": other.evaluator("lsq")(fixed_fraction_mask(other, other.scores.mean("lsq_error"), f)).value})
+        save_part(setup.args, "choices", choices)
+
+
 # ---- sequential ------------------------------------------------------------------------------------
 
 def part_sequential(setup: Setup) -> None:
@@ -526,6 +547,7 @@ def part_export(setup: Setup) -> None:
 def export_row(setup: Setup, plan: Any, policy: str, torch: Any) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
+    from prune_heads.evaluation.speed import flops_per_token
     from prune_heads.export import export_checkpoint, register_auto_classes, resolve_source
 
     register_auto_classes()
@@ -555,6 +577,10 @@ def export_row(setup: Setup, plan: Any, policy: str, torch: Any) -> dict[str, An
                 "verification": res.verification, "export_seconds": round(seconds, 1), "prefill_tokens": seq,
                 "prefill_seconds": pre, "decode_seconds_32": dec, "prefill_cpu_seconds": pre_cpu,
                 "decode_cpu_seconds_32": dec_cpu, "load_average": os.getloadavg()[0],
+                # multiply-adds per token at the average context: a prefill keeps every token's logits here
+                # (``m(ids)``), decode runs 32 steps after a 32-token prompt (contexts 32..63)
+                "flops_ratio_prefill": flops_per_token(exported, seq / 2) / flops_per_token(original, seq / 2),
+                "flops_ratio_decode": flops_per_token(exported, 47.5) / flops_per_token(original, 47.5),
                 "kv_cache_fraction": kv_cache_fraction(setup.layout, [list(h) for h in plan.removed_heads])}
 
 
@@ -725,6 +751,10 @@ def export_lines(args: argparse.Namespace) -> list[str]:
     lines = ["### Export of the compensated +10% plans (`sliced`)", "",
              "| policy | heads removed | parameters | weight files | KV cache | prefill | decode 32 tokens | verification |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
+
+    def flops(r: dict[str, Any], key: str) -> str:
+        return f" (FLOPs {r[key]:.3f}x)" if key in r else ""
+
     for r in e["rows"]:
         p, d = r["prefill_seconds"], r["decode_seconds_32"]
         v = r["verification"]
@@ -732,7 +762,8 @@ def export_lines(args: argparse.Namespace) -> list[str]:
             f"| {r['policy']} | {r['heads']} | {r['params_before']:,} → {r['params_after']:,} "
             f"({r['params_after'] / r['params_before']:.3f}) | {r['bytes_before']:,} → {r['bytes_after']:,} "
             f"({r['bytes_after'] / r['bytes_before']:.3f}) | {pct(r['kv_cache_fraction'])} | "
-            f"{p['sliced'] / p['original']:.3f}x time ({r['prefill_tokens']} tokens) | {d['sliced'] / d['original']:.3f}x time | "
+            f"{p['sliced'] / p['original']:.3f}x time ({r['prefill_tokens']} tokens){flops(r, 'flops_ratio_prefill')} | "
+            f"{d['sliced'] / d['original']:.3f}x time{flops(r, 'flops_ratio_decode')} | "
             f"float64 max Δlogit {v['max_abs_logit_diff']:.1e} vs the compensated masked model |")
     loads = [f"{r['load_average']:.1f}" for r in e["rows"] if "load_average" in r]
     cpu = [f"{r['policy']}: prefill {r['prefill_cpu_seconds']['sliced'] / r['prefill_cpu_seconds']['original']:.3f}x, "
@@ -841,7 +872,8 @@ def collect(args: argparse.Namespace) -> Path:
 
 
 PARTS = {"cost": part_cost, "ablation": part_ablation, "budgets": part_budgets, "choices": part_choices,
-         "sequential": part_sequential, "iterative": part_iterative, "export": part_export, "accuracy": part_accuracy}
+         "calib-sizes": part_calib_sizes, "sequential": part_sequential, "iterative": part_iterative,
+         "export": part_export, "accuracy": part_accuracy}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -89,6 +89,14 @@ def test_reported_budgets_hold_when_rechecked(quick_run):
     assert checked >= 2 * 3 * 4  # both budgets, three modes, four rankings (free policy at least)
 
 
+def test_calibration_sizes_are_compared_on_their_own_scores(quick_run):
+    """``--part calib-sizes`` calibrates again on more windows: its rows differ from the main setup's."""
+    _, _, out = quick_run
+    rows = json.loads((out.parent / "compensation_quick" / "choices.json").read_text())["rows"]
+    sizes = {r["value"]: r["ppl"] for r in rows if r["what"] == "calibration windows" and r["fraction"] == 0.25}
+    assert set(sizes) == {3, 12, 16} and sizes[16] != sizes[12]
+
+
 def test_sequential_rows_extend_the_plus5_plan(quick_run):
     """The sequential part re-evaluates each budget plan as saved and, for the free +5% plan, the next heads of
     the same ranking: prefixes that grow one head at a time, the first of which one-pass mode fails."""
