@@ -160,3 +160,13 @@ def test_cpu_clock():
     assert res.clock == "cpu" and all(t > 0 for t in res.original_s + res.pruned_s)
     with pytest.raises(ValueError, match="clock"):
         compare_speed(base, base, clock="sundial")
+
+
+def test_summary_row_says_how_the_speed_was_measured():
+    from prune_heads.pipeline.summary import _speed_row
+
+    base = tiny_model("llama", layers=2, heads=4, kv_heads=2, hidden=32)
+    one = compare_speed(base, base, tokens=4, repeats=2, warmup=0).to_dict()
+    assert "median of 2 interleaved)" in _speed_row(one)
+    three = compare_speed(base, base, tokens=4, repeats=1, warmup=0, placements=3).to_dict()
+    assert "median of 3 interleaved over 3 weight placements)" in _speed_row(three)

@@ -77,9 +77,11 @@ def _speed_row(s: dict[str, Any]) -> str:
     """Tokens per second of both models and the time ratio beside what the FLOPs predict."""
     after = "" if s["mode"] == "prefill" else f" after {s['context']}"
     orig, pruned = s["tokens_per_s"]
+    placements = s.get("placements", 1)
+    runs = (f"{s['repeats']} interleaved" if placements == 1 else
+            f"{s['repeats']} interleaved over {placements} weight placements")
     return (f"| {s['mode']} tokens/s ({s['tokens']} tokens{after}, {s['device']}, {s['threads']} threads, median of "
-            f"{s['repeats']} interleaved) | {orig:.0f} | {pruned:.0f} | time x{s['ratio']:.2f} "
-            f"(FLOPs predict x{s['flops_ratio']:.2f}) |")
+            f"{runs}) | {orig:.0f} | {pruned:.0f} | time x{s['ratio']:.2f} (FLOPs predict x{s['flops_ratio']:.2f}) |")
 
 
 def _units(r: dict[str, Any]) -> str:
