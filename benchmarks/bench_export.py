@@ -3,7 +3,7 @@
     python benchmarks/bench_export.py                       # every plan, 1 and 2 threads (about 25 min)
     python benchmarks/bench_export.py --plans free@0.10 --threads 1 --repeats 5
     python benchmarks/bench_export.py --quick               # tiny random model, seconds (run by the tests)
-    python benchmarks/bench_export.py --shape llama-3.2-1b --plans free@0.25,uniform@0.33 --threads 2
+    python benchmarks/bench_export.py --shape llama-3.2-1b --plans free@0.25,uniform@0.25 --threads 2
                                                             # random weights, a 1B model's shapes (10 GB RAM)
 
 For ``free``, ``kv-groups`` and ``uniform`` plans at 10%, 25% and 33% of the heads (a seeded random
