@@ -39,12 +39,9 @@ def eval_(model, plan_path, scores_dir, output, overwrite, **kw):
         raise PruneHeadsError("give at most one of --plan, --dynamic and --dynamic-fraction")
     check_output(output, overwrite, inputs=(model, plan_path, scores_dir, local_path(task.task)), kind="file")
     check_sources(tasks=(task.task,))
-    from prune_heads.selection.stage import calibration_documents
-
     side = PrunedSide(plan=Plan.load(plan_path) if plan_path else None,
                       scores=HeadScores.load(scores_dir) if scores_dir else None)
-    res = run_evaluate(cfg, mc.load(), model, side, output, overwrite=overwrite,
-                       exclude_docs=calibration_documents(side.scores))
+    res = run_evaluate(cfg, mc.load(), model, side, output, overwrite=overwrite)
     t = res.tasks[0]
 
     def fmt(r):

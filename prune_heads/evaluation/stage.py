@@ -129,6 +129,16 @@ class PrunedSide:
     export_dir: Path | None = None
     scores: Any = None  # for --dynamic-fraction (and compensated plans)
 
+    def calibration_documents(self) -> list[str]:
+        """The documents this side's compensation was fitted on, which held-out ``ppl:``/``kl:`` tasks leave
+        out: those the scores record, else those the plan's selection recorded (empty when neither does)."""
+        from prune_heads.selection.stage import calibration_documents
+
+        docs = calibration_documents(self.scores)
+        if not docs and self.plan is not None:
+            docs = self.plan.selection.calibration_documents
+        return docs
+
     def describe(self) -> str | None:
         if self.export_dir is not None:
             return "exported model"
@@ -175,12 +185,11 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
                  overwrite: bool = False, load_export: Any = None, exclude_docs: Any = None) -> EvaluationResult:
     """Every task on the original (baseline) and on the pruned side; ``results.json`` in ``out``.
 
-    ``exclude_docs``: document ids ``ppl:``/``kl:`` tasks leave out (the calibration documents, from the
-    scores' record), so their perplexity is held out from what compensation was fitted on; by default
-    the calibration documents the plan records.
+    ``exclude_docs``: document ids ``ppl:``/``kl:`` tasks leave out, so their perplexity is held out from
+    what compensation was fitted on; by default ``side.calibration_documents()`` (the scores' record, else
+    the plan's), so every front end leaves out the same documents.
     """
-    if not exclude_docs and side.plan is not None:
-        exclude_docs = side.plan.selection.calibration_documents
+    exclude_docs = exclude_docs or side.calibration_documents() or None
     from prune_heads.evaluation import make_evaluator
     from prune_heads.io_utils import write_json_atomic
     from prune_heads.model.adapters import get_adapter
