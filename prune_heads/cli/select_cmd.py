@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from prune_heads.cli.options import (
@@ -42,5 +40,5 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     scores = HeadScores.load(scores_dir)
     plan = run_select(cfg, mc.load(), scores, output, model_id=model_spec, overwrite=overwrite)
     click.echo(plan_line(plan, output))
-    if plot_path and plot_search(plan, plot_path):
-        click.echo(f"search plots -> {plot_path} (metric), {Path(plot_path).stem}-drop{Path(plot_path).suffix} (paired drop with its band)")
+    if plot_path and (written := plot_search(plan, plot_path)):
+        click.echo("search plots -> " + ", ".join(str(f) for f in written))

@@ -346,19 +346,19 @@ def _compensate(cfg: SelectConfig, ctx: SelectContext) -> None:
     ctx.verify = evaluator_with(ctx.verify, ctx.compensation)
 
 
-def plot_search(plan: Any, path: Path) -> Path | None:
+def plot_search(plan: Any, path: Path) -> list[Path]:
     """The search's probes against heads removed, when the method searched (static, iterative): ``path``
     shows the metric, and ``PATH-drop.png`` beside it each probe's paired drop with its confidence band,
-    the budget line and the chosen k (what the budget rule decided on)."""
+    the budget line and the chosen k (what the budget rule decided on). Returns the files written."""
     if not plan.selection.trace:
-        return None
+        return []
     from prune_heads.report.search import plot_selection_search
     from prune_heads.selection.trace_plot import plot_selection
 
-    out = plot_selection_search(plan, path)
+    out = [plot_selection_search(plan, path)]
     if any(p.drop is not None for p in plan.selection.trace):
         path = Path(path)
-        plot_selection(plan, path.with_name(f"{path.stem}-drop{path.suffix}"))
+        out.append(plot_selection(plan, path.with_name(f"{path.stem}-drop{path.suffix}")))
     return out
 
 
