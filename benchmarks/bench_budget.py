@@ -473,7 +473,9 @@ def write_markdown(args: argparse.Namespace, rows: list[Row], tracking: dict[str
                                                                                     else ["--quick"]))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lines = [
-        "## A budget that holds on unseen documents (issue 14)" + (" - quick smoke run, tiny random model" if args.quick else ""),
+        "## A budget that holds on unseen documents (issue 14): "
+        + ", ".join(sorted({r.task for r in rows}) or [args.tasks]) + f"; search limits {args.limits}"
+        + (" - quick smoke run, tiny random model" if args.quick else ""),
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {_machine(device)}, Python {platform.python_version()}, torch {torch.__version__}. "

@@ -114,3 +114,38 @@ def test_sequential_rows_extend_the_plus5_plan(quick_run):
             assert set(map(tuple, prev["removed"])) < set(map(tuple, row["removed"]))
         if len(rows) > 1:  # units were left: the search saw the next one fail
             assert rows[1]["ppl"] > 1.05 * seq["baseline"]
+
+
+def test_accuracy_table_has_a_row_per_plan_and_a_column_per_task(tmp_path):
+    """The accuracy section: one row per plan (keyed by policy, mode, ranking, budget and head count) with a cell
+    per measured (task, documents) file, ``–`` where a plan was not measured on that task; and the iterative
+    part's plan is among the plans the accuracy part can evaluate, under its own name."""
+    import argparse
+
+    bench = _bench()
+    args = argparse.Namespace(out=str(tmp_path), quick=False)
+    parts = bench.parts_dir(args)
+    row = lambda mode, ranking, budget, heads, v: {"policy": "free", "mode": mode, "ranking": ranking,  # noqa: E731
+                                                  "budget": budget, "heads": heads, "value": v, "stderr": 0.02, "n": 500}
+    (parts / "accuracy_arc_easy_500.json").write_text(json.dumps({
+        "baseline": {"value": 0.5, "stderr": 0.022, "n": 500},
+        "rows": [row("lsq", "lsq_error", 0.05, 67, 0.498), row("lsq", "iterative", 0.10, 84, 0.471)]}))
+    (parts / "accuracy_hellaswag_500.json").write_text(json.dumps({
+        "baseline": {"value": 0.376, "stderr": 0.022, "n": 500}, "rows": [row("lsq", "lsq_error", 0.05, 67, 0.358)]}))
+    lines = bench.accuracy_lines(args)
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert table[0] == "| plan | heads | arc_easy (500) | hellaswag (500) |"
+    assert table[1] == "| unpruned | 0 | 0.500 ± 0.022 | 0.376 ± 0.022 |"
+    assert "| free / lsq / `lsq_error`, +5% ppl | 67 | 0.498 ± 0.020 | 0.358 ± 0.020 |" in table
+    assert "| free / lsq / `iterative`, +10% ppl | 84 | 0.471 ± 0.020 | – |" in table
+    assert len(table) == 4
+
+    removed = [[0, 1], [1, 2]]
+    (parts / "iterative_free.json").write_text(json.dumps({"heads": 2, "removed": removed}))
+    (parts / "budget_free_lsq_lsq_error.json").write_text(json.dumps({
+        "policy": "free", "mode": "lsq", "ranking": "lsq_error",
+        "0.1": {"removed": removed + [[1, 3]]}, "0.05": {"removed": removed[:1]}}))
+    plans = bench.accuracy_plans(args)
+    assert [(name, p["budget"], len(p["removed"])) for name, p in plans] == [
+        ("free_lsq_lsq_error", 0.10, 3), ("free_lsq_lsq_error", 0.05, 1), ("iterative_free", 0.10, 2)]
+    assert plans[-1][1]["mode"] == "lsq" and plans[-1][1]["ranking"] == "iterative"
