@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 MODES = ("none", "mean", "lsq")
 RANKINGS = ("ahon_ln", "random", "lsq_error", "ablation_kl")
 BUDGETS = (0.10, 0.05)
+ITERATIVE_MODE, ITERATIVE_BUDGET = "lsq", 0.10  # the iterative part's plan: its compensation and relative budget
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -394,13 +395,12 @@ def sequential_masks(setup: Setup, b: dict[str, Any], policy: str, budget: float
     ``--seq-extra`` prefixes of its ranking."""
     import torch
 
+    from prune_heads.plan import Plan
     from prune_heads.selection import candidate_units, removal_mask
     from prune_heads.selection.static import ranking
 
     removed = b[f"{budget:g}"]["removed"]
-    mask = torch.zeros(setup.layout.num_layers, setup.layout.num_heads, dtype=torch.bool)
-    for i, h in removed:
-        mask[i, h] = True
+    mask = Plan(removed).mask(setup.layout)
     out = [(len(removed), mask, b[f"{budget:g}"]["ppl"])]  # plan first, except below
     if policy != "free" or budget != 0.05 or not setup.args.seq_extra:
         return out
@@ -433,10 +433,10 @@ def part_iterative(setup: Setup) -> None:
         if load_part(setup.args, name) is not None or setup.out_of_time():
             continue
         t = time.perf_counter()
-        plan = select_iterative(setup.model, setup.abl_seqs, setup.evaluator("lsq"), max_drop=0.10, relative=True,
+        plan = select_iterative(setup.model, setup.abl_seqs, setup.evaluator(ITERATIVE_MODE), max_drop=ITERATIVE_BUDGET, relative=True,
                                 round_size=setup.args.round_size if policy == "free" else max(1, setup.args.round_size // 3),
                                 policy=policy, candidates_fraction=0.5, pad_id=setup.pad_id, progress=False,
-                                compensation=setup.compensator("lsq"))
+                                compensation=setup.compensator(ITERATIVE_MODE))
         base = plan.selection.baseline["value"]
         within5 = [r for r in plan.selection.details.rounds if r["accepted_units"] and r["evaluation"]["value"] <= 1.05 * base]
         heads5 = sum(len(r["heads"]) for r in plan.selection.details.rounds[: len(within5)]) if within5 else 0
@@ -588,9 +588,8 @@ def export_row(setup: Setup, plan: Any, policy: str, torch: Any) -> dict[str, An
 
 def part_accuracy(setup: Setup) -> None:
     """ARC-Easy and HellaSwag at the budget plans (lm-eval, offline data), compensated as selected."""
-    import torch
-
     from prune_heads.evaluation import make_evaluator
+    from prune_heads.plan import Plan
 
     for task in setup.args.acc_tasks.split(","):
         name = f"accuracy_{task}_{setup.args.acc_limit}"
@@ -610,9 +609,7 @@ def part_accuracy(setup: Setup) -> None:
             key = (plan["policy"], plan["mode"], plan["ranking"], plan["budget"])
             if key in seen or setup.out_of_time():
                 continue
-            mask = torch.zeros(setup.layout.num_layers, setup.layout.num_heads, dtype=torch.bool)
-            for i, h in plan["removed"]:
-                mask[i, h] = True
+            mask = Plan(plan["removed"]).mask(setup.layout)
             r = base_ev.with_compensation(setup.compensator(plan["mode"]))(mask)
             done["rows"].append({**{k: plan[k] for k in ("policy", "mode", "ranking", "budget")},
                                  "heads": int(mask.sum()), "value": r.value, "stderr": r.stderr, "n": r.n})
@@ -632,8 +629,8 @@ def accuracy_plans(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
                                                            "budget": budget, "removed": b[f"{budget:g}"]["removed"]}))
     for f in sorted(parts_dir(args).glob("iterative_*.json")):
         it = json.loads(f.read_text())
-        plans.append((f.stem, {"policy": f.stem.removeprefix("iterative_"), "mode": "lsq", "ranking": "iterative",
-                               "budget": 0.10, "removed": it["removed"]}))
+        plans.append((f.stem, {"policy": f.stem.removeprefix("iterative_"), "mode": ITERATIVE_MODE, "ranking": "iterative",
+                               "budget": ITERATIVE_BUDGET, "removed": it["removed"]}))
     return plans
 
 
