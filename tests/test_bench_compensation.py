@@ -51,7 +51,8 @@ def test_quick_writes_every_section(quick_run):
     _, _, out = quick_run
     text = out.read_text()
     for title in ("### Heads (`--gqa free`)", "### Whole KV groups", "### Sequential compensation",
-                  "### Design choices", "### Cost of the statistics", "### Export of the compensated", "### Iterative"):
+                  "### Design choices", "### Cost of the statistics", "### Export of the compensated", "### Iterative",
+                  "### Other rankings for `lsq` compensation"):
         assert title in text, title
 
 
@@ -149,3 +150,65 @@ def test_accuracy_table_has_a_row_per_plan_and_a_column_per_task(tmp_path):
     assert [(name, p["budget"], len(p["removed"])) for name, p in plans] == [
         ("free_lsq_lsq_error", 0.10, 3), ("free_lsq_lsq_error", 0.05, 1), ("iterative_free", 0.10, 2)]
     assert plans[-1][1]["mode"] == "lsq" and plans[-1][1]["ranking"] == "iterative"
+
+
+def test_rankings_part_rechecks(quick_run):
+    """The rankings part: the shipped ``lsq_error`` row's fixed-k perplexities are those of its first k units,
+    evaluated independently; the Fisher metric equals ``E[g g^T]`` from a naive loop that takes the gradient of
+    each window's summed loss at each layer's attention output with ``torch.autograd.grad``; and the measured
+    ranking keeps one head per layer and never ranks a later step of a layer's greedy order before an earlier one."""
+    from prune_heads.compensation import compensator_for
+    from prune_heads.evaluation import make_evaluator
+    from prune_heads.scoring.head_scores import HeadScores
+    from prune_heads.selection import candidate_units, removal_mask
+    from prune_heads.selection.static import ranking
+
+    bench, tmp, out = quick_run
+    parts = out.parent / "compensation_quick"
+    rows = {r["ranking"]: r for r in json.loads((parts / "rankings.json").read_text())["rows"]}
+    assert set(rows) == {"lsq_error", "gain_next", "gain_mean", "fisher", "measured"}
+    args = bench.parse(["--quick", "--model", str(tmp / "model"), "--data", str(tmp / "docs.txt"), "--out", str(tmp / "out")])
+    bench.os.environ["PRUNE_HEADS_BENCH_CACHE"] = str(tmp / "cache")
+    try:
+        setup = bench.Setup(args)
+    finally:
+        bench.os.environ.pop("PRUNE_HEADS_BENCH_CACHE")
+    model, layout = setup.model, setup.layout
+
+    ev = make_evaluator(model, setup.tok, f"ppl:{tmp / 'docs.txt'}", limit=6, split="verify", batch_size=8)
+    ev.backend.seqs = [s[:24] for s in ev.backend.seqs]
+    ev = ev.with_compensation(compensator_for("lsq", scores=HeadScores.load(setup.scores_dir)))
+    units = candidate_units(ranking(setup.scores, "lsq_error", layout), layout, "free", 1)
+    assert rows["lsq_error"]["fixed"]
+    for k, value in rows["lsq_error"]["fixed"].items():
+        assert ev(removal_mask(units, int(k), layout)).value == pytest.approx(value, rel=1e-6)
+
+    fisher = bench.fisher_metrics(setup, windows=5)
+    layers = list(model.model.layers)
+    d = model.config.hidden_size
+    naive = [torch.zeros(d, d, dtype=torch.float64) for _ in layers]
+    kept: dict[int, torch.Tensor] = {}
+    for seq in setup.calib[:5]:
+        ids = torch.tensor([seq])
+        kept.clear()
+        hooks = [layer.self_attn.o_proj.register_forward_hook(lambda m, a, o, i=i: kept.__setitem__(i, o))
+                 for i, layer in enumerate(layers)]
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=emb, use_cache=False).logits[0, :-1]
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        grads = torch.autograd.grad(loss, [kept[i] for i in range(len(layers))])
+        for h in hooks:
+            h.remove()
+        for i, g in enumerate(grads):
+            g = g[0].double()
+            naive[i] += g.T @ g
+    tokens = sum(len(s) for s in setup.calib[:5])
+    for mine, ref in zip(fisher, naive):
+        torch.testing.assert_close(mine, ref / tokens, rtol=1e-4, atol=1e-10)
+
+    values = bench.measured_ranking(setup)
+    orders = setup.scores.meta["lsq_error"]["order"]
+    for i, order in enumerate(orders):
+        along = values[i, order]
+        assert along[-1] == 1e9 and (along[:-1] < 1e9).all()
+        assert (along[1:] >= along[:-1]).all()
