@@ -207,3 +207,62 @@ def test_an_evaluator_with_a_plans_fixed_compensation(tiny):
     assert fixed(None).details["compensation"] == "lsq"
     with pytest.raises(PruneHeadsError, match="other removed heads"):
         fixed(torch.zeros(2, 4, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True))
+
+
+# ---- compensated ablation from the CLI -------------------------------------------------------------
+
+def test_calibrate_cli_measures_ablation_under_compensation(tmp_path):
+    """``calibrate --scores ablation_kl --ablation-compensate lsq``: every head's score equals one full forward per
+    head with that head removed and lsq-compensated from the same calibration's moments (independent loop); the
+    scores directory records the compensation; without the option the scores are the zeroing ones, which differ.
+    ``select --score ablation_kl`` warns when the plan's compensation is not the one the ranking was measured
+    under, and is silent when they agree."""
+    import json
+
+    from click.testing import CliRunner
+
+    from prune_heads.cli.main import cli
+    from prune_heads.scoring.head_scores import HeadScores
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, vocab=len(tok))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": words(40, seed=i)}) for i in range(12)) + "\n")
+    common = ["calibrate", str(tmp_path / "m"), "--data", str(data), "--num-samples", "4", "--seq-len", "12",
+              "--scores", "ablation_kl,ahon_ln"]
+    r = CliRunner().invoke(cli, [*common, "--ablation-compensate", "lsq", "-o", str(tmp_path / "lsq")])
+    assert r.exit_code == 0, r.output + str(r.exception)
+    r = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "zero")])
+    assert r.exit_code == 0, r.output + str(r.exception)
+    lsq, zero = HeadScores.load(tmp_path / "lsq"), HeadScores.load(tmp_path / "zero")
+    assert lsq.meta["ablation"]["compensation"]["mode"] == "lsq"
+    assert zero.meta["ablation"]["compensation"]["mode"] == "none"
+
+    m = model.double()
+    spec = CompensationSpec("lsq")
+    moments = lsq.moments
+    units = [[(i, h)] for i in range(2) for h in range(4)]
+    none = torch.zeros(2, 4, dtype=torch.bool)
+    want = naive_effects(m, lsq.tokens, none, units, lambda mask: compute_compensation(mask, spec, moments=moments))
+    torch.testing.assert_close(lsq.mean("ablation_kl").double().flatten(), want.mean(0).double(), rtol=2e-3, atol=1e-6)
+    assert not torch.allclose(zero.mean("ablation_kl"), lsq.mean("ablation_kl"), rtol=1e-2)
+
+    def select(scores_dir, compensate):
+        return CliRunner().invoke(cli, ["select", str(scores_dir), "--model", str(tmp_path / "m"), "--score",
+                                        "ablation_kl", "--compensate", compensate, "--task", f"ppl:{data}",
+                                        "--max-drop", "5", "--relative", "--limit", "2", "--no-verify",
+                                        "--confidence", "0", "-o", str(tmp_path / f"plan-{compensate}-{scores_dir.name}.json")])
+
+    import warnings
+
+    with pytest.warns(UserWarning, match="ablation_kl was measured with compensation 'none' but the selection "
+                                         "compensates with 'lsq'; recalibrate with --ablation-compensate lsq"):
+        r = select(tmp_path / "zero", "lsq")
+    assert r.exit_code == 0, r.output + str(r.exception)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = select(tmp_path / "lsq", "lsq")
+    assert r.exit_code == 0, r.output + str(r.exception)
+    assert not [w for w in seen if "was measured with compensation" in str(w.message)]

@@ -84,8 +84,9 @@ class HeadScores:
         return self.per_sample_values[score_id].float()
 
     def merged(self, other: HeadScores) -> HeadScores:
-        """This file's scores plus ``other``'s (for adding ablation scores to a calibration)."""
-        meta = dict(self.meta)
+        """This file's scores plus ``other``'s (for adding ablation scores to a calibration); ``other``'s records
+        that this file lacks (the ablation's cost and compensation) come along."""
+        meta = {**other.meta, **self.meta}
         meta["scores"] = sorted(set(self.score_ids) | set(other.score_ids))
         return HeadScores({**self.per_sample_values, **other.per_sample_values}, meta, {**self.means, **other.means},
                           self.tokens if self.tokens is not None else other.tokens,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prune_heads.schema import Config, option
+from prune_heads.schema import Config, ConfigError, option
 
 
 def check_score_ids(ids: list[str]) -> str | None:
@@ -47,6 +47,21 @@ class CalibrateConfig(Config):
                                            "ablation_loss on request).")
     block_size: int | None = option(None, ge=1, help="Query block size of the scoring attention (default: adaptive).")
     moments: bool = option(True, help="Keep the o_proj-input statistics that compensation needs (--no-moments skips them).")
+    ablation_compensate: str = option("none", choices=("none", "mean", "lsq"),
+                                      help="Measure ablation_kl/ablation_loss with each head's removal compensated "
+                                           "(lsq, mean) instead of zeroed (none), to rank for select --compensate of "
+                                           "the same mode.")
+
+    def check(self) -> None:
+        from prune_heads.scoring.score_defs import ABLATION
+
+        if self.ablation_compensate == "none":
+            return
+        if not any(s in ABLATION for s in self.scores or ()):
+            raise ConfigError("ablation_compensate", "applies to measured ablation scores: add ablation_kl or "
+                                                     "ablation_loss to the scores")
+        if not self.moments:
+            raise ConfigError("ablation_compensate", "compensation is solved from the moments: drop --no-moments")
 
     def data_now(self) -> str:
         """The data spec to use now: ``offline_data`` when the Hub is switched off and ``data`` is a hub: spec."""
@@ -102,7 +117,8 @@ def run_calibrate(config: CalibrateConfig, loaded: Any, model_id: str, out: Path
     t0 = time.time()
     hs = calibrate(loaded.model, seqs, scores=config.scores, batch_size=config.batch_size, tokenizer=loaded.tokenizer,
                    block_size=config.block_size, progress=progress, model_name=model_id, revision=revision,
-                   moments=config.moments)
+                   moments=config.moments,
+                   ablation_compensation=None if config.ablation_compensate == "none" else config.ablation_compensate)
     # which documents were calibrated on, so ppl:/kl: evaluations of the same source can leave them out
     hs.meta["data"] = {**spec.to_dict(), "documents": documents}
     if hs.moments is not None:  # the moments name the same data, so a mismatch with a plan's data is caught

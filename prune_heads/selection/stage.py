@@ -280,6 +280,7 @@ def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *,
     search, verify = evaluators(cfg, loaded.model, loaded.tokenizer, scores)
     ctx = SelectContext(loaded.model, loaded.tokenizer, scores, search, verify, progress=progress, data=cfg.data)
     _compensate(cfg, ctx)
+    _check_ablation_ranking(cfg, scores)
     try:
         selector = SELECTORS[type(cfg.method)]
     except KeyError:
@@ -304,6 +305,23 @@ def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *,
         _save_compensation(ctx, plan, out)
         plan.save(out, overwrite=overwrite)
     return plan
+
+
+def _check_ablation_ranking(cfg: SelectConfig, scores: Any) -> None:
+    """Warn when the static ranking is an ablation score measured under another compensation than the selection's:
+    it then orders heads by the effect of a different removal (zeroing, when the plan compensates). Scores that do
+    not record how they were measured are not guessed at."""
+    import warnings
+
+    from prune_heads.scoring.score_defs import ABLATION
+
+    if not isinstance(cfg.method, StaticMethod) or cfg.ranking not in ABLATION or scores is None:
+        return
+    measured = ((scores.meta.get("ablation") or {}).get("compensation") or {}).get("mode")
+    if measured is not None and measured != cfg.compensate:
+        warnings.warn(f"{cfg.ranking} was measured with compensation {measured!r} but the selection compensates with "
+                      f"{cfg.compensate!r}; recalibrate with --ablation-compensate {cfg.compensate} so the ranking "
+                      "measures the removal the plan makes", stacklevel=2)
 
 
 def _save_compensation(ctx: SelectContext, plan: Any, out: Path) -> None:
