@@ -132,7 +132,7 @@ _add("calibrate", "--batch-size", ["0", "-2"])            # 0 was a traceback
 _add("calibrate", "--seed", ["-1"])
 _add("calibrate", "--block-size", ["0", "-4"])
 _add("calibrate", "--dtype", ["float8", "int4"])
-_add("calibrate", "--ablation-compensate", ["lsq"])                     # without an ablation score: a no-op
+_add("calibrate", "--ablation-compensate", ["lsq"])                     # no ablation score: it would do nothing
 _add("calibrate", "--ablation-compensate", ["mean"], pre=["--scores", "ablation_kl", "--no-moments"])
 _add("calibrate", "--ablation-compensate", ["ols"], pre=["--scores", "ablation_kl"])
 _add("select", "--max-drop", ["-1", "nan"])
