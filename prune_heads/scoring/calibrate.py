@@ -200,8 +200,7 @@ def calibrate(
             compensator = compensator_for(ablation_compensation, moments=stats)
         abl = ablation_scores(model, seqs, scores=[s for s in wanted if s in ABLATION], batch_size=batch_size,
                               pad_id=pad_id, progress=progress, compensation=compensator)
-        result = result.merged(abl) if result.means else \
-            HeadScores(abl.per_sample_values, {**meta, "ablation": abl.meta["ablation"]}, abl.means, moments=stats)
+        result = result.merged(abl)  # also when no forward score was asked: merged() keeps the moments and records
     return result
 
 
