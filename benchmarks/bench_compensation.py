@@ -387,12 +387,11 @@ def part_rankings(setup: Setup) -> None:
       prefix removed and compensated (``measure_units`` on the ablation windows), ranked by its running maximum.
     """
     from prune_heads import HeadScores
-    from prune_heads.selection import candidate_units, removal_mask, select_static
-    from prune_heads.selection.static import ranking
+    from prune_heads.selection import select_static
 
     done = load_part(setup.args, "rankings") or {"rows": []}
     have = {r["ranking"] for r in done["rows"]}
-    L, total = setup.layout.num_layers, setup.layout.total_heads
+    L = setup.layout.num_layers
     variants = {"lsq_error": lambda s: s.scores.mean("lsq_error"), "gain_next": lambda s: metric_ranking(s, gain_metrics(s, True)),
                 "gain_mean": lambda s: metric_ranking(s, gain_metrics(s, False)),
                 "fisher": lambda s: metric_ranking(s, fisher_metrics(s), relative=False), "measured": measured_ranking}
@@ -409,9 +408,8 @@ def part_rankings(setup: Setup) -> None:
                                  policy="free", min_heads_per_layer=1, progress=False)
             row[f"{budget:g}"] = {"heads": len(plan.removed_heads), "ppl": plan.selection.result["value"],
                                   "baseline": plan.selection.baseline["value"]}
-        units = candidate_units(ranking(scores, "lsq_error", setup.layout), setup.layout, "free", 1)
-        ks = sorted({min(len(units), round(f * total)) for f in RANKING_FRACTIONS})
-        row["fixed"] = {str(k): ev(removal_mask(units, k, setup.layout)).value for k in ks}
+        masks = {int(m.sum()): m for m in (fixed_fraction_mask(setup, values, f) for f in RANKING_FRACTIONS)}
+        row["fixed"] = {str(k): ev(masks[k]).value for k in sorted(masks)}
         done["rows"].append(row)
         save_part(setup.args, "rankings", done)
         print("rankings", name, {b: row[f"{b:g}"]["heads"] for b in BUDGETS}, flush=True)
