@@ -209,14 +209,16 @@ SWAPPER = LIGHT + textwrap.dedent("""
     i = int((out / "version").read_text())
     while True:
         i += 1
-        if i % 3 == 0:
-            (out.parent / "progress").write_text(str(i))
         with io_utils.atomic_dir(out, overwrite=True) as tmp:
             for k in range(20):
                 (tmp / f"part{k}").write_bytes(str(i).encode() * 2000)
             (tmp / "version").write_text(str(i))
         if stop != "never":
             break
+        # after a completed swap, so every run advances the version however slow the machine is, and the
+        # kill lands somewhere in the swaps that follow (before, a loaded CPU killed every run before its
+        # first swap and the versions never differed)
+        (out.parent / "progress").write_text(str(i))
 """)
 
 
