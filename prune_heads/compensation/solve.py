@@ -212,13 +212,16 @@ class Compensation:
         """Write the compensation atomically (sequential plans cannot be recomputed from stored moments),
         through the project's one atomic writer: an owner-tagged, fsynced temporary, the umask's mode, and
         a full disk reported as such. It is a few MB at most, so it is serialised in memory first."""
-        from safetensors.torch import save
-
         from prune_heads.io_utils import write_bytes_atomic
 
+        return write_bytes_atomic(path, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The safetensors file ``save`` writes, in memory (a plan records its sha256)."""
+        from safetensors.torch import save
+
         tensors = self.tensors() or {"empty": torch.zeros(0, dtype=torch.float64)}
-        data = save(tensors, metadata={"format": COMPENSATION_FORMAT, "header": json.dumps(self._header())})
-        return write_bytes_atomic(path, data)
+        return save(tensors, metadata={"format": COMPENSATION_FORMAT, "header": json.dumps(self._header())})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Compensation:
