@@ -140,6 +140,14 @@ _add("calibrate", "--ablation-compensate", ["ols"], pre=["--scores", "ablation_k
 _add("select", "--max-drop", ["-1", "nan"])
 _add("select", "--max-drop", ["inf"])
 _add("select", "--limit", ["0", "-2"])
+# issue 21 class 3: every float option is finite (schema), also where no range would catch Inf
+_add("select", "--max-drop", ["inf", "-inf", "1e999"], pre=["--relative"])   # wrote Infinity into the plan
+_add("select", "--lr", ["inf"], pre=["--method", "gates", "--target-fraction", "0.2"])
+_add("select", "--l0-penalty", ["inf"], pre=["--method", "gates"])
+_add("export", "--tolerance", ["inf"])                                      # was accepted
+_add("sweep", "--max-drop", ["inf"])
+_add("sweep", "--fractions", ["0,inf"])
+_add("compare-selectors", "--gates-lr", ["inf"])
 _add("select", "--num-fewshot", ["-1"])
 _add("select", "--verify-limit", ["0"])
 _add("select", "--min-heads-per-layer", ["-1"])
@@ -195,6 +203,7 @@ for key, value in [
     ("calibration.seq_len", "100000000000"),
     ("export.shard_size", "-5GB"),
     ("name", "../../../tmp/x"), ("name", "a/b"), ("name", ".."),   # class 8
+    ("select.max_drop", ".inf"), ("verify.tol", ".inf"), ("select.confidence", ".nan"),  # issue 21 class 3
 ]:
     CASES.append(("run", ["--set", f"{key}={value}"], (key,)))
 

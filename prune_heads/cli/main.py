@@ -62,8 +62,15 @@ class LazyGroup(click.Group):
             raise
 
 
+#: the longest error line printed: a message that quotes a hostile value is cut, never printed whole
+MAX_ERROR_CHARS = 2000
+
+
 def _fail(message: str) -> None:
-    click.secho("error: " + " ".join(message.split()), fg="red", err=True)
+    line = " ".join(message[: 4 * MAX_ERROR_CHARS].split())
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[: MAX_ERROR_CHARS - 20] + " ... (message cut)"
+    click.secho("error: " + line, fg="red", err=True)
     sys.exit(2)
 
 

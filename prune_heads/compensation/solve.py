@@ -324,9 +324,19 @@ class Compensator:
         if source is self.moments and key in self._layer_cache:
             return self._layer_cache[key]
         _, H, D = self._layout()
+        from prune_heads.finite import STATS_ADVICE, require_finite
+
         t0 = time.perf_counter()
+        mean = source.mean(layer)
+        require_finite(mean, f"the o_proj input statistics of layer {layer} (mean)", STATS_ADVICE)
+        if self.spec.mode == "lsq":
+            require_finite(source.covariance(layer), f"the o_proj input statistics of layer {layer} (covariance)",
+                           STATS_ADVICE)
         prec = self.precision(layer, source) if self.spec.mode == "lsq" else None
-        out = solve_layer(source.mean(layer), prec, removed, H, D, self.spec.mode)
+        out = solve_layer(mean, prec, removed, H, D, self.spec.mode)
+
+        require_finite(out.offset, f"the {self.spec.mode} compensation of layer {layer} (offset)", STATS_ADVICE)
+        require_finite(out.weight, f"the {self.spec.mode} compensation of layer {layer} (weight)", STATS_ADVICE)
         self.solve_seconds += time.perf_counter() - t0
         if source is self.moments:
             self._layer_cache[key] = out

@@ -25,7 +25,7 @@ from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_sour
 from prune_heads.export.verify import verify_export
 from prune_heads.io_utils import atomic_dir, check_output_dir, write_json_atomic
 from prune_heads.model.adapters import get_adapter
-from prune_heads.model.fingerprint import FingerprintCheck
+from prune_heads.model.fingerprint import FingerprintCheck, require_finite_weight
 from prune_heads.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,17 @@ class ExportResult:
         """False only when verification ran, was exact by design, and exceeded its tolerance."""
         v = self.verification
         return v is None or bool(v["passed"]) or bool(v.get("approximate_norms"))
+
+
+def _finite_cast(name: str, t: Any, dtype: Any) -> Any:
+    """``t`` in the export's dtype, refused when that (or the folded compensation) made it NaN/Inf."""
+    from prune_heads.finite import require_finite
+
+    out = _cast(t, dtype)
+    require_finite(out, f"the exported tensor {name}" + (f" in {str(dtype).removeprefix('torch.')}" if dtype else ""),
+                   "it overflows that dtype or the compensation is not finite: export with --dtype float32, or "
+                   "select again")
+    return out
 
 
 def resolve_source(model: str, gguf_file: str | None = None) -> Path:
@@ -130,6 +141,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         tied_head = adapter.tied_lm_head(src.config, set(src.weight_map))  # skipped: checkpoints store it once
         params_before = 0
         for name, source in iter_tensors(src, progress=progress):
+            require_finite_weight(name, source)  # a NaN/Inf weight would be exported, and verified as NaN
             if same_weights is not None:
                 same_weights.add(name, source)
             if name == tied_head:
@@ -138,9 +150,9 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
             rule = rules.get(name)
             tensor = rule(source) if rule is not None else source
             if tensor is not None:
-                writer.add(name, _cast(tensor, torch_dtype))
+                writer.add(name, _finite_cast(name, tensor, torch_dtype))
             for extra_name, extra in fold.extras(name, tensor, source) if fold is not None else ():
-                writer.add(extra_name, _cast(extra, torch_dtype))
+                writer.add(extra_name, _finite_cast(extra_name, extra, torch_dtype))
             del tensor, source
         if same_weights is not None:
             same_weights.finish()
@@ -230,10 +242,12 @@ def source_license(path: Path) -> str | None:
         return None
     import yaml
 
+    from prune_heads.bounded import load_yaml
+
     try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (yaml.YAMLError, IndexError):
-        return None
+        meta = load_yaml(text.split("---", 2)[1], "the source model card's metadata") or {}
+    except (yaml.YAMLError, IndexError, PruneHeadsError):
+        return None  # unreadable or hostile metadata: no license is copied, the card says so
     value = meta.get("license") if isinstance(meta, dict) else None
-    return str(value) if value else None
+    return str(value)[:100] if isinstance(value, (str, int, float)) and value else None
 
