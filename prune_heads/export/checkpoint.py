@@ -23,7 +23,7 @@ from prune_heads.export.registration import register_auto_classes
 from prune_heads.export.slicing import layer_heads, predicted_removed_params, slicing_rules
 from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_source, parse_size
 from prune_heads.export.verify import verify_export
-from prune_heads.io_utils import atomic_dir, check_output_dir, write_json_atomic
+from prune_heads.io_utils import atomic_dir, check_output_dir, file_record, write_json_atomic
 from prune_heads.model.adapters import get_adapter
 from prune_heads.model.fingerprint import FingerprintCheck, require_finite_weight
 from prune_heads.plan import Plan
@@ -200,7 +200,8 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         files.append(model_card.write_model_card(tmp, model_card.card_info(provenance)).name)
         files.append(PROVENANCE_FILE)
         # the export's own files, so `push` uploads exactly these (the card and this record change later)
-        provenance["files"] = {f: None if f in ("README.md", PROVENANCE_FILE) else (tmp / f).stat().st_size
+        # with their content hashes: push refuses a file changed since, whatever its size
+        provenance["files"] = {f: None if f in ("README.md", PROVENANCE_FILE) else file_record(tmp / f)
                                for f in sorted(files)}
         write_json_atomic(tmp / PROVENANCE_FILE, provenance)
 
