@@ -47,7 +47,10 @@ def load_yaml(text: str, what: str) -> Any:
     ``MAX_NODES`` nodes. YAML errors propagate as ``yaml.YAMLError`` for the caller to word."""
     import yaml
 
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except RecursionError:
+        raise PruneHeadsError(f"{what} is nested too deeply to read; write it flat") from None
     if expanded_size(value) > MAX_NODES:
         raise PruneHeadsError(f"{what} expands to more than {MAX_NODES:,} values through YAML aliases (&anchor/*alias); "
                               "write the values out instead")

@@ -56,6 +56,8 @@ class LazyGroup(click.Group):
         except click.UsageError as e:
             _fail(e.format_message() + (f" (see `prune-heads {e.ctx.command_path.split(' ', 1)[-1]} --help`)"
                                         if e.ctx is not None and " " in e.ctx.command_path else ""))
+        except RecursionError:  # a hostile input (JSON/YAML nested a million deep) read by a library
+            _fail("an input is nested too deeply to read (a damaged or hostile JSON/YAML file?); check the files given")
         except OSError as e:
             if e.errno == 28:  # ENOSPC
                 _fail(f"no space left on the device ({e.filename or 'output'}); free some space and run again")

@@ -113,6 +113,11 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
 
     register_auto_classes()
     config = pretrained("config", src.path, trust_remote_code=trust_remote_code)
+    from prune_heads.model.attention import is_sliced_export
+
+    if is_sliced_export(config):
+        raise PruneHeadsError(f"{model} is already a sliced prune-heads export ({config.model_type}): exporting from "
+                              "a sliced model is not supported; apply the plans to the original model")
     adapter = get_adapter(config)
     layout = plan.validate(config)
     heads = layer_heads(plan, layout)

@@ -22,7 +22,7 @@ from prune_heads.data import DataSpec, as_token_lists, batches
 from prune_heads.errors import DataError
 from prune_heads.finite import STATS_ADVICE, require_finite
 from prune_heads.model.adapters import get_adapter
-from prune_heads.model.attention import HeadControl, attach
+from prune_heads.model.attention import HeadControl, attach, refuse_sliced
 from prune_heads.model.fingerprint import fingerprint
 from prune_heads.scoring.distributed import gather_rows, rank_and_world
 from prune_heads.scoring.head_scores import HeadScores
@@ -136,6 +136,7 @@ def calibrate(
     wanted = validate_score_ids(scores or default_scores())
     if not moments and any(s in COMPENSATION for s in wanted):
         raise DataError(f"{', '.join(COMPENSATION)} are computed from the moments: calibrate with moments=True")
+    refuse_sliced(model, "scoring the heads of")
     adapter = get_adapter(model)
     layout = adapter.layout(model.config)
     spec = None
