@@ -83,6 +83,17 @@ def check_output_path(output: PathLike, inputs: Iterable[PathLike | None] = (), 
     return out
 
 
+#: a plan ``X.json`` travels with ``X.compensation.safetensors`` (``prune_heads.compensation.plans``): reading
+#: the plan reads it, so it is an input wherever the plan is, and an output wherever the plan is written
+COMPANION_SUFFIX = ".compensation.safetensors"
+
+
+def companion_of(path: PathLike) -> Path | None:
+    """The compensation file that belongs to the plan ``path`` (``X.json`` -> ``X.compensation.safetensors``)."""
+    p = Path(path)
+    return p.with_name(p.stem + COMPANION_SUFFIX) if p.suffix == ".json" else None
+
+
 def _input_paths(inputs: Iterable[PathLike | None], limit: int = 100_000) -> Iterator[tuple[PathLike, Path]]:
     """``(as given, resolved)`` for each local input, then for every symlink inside an input directory (a Hub
     cache snapshot is a folder of links into ``blobs/``: the blobs are the input too)."""
@@ -94,6 +105,9 @@ def _input_paths(inputs: Iterable[PathLike | None], limit: int = 100_000) -> Ite
         if not os.path.lexists(os.path.expanduser(os.fspath(raw))) and not inp.exists():
             continue  # a Hub id or a name, not a local path
         yield raw, inp
+        companion = companion_of(Path(os.path.expanduser(os.fspath(raw))).absolute())
+        if companion is not None:
+            yield f"{raw}'s {companion.name}", companion.resolve()
         if not inp.is_dir() or inp in seen:
             continue
         seen.add(inp)
@@ -416,14 +430,139 @@ def atomic_dir(path: PathLike, overwrite: bool = False, *, inputs: Iterable[Path
         raise
 
 
+def json_bytes(data: Any) -> bytes:
+    """The bytes ``write_json_atomic`` writes for ``data`` (indented, numpy/paths/sets converted)."""
+    return (json.dumps(data, indent=2, default=_json_default) + "\n").encode()
+
+
 def write_json_atomic(path: PathLike, data: Any, overwrite: bool = True, *,
                       inputs: Iterable[PathLike | None] = ()) -> Path:
     """Write a JSON file through an fsynced temporary and ``os.replace``: the old file or the new one."""
     out = Path(path)
     if inputs or not overwrite:
         check_output_dir(out, overwrite, inputs=inputs, kind="file")
-    text = json.dumps(data, indent=2, default=_json_default) + "\n"  # serialise first: a bad value writes nothing
-    return write_bytes_atomic(out, text.encode())
+    return write_bytes_atomic(out, json_bytes(data))  # serialised first: a bad value writes nothing
+
+
+def _stage_bytes(out: Path, data: bytes) -> Path:
+    """``data`` in an fsynced, owner-tagged temporary beside ``out`` (the umask's mode); removed on failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-{owner_tag()}-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: PathLike, *, what: str = "another prune-heads process", timeout: float = 120.0
+                   ) -> Iterator[None]:
+    """An exclusive ``flock`` on the directory itself (no lock file is left in a user's folder), waiting up to
+    ``timeout`` seconds: writers of the same outputs take turns instead of interleaving their files."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise LockedError(f"{what} is writing into {directory}; wait for it to finish or choose "
+                                      "another output") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write_files_together(files: list[tuple[PathLike, bytes]], *, overwrite: bool) -> list[Path]:
+    """Write several files of one directory as one unit whose LAST file is the commit point (a plan after its
+    compensation file): a reader checks the others against the last (by a hash it records).
+
+    Every file is first staged as an fsynced temporary, so a full disk or any error leaves every old file
+    exactly as it was. Then, under ``directory_lock``, each earlier file replaces its old version (kept aside as
+    ``.NAME.old-…``) and the last one is renamed into place; an exception before that commit puts the old files
+    back. A kill between the renames can leave new earlier files beside the old last one: the reader's hash
+    check refuses them, and ``restore_aside`` brings back the old versions the dead process kept aside.
+    Without ``overwrite`` any existing file of the unit is refused, also when another run wrote it meanwhile.
+    """
+    outs = [Path(os.path.expanduser(os.fspath(p))).absolute() for p, _ in files]
+    parent = outs[-1].parent
+    if any(o.parent != parent for o in outs):
+        raise ValueError("write_files_together writes files of one directory")
+    parent.mkdir(parents=True, exist_ok=True)
+    with directory_lock(parent, what="another prune-heads run writing the same output"):
+        if not overwrite:
+            for o in outs:
+                if o.exists() or o.is_symlink():
+                    raise OutputExistsError(f"{o} already exists (or another run wrote it meanwhile); pass --overwrite "
+                                            "to replace it")
+        staged: list[Path] = []
+        try:
+            for o, (_, data) in zip(outs, files):
+                staged.append(_stage_bytes(o, data))
+        except BaseException as e:
+            for t in staged:
+                t.unlink(missing_ok=True)
+            if isinstance(e, Exception) and is_disk_full(e):
+                raise disk_full_error(outs[len(staged)], e) from e
+            raise
+        _commit_together(list(zip(staged, outs)))
+        for o in outs:  # only now: an old file a killed run kept aside may be needed until this unit lands
+            clean_stale_temporaries(parent, o.name)
+    return outs
+
+
+def _commit_together(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each staged temporary onto its output, the last one last; undo on an exception before the last."""
+    aside: list[tuple[Path | None, Path]] = []
+    try:
+        for tmp, out in pairs[:-1]:
+            old = None
+            if out.exists() or out.is_symlink():
+                old = out.parent / f".{out.name}.old-{owner_tag()}-{os.urandom(4).hex()}"
+                os.replace(out, old)
+            aside.append((old, out))
+            os.replace(tmp, out)
+            if _swap_hook:
+                _swap_hook("unit-partial", tmp, out)
+        os.replace(*pairs[-1])
+        _fsync_path(pairs[-1][1].parent, directory=True)
+    except BaseException:
+        for old, out in reversed(aside):
+            if old is not None:
+                os.replace(old, out)
+            else:
+                out.unlink(missing_ok=True)
+        for tmp, _ in pairs:
+            tmp.unlink(missing_ok=True)
+        raise
+    for old, _ in aside:
+        if old is not None:
+            _remove(old)
+
+
+def restore_aside(path: PathLike, accept: Any) -> bool:
+    """Put back the version of ``path`` that a killed ``write_files_together`` kept aside, if ``accept(old_path)``
+    says it is the one the commit file still names; True when restored."""
+    out = Path(path)
+    for t in sorted(temporaries(out.parent, out.name), key=lambda t: -t.path.stat().st_mtime):
+        if t.kind == "old" and t.alive is False and accept(t.path):
+            os.replace(t.path, out)
+            _fsync_path(out.parent, directory=True)
+            log.warning("restored %s from %s, left there by an interrupted run", out, t.path.name)
+            return True
+    return False
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
@@ -566,6 +705,24 @@ def _cheap_file(path: Path, st: os.stat_result) -> list[Any]:
             if 0 < n <= min(st.st_size - 8, 100_000_000):
                 h.update(f.read(n))
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, h.hexdigest()[:32]]
+
+
+#: the content hash an export records per file (``prune_heads.json``: ``files``) and ``push`` checks
+FILE_HASH = "xxh3_128"
+
+
+def file_record(path: PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "xxh3_128": hex}`` of a file: what an export records so that ``push`` sends only
+    files whose content is what the export wrote (xxh3 reads at several GB/s; a size says nothing of content)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+            size += len(block)
+    return {"size": size, FILE_HASH: h.hexdigest()}
 
 
 def file_sha256(path: PathLike) -> str:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any
 
-from prune_heads.errors import PruneHeadsError
+from prune_heads.errors import PruneHeadsError, shown
 
 
 class ConfigError(PruneHeadsError):
@@ -77,7 +77,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _as_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(name, f"must be true or false, not {value!r}")
+        raise ConfigError(name, f"must be true or false, not {shown(value)}")
     return value
 
 
@@ -85,25 +85,27 @@ def _as_int(value: Any, name: str) -> int:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer, not {value!r}")
+        raise ConfigError(name, f"must be an integer, not {shown(value)}")
     return value
 
 
 def _as_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(name, f"must be a number, not {value!r}")
+        raise ConfigError(name, f"must be a number, not {shown(value)}")
+    if not math.isfinite(value):  # every float option and recipe key: NaN/Inf would pass every range check
+        raise ConfigError(name, f"must be a finite number, got {value}")
     return float(value)
 
 
 def _as_str(value: Any, name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ConfigError(name, f"must be a string, not {value!r}")
+        raise ConfigError(name, f"must be a string, not {shown(value)}")
     return str(value)
 
 
 def _as_dict(value: Any, name: str) -> dict:
     if not isinstance(value, Mapping):
-        raise ConfigError(name, f"must be a mapping, not {value!r}")
+        raise ConfigError(name, f"must be a mapping, not {shown(value)}")
     return dict(value)
 
 
@@ -122,7 +124,7 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is list:
         (inner,) = typing.get_args(base) or (Any,)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(name, f"must be a list, not {value!r}")
+            raise ConfigError(name, f"must be a list, not {shown(value)}")
         return [coerce(v, inner, f"{name}.{i}") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(base):
         return value if isinstance(value, base) else build(base, value, name)
@@ -135,7 +137,7 @@ def _cli_item(text: str, tp: Any, name: str) -> Any:
         try:
             return tp(text)
         except ValueError:
-            raise ConfigError(name, f"must be a comma-separated list of {_WORDS[tp]}s, not {text!r}") from None
+            raise ConfigError(name, f"must be a comma-separated list of {_WORDS[tp]}s, not {shown(text)}") from None
     return text
 
 
@@ -156,8 +158,8 @@ def check_value(meta: Mapping[str, Any], value: Any, name: str) -> None:
     if value is None:
         return
     if meta.get("choices") and value not in meta["choices"]:
-        shown = ", ".join("none" if c is None else str(c) for c in meta["choices"])
-        raise ConfigError(name, f"must be one of {shown}, not {value!r}")
+        listed = ", ".join("none" if c is None else str(c) for c in meta["choices"])
+        raise ConfigError(name, f"must be one of {listed}, not {shown(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         bad = isinstance(value, float) and math.isnan(value)
         bad |= meta.get("ge") is not None and value < meta["ge"]
@@ -165,7 +167,7 @@ def check_value(meta: Mapping[str, Any], value: Any, name: str) -> None:
         bad |= meta.get("le") is not None and value > meta["le"]
         bad |= meta.get("lt") is not None and value >= meta["lt"]
         if bad:
-            raise ConfigError(name, f"{_range_text(meta, isinstance(value, int))}, got {value!r}")
+            raise ConfigError(name, f"{_range_text(meta, isinstance(value, int))}, got {shown(value)}")
     if meta.get("check"):
         msg = meta["check"](value)
         if msg:
@@ -233,7 +235,7 @@ def build(cls: type, raw: Any, path: str = "", root: str = "recipe") -> Any:
         variants, key = vf.metadata["variants"], vf.metadata["key"]
         name = own.pop(key, next(iter(variants)))
         if name not in variants:
-            raise ConfigError(_join(path, key), f"must be one of {', '.join(variants)}, not {name!r}")
+            raise ConfigError(_join(path, key), f"must be one of {', '.join(variants)}, not {shown(name)}")
         variant_cls = variants[name]
         mine = {f.name for f in dataclasses.fields(variant_cls)}
         others = {f.name: n for n, c in variants.items() if c is not variant_cls for f in dataclasses.fields(c)}

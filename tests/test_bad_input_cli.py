@@ -52,6 +52,7 @@ def env(tmp_path_factory) -> dict[str, Path]:
     seqs = [[1] + [len(SPECIAL) + (7 * i + j) % len(WORDS) for j in range(15)] for i in range(4)]
     calibrate(model, seqs, progress=False).save(root / "scores")
     Plan([(0, 1), (1, 2)], {"fingerprint": fingerprint(model)}).save(root / "plan.json")
+    (root / "plan.compensation.safetensors").write_bytes(b"the compensation file that travels with plan.json")
     recipe = {"name": "tiny", "model": {"id": str(root / "models" / "m"), "device": "cpu"},
               "calibration": {"data": str(data), "num_samples": 4, "seq_len": 16, "batch_size": 2},
               "select": {"task": f"mc:{mc}", "limit": 4, "max_drop": 0.5, "verify": False, "compensate": "none"},
@@ -61,7 +62,8 @@ def env(tmp_path_factory) -> dict[str, Path]:
     binary = root / "binary.txt"
     binary.write_bytes(bytes(range(256)) * 40)
     return {"root": root, "model": root / "models" / "m", "models": root / "models", "data": data, "mc": mc,
-            "scores": root / "scores", "plan": root / "plan.json", "recipe": root / "recipe.yaml", "binary": binary}
+            "scores": root / "scores", "plan": root / "plan.json", "recipe": root / "recipe.yaml", "binary": binary,
+            "planside": root / "plan.compensation.safetensors"}
 
 
 @pytest.fixture
@@ -138,6 +140,14 @@ _add("calibrate", "--ablation-compensate", ["ols"], pre=["--scores", "ablation_k
 _add("select", "--max-drop", ["-1", "nan"])
 _add("select", "--max-drop", ["inf"])
 _add("select", "--limit", ["0", "-2"])
+# issue 21 class 3: every float option is finite (schema), also where no range would catch Inf
+_add("select", "--max-drop", ["inf", "-inf", "1e999"], pre=["--relative"])   # wrote Infinity into the plan
+_add("select", "--lr", ["inf"], pre=["--method", "gates", "--target-fraction", "0.2"])
+_add("select", "--l0-penalty", ["inf"], pre=["--method", "gates"])
+_add("export", "--tolerance", ["inf"])                                      # was accepted
+_add("sweep", "--max-drop", ["inf"])
+_add("sweep", "--fractions", ["0,inf"])
+_add("compare-selectors", "--gates-lr", ["inf"])
 _add("select", "--num-fewshot", ["-1"])
 _add("select", "--verify-limit", ["0"])
 _add("select", "--min-heads-per-layer", ["-1"])
@@ -193,6 +203,7 @@ for key, value in [
     ("calibration.seq_len", "100000000000"),
     ("export.shard_size", "-5GB"),
     ("name", "../../../tmp/x"), ("name", "a/b"), ("name", ".."),   # class 8
+    ("select.max_drop", ".inf"), ("verify.tol", ".inf"), ("select.confidence", ".nan"),  # issue 21 class 3
 ]:
     CASES.append(("run", ["--set", f"{key}={value}"], (key,)))
 
@@ -286,6 +297,9 @@ OVERLAP = [  # (command, args with placeholders, the input that must survive, xf
     ("select", ["SCORES", "--model", "MODEL", "--task", "MC", "--max-drop", "0.1", "-o", "MODEL/plan.json"],
      "model", None),
     ("eval", ["MODEL", "--task", "MC", "--plan", "PLAN", "-o", "PLAN", "--overwrite"], "plan", None),
+    # issue 21 class 2: the compensation file beside a plan is read with it, so it is an input too
+    ("eval", ["MODEL", "--task", "MC", "--plan", "PLAN", "-o", "PLANSIDE", "--overwrite"], "planside", None),
+    ("export", ["MODEL", "--plan", "PLAN", "-o", "PLANSIDE", "--overwrite"], "planside", None),
     ("eval", ["MODEL", "--task", "MC", "-o", "MODEL/config.json", "--overwrite"], "model", None),
     ("eval", ["MODEL", "--task", "MC", "-o", "MCFILE", "--overwrite"], "mc", None),
     ("report", ["SCORES", "-o", "SCORES", "--overwrite"], "scores", None),
@@ -303,17 +317,29 @@ OVERLAP = [  # (command, args with placeholders, the input that must survive, xf
 def test_output_overlapping_an_input_is_refused(env, sentinel, case):
     cmd, args, keep, _ = case
     subst = {"MODEL": env["model"], "MODELS": env["models"], "DATA": env["data"], "PLAN": env["plan"],
-             "SCORES": env["scores"], "MC": f"mc:{env['mc']}", "MCFILE": env["mc"], "RECIPE": env["recipe"]}
+             "SCORES": env["scores"], "MC": f"mc:{env['mc']}", "MCFILE": env["mc"], "RECIPE": env["recipe"],
+             "PLANSIDE": env["planside"]}
     argv = []
     for a in args:
         head, _, tail = a.partition("/")
         argv.append(str(subst[head]) + (f"/{tail}" if tail else "") if head in subst and head != "MC"
                     else subst["MC"] if a == "MC" else a)
-    before = {k: _digest(env[k]) for k in ("model", "models", "data", "plan", "scores", "mc")}
+    before = {k: _digest(env[k]) for k in ("model", "models", "data", "plan", "scores", "mc", "planside")}
     r = invoke(cmd, argv)
     assert_refused(r, ("-o", "input", "inside", "contains", str(env[keep].name), "work directory"))
     assert {k: _digest(env[k]) for k in before} == before  # nothing was touched
     assert (env["models"] / "sibling.txt").exists()
+
+
+def test_select_counts_the_compensation_file_as_an_output(env, sentinel, tmp_path):
+    """Issue 21 class 2: ``select -o x.json`` writes ``x.compensation.safetensors`` too; an existing one is refused
+    before work without --overwrite, as the plan itself would be."""
+    side = tmp_path / "out" / "plan.compensation.safetensors"
+    side.parent.mkdir()
+    side.write_bytes(b"a compensation file from another run")
+    r = invoke("select", base_args("select", env, tmp_path / "out"))
+    assert_refused(r, ("plan.compensation.safetensors",))
+    assert side.read_bytes() == b"a compensation file from another run"
 
 
 def test_scores_of_other_weights_are_refused_by_every_command_that_takes_them(env, tmp_path):

@@ -53,9 +53,7 @@ def export_dir(tmp_path_factory) -> Path:
     (out / "remote" / "modeling_pruned.py").write_text("# modelling code\n")
     (out / "empty.txt").write_bytes(b"")
     (out / "blob.bin").write_bytes(bytes(range(256)) * 7)
-    own = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file()}
-    own["prune_heads.json"] = None  # written last, lists itself without a size
-    (out / "prune_heads.json").write_text(json.dumps({"base_model": "org/tiny", "heads_removed": 2, "files": own}))
+    _record_files(out)
     # what must never leave the machine: secrets, git metadata, and files the export did not write
     (out / ".env").write_text("HF_TOKEN=hf_secret\n")
     (out / ".git").mkdir()
@@ -65,6 +63,19 @@ def export_dir(tmp_path_factory) -> Path:
 
 
 STRAYS = {".env", ".git/config", "notes.txt"}
+VERIFIED = {"max_abs_logit_diff": 1e-7, "tolerance": 1e-4, "passed": True}
+
+
+def _record_files(out: Path, **extra) -> None:
+    """prune_heads.json as export writes it: the files with their content hashes, and a passed verification."""
+    from prune_heads.io_utils import file_record
+
+    own = {p.relative_to(out).as_posix(): None if p.name == "README.md" else file_record(p)
+           for p in out.rglob("*") if p.is_file() and p.name != "prune_heads.json"
+           and p.relative_to(out).as_posix() not in STRAYS}
+    own["prune_heads.json"] = None  # written last, lists itself without a record
+    (out / "prune_heads.json").write_text(json.dumps({"base_model": "org/tiny", "heads_removed": 2, "files": own,
+                                                      "verification": VERIFIED, **extra}))
 
 
 def _local_files(folder: Path, skip: set[str] = frozenset()) -> dict[str, str]:
@@ -110,7 +121,8 @@ def test_push_again_and_to_a_new_branch(hub_env, hub, export_dir, tmp_path):
     import shutil
 
     shutil.copytree(export_dir, changed)
-    (changed / "blob.bin").write_bytes(bytes(range(255, -1, -1)) * 7)  # same size: the list still holds
+    (changed / "blob.bin").write_bytes(bytes(range(255, -1, -1)) * 7)  # same size, new content: re-exported
+    _record_files(changed)
     push(changed, "tester/tiny", endpoint=hub.endpoint, revision="heads-v2", commit_message="second")
     assert _remote_files(hub, "tester/tiny", "heads-v2") == _own_files(changed)
     assert _remote_files(hub, "tester/tiny", "main") == _own_files(export_dir)  # main untouched
@@ -198,7 +210,7 @@ def _truncate(folder: Path) -> None:
     data = shard.read_bytes()
     shard.write_bytes(data[:-10])
     listed = json.loads((folder / "prune_heads.json").read_text())
-    listed["files"][shard.name] = len(data) - 10  # even when the list agrees, the header does not
+    listed["files"][shard.name] = {"size": len(data) - 10}  # even when the list agrees, the header does not
     (folder / "prune_heads.json").write_text(json.dumps(listed))
 
 
@@ -208,12 +220,30 @@ def _edit_list(folder: Path, change) -> None:
     (folder / "prune_heads.json").write_text(json.dumps(info))
 
 
+def _edit_provenance(folder: Path, change) -> None:
+    info = json.loads((folder / "prune_heads.json").read_text())
+    change(info)
+    (folder / "prune_heads.json").write_text(json.dumps(info))
+
+
+def _nan_shard(folder: Path) -> None:
+    """Every tensor of the first shard replaced by NaN, in place: same header, same size."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    size = shard.stat().st_size
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in load_file(shard).items()}
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert shard.stat().st_size == size
+
+
 def _drop_tensor_from_index(folder: Path) -> None:
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.extra.weight"] = next(iter(index["weight_map"].values()))
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     size = (folder / "model.safetensors.index.json").stat().st_size
-    _edit_list(folder, lambda files: files.update({"model.safetensors.index.json": size}))
+    _edit_list(folder, lambda files: files.update({"model.safetensors.index.json": {"size": size}}))
 
 
 BREAKAGES = {  # what a careless or hostile user may hand to push -> what it says
@@ -235,6 +265,18 @@ BREAKAGES = {  # what a careless or hostile user may hand to push -> what it say
     "list_names_dotfile": (lambda f: _edit_list(f, lambda files: files.update({".env": None})), "not a plain file"),
     "list_not_a_list": (lambda f: _edit_list(f, lambda files: files.clear() or files.update({"x": {"size": "a"}})),
                         "listed in prune_heads.json are missing"),
+    # issue 21 class 4: content, not size; a file list; verification
+    "same_size_edit": (lambda f: (f / "blob.bin").write_bytes(bytes(range(255, -1, -1)) * 7),
+                       "blob.bin changed since the export wrote it"),
+    "nan_shard_same_size": (lambda f: _nan_shard(f), "changed since the export wrote it"),
+    "no_file_list": (lambda f: _edit_provenance(f, lambda p: p.pop("files")), "does not list the export's files"),
+    "sizes_only_list": (lambda f: _edit_list(f, lambda files: files.update({k: (v or {}).get("size") for k, v in
+                                                                            files.items()})),
+                        "no content hash.*--allow-unverified"),
+    "not_verified": (lambda f: _edit_provenance(f, lambda p: p.pop("verification")),
+                     "not a verified export: it was exported without verification.*--allow-unverified"),
+    "verification_failed": (lambda f: _edit_provenance(f, lambda p: p.update(verification={
+        "max_abs_logit_diff": 3.5, "tolerance": 1e-4, "passed": False})), "its verification failed.*--allow-unverified"),
     "shard_not_own": (lambda f: _edit_list(f, lambda files: files.pop(sorted(k for k in files if k.endswith(".safetensors"))[-1])),
                       "missing \\(or not the export's own files\\)"),
 }
@@ -272,8 +314,9 @@ def test_push_says_what_it_skipped(hub_env, hub, export_dir, caplog):
     assert not remote & STRAYS and not any(name.startswith(".") for name in remote)
 
 
-def test_unlisted_export_uploads_only_what_export_writes(hub_env, hub, tmp_path):
-    """An export from a version that does not list its files: the names `export` writes go, the rest stays."""
+def test_unlisted_export_is_refused_and_strays_never_go_up(hub_env, hub, tmp_path):
+    """An export that does not list its files (an older version, or edited): which files are its own cannot be
+    told, so nothing is sent (before, stray model-* and tokenizer* files went up with it)."""
     import warnings
 
     from prune_heads.export import export_checkpoint as export
@@ -283,17 +326,19 @@ def test_unlisted_export_uploads_only_what_export_writes(hub_env, hub, tmp_path)
     tiny_model("llama", layers=2).save_pretrained(src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export(str(src), Plan([(0, 1)]), out, progress=False, verify=False)
+        export(str(src), Plan([(0, 1)]), out, progress=False)
+    (out / "model-00002-of-00002.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    (out / "tokenizer_extra.json").write_text("{}")
+    folder = check_export_folder(out)  # listed: the strays are skipped
+    assert {p.as_posix() for p in folder.skipped} == {"model-00002-of-00002.safetensors", "tokenizer_extra.json"}
+    push(out, "tester/listed", token=TOKEN, endpoint=hub.endpoint)
+    assert not {"model-00002-of-00002.safetensors", "tokenizer_extra.json"} & set(hub.files("tester/listed"))
     info = json.loads((out / "prune_heads.json").read_text())
     info.pop("files", None)
     (out / "prune_heads.json").write_text(json.dumps(info))
-    (out / ".env").write_text("SECRET=1")
-    (out / "scratch.py").write_text("print(1)")
-    folder = check_export_folder(out)
-    assert not folder.listed and {p.as_posix() for p in folder.skipped} == {".env", "scratch.py"}
-    push(out, "tester/old-export", token=TOKEN, endpoint=hub.endpoint)
-    assert set(hub.files("tester/old-export")) == {p.as_posix() for p in folder.files}
-    assert {"config.json", "prune_heads.json", "model.safetensors", "modeling_pruned.py"} <= set(hub.files("tester/old-export"))
+    with pytest.raises(PruneHeadsError, match="does not list the export's files"):
+        push(out, "tester/old-export", token=TOKEN, endpoint=hub.endpoint)
+    assert "tester/old-export" not in hub.repos
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -316,3 +361,56 @@ def test_cli_push_errors_exit_2_without_traceback(hub_env, hub, export_dir, monk
     r = CliRunner().invoke(cli, ["push", str(export_dir), "tester/cli"])
     assert r.exit_code == 2
     assert "no Hugging Face token" in r.output and "Traceback" not in r.output
+
+
+# ---- issue 21 class 4: only verified exports, marked when allowed, no local path ---------------------------
+def test_unverified_export_goes_up_only_with_the_flag_and_then_says_so(hub_env, hub, export_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from prune_heads.cli.main import cli
+
+    folder = tmp_path / "f"
+    shutil.copytree(export_dir, folder)
+    _edit_provenance(folder, lambda p: p.pop("verification"))  # `export --no-verify`
+    before = _local_files(folder)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    r = CliRunner().invoke(cli, ["push", str(folder), "tester/unverified", "--token", TOKEN])
+    assert r.exit_code == 2 and "--allow-unverified" in r.output and "Traceback" not in r.output
+    assert "tester/unverified" not in hub.repos
+    r = CliRunner().invoke(cli, ["push", str(folder), "tester/unverified", "--token", TOKEN, "--allow-unverified"])
+    assert r.exit_code == 0, r.output
+    remote = hub.files("tester/unverified")
+    card = remote["README.md"].decode()
+    assert "Unverified export" in card and "without verification" in card
+    assert card.startswith("---") and card.index("Unverified export") > card.index("---", 3)  # after the front matter
+    assert "without verification" in json.loads(remote["prune_heads.json"])["pushed_unverified"]
+    assert _local_files(folder) == before  # the export itself is not touched
+    others = {k for k in remote if k not in ("README.md", "prune_heads.json")}
+    assert {k: hashlib.sha256(remote[k]).hexdigest() for k in others} == {k: before[k] for k in others}
+
+
+def test_no_local_path_is_published(hub_env, hub, export_dir, tmp_path):
+    """A ``ppl:`` task naming a file on the user's disk, a data path, a path in free text: the pushed card and
+    prune_heads.json carry only the file names."""
+    import shutil
+
+    folder = tmp_path / "f"
+    shutil.copytree(export_dir, folder)
+    secret = "/home/alice/private/notes-2026.txt"
+    _edit_provenance(folder, lambda p: p.update(
+        evaluation=[{"task": f"ppl:{secret}", "baseline": 20.0, "pruned": 21.0}],
+        scores_summary={"data": {"source": f"{secret}#text"}, "note": f"calibrated on {secret} at night"},
+        source={"model": "~/models/tiny", "hub_id": None}))
+    with open(folder / "README.md", "a") as f:
+        f.write(f"\n| ppl:{secret} | 20.0 | 21.0 |\nData: `{secret}`; see https://huggingface.co/org/tiny\n")
+    push(folder, "tester/scrubbed", token=TOKEN, endpoint=hub.endpoint)
+    remote = hub.files("tester/scrubbed")
+    for name in ("README.md", "prune_heads.json"):
+        text = remote[name].decode()
+        assert "/home/alice" not in text and "alice" not in text and "~/models" not in text, name
+        assert "notes-2026.txt" in text
+    assert "ppl:notes-2026.txt" in remote["README.md"].decode()
+    assert "https://huggingface.co/org/tiny" in remote["README.md"].decode()  # URLs are not paths
+    info = json.loads(remote["prune_heads.json"])
+    assert info["evaluation"][0]["task"] == "ppl:notes-2026.txt" and info["source"]["model"] == "tiny"
+    assert secret in (folder / "prune_heads.json").read_text()  # the local export is the user's: untouched

@@ -56,14 +56,23 @@ class LazyGroup(click.Group):
         except click.UsageError as e:
             _fail(e.format_message() + (f" (see `prune-heads {e.ctx.command_path.split(' ', 1)[-1]} --help`)"
                                         if e.ctx is not None and " " in e.ctx.command_path else ""))
+        except RecursionError:  # a hostile input (JSON/YAML nested a million deep) read by a library
+            _fail("an input is nested too deeply to read (a damaged or hostile JSON/YAML file?); check the files given")
         except OSError as e:
             if e.errno == 28:  # ENOSPC
                 _fail(f"no space left on the device ({e.filename or 'output'}); free some space and run again")
             raise
 
 
+#: the longest error line printed: a message that quotes a hostile value is cut, never printed whole
+MAX_ERROR_CHARS = 2000
+
+
 def _fail(message: str) -> None:
-    click.secho("error: " + " ".join(message.split()), fg="red", err=True)
+    line = " ".join(message[: 4 * MAX_ERROR_CHARS].split())
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[: MAX_ERROR_CHARS - 20] + " ... (message cut)"
+    click.secho("error: " + line, fg="red", err=True)
     sys.exit(2)
 
 

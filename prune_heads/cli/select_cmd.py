@@ -26,6 +26,7 @@ from prune_heads.selection.stage import SelectConfig
 @model_options
 def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     """Choose heads to remove from MODEL using the scores in SCORES, keeping TASK within --max-drop."""
+    from prune_heads.compensation.plans import check_plan_output
     from prune_heads.schema import from_cli
     from prune_heads.scoring.head_scores import HeadScores
     from prune_heads.selection.stage import plan_line, plot_search, run_select
@@ -34,6 +35,7 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     cfg = from_cli(SelectConfig, kw)
     inputs = (scores_dir, model_spec, local_path(cfg.task), local_path(cfg.verify_task), local_path(cfg.data))
     check_output(output, overwrite, inputs=inputs, kind="file")
+    check_plan_output(output, overwrite, inputs)  # and the compensation file written with it
     check_sources(data=(cfg.data,), tasks=(cfg.task, cfg.verify_task))
     if plot_path:
         check_output(plot_path, overwrite, inputs=(*inputs, output), kind="file")

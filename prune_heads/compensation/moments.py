@@ -342,6 +342,11 @@ class MomentsCollector:
         stack = [c.cpu() if c is not None else zero(()) for c in self.count]
         rsq = [r.cpu() if r is not None else zero(()) for r in self.resid_sq]
         rinv = [r.cpu() if r is not None else zero(()) for r in self.resid_inv]
+        from prune_heads.finite import STATS_ADVICE, require_finite
+
+        for i, (s, g) in enumerate(zip(sums, grams)):
+            require_finite(s, f"the o_proj input statistics of layer {i} (mean)", STATS_ADVICE)
+            require_finite(g, f"the o_proj input statistics of layer {i} (covariance)", STATS_ADVICE)
         out = Moments(torch.stack(stack), sums, grams, torch.stack(rsq), torch.stack(rinv), dict(meta or {}))
         if self.relative:
             out.sums_rel = [s if s is not None else zero((n,)) for s in self.sums_rel]

@@ -17,10 +17,11 @@ from prune_heads.compensation.moments import MOMENTS_FILE, Moments
 from prune_heads.compensation.solve import Compensation, Compensator
 from prune_heads.compensation.spec import CompensationSpec, as_spec
 from prune_heads.errors import ModelMismatchError, PruneHeadsError
+from prune_heads.io_utils import COMPANION_SUFFIX
 
 #: the compensation a plan was selected with, written beside the plan file (``plan.json`` ->
 #: ``plan.compensation.safetensors``) so export and evaluation apply exactly it, sequential or not
-SIDECAR_SUFFIX = ".compensation.safetensors"
+SIDECAR_SUFFIX = COMPANION_SUFFIX
 
 RECALIBRATE = ("recompute them with `prune-heads calibrate MODEL --data DATA -o {where}` "
                "(calibration collects the moments by default)")
@@ -138,11 +139,56 @@ def sidecar_path(plan_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + SIDECAR_SUFFIX)
 
 
-def save_beside_plan(plan: Any, compensation: Compensation, plan_path: str | os.PathLike) -> Path:
-    """Write ``compensation`` beside ``plan_path`` and record its file and fingerprint in the plan.
+def plan_outputs(plan_path: str | os.PathLike) -> list[Path]:
+    """What writing a plan writes: the plan and its compensation file (an output even for a plan that does not
+    compensate, which removes a stale one: the pair is one unit)."""
+    return [Path(plan_path), sidecar_path(plan_path)]
 
-    Call before the plan itself is written, so a plan file never names a compensation that is not there.
+
+def check_plan_output(plan_path: str | os.PathLike, overwrite: bool, inputs: Any = ()) -> None:
+    """Before any work: the plan and its compensation file can both be written (neither exists without
+    ``overwrite``, neither overlaps an input)."""
+    from prune_heads.io_utils import check_output_dir
+
+    for p in plan_outputs(plan_path):
+        check_output_dir(p, overwrite, inputs=[i for i in inputs if i], kind="file")
+
+
+def save_plan(plan: Any, plan_path: str | os.PathLike, *, compensation: Compensation | None = None,
+              overwrite: bool = False) -> Path:
+    """Write ``plan`` and its ``compensation`` as one unit (``io_utils.write_files_together``).
+
+    The plan records the compensation file's name, fingerprint and sha256 and is renamed into place last, so a
+    kill or a full disk at any instant leaves the old pair, or the new plan with its own file, or a plan whose
+    recorded hash refuses (or restores) the file beside it: never a plan applied with a compensation that is not
+    its own. A plan without compensation removes a stale compensation file left beside it.
     """
+    import hashlib
+
+    from prune_heads.io_utils import json_bytes, write_files_together
+
+    path, side = plan_outputs(plan_path)
+    files: list[tuple[Path, bytes]] = []
+    if compensation is not None:
+        data = compensation.to_bytes()
+        entry = dict(plan.selection.compensation or compensation.record())
+        entry.update(file=side.name, fingerprint=compensation.fingerprint(), sha256=hashlib.sha256(data).hexdigest())
+        plan.selection.compensation = entry
+        files.append((side, data))
+    elif side.exists() and not overwrite:
+        from prune_heads.errors import OutputExistsError
+
+        raise OutputExistsError(f"{side} already exists beside the plan; pass --overwrite to replace the pair")
+    written = write_files_together([*files, (path, json_bytes(plan.to_dict()))], overwrite=overwrite)
+    if compensation is None and side.exists():
+        side.unlink()  # stale: the new plan does not compensate, and nothing names it any more
+    plan.path = written[-1]
+    return plan.path
+
+
+def save_beside_plan(plan: Any, compensation: Compensation, plan_path: str | os.PathLike) -> Path:
+    """Write ``compensation`` beside ``plan_path`` and record its file and fingerprint in the plan (the plan
+    must then be written by the caller; ``save_plan`` writes both as one unit and is what selection uses)."""
     path = compensation.save(sidecar_path(plan_path))
     entry = dict(plan.selection.compensation or compensation.record())
     entry.update(file=path.name, fingerprint=compensation.fingerprint())
@@ -156,14 +202,33 @@ def _sidecar(plan: Any, entry: dict[str, Any]) -> Compensation | None:
     if not name or where is None:
         return None
     path = Path(where).with_name(name)
+    if Path(name).name != name:
+        raise PruneHeadsError(f"the plan {where} names its compensation file {name!r:.80}, which is not a file name "
+                              "beside it; select again")
+    from prune_heads.io_utils import recover_interrupted_swap, restore_aside
+
+    recover_interrupted_swap(path)  # a kill after the old file was moved aside and before the new one landed
     if not path.is_file():
         raise PruneHeadsError(f"the plan {where} was compensated with {name}, which is not beside it; copy it with "
                               "the plan, or pass the scores directory it was selected with (--scores)")
-    comp = Compensation.load(path)
-    if entry.get("fingerprint") and comp.fingerprint() != entry["fingerprint"]:
-        raise ModelMismatchError(f"{path} is not the compensation this plan was selected with (its fingerprint "
-                                 "differs); select again or restore the file")
-    return comp
+    if not _belongs(path, entry) and not restore_aside(path, lambda p: _belongs(p, entry)):
+        raise ModelMismatchError(f"{path} is not the compensation this plan was selected with (its hash differs: "
+                                 "another run replaced it, or it was edited); select again or restore the file")
+    return Compensation.load(path)
+
+
+def _belongs(path: Path, entry: dict[str, Any]) -> bool:
+    """``path`` is the compensation file the plan's entry records (its sha256, else its fingerprint)."""
+    if entry.get("sha256"):
+        import hashlib
+
+        return hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+    if entry.get("fingerprint"):
+        try:
+            return Compensation.load(path).fingerprint() == entry["fingerprint"]
+        except PruneHeadsError:
+            return False
+    return True
 
 
 def record_of(compensator: Compensator | None) -> dict[str, Any]:

@@ -212,13 +212,16 @@ class Compensation:
         """Write the compensation atomically (sequential plans cannot be recomputed from stored moments),
         through the project's one atomic writer: an owner-tagged, fsynced temporary, the umask's mode, and
         a full disk reported as such. It is a few MB at most, so it is serialised in memory first."""
-        from safetensors.torch import save
-
         from prune_heads.io_utils import write_bytes_atomic
 
+        return write_bytes_atomic(path, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The safetensors file ``save`` writes, in memory (a plan records its sha256)."""
+        from safetensors.torch import save
+
         tensors = self.tensors() or {"empty": torch.zeros(0, dtype=torch.float64)}
-        data = save(tensors, metadata={"format": COMPENSATION_FORMAT, "header": json.dumps(self._header())})
-        return write_bytes_atomic(path, data)
+        return save(tensors, metadata={"format": COMPENSATION_FORMAT, "header": json.dumps(self._header())})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Compensation:
@@ -321,9 +324,19 @@ class Compensator:
         if source is self.moments and key in self._layer_cache:
             return self._layer_cache[key]
         _, H, D = self._layout()
+        from prune_heads.finite import STATS_ADVICE, require_finite
+
         t0 = time.perf_counter()
+        mean = source.mean(layer)
+        require_finite(mean, f"the o_proj input statistics of layer {layer} (mean)", STATS_ADVICE)
+        if self.spec.mode == "lsq":
+            require_finite(source.covariance(layer), f"the o_proj input statistics of layer {layer} (covariance)",
+                           STATS_ADVICE)
         prec = self.precision(layer, source) if self.spec.mode == "lsq" else None
-        out = solve_layer(source.mean(layer), prec, removed, H, D, self.spec.mode)
+        out = solve_layer(mean, prec, removed, H, D, self.spec.mode)
+
+        require_finite(out.offset, f"the {self.spec.mode} compensation of layer {layer} (offset)", STATS_ADVICE)
+        require_finite(out.weight, f"the {self.spec.mode} compensation of layer {layer} (weight)", STATS_ADVICE)
         self.solve_seconds += time.perf_counter() - t0
         if source is self.moments:
             self._layer_cache[key] = out

@@ -60,7 +60,7 @@ class CompensationSpec:
             return cls(mode="none")
         if not isinstance(d, dict):
             raise PruneHeadsError(f"compensation must be a mapping with keys {', '.join(_KEYS)}, got {d!r}")
-        unknown = sorted(set(d) - set(_KEYS) - {"moments", "statistics", "solve_seconds", "file", "fingerprint"})
+        unknown = sorted(set(d) - set(_KEYS) - {"moments", "statistics", "solve_seconds", "file", "fingerprint", "sha256"})
         if unknown:
             raise PruneHeadsError(f"unknown compensation key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
         return cls(mode=d.get("mode", "lsq"), sequential=bool(d.get("sequential", False)),

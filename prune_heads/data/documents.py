@@ -77,6 +77,8 @@ def _json_lines(path: Path) -> Iterator[dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); one JSON object per line") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: JSON nested too deeply; one flat JSON object per line") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{lineno}: each line must be a JSON object with a text field")
         yield rec
@@ -92,7 +94,8 @@ def _split_field(spec: str, default_field: str = "text") -> tuple[str, str]:
 def _texts_from_records(records: Iterable[dict[str, Any]], field: str, where: str) -> Iterator[str]:
     for rec in records:
         if field not in rec:
-            raise DataError(f"{where}: record has no field {field!r} (fields: {', '.join(rec)}); choose one with {where}#FIELD")
+            raise DataError(f"{where}: record has no field {field!r} (fields: {', '.join(map(str, list(rec)[:20]))}); "
+                            f"choose one with {where}#FIELD")
         value = rec[field]
         if isinstance(value, str) and value.strip():
             yield value
@@ -124,12 +127,36 @@ def iter_documents(source: str) -> Iterator[str]:
     elif path.suffix in (".jsonl", ".json"):
         yield from _texts_from_records(_json_lines(path), field, str(path))
     elif path.suffix == ".parquet":
-        import datasets
-
-        ds = datasets.Dataset.from_parquet(str(path))
-        yield from _texts_from_records(ds, field, str(path))
+        yield from _parquet_texts(path, field)
     else:
         raise DataError(f"unsupported data file {path.name}: use .txt, .jsonl, .parquet or a save_to_disk folder")
+
+
+def _parquet_texts(path: Path, field: str) -> Iterator[str]:
+    """The ``field`` column of a parquet file, read batch by batch with pyarrow (no cache copy); a file that is
+    not parquet, or is damaged anywhere, is refused in one line instead of a pyarrow traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def refused(e: BaseException) -> DataError:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return DataError(f"{path} is not a readable parquet file ({type(e).__name__}: {first}); re-create it, or give "
+                         "a .txt/.jsonl file or a save_to_disk folder")
+
+    try:
+        pf = pq.ParquetFile(str(path))
+        names = pf.schema_arrow.names
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise refused(e) from None
+    if field not in names:
+        raise DataError(f"{path}: no column {field!r} (columns: {', '.join(names[:20])}); choose one with {path}#COLUMN")
+    try:
+        for batch in pf.iter_batches(columns=[field], batch_size=256):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, str) and value.strip():
+                    yield value
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise refused(e) from None
 
 
 def _disk_documents(path: Path, split: str | None, field: str) -> Iterator[str]:

@@ -111,6 +111,11 @@ class Evaluator:
         details = {**details, "seconds": round(elapsed, 3)}
         if self.compensation is not None and context is None:
             details["compensation"] = self.compensation.spec.mode
+        from prune_heads.finite import STATS_ADVICE, require_finite_number
+
+        what = f"{self.task_config.get('task', 'the task')}'s {self.task_config['metric']}"
+        require_finite_number(value, what + (" with this mask" if removed is not None or context is not None else ""), STATS_ADVICE)
+        require_finite_number(stderr, what + " standard error", STATS_ADVICE)
         result = EvalResult(self.task_config["metric"], float(value), stderr, hib, int(n), details, docs)
         if key is not None:
             self._cache[key] = result

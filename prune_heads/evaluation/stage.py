@@ -270,13 +270,14 @@ def _plan_compensation(side: PrunedSide, model: Any, tokenizer: Any, batch_size:
 
 def _load_export(path: Path, original: Any) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from prune_heads.export import register_auto_classes
+    from prune_heads.model.remote_code import pretrained
 
     register_auto_classes()
     dtype = next(original.parameters()).dtype
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    # the tool's own export: its pruned classes are registered, so it never needs its shipped code
+    model = pretrained("model", path, trust_remote_code=False, dtype=dtype)
     device = next(original.parameters()).device
     model.to(device if device.type != "meta" else torch.device("cpu"))
     return model.eval().requires_grad_(False)

@@ -23,9 +23,9 @@ from prune_heads.export.registration import register_auto_classes
 from prune_heads.export.slicing import layer_heads, predicted_removed_params, slicing_rules
 from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_source, parse_size
 from prune_heads.export.verify import verify_export
-from prune_heads.io_utils import atomic_dir, check_output_dir, write_json_atomic
+from prune_heads.io_utils import atomic_dir, check_output_dir, file_record, write_json_atomic
 from prune_heads.model.adapters import get_adapter
-from prune_heads.model.fingerprint import FingerprintCheck
+from prune_heads.model.fingerprint import FingerprintCheck, require_finite_weight
 from prune_heads.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,17 @@ class ExportResult:
         return v is None or bool(v["passed"]) or bool(v.get("approximate_norms"))
 
 
+def _finite_cast(name: str, t: Any, dtype: Any) -> Any:
+    """``t`` in the export's dtype, refused when that (or the folded compensation) made it NaN/Inf."""
+    from prune_heads.finite import require_finite
+
+    out = _cast(t, dtype)
+    require_finite(out, f"the exported tensor {name}" + (f" in {str(dtype).removeprefix('torch.')}" if dtype else ""),
+                   "it overflows that dtype or the compensation is not finite: export with --dtype float32, or "
+                   "select again")
+    return out
+
+
 def resolve_source(model: str, gguf_file: str | None = None) -> Path:
     """A local checkpoint directory for ``model`` (directory, Hub id, GGUF, or ``smollm2``)."""
     from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
@@ -79,7 +90,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
            shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
            eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
            progress: bool = True, verify_tol: float = 1e-4, verify_num_sequences: int = 4, verify_seq_len: int = 64,
-           compensation: Any = None, moments: Any = None) -> ExportResult:
+           compensation: Any = None, moments: Any = None, trust_remote_code: bool = False) -> ExportResult:
     """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring.
 
     A plan whose ``compensation`` is ``mean``/``lsq`` needs either ``compensation`` (a ``Compensation``, or
@@ -98,10 +109,15 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
     check_output_dir(out_dir, overwrite, inputs=[src.path, model if Path(model).exists() else None])
     out = Path(out_dir)
 
-    from transformers import AutoConfig
+    from prune_heads.model.remote_code import pretrained
 
     register_auto_classes()
-    config = AutoConfig.from_pretrained(src.path)
+    config = pretrained("config", src.path, trust_remote_code=trust_remote_code)
+    from prune_heads.model.attention import is_sliced_export
+
+    if is_sliced_export(config):
+        raise PruneHeadsError(f"{model} is already a sliced prune-heads export ({config.model_type}): exporting from "
+                              "a sliced model is not supported; apply the plans to the original model")
     adapter = get_adapter(config)
     layout = plan.validate(config)
     heads = layer_heads(plan, layout)
@@ -130,6 +146,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         tied_head = adapter.tied_lm_head(src.config, set(src.weight_map))  # skipped: checkpoints store it once
         params_before = 0
         for name, source in iter_tensors(src, progress=progress):
+            require_finite_weight(name, source)  # a NaN/Inf weight would be exported, and verified as NaN
             if same_weights is not None:
                 same_weights.add(name, source)
             if name == tied_head:
@@ -138,9 +155,9 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
             rule = rules.get(name)
             tensor = rule(source) if rule is not None else source
             if tensor is not None:
-                writer.add(name, _cast(tensor, torch_dtype))
+                writer.add(name, _finite_cast(name, tensor, torch_dtype))
             for extra_name, extra in fold.extras(name, tensor, source) if fold is not None else ():
-                writer.add(extra_name, _cast(extra, torch_dtype))
+                writer.add(extra_name, _finite_cast(extra_name, extra, torch_dtype))
             del tensor, source
         if same_weights is not None:
             same_weights.finish()
@@ -155,7 +172,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         if verify:
             verification = verify_export(src.path, tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate,
                                          num_sequences=verify_num_sequences, seq_len=verify_seq_len,
-                                         compensation=comp)
+                                         compensation=comp, trust_remote_code=trust_remote_code)
         predicted = params_before - (predicted_removed_params(layout, adapter, heads, approximate_norms=approximate)
                                      if fmt.MODE == "slice" else 0) + (fold.added_params if fold is not None else 0)
         removed_per_layer = [layout.num_heads - len(h.kept) for h in heads]
@@ -188,7 +205,8 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         files.append(model_card.write_model_card(tmp, model_card.card_info(provenance)).name)
         files.append(PROVENANCE_FILE)
         # the export's own files, so `push` uploads exactly these (the card and this record change later)
-        provenance["files"] = {f: None if f in ("README.md", PROVENANCE_FILE) else (tmp / f).stat().st_size
+        # with their content hashes: push refuses a file changed since, whatever its size
+        provenance["files"] = {f: None if f in ("README.md", PROVENANCE_FILE) else file_record(tmp / f)
                                for f in sorted(files)}
         write_json_atomic(tmp / PROVENANCE_FILE, provenance)
 
@@ -230,10 +248,12 @@ def source_license(path: Path) -> str | None:
         return None
     import yaml
 
+    from prune_heads.bounded import load_yaml
+
     try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (yaml.YAMLError, IndexError):
-        return None
+        meta = load_yaml(text.split("---", 2)[1], "the source model card's metadata") or {}
+    except (yaml.YAMLError, IndexError, PruneHeadsError):
+        return None  # unreadable or hostile metadata: no license is copied, the card says so
     value = meta.get("license") if isinstance(meta, dict) else None
-    return str(value) if value else None
+    return str(value)[:100] if isinstance(value, (str, int, float)) and value else None
 

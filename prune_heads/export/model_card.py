@@ -111,8 +111,8 @@ def refresh_card(export_dir: str | os.PathLike, *, verification: Mapping[str, An
         raise PruneHeadsError(f"{folder} has no readable {PROVENANCE_FILE} ({e}): is it an export?") from e
     if verification is not None:
         prov["verification"] = scrub_local_paths(_plain(dict(verification)))
-    if evaluation is not None:
-        prov["evaluation"] = merge_evaluation(prov.get("evaluation") or [], evaluation_rows(evaluation))
+    if evaluation is not None:  # task specs name the user's data files: never published
+        prov["evaluation"] = scrub_local_paths(merge_evaluation(prov.get("evaluation") or [], evaluation_rows(evaluation)))
     if repo_id is not None:
         prov["repo_id"] = repo_id
     write_json_atomic(prov_path, prov)
@@ -260,12 +260,35 @@ def is_local_path(value: str) -> bool:
     return (os.path.isabs(value) or value.startswith(("~", "./", "../")) or bool(_WINDOWS_PATH.match(value)))
 
 
+#: a path inside free text: after a space, quote, bracket, '=', ':' or ',' (so ``ppl:/home/me/d.txt`` too), one
+#: slash not followed by another (so ``https://`` is left alone), then path components
+_EMBEDDED_PATH = re.compile(r"(?:^|(?<=[\s'\"(=:,\[`<>|*]))(?:~|\.{1,2})?/(?!/)(?:[^\s/'\"`()<>\[\],;|]+/)*"
+                            r"[^\s/'\"`()<>\[\],;|]+")
+_PREFIXED = re.compile(r"^(?P<kind>[A-Za-z][\w-]*):(?P<rest>.+)$", re.S)
+
+
+def _basename(path: str) -> str:
+    return Path(path.replace("\\", "/")).name or path.strip("/\\")
+
+
+def scrub_text(s: str) -> str:
+    """``s`` with every local path in it reduced to its last component: a whole path, a task or data spec that
+    names a file (``ppl:/home/me/notes.txt`` -> ``ppl:notes.txt``, ``mc:./q.jsonl``), and paths inside longer
+    text. URLs and Hub ids (``org/name``) are left as they are."""
+    if is_local_path(s):
+        return _basename(s)
+    m = _PREFIXED.match(s)
+    if m and not m["rest"].startswith("//") and (is_local_path(m["rest"]) or os.path.exists(m["rest"].split("#")[0])):
+        return f"{m['kind']}:{_basename(m['rest'])}"
+    return _EMBEDDED_PATH.sub(lambda p: _basename(p.group(0)), s)
+
+
 def scrub_local_paths(obj: Any) -> Any:
-    """``obj`` with every local path string reduced to its last component (at any depth)."""
+    """``obj`` with every local path reduced to its last component (``scrub_text``), at any depth, keys too."""
     if isinstance(obj, str):
-        return Path(obj.replace("\\", "/")).name if is_local_path(obj) else obj
+        return scrub_text(obj)
     if isinstance(obj, Mapping):
-        return {k: scrub_local_paths(v) for k, v in obj.items()}
+        return {scrub_text(k) if isinstance(k, str) else k: scrub_local_paths(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [scrub_local_paths(v) for v in obj]
     return obj

@@ -59,7 +59,8 @@ def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify
                              approximate_norms=config.approximate_norms,
                              scores_summary=plan.selection.scores, gguf_file=model.gguf_file, progress=progress,
                              verify_tol=v.tol if v else 1e-4, verify_num_sequences=v.num_sequences if v else 4,
-                             verify_seq_len=v.seq_len if v else 64, moments=scores)
+                             verify_seq_len=v.seq_len if v else 64, moments=scores,
+                             trust_remote_code=getattr(model, "trust_remote_code", False))
 
 
 @dataclass
@@ -92,7 +93,8 @@ def run_verify(config: VerifyConfig, model: Any, export_dir: Path, plan: Any, *,
     rec = verify_export(model.id, export_dir, plan, num_sequences=config.num_sequences, seq_len=config.seq_len,
                         tol=config.tol, dtype=None if prov.get("dtype") == "source" else prov.get("dtype"),
                         approximate=bool(prov.get("approximate_norms")),
-                        compensation=plan_compensation(plan, model, scores))
+                        compensation=plan_compensation(plan, model, scores),
+                        trust_remote_code=getattr(model, "trust_remote_code", False))
     return VerificationResult.from_record(rec)
 
 
@@ -100,11 +102,11 @@ def plan_compensation(plan: Any, model: Any, scores: Any = None) -> Any:
     """The plan's ``Compensation`` (None when it zeroes), checked against the source model's config."""
     if not plan.selection.compensated:
         return None
-    from transformers import AutoConfig
-
     from prune_heads.compensation.plans import compensation_for_plan
     from prune_heads.export import register_auto_classes, resolve_source
+    from prune_heads.model.remote_code import pretrained
 
     register_auto_classes()
-    config = AutoConfig.from_pretrained(resolve_source(model.id, model.gguf_file))
+    config = pretrained("config", resolve_source(model.id, model.gguf_file),
+                        trust_remote_code=getattr(model, "trust_remote_code", False))
     return compensation_for_plan(plan, scores=scores, config=config)

@@ -27,13 +27,12 @@ from prune_heads.model.loading import parse_dtype
 from prune_heads.plan import Plan
 
 
-def _load(path: str, dtype: torch.dtype | None, compute: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
+def _load(path: str, dtype: torch.dtype | None, compute: torch.dtype, trust_remote_code: bool = False):
     from prune_heads.export.registration import register_auto_classes
+    from prune_heads.model.remote_code import pretrained
 
     register_auto_classes()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model = pretrained("model", path, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32)
     return model.to(compute).eval().requires_grad_(False)
 
 
@@ -66,12 +65,13 @@ def _source_dtype(path: str, name: str) -> torch.dtype:
 
 
 @torch.no_grad()
-def _compensated_reference(path: str, compensation: Any, torch_dtype: torch.dtype | None, compute: torch.dtype):
+def _compensated_reference(path: str, compensation: Any, torch_dtype: torch.dtype | None, compute: torch.dtype,
+                            trust_remote_code: bool = False):
     """The original with ``compensation`` folded in float64, every weight rounded as the export stores it."""
     from prune_heads.compensation.apply import fold_into_model
     from prune_heads.model.adapters import get_adapter
 
-    ref = _load(path, None, torch.float64)
+    ref = _load(path, None, torch.float64, trust_remote_code)
     adapter = get_adapter(ref)
     o_name = adapter.attn_prefix(0) + adapter.o_name + ".weight"
     folded_dtype = torch_dtype or _source_dtype(path, o_name)
@@ -86,7 +86,7 @@ def _compensated_reference(path: str, compensation: Any, torch_dtype: torch.dtyp
 def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan: Plan, *, num_sequences: int = 4,
                   seq_len: int = 64, tol: float = 1e-4, dtype: str | None = None,
                   approximate: bool = False, compute_dtype: str = "float64",
-                  also_float32: bool = True, compensation: Any = None) -> dict[str, Any]:
+                  also_float32: bool = True, compensation: Any = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Largest |logit difference| between ``exported`` and ``original`` under ``static_mask(plan)``.
 
     ``dtype`` is the dtype the export was written in: the original's weights are rounded through it
@@ -101,10 +101,10 @@ def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan
 
     source = str(resolve_source(str(original)))
     if compensation is not None and compensation.layers:
-        ref = _compensated_reference(source, compensation, torch_dtype, compute)
+        ref = _compensated_reference(source, compensation, torch_dtype, compute, trust_remote_code)
     else:
-        ref = _load(source, torch_dtype, compute)
-    cand = _load(str(exported), torch_dtype, compute)
+        ref = _load(source, torch_dtype, compute, trust_remote_code)
+    cand = _load(str(exported), torch_dtype, compute)  # our export: its classes are registered
     from prune_heads.model.adapters import get_adapter
 
     ids, mask = verification_batch(get_adapter(ref).text_config(ref.config).vocab_size, num_sequences, seq_len)

@@ -125,6 +125,23 @@ def register() -> None:
         _registered = True
 
 
+def is_sliced_export(model_or_config: Any) -> bool:
+    """A sliced prune-heads export (``pruned_<family>``): its layers hold different numbers of heads, and its
+    attention is the exported modelling code's, so head scores and masks of the original layout do not apply."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return str(getattr(config, "model_type", "")).startswith("pruned_") and hasattr(config, "base_model_type")
+
+
+def refuse_sliced(model: Any, doing: str) -> None:
+    """One line instead of a failure deep inside ("statistics came from 0 of 2 layers")."""
+    if is_sliced_export(model):
+        from prune_heads.errors import PruneHeadsError
+
+        raise PruneHeadsError(f"this model is a sliced prune-heads export ({model.config.model_type}): {doing} a sliced "
+                              "model is not supported; calibrate and select on the original model (its "
+                              "prune_heads.json names it), then export again")
+
+
 @contextlib.contextmanager
 def attach(model: nn.Module, control: HeadControl) -> Iterator[HeadControl]:
     """Run ``model`` through the prune-heads attention function with ``control`` inside the block.

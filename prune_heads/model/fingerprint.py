@@ -39,7 +39,17 @@ import torch
 from torch import nn
 
 from prune_heads.errors import ModelMismatchError
+from prune_heads.finite import require_finite
 from prune_heads.model.adapters import get_adapter
+
+#: what to do about a weight that is NaN or infinite (every command reads the weights through a fingerprint)
+WEIGHTS_ADVICE = "the checkpoint is damaged: re-download or re-export it (a float16 overflow: load it in float32)"
+
+
+def require_finite_weight(name: str, t: torch.Tensor) -> None:
+    """A parameter must be finite: NaN weights make every score, statistic and metric NaN downstream."""
+    require_finite(t, f"the model's weights are not finite: tensor {name}", WEIGHTS_ADVICE)
+
 
 FORMAT = "prune-heads-fingerprint/2"
 HASH = "xxh3_64"
@@ -196,6 +206,8 @@ class FingerprintBuilder:
         self.bytes = 0
 
     def add(self, name: str, t: torch.Tensor, *, parameter: bool = True) -> None:
+        if parameter:
+            require_finite_weight(name, t)
         rec = tensor_record(t)
         if not parameter:
             rec["buffer"] = True
@@ -282,6 +294,8 @@ class FingerprintCheck:
 
     def add(self, name: str, t: torch.Tensor) -> None:
         rec = self.recorded.get(name)
+        if rec is not None and not rec.get("buffer"):
+            require_finite_weight(name, t)
         exact = tensor_hash(t)
         if rec is None:
             if not _ignorable(name):

@@ -142,14 +142,16 @@ def _lm_head_weight(config: Any) -> str:
 
 def gguf_to_plain(directory: str, gguf_file: str, *, progress: bool = True) -> Path:
     """Convert a GGUF checkpoint into a plain float32 HF checkpoint once; return its directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from prune_heads.model.remote_code import pretrained
 
     src = Path(directory) / gguf_file
     out = cache_dir() / "gguf" / f"{src.stem}-{_gguf_cache_key(src)}"
     if (out / "config.json").exists():
         return out
-    quant = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    quant = pretrained("model", directory, trust_remote_code=False, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = pretrained("tokenizer", directory, trust_remote_code=False, gguf_file=gguf_file)
     config = quant.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -177,17 +179,18 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load model and tokenizer in eval mode, with gradients off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Load model and tokenizer in eval mode, with gradients off. A folder whose loading would run its own code
+    is refused unless ``trust_remote_code`` (``prune_heads.model.remote_code``)."""
     from prune_heads.model.adapters import get_adapter
+    from prune_heads.model.remote_code import check_remote_code, pretrained
 
     _refuse_plain_file(spec, gguf_file)
     location, gguf = resolve_model_spec(spec, gguf_file)
+    check_remote_code(location, trust_remote_code)
     if gguf:
         with _load_errors(spec, f"GGUF file {Path(location) / gguf}"):
             location = str(gguf_to_plain(location, gguf))
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"revision": revision}
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
@@ -196,8 +199,8 @@ def load_model(
     if Path(location).is_dir():
         check_local_checkpoint(Path(location))
     with _load_errors(spec, "the checkpoint"):
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+        model = pretrained("model", location, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = pretrained("tokenizer", location, trust_remote_code=trust_remote_code, revision=revision)
     get_adapter(model)  # fail now, with the list of supported families
     if device is not None and device_map is None:
         model.to(device)

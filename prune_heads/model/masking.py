@@ -19,7 +19,7 @@ from torch import nn
 
 from prune_heads.errors import PruneHeadsError
 from prune_heads.model.adapters import get_adapter
-from prune_heads.model.attention import HeadControl, attach
+from prune_heads.model.attention import HeadControl, attach, refuse_sliced
 from prune_heads.plan import Plan
 from prune_heads.scoring.head_scores import HeadScores
 from prune_heads.scoring.score_defs import inactive_when_high
@@ -53,6 +53,8 @@ def static_mask(model: nn.Module, heads: Heads, *, compensation: Any = None) -> 
     """
     control = static_control(model, heads)
     mask = heads_to_mask(model, heads)
+    if bool(mask.any()):
+        refuse_sliced(model, "removing heads from")
     if compensation is None:
         with attach(model, control):
             yield mask

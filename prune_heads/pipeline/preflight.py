@@ -62,17 +62,19 @@ def check_task(task: str, what: str) -> None:
 def check_lengths(recipe: Any) -> None:
     """Sequence lengths within the model's context, read from its config (no weights are loaded)."""
     from prune_heads.model.adapters import get_adapter
+    from prune_heads.model.remote_code import RemoteCodeRefused, check_remote_code, pretrained
 
     try:
-        from transformers import AutoConfig
-
         from prune_heads.model.loading import resolve_model_spec
 
         location, gguf = resolve_model_spec(recipe.model.id, recipe.model.gguf_file)
+        check_remote_code(location, recipe.model.trust_remote_code)
         if gguf:
             return  # a GGUF's config is read while converting it
-        config = AutoConfig.from_pretrained(location, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
+        config = pretrained("config", location, revision=recipe.model.revision,
+                            trust_remote_code=recipe.model.trust_remote_code)
+    except RemoteCodeRefused:
+        raise
     except (OSError, ValueError, PruneHeadsError):
         return  # loading reports it, with the reason
     context = getattr(get_adapter(config).text_config(config), "max_position_embeddings", None)

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from prune_heads.errors import PruneHeadsError
+from prune_heads.bounded import load_yaml
+from prune_heads.errors import PruneHeadsError, shown
 from prune_heads.evaluation.stage import EvalTask, EvaluateConfig
 from prune_heads.export.stage import ExportConfig, VerifyConfig
 from prune_heads.model.config import ModelConfig
@@ -41,7 +42,7 @@ def _name(v: Any) -> str | None:
     if not s.strip():
         return "must not be empty"
     if "/" in s or "\\" in s or s in (".", "..") or ".." in s or s.startswith("."):
-        return f"{s!r} must be a plain name (no path separators, no '..', no leading dot): it names runs/<name>"
+        return f"{shown(s)} must be a plain name (no path separators, no '..', no leading dot): it names runs/<name>"
     return None
 
 
@@ -92,11 +93,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set select.limit=50")
+        raise RecipeError(f"--set {shown(item)}: expected KEY=VALUE, e.g. --set select.limit=50")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text, f"--set {key}") if text.strip() else ""
     except yaml.YAMLError as e:
-        raise RecipeError(f"--set {key}: cannot read value {text!r}: {e}") from e
+        raise RecipeError(f"--set {key}: cannot read value {shown(text)}: {e}") from e
     return key, value
 
 
@@ -130,7 +131,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | Mapping[str,
 
 def _list_index(node: list[Any], part: str, path: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise RecipeError(f"{path}: no item {part!r} in a list of {len(node)}")
+        raise RecipeError(f"{path}: no item {shown(part)} in a list of {len(node)}")
     return int(part)
 
 
@@ -144,7 +145,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise RecipeError(f"recipe {p} not found (see recipes/ for examples)")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml(p.read_text(encoding="utf-8"), f"recipe {p}")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_heads.errors import PruneHeadsError
+from prune_heads.errors import PruneHeadsError, shown
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,8 @@ class ExportFolder:
     files: list[Path]  # relative paths that will be uploaded (the export's own files)
     num_bytes: int
     skipped: list[Path] = field(default_factory=list)  # files in the folder that are not uploaded
-    listed: bool = False  # True when prune_heads.json lists the export's files (else the known export names)
+    listed: bool = True  # prune_heads.json lists the export's files (an export that does not is refused)
+    unverified: str | None = None  # why the export is not verified (pushed only with allow_unverified), else None
 
 
 PROVENANCE = "prune_heads.json"
@@ -50,40 +50,67 @@ def _read_json(path: Path, what: str) -> Any:
         raise PruneHeadsError(f"{path} is not valid JSON ({e}); {what}") from None
 
 
-def _listed_files(folder: Path, provenance: dict[str, Any]) -> dict[str, int | None] | None:
-    """``{relative path: size or None}`` from prune_heads.json's ``files`` (a list, or a map to sizes)."""
+def _listed_files(folder: Path, provenance: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """``{relative path: record or None}`` from prune_heads.json's ``files`` (a map to ``{size, xxh3_128}``
+    records; older exports: to sizes, or a list). An export that lists no files is refused: which of the
+    folder's files are its own cannot be told, and a stray ``model-*`` or ``tokenizer*`` must never go up."""
     listed = provenance.get("files")
     if listed is None:
-        return None
+        raise PruneHeadsError(f"{folder / PROVENANCE} does not list the export's files (an older prune-heads wrote it, "
+                              "or it was edited), so which files are the export's own cannot be told: export again")
     if isinstance(listed, list):
         entries: dict[str, Any] = {str(f): None for f in listed}
     elif isinstance(listed, dict):
-        entries = {str(k): (v.get("size") if isinstance(v, dict) else v) for k, v in listed.items()}
+        entries = {str(k): (v if isinstance(v, dict) else {"size": v} if v is not None else None)
+                   for k, v in listed.items()}
     else:
         raise PruneHeadsError(f"{folder / PROVENANCE}: 'files' must list the export's files; export again")
     for name in entries:
         parts = Path(name).parts
         if Path(name).is_absolute() or ".." in parts or any(part.startswith(".") for part in parts) or not parts:
-            raise PruneHeadsError(f"{folder / PROVENANCE} lists {name!r}, which is not a plain file inside the export "
-                                  "(absolute, '..' or hidden); export again")
+            raise PruneHeadsError(f"{folder / PROVENANCE} lists {shown(name)}, which is not a plain file inside the "
+                                  "export (absolute, '..' or hidden); export again")
     return entries
 
 
-def _known_export_files(folder: Path) -> set[str]:
-    """What `prune-heads export` writes, for exports whose prune_heads.json does not list its files."""
-    from fnmatch import fnmatch
+#: files whose content legitimately changes after the export (later stages record results in them); the
+#: pushed copies are checked otherwise (prune_heads.json is parsed, both are scrubbed of local paths)
+_LIVING = ("README.md", PROVENANCE)
 
-    from prune_heads.export.sliced import FAMILY_FILE, REMOTE_FILES
-    from prune_heads.export.streaming import AUX_PATTERNS
 
-    names = {PROVENANCE, "config.json", "README.md", INDEX, "model.safetensors", *REMOTE_FILES, FAMILY_FILE}
-    out = set()
-    for f in folder.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            if f.name in names or any(fnmatch(f.name, p) for p in AUX_PATTERNS) or re.fullmatch(
-                    r"model-\d{5}-of-\d{5}\.safetensors", f.name):
-                out.add(f.name)
-    return out
+def _check_contents(p: Path, listed: dict[str, dict[str, Any] | None]) -> list[str]:
+    """Every listed file is the one the export wrote: its recorded content hash (a same-size edit, an all-NaN
+    shard, is caught). Returns the files that have no recorded hash (older exports: sizes only)."""
+    from prune_heads.io_utils import FILE_HASH, file_record
+
+    unhashed = []
+    for name, rec in sorted(listed.items()):
+        if name in _LIVING:
+            continue
+        want = (rec or {}).get(FILE_HASH)
+        size = (rec or {}).get("size")
+        if size is not None and (p / name).stat().st_size != size:
+            raise PruneHeadsError(f"{p}: {name} changed size since the export wrote it; export again")
+        if want is None:
+            unhashed.append(name)
+            continue
+        if file_record(p / name)[FILE_HASH] != want:
+            raise PruneHeadsError(f"{p}: {name} changed since the export wrote it (its content hash differs from the "
+                                  f"one in {PROVENANCE}); export again")
+    return unhashed
+
+
+def _unverified(provenance: dict[str, Any]) -> str | None:
+    """Why the export is not verified against the (compensated) masked original, or None when it is."""
+    v = provenance.get("verification")
+    if not isinstance(v, dict):
+        return "it was exported without verification (--no-verify)"
+    if v.get("passed") is True:
+        return None
+    if provenance.get("approximate_norms") or v.get("approximate_norms"):
+        return None  # approximate by design: the measured error is recorded and shown on the card
+    return (f"its verification failed (max |logit diff| {v.get('max_abs_logit_diff')} over the tolerance "
+            f"{v.get('tolerance')})")
 
 
 def _check_weights(p: Path, own: set[str]) -> None:
@@ -113,14 +140,16 @@ def _check_weights(p: Path, own: set[str]) -> None:
         raise PruneHeadsError(f"{p} has shards but no {INDEX}; export again")
 
 
-def check_export_folder(folder: str | os.PathLike, *, warn: bool = True) -> ExportFolder:
+def check_export_folder(folder: str | os.PathLike, *, warn: bool = True, allow_unverified: bool = False
+                        ) -> ExportFolder:
     """Refuse folders that are not a complete prune-heads export, before anything is sent.
 
     Complete means: ``prune_heads.json`` and ``config.json`` (valid JSON), every shard of the index present,
     and each safetensors header agreeing with its file size (a truncated shard is refused). Only the
-    export's own files are uploaded: those ``prune_heads.json`` lists under ``files``, or, for exports
-    that do not list them, the names `prune-heads export` writes. Dotfiles never; the rest is reported
-    in ``skipped``.
+    export's own files are uploaded: those ``prune_heads.json`` lists under ``files`` (an export that does not
+    list them is refused), each with the content hash recorded at export. Dotfiles never; the rest is
+    reported in ``skipped``. An export whose verification failed or was skipped is refused unless
+    ``allow_unverified`` (the reason is then returned in ``unverified``, and ``push`` marks the card).
     """
     p = Path(folder)
     if not p.is_dir():
@@ -135,19 +164,24 @@ def check_export_folder(folder: str | os.PathLike, *, warn: bool = True) -> Expo
         raise PruneHeadsError(f"{p} has no config.json, so it is not a model export: {_HINT}")
     _read_json(p / "config.json", "export again")
     listed = _listed_files(p, provenance)
-    if listed is not None:
-        listed.setdefault(PROVENANCE, None)
-        absent = sorted(f for f in listed if not (p / f).is_file() or (p / f).is_symlink())
-        if absent:
-            raise PruneHeadsError(f"{p} is incomplete: {', '.join(absent[:3])} listed in {PROVENANCE} "
-                                  "are missing; export again")
-        wrong = sorted(f for f, size in listed.items() if size is not None and (p / f).stat().st_size != size)
-        if wrong:
-            raise PruneHeadsError(f"{p}: {', '.join(wrong[:3])} changed size since the export wrote it; export again")
-        own = set(listed)
-    else:
-        own = _known_export_files(p)
+    listed.setdefault(PROVENANCE, None)
+    absent = sorted(f for f in listed if not (p / f).is_file() or (p / f).is_symlink())
+    if absent:
+        raise PruneHeadsError(f"{p} is incomplete: {', '.join(absent[:3])} listed in {PROVENANCE} "
+                              "are missing; export again")
+    own = set(listed)
     _check_weights(p, own)
+    reasons = []
+    unhashed = _check_contents(p, listed)
+    if unhashed:
+        reasons.append(f"{PROVENANCE} records no content hash for {', '.join(unhashed[:3])} (an older export)")
+    why = _unverified(provenance)
+    if why:
+        reasons.append(why)
+    unverified = "; ".join(reasons) or None
+    if unverified and not allow_unverified:
+        raise PruneHeadsError(f"{p} is not a verified export: {unverified}. Export again (with verification), or "
+                              "pass --allow-unverified to push it anyway (the model card then says so)")
     everything = {f.relative_to(p).as_posix() for f in p.rglob("*") if f.is_file() or f.is_symlink()}
     skipped = sorted(Path(f) for f in everything - own)
     files = sorted(Path(f) for f in own)
@@ -156,12 +190,7 @@ def check_export_folder(folder: str | os.PathLike, *, warn: bool = True) -> Expo
                     ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""))
     if warn and "README.md" not in own:
         log.warning("%s has no README.md: the Hub page will have no model card", p)
-    return ExportFolder(p, files, sum((p / f).stat().st_size for f in files), skipped, listed is not None)
-
-
-def _allow_pattern(rel: Path) -> str:
-    """An fnmatch pattern that matches exactly this path."""
-    return re.sub(r"([*?\[])", r"[\1]", rel.as_posix())
+    return ExportFolder(p, files, sum((p / f).stat().st_size for f in files), skipped, True, unverified)
 
 
 def resolve_token(token: str | None) -> str:
@@ -268,14 +297,61 @@ def _default_message(folder: Path) -> str:
     return "Upload pruned model (prune-heads)"
 
 
+UNVERIFIED_MARK = ("> **Unverified export.** This checkpoint was pushed with `--allow-unverified`: {why}. Its "
+                   "outputs were not shown to match the original model with the removed heads zeroed.")
+
+
+def published_copies(export: ExportFolder) -> dict[str, bytes]:
+    """What is uploaded in place of the export's ``README.md`` and ``prune_heads.json``: the same files with every
+    local path reduced to its last component (a ``ppl:`` task naming a file on this disk, a data path), and, for
+    an export pushed with ``allow_unverified``, the reason on top of the card and in the record. The export
+    folder itself is not touched (it is the input)."""
+    from prune_heads.export.model_card import scrub_local_paths, scrub_text
+
+    out: dict[str, bytes] = {}
+    original = _read_json(export.path / PROVENANCE, "export again")
+    prov = scrub_local_paths(original)
+    if export.unverified:
+        prov["pushed_unverified"] = scrub_text(export.unverified)
+    if prov != original:  # otherwise the file goes up byte for byte
+        out[PROVENANCE] = (json.dumps(prov, indent=2) + "\n").encode()
+    if (export.path / "README.md").is_file() and Path("README.md") in export.files:
+        card = (export.path / "README.md").read_text(encoding="utf-8", errors="replace")
+        text = scrub_text_lines(card)
+        if export.unverified:
+            text = _insert_after_front_matter(text, UNVERIFIED_MARK.format(why=scrub_text(export.unverified)))
+        if text != card:
+            out["README.md"] = text.encode("utf-8")
+    return out
+
+
+def scrub_text_lines(text: str) -> str:
+    """``scrub_text`` line by line (a card is long; paths never span lines)."""
+    from prune_heads.export.model_card import scrub_text
+
+    return "".join(scrub_text(line) for line in text.splitlines(keepends=True))
+
+
+def _insert_after_front_matter(text: str, block: str) -> str:
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        if end != -1:
+            cut = text.find("\n", end + 4)
+            cut = len(text) if cut == -1 else cut + 1
+            return text[:cut] + "\n" + block + "\n\n" + text[cut:]
+    return block + "\n\n" + text
+
+
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         token: str | None = None, commit_message: str | None = None, endpoint: str | None = None) -> str:
+         token: str | None = None, commit_message: str | None = None, endpoint: str | None = None,
+         allow_unverified: bool = False) -> str:
     """Create ``repo_id`` if needed (and the branch ``revision``), upload the export's own files of ``folder``
-    (``check_export_folder``: skipped files are logged); return the repository URL."""
-    from huggingface_hub import HfApi, constants
+    (``check_export_folder``: only a verified export whose files still have their recorded content hashes, unless
+    ``allow_unverified``; skipped files are logged; card and record scrubbed of local paths); return the URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.utils import validate_repo_id
 
-    export = check_export_folder(folder)
+    export = check_export_folder(folder, allow_unverified=allow_unverified)
     with _hub_errors("", repo_id):
         validate_repo_id(repo_id)
     if constants.is_offline_mode():
@@ -292,7 +368,10 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         full_id = getattr(url, "repo_id", None) or repo_id
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(full_id, branch=revision, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(export.path), repo_id=full_id, repo_type="model", revision=revision,
-                          allow_patterns=[_allow_pattern(f) for f in export.files],
+        copies = published_copies(export)
+        operations = [CommitOperationAdd(path_in_repo=f.as_posix(),
+                                         path_or_fileobj=copies.get(f.as_posix(), str(export.path / f)))
+                      for f in export.files]
+        api.create_commit(repo_id=full_id, repo_type="model", revision=revision, operations=operations,
                           commit_message=commit_message or _default_message(export.path))
     return str(url)

@@ -16,6 +16,8 @@ class PushConfig(Config):
     push: bool = option(False, cli=False, help="push after a successful run (CLI of run: --push/--no-push)")
     revision: str | None = option(None, help="Branch to push to; created from main if it does not exist.")
     message: str | None = option(None, short="-m", help="Commit message.")
+    allow_unverified: bool = option(False, help="Push an export whose verification failed or was skipped (or that "
+                                                "records no content hashes); the model card then says so.")
 
 
 @dataclass
@@ -37,6 +39,7 @@ def run_push(cfg: PushConfig, export_dir: Path, *, repo_id: str | None = None, t
     target = repo_id or cfg.repo_id
     if not target:
         raise PruneHeadsError("no Hub repository given: set hub.repo_id in the recipe or --set hub.repo_id=NAME/REPO")
-    url = push(export_dir, target, private=cfg.private, revision=cfg.revision, token=token, commit_message=cfg.message)
-    folder = check_export_folder(export_dir, warn=False)
+    url = push(export_dir, target, private=cfg.private, revision=cfg.revision, token=token, commit_message=cfg.message,
+               allow_unverified=cfg.allow_unverified)
+    folder = check_export_folder(export_dir, warn=False, allow_unverified=cfg.allow_unverified)
     return PushResult(url, target, len(folder.files), folder.num_bytes)

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from prune_heads.data import DataSpec, as_token_lists, batches
 from prune_heads.errors import DataError
+from prune_heads.finite import STATS_ADVICE, require_finite
 from prune_heads.model.adapters import get_adapter
-from prune_heads.model.attention import HeadControl, attach
+from prune_heads.model.attention import HeadControl, attach, refuse_sliced
 from prune_heads.model.fingerprint import fingerprint
 from prune_heads.scoring.distributed import gather_rows, rank_and_world
 from prune_heads.scoring.head_scores import HeadScores
@@ -135,6 +136,7 @@ def calibrate(
     wanted = validate_score_ids(scores or default_scores())
     if not moments and any(s in COMPENSATION for s in wanted):
         raise DataError(f"{', '.join(COMPENSATION)} are computed from the moments: calibrate with moments=True")
+    refuse_sliced(model, "scoring the heads of")
     adapter = get_adapter(model)
     layout = adapter.layout(model.config)
     spec = None
@@ -156,6 +158,7 @@ def calibrate(
     my_seqs = [seqs[i] for i in mine]
     per_sample: dict[str, list[tuple[int, torch.Tensor]]] = {}
     stats = None
+    model_fingerprint = fingerprint(model)  # before the pass: it also refuses NaN/Inf weights, naming the tensor
     if forward_ids or moments:
         per_sample, stats = _forward_pass(model, my_seqs, mine, forward_ids, batch_size=batch_size, pad_id=pad_id,
                                           block_size=block_size, moments=moments, offload=moments_offload,
@@ -167,12 +170,14 @@ def calibrate(
 
     per_sample = gather_rows(per_sample)
     stacked = {k: torch.stack([t for _, t in sorted(rows, key=lambda r: r[0])]) for k, rows in per_sample.items()}
+    for k, v in stacked.items():
+        require_finite(v, f"score {k}", STATS_ADVICE, axis_names=("sample", "layer", "head"))
     meta = {
         "model": model_name or getattr(model.config, "name_or_path", None),
         "revision": revision,
         "model_type": model.config.model_type,
         "family": adapter.name,
-        "fingerprint": fingerprint(model),
+        "fingerprint": model_fingerprint,
         "num_layers": layout.num_layers,
         "num_heads": layout.num_heads,
         "num_kv_heads": layout.num_kv_heads,

@@ -276,6 +276,10 @@ def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *,
     A plan that fails its held-out verification raises ``VerificationFailed``; the plan is kept in
     ``keep_unverified`` (default ``PLAN.unverified.json`` beside ``out``) so the search need not be rerun.
     """
+    if out is not None:
+        from prune_heads.compensation.plans import check_plan_output
+
+        check_plan_output(out, overwrite)  # the plan and its compensation file, before the search
     scores.check(loaded.model)
     search, verify = evaluators(cfg, loaded.model, loaded.tokenizer, scores)
     ctx = SelectContext(loaded.model, loaded.tokenizer, scores, search, verify, progress=progress, data=cfg.data)
@@ -293,17 +297,12 @@ def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *,
         _finish(e.plan, scores, model_id, recipe)
         keep = keep_unverified or (unverified_path(out) if out is not None else None)
         if keep is not None:
-            _save_compensation(ctx, e.plan, keep)
-            kept = e.plan.save(keep, overwrite=True)
+            kept = _save_plan(ctx, e.plan, keep, overwrite=True)
             raise VerificationFailed(f"{e}; the rejected plan is kept in {kept}", e.plan) from None
         raise
     _finish(plan, scores, model_id, recipe)
     if out is not None:
-        from prune_heads.io_utils import check_output_dir
-
-        check_output_dir(out, overwrite, kind="file")  # before the compensation file beside it is written
-        _save_compensation(ctx, plan, out)
-        plan.save(out, overwrite=overwrite)
+        _save_plan(ctx, plan, out, overwrite=overwrite)
     return plan
 
 
@@ -324,15 +323,18 @@ def _check_ablation_ranking(cfg: SelectConfig, scores: Any) -> None:
                       "measures the removal the plan makes", stacklevel=2)
 
 
-def _save_compensation(ctx: SelectContext, plan: Any, out: Path) -> None:
-    """Write the chosen plan's compensation beside the plan file, so export and ``eval --plan`` apply exactly it."""
-    if ctx.compensation is None:
-        return
-    from prune_heads.compensation.plans import save_beside_plan
-    from prune_heads.model.adapters import get_adapter
+def _save_plan(ctx: SelectContext, plan: Any, out: Path, *, overwrite: bool) -> Path:
+    """Write the chosen plan and its compensation as one unit (``save_plan``), so export and ``eval --plan``
+    apply exactly it."""
+    from prune_heads.compensation.plans import check_plan_output, save_plan
 
-    mask = plan.mask(get_adapter(ctx.model).layout(ctx.model.config))
-    save_beside_plan(plan, ctx.compensation(mask), out)
+    check_plan_output(out, overwrite)
+    comp = None
+    if ctx.compensation is not None:
+        from prune_heads.model.adapters import get_adapter
+
+        comp = ctx.compensation(plan.mask(get_adapter(ctx.model).layout(ctx.model.config)))
+    return save_plan(plan, out, compensation=comp, overwrite=overwrite)
 
 
 def unverified_path(out: Path) -> Path:

@@ -1,0 +1,174 @@
+"""Class 3 of issue 21: nothing non-finite passes.
+
+Options: every float field of every stage config refuses NaN and ±Inf (``schema``), whatever the front end.
+Weights and statistics: a checkpoint with one NaN (or Inf) weight is refused by every command with one line that
+names the tensor, before any score, baseline or compensation is computed from it; statistics that come out
+non-finite anyway (overflow) are refused at their chokepoint naming the layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import typing
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import tiny_model
+from tiny_tokenizer import SPECIAL, WORDS, tiny_tokenizer, words
+
+from prune_heads.cli.main import cli
+from prune_heads.errors import NonFiniteError
+from prune_heads.model.fingerprint import fingerprint
+from prune_heads.plan import Plan
+from prune_heads.schema import Config, ConfigError, check_value, coerce
+
+STAGE_MODULES = ("prune_heads.model.config", "prune_heads.scoring.stage", "prune_heads.selection.stage",
+                 "prune_heads.export.stage", "prune_heads.evaluation.stage", "prune_heads.publish.stage",
+                 "prune_heads.pipeline.recipe", "prune_heads.report.stage")
+
+
+def _configs() -> list[type]:
+    for m in STAGE_MODULES:
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            pass
+    out, todo = [], list(Config.__subclasses__())
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo.extend(c.__subclasses__())
+    return sorted(set(out), key=lambda c: c.__qualname__)
+
+
+def _float_fields() -> list[tuple[type, str]]:
+    rows = []
+    for cls in _configs():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            args = typing.get_args(tp)
+            if tp is float or float in args or (typing.get_origin(tp) is list and args == (float,)):
+                rows.append((cls, f.name))
+    return rows
+
+
+FLOAT_FIELDS = _float_fields()
+
+
+def test_there_are_float_fields_to_check():
+    names = {f for _, f in FLOAT_FIELDS}
+    assert {"max_drop", "tol", "confidence"} <= names, names
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("cls,name", FLOAT_FIELDS, ids=[f"{c.__name__}.{n}" for c, n in FLOAT_FIELDS])
+def test_every_float_field_refuses_non_finite_values(cls, name, value):
+    """What ``Config.__post_init__`` runs on each field (so recipes, --set and the CLI all get it)."""
+    hints = typing.get_type_hints(cls)
+    given = [value] if typing.get_origin(hints[name]) is list else value
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    with pytest.raises(ConfigError) as e:
+        check_value(meta, coerce(given, hints[name], name), name)
+    assert e.value.field.split(".")[0] == name and "finite" in str(e.value), str(e.value)
+
+
+# ---- weights ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nonfinite")
+    good = tiny_model("llama", layers=2, vocab=len(SPECIAL) + len(WORDS))
+    good.save_pretrained(root / "good")
+    tiny_tokenizer(root / "good")
+    data = root / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": words(20, seed=i)}) for i in range(8)) + "\n")
+    mc = root / "q.jsonl"
+    mc.write_text("\n".join(json.dumps({"question": f"the {w}", "choices": ["film", "song"], "answer": i % 2})
+                            for i, w in enumerate(["city", "river", "king", "team"])) + "\n")
+    from prune_heads import calibrate
+
+    seqs = [[1] + [len(SPECIAL) + (7 * i + j) % len(WORDS) for j in range(15)] for i in range(4)]
+    calibrate(good, seqs, progress=False).save(root / "scores")
+    bad = {}
+    for kind, v in (("nan", math.nan), ("inf", math.inf)):
+        m = tiny_model("llama", layers=2, vocab=len(SPECIAL) + len(WORDS))
+        with torch.no_grad():
+            m.model.layers[1].self_attn.q_proj.weight[2, 3] = v
+        m.save_pretrained(root / kind)
+        tiny_tokenizer(root / kind)
+        bad[kind] = root / kind
+    Plan([(0, 1)], {"fingerprint": fingerprint(good)}).save(root / "plan.json")
+    Plan([(0, 1)]).save(root / "bare-plan.json")  # hand-written: nothing ties it to weights
+    return {"root": root, "bad": bad, "data": data, "mc": mc, "scores": root / "scores", "plan": root / "plan.json",
+            "bare": root / "bare-plan.json"}
+
+
+def _commands(env, m, out):
+    mc = f"mc:{env['mc']}"
+    return {
+        "calibrate": ["calibrate", str(m), "--data", str(env["data"]), "-o", str(out / "s"), "--num-samples", "2",
+                      "--seq-len", "8"],
+        "eval": ["eval", str(m), "--task", mc, "--limit", "4", "-o", str(out / "r.json")],
+        "eval --plan": ["eval", str(m), "--task", mc, "--limit", "4", "--plan", str(env["bare"]), "-o",
+                        str(out / "r2.json")],
+        "select": ["select", str(env["scores"]), "--model", str(m), "--task", mc, "--limit", "4", "--max-drop", "0.5",
+                   "-o", str(out / "p.json")],
+        "export": ["export", str(m), "--plan", str(env["plan"]), "-o", str(out / "e")],
+        "export (hand-written plan)": ["export", str(m), "--plan", str(env["bare"]), "-o", str(out / "e2")],
+    }
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+@pytest.mark.parametrize("cmd", ["calibrate", "eval", "eval --plan", "select", "export", "export (hand-written plan)"])
+def test_non_finite_weights_are_refused_naming_the_tensor(env, tmp_path, cmd, kind):
+    r = CliRunner().invoke(cli, _commands(env, env["bad"][kind], tmp_path)[cmd])
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 2 and "Traceback" not in r.output, (r.exit_code, r.output[-800:])
+    assert lines[-1].startswith("error:") and "model.layers.1.self_attn.q_proj.weight" in lines[-1], lines[-1]
+    assert ("NaN" if kind == "nan" else "Inf") in lines[-1]
+    assert not any(p.name in ("s", "r.json", "r2.json", "p.json", "e", "e2") for p in tmp_path.iterdir())
+
+
+# ---- statistics that come out non-finite anyway -------------------------------------------------------
+def test_non_finite_statistics_are_refused_at_their_chokepoints():
+    """Overflowing statistics (simulated by poisoning what each chokepoint receives) name the layer."""
+    from prune_heads.compensation.solve import Compensator
+    from prune_heads.scoring.calibrate import calibrate
+
+    model = tiny_model("llama", layers=2, vocab=len(SPECIAL) + len(WORDS))
+    seqs = [[1] + [len(SPECIAL) + (7 * i + j) % len(WORDS) for j in range(15)] for i in range(4)]
+    scores = calibrate(model, seqs, progress=False)
+    moments = scores.moments
+    moments.sums[1] = moments.sums[1].clone()
+    moments.sums[1][0] = math.nan
+    comp = Compensator("lsq", moments=moments)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[1, 0] = True
+    with pytest.raises(NonFiniteError, match="statistics of layer 1"):
+        comp(mask)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 0] = True
+    assert comp(mask).layers[0].offset.isfinite().all()  # layer 0 is fine, and is solved
+
+
+def test_a_non_finite_metric_is_refused_naming_the_task():
+    from prune_heads.evaluation import make_evaluator
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", layers=2, vocab=len(tok))
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp())
+    (d / "docs.txt").write_text("\n\n".join(words(30, seed=i) for i in range(6)))
+    ev = make_evaluator(model, tok, f"ppl:{d / 'docs.txt'}", limit=4)
+    assert math.isfinite(ev().value)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(math.inf)
+    ev = make_evaluator(model, tok, f"ppl:{d / 'docs.txt'}", limit=4)
+    with pytest.raises(NonFiniteError, match="ppl"):
+        ev()
