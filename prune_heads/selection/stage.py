@@ -95,6 +95,10 @@ class SelectConfig(Config):
     verify: bool = option(True, help="Check the plan on the held-out half of the task's documents.")
     verify_task: str | None = option(None, help="Task to verify on (default: the held-out split of --task).")
     verify_limit: int | None = option(None, ge=1, help="Documents to verify on (default: --limit).")
+    seq_len: int | None = option(None, ge=2, help="ppl:/kl: budget and verify tasks: tokens per window (default "
+                                                  "256; at most the model's context).")
+    score_last: int | None = option(None, ge=1, help="ppl:/kl: score only the last N tokens of each window (the "
+                                                     "same tokens at every --seq-len).")
     policy: str = option("free", choices=POLICY_CHOICES, cli="gqa",
                          help="free: any head; kv-groups: whole KV groups (the KV cache shrinks); uniform: the same "
                               "number of heads from every group (stock architecture on export).")
@@ -243,6 +247,13 @@ def calibration_documents(scores: Any) -> list[str]:
     return recorded_documents((getattr(scores, "meta", None) or {}).get("data"))
 
 
+def window_options(task: str | None, seq_len: int | None, score_last: int | None) -> dict[str, Any]:
+    """``make_evaluator``'s ``seq_len``/``score_last`` for a ``ppl:``/``kl:`` task (others take no window)."""
+    if not task or not task.startswith(("ppl:", "kl:")):
+        return {}
+    return {k: v for k, v in (("seq_len", seq_len), ("score_last", score_last)) if v is not None}
+
+
 def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None) -> tuple[Any, Any]:
     """The search evaluator and the verification one (held-out half of the task, or --verify-task).
 
@@ -257,7 +268,8 @@ def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None
 
     def make(task: str, split: str, limit: int | None) -> Any:
         return make_evaluator(model, tokenizer, task, limit=limit, num_fewshot=cfg.num_fewshot, split=split,
-                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, exclude_docs=exclude)
+                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, exclude_docs=exclude,
+                              **window_options(task, cfg.seq_len, cfg.score_last))
 
     other_task = cfg.verify_task is not None and cfg.verify_task != cfg.task
     search = make(cfg.task, "all" if other_task else "search", cfg.limit)
