@@ -3,6 +3,7 @@ per-window reference computed with plain forwards of a zeroed copy (no masking c
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -110,3 +111,156 @@ def test_bad_lengths_are_one_line(tiny, tmp_path):
     short.write_text("the cat sat on the mat and ran far away, the cat sat on the mat\n")
     with pytest.raises(PruneHeadsError, match="too few for"):
         make_evaluator(model, tok, f"ppl:{short}", limit=4, seq_len=64, score_last=8)
+
+
+# ---- passkey: retrieval against hand-built models ------------------------------------------------------
+class Oracle(torch.nn.Module):
+    """A causal retrieval "model": at each position it looks back (within ``window`` tokens, or anywhere) for the
+    needle "pass key is <digits>" whose label the question asks for, and predicts the key's next digit once
+    the question has been read. ``wrong`` shifts every digit by one (a model that retrieves the wrong key)."""
+
+    def __init__(self, config, tok, window=None, wrong=False):
+        super().__init__()
+        self.config, self.tok, self.window, self.wrong = config, tok, window, wrong
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.digits = {d: tok(d, add_special_tokens=False).input_ids[0] for d in "0123456789"}
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0, **kw):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        for b in range(B):
+            text = self.tok.decode(input_ids[b].tolist())  # one token per character: positions = characters
+            for t in range(T):
+                seen = text[: t + 1]
+                q = seen.rfind("What is the ")
+                if q < 0:
+                    continue
+                label = seen[q + len("What is the "): seen.find("pass key?", q)]
+                ask = f" The {label}pass key is "
+                after = seen.find("pass key is", q) + len("pass key is")
+                if after < len("pass key is") or t + 1 < after:
+                    continue
+                j = t + 1 - after  # answer characters written so far, the space included
+                lo = 0 if self.window is None else max(0, t + 1 - self.window)
+                n = seen.find(ask, lo, q)
+                if n < 0:
+                    continue
+                key = seen[n + len(ask): n + len(ask) + 5]
+                ch = " " if j == 0 else (key[j - 1] if j <= 5 else None)
+                if ch is None:
+                    continue
+                if self.wrong and ch != " ":
+                    ch = str((int(ch) + 1) % 10)
+                logits[b, t, self.tok(ch, add_special_tokens=False).input_ids[0]] = 1.0
+        return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
+
+
+@pytest.fixture(scope="module")
+def long_tiny():
+    return tiny_model("llama", layers=1, heads=2, kv_heads=1, head_dim=8, max_position_embeddings=1024), char_tokenizer()
+
+
+@pytest.mark.parametrize("spec", ["400", "600:3"])
+def test_passkey_prompt_has_the_length_and_needle_depth_asked(long_tiny, spec):
+    """Exact length; each needle after ``round(depth * filler)`` filler tokens (counted independently from the
+    texts of the pieces: one token per character here, and no document-start token)."""
+    from prune_heads.evaluation.passkey import DEPTHS, INTRO, PasskeyBackend
+
+    model, tok = long_tiny
+    pk = PasskeyBackend(model, tok, spec, limit=10, split="search", seed=3, batch_size=4)
+    length, needles = (int(x) for x in (spec + ":1").split(":")[:2])
+    assert {len(d.prompt) for d in pk.docs} == {length}
+    assert len({d.depth for d in pk.docs}) >= 3 and {d.depth for d in pk.docs} <= set(DEPTHS)
+    for d in pk.docs:
+        text = tok.decode(d.prompt)
+        assert text.startswith(INTRO) and text.endswith("pass key is")
+        needle_texts, keys = [], []
+        for s in d.needle_starts:
+            rest = text[s:]
+            needle_texts.append(rest[: rest.index("pass key.") + len("pass key.")])
+            keys.append(rest.split("pass key is ")[1][:5])
+        assert needle_texts[0].startswith(" The ") and len(set(keys)) == needles
+        assert d.key == keys[d.asked] and tok.decode(d.answer) == " " + d.key
+        question = text[text.rindex(" What is the"):]
+        assert (needles == 1) == (question == " What is the pass key? The pass key is")
+        room = length - len(INTRO) - sum(len(t) for t in needle_texts) - len(question)
+        for m, s in enumerate(d.needle_starts):
+            depth = (d.depth + m / needles) % 1.0
+            earlier = sum(len(needle_texts[j]) for j, s2 in enumerate(d.needle_starts) if s2 < s)
+            assert s - len(INTRO) - earlier == round(depth * room)
+
+
+def test_passkey_oracle_scores_100_wrong_key_0_and_window_by_depth(long_tiny):
+    from prune_heads.evaluation.evaluator import Evaluator
+    from prune_heads.evaluation.passkey import PasskeyBackend
+
+    model, tok = long_tiny
+    for spec in ("300", "500:4"):
+        def run(m, spec=spec):
+            b = PasskeyBackend(m, tok, spec, limit=10, split="verify", seed=1, batch_size=3)
+            return Evaluator(m, b, b.task_config)(), b
+
+        good, b = run(Oracle(model.config, tok))
+        assert good.value == 1.0 and good.metric == "exact_match" and good.higher_is_better and good.n == 10
+        assert list(good.docs.values) == [1.0] * 10 and good.docs.ids == tuple(b.doc_ids)
+        bad, _ = run(Oracle(model.config, tok, wrong=True))
+        assert bad.value == 0.0
+        # a model that sees only its last 200 tokens finds exactly the needles within them
+        near, b = run(Oracle(model.config, tok, window=200))
+        want = [float(d.needle_starts[d.asked] >= len(d.prompt) + 5 - 200) for d in b.docs]
+        assert list(near.docs.values) == want and 0 < sum(want) < 10
+        from prune_heads.evaluation.paired import paired_drop
+
+        drop = paired_drop(good, near)
+        assert drop.estimate == pytest.approx(1 - sum(want) / 10) and drop.method == "paired"
+
+
+def test_passkey_splits_disjoint_seeded_and_deterministic(long_tiny):
+    from prune_heads.evaluation.passkey import PasskeyBackend
+
+    model, tok = long_tiny
+    mk = lambda split, seed: PasskeyBackend(model, tok, "200", limit=40, split=split, seed=seed, batch_size=8)  # noqa: E731
+    s, v = mk("search", 0), mk("verify", 0)
+    assert not set(s.doc_ids) & set(v.doc_ids)
+    assert not {d.key for d in s.docs} & {d.key for d in v.docs} or len({d.key for d in s.docs}) == 40
+    again = mk("search", 0)
+    assert [d.prompt + d.answer for d in again.docs] == [d.prompt + d.answer for d in s.docs]
+    other = mk("search", 1)
+    assert other.doc_ids != s.doc_ids and [d.key for d in other.docs] != [d.key for d in s.docs]
+
+
+def test_passkey_through_make_evaluator_with_a_real_model_and_mask(long_tiny):
+    """The real tiny model (random weights) under the task: its verdicts equal naive greedy generation with
+    ``generate``. Its own greedy continuation, swapped in as the key of half the documents, scores 1 there
+    (teacher forcing decides exactly as greedy decoding), masked as unmasked."""
+    from prune_heads.evaluation.evaluator import Evaluator
+    from prune_heads.model.masking import static_mask
+
+    model, tok = long_tiny
+    ev = make_evaluator(model, tok, "passkey:200", limit=4, split="search", batch_size=3)
+    for removed in (None, [(0, 1)]):
+        docs = ev.backend.docs
+        with static_mask(model, removed or []):
+            gen = [model.generate(torch.tensor([d.prompt]), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=0)[0, len(d.prompt):].tolist() for d in docs]
+        r = ev(removed)
+        assert list(r.docs.values) == [float(g[:len(d.answer)] == d.answer) for g, d in zip(gen, docs)]
+        swapped = copy.copy(ev.backend)  # the same model, so the mask reaches it (answers of 6 tokens: no padding)
+        swapped.docs = copy.deepcopy(docs)
+        for d, g in zip(swapped.docs[::2], gen[::2]):
+            d.answer = g
+        r2 = Evaluator(model, swapped, swapped.task_config)(removed)
+        assert list(r2.docs.values[::2]) == [1.0, 1.0]
+
+
+def test_passkey_bad_input_is_one_line(long_tiny, tiny):
+    from tiny_tokenizer import tiny_tokenizer
+
+    model, tok = long_tiny
+    for spec, msg in [("x", "expected passkey:LENGTH"), ("100:9", "between 1 and 8 needles"),
+                      ("60", "cannot hold the prompt's fixed parts"), ("1020", "beyond the model's context of 1024")]:
+        with pytest.raises(PruneHeadsError, match=msg) as e:
+            make_evaluator(model, tok, f"passkey:{spec}", limit=2)
+        assert "\n" not in str(e.value)
+    with pytest.raises(PruneHeadsError, match="cannot write the key's digits"):
+        make_evaluator(model, tiny_tokenizer(), "passkey:200", limit=2)

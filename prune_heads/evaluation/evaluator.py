@@ -42,12 +42,12 @@ class EvalResult:
 
 
 def parse_task(task: str) -> tuple[str, str]:
-    """``(kind, rest)``: kind is ``mc``, ``ppl``, ``kl`` or ``lm-eval``."""
+    """``(kind, rest)``: kind is ``mc``, ``ppl``, ``kl``, ``passkey`` or ``lm-eval``."""
     if not isinstance(task, str) or not task.strip():
         from prune_heads.evaluation.lmeval import TASK_NAMING_HELP
 
         raise PruneHeadsError(f"empty task name; {TASK_NAMING_HELP}")
-    for kind in ("mc", "ppl", "kl"):
+    for kind in ("mc", "ppl", "kl", "passkey"):
         if task.startswith(kind + ":"):
             return kind, task[len(kind) + 1:]
     return "lm-eval", task
@@ -130,7 +130,8 @@ def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None =
                    split: str = "all", data_dir: str | None = None, batch_size: int = 8, seed: int = 0,
                    metric: str | None = None, compensation: Any = None, exclude_docs: Any = None,
                    seq_len: int | None = None, score_last: int | None = None) -> Evaluator:
-    """Prepare ``task`` on ``model``; see the module docs of ``lmeval``, ``local_tasks`` and ``perplexity``.
+    """Prepare ``task`` on ``model``; see the module docs of ``lmeval``, ``local_tasks``, ``perplexity`` and
+    ``passkey`` (``passkey:LEN[:NEEDLES]``, synthetic long-context retrieval).
 
     ``exclude_docs``: ``ppl:``/``kl:`` tasks leave out these document ids (``SOURCE:POSITION``, as the
     scores record their calibration documents), so a held-out perplexity never scores calibration text.
@@ -149,7 +150,13 @@ def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None =
     backend: Any
     if kind not in ("ppl", "kl") and (seq_len is not None or score_last is not None):
         raise PruneHeadsError(f"--seq-len/--score-last apply to ppl:/kl: tasks, not {task!r}")
-    if kind in ("ppl", "kl"):
+    if kind == "passkey":
+        from prune_heads.evaluation.passkey import PasskeyBackend
+
+        if num_fewshot:
+            raise PruneHeadsError("--num-fewshot does not apply to passkey: tasks")
+        backend = PasskeyBackend(model, tokenizer, rest, limit=limit, split=split, seed=seed, batch_size=batch_size)
+    elif kind in ("ppl", "kl"):
         from prune_heads.evaluation.perplexity import TextBackend
 
         if num_fewshot:

@@ -26,7 +26,8 @@ def _nonempty(v: Any) -> str | None:
 @dataclass
 class EvalTask(Config):
     task: str = option("", required=True, check=_nonempty,
-                       help="lm-eval task or group (arc_easy, hellaswag, mmlu, ...), mc:FILE.jsonl, ppl:DATA or kl:DATA.")
+                       help="lm-eval task or group (arc_easy, hellaswag, mmlu, ...), mc:FILE.jsonl, ppl:DATA, kl:DATA "
+                            "or passkey:LEN[:NEEDLES].")
     num_fewshot: int | None = option(None, ge=0, help="Few-shot examples (default: the task's own).")
     limit: int | None = option(None, ge=1, help="Documents per (sub)task (ppl/kl: documents in all).")
     split: str = option("all", choices=("all", "search", "verify"),

@@ -48,6 +48,13 @@ def check_task(task: str, what: str) -> None:
         from prune_heads.evaluation.local_tasks import check_mc_file
 
         check_mc_file(rest)
+    elif kind == "passkey":
+        from prune_heads.evaluation.passkey import parse_passkey
+
+        try:
+            parse_passkey(rest)
+        except PruneHeadsError as e:
+            raise PruneHeadsError(f"{what}: {e}") from None
     else:
         from prune_heads.evaluation.lmeval import OFFLINE_TASKS, _manager_for
 

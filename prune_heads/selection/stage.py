@@ -71,7 +71,8 @@ class SelectConfig(Config):
     method: Any = option(default_factory=StaticMethod, variants=METHODS, key="method",
                          help="How heads are chosen.")
     task: str | None = option(None, help="Budget task: an lm-eval task (arc_easy, hellaswag, mmlu, ...), "
-                                         "mc:FILE.jsonl, ppl:DATA or kl:DATA (gates: optional, evaluation only).")
+                                         "mc:FILE.jsonl, ppl:DATA, kl:DATA or passkey:LEN[:NEEDLES] (gates: "
+                                         "optional, evaluation only).")
     max_drop: float | None = option(None, ge=0,
                                     help="Allowed loss: 0.01 = one accuracy point; a fraction of the baseline with "
                                          "--relative; perplexity/KL units for ppl:/kl: tasks.")
