@@ -264,3 +264,35 @@ def test_passkey_bad_input_is_one_line(long_tiny, tiny):
         assert "\n" not in str(e.value)
     with pytest.raises(PruneHeadsError, match="cannot write the key's digits"):
         make_evaluator(model, tiny_tokenizer(), "passkey:200", limit=2)
+
+
+def test_eval_cli_takes_passkey_and_long_windows(tmp_path):
+    """``prune-heads eval`` passes --seq-len/--score-last and passkey: through the one stage function; the
+    windows it scores are those ``make_evaluator`` builds, and a length beyond the context exits 2 in one line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from prune_heads.cli.main import cli
+
+    model, tok = tiny_model("llama", layers=1, heads=2, kv_heads=1, head_dim=8), char_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = write_text(tmp_path / "t.txt")
+
+    def run(*args):
+        return CliRunner().invoke(cli, ["eval", str(tmp_path / "m"), *map(str, args)])
+
+    r = run("--task", f"ppl:{data}", "--seq-len", 128, "--score-last", 16, "--limit", 3, "-o", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    t = json.loads((tmp_path / "p.json").read_text())["tasks"][0]
+    want = make_evaluator(model, tok, f"ppl:{data}", seq_len=128, score_last=16, limit=3)()
+    assert t["task"]["seq_len"] == 128 and t["task"]["score_last"] == 16
+    assert t["baseline"]["value"] == pytest.approx(want.value, rel=1e-6) and t["baseline"]["n"] == 48
+    r = run("--task", "passkey:200", "--limit", 4, "-o", tmp_path / "k.json")
+    assert r.exit_code == 0, r.output
+    t = json.loads((tmp_path / "k.json").read_text())["tasks"][0]
+    assert t["baseline"]["metric"] == "exact_match" and t["baseline"]["n"] == 4 and t["task"]["seq_len"] == 200
+    r = run("--task", f"ppl:{data}", "--seq-len", 4096, "-o", tmp_path / "x.json")
+    assert r.exit_code == 2 and "beyond the model's context of 256 tokens" in r.output
+    assert "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith("error: --seq-len 4096")
