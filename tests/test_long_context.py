@@ -4,6 +4,7 @@ per-window reference computed with plain forwards of a zeroed copy (no masking c
 from __future__ import annotations
 
 import copy
+import json
 import random
 
 import pytest
@@ -114,44 +115,46 @@ def test_bad_lengths_are_one_line(tiny, tmp_path):
 
 
 # ---- passkey: retrieval against hand-built models ------------------------------------------------------
+def retrieve(tok, ids, window=None, wrong=False):
+    """``{position: token}``: what a causal retrieval rule predicts in one sequence. Once the question
+    ("What is the LABEL pass key? The LABEL pass key is") has been read, it looks back (within ``window``
+    tokens, or anywhere) for the needle "The LABEL pass key is DIGITS" and predicts the key's next character.
+    ``wrong`` shifts every digit by one (a model that retrieves the wrong key). One token per character."""
+    text = tok.decode(list(ids))
+    out = {}
+    q = text.find("What is the ")
+    if q < 0:
+        return out
+    label = text[q + len("What is the "): text.find("pass key?", q)]
+    ask = f" The {label}pass key is "
+    after = text.find("pass key is", q + len("What is the ")) + len("pass key is")
+    for t in range(after - 1, min(len(text), after + 5)):
+        lo = 0 if window is None else max(0, t + 1 - window)
+        n = text.find(ask, lo, q)
+        if n < 0:
+            continue
+        j = t + 1 - after  # answer characters written so far, the space included
+        ch = " " if j == 0 else text[n + len(ask) + j - 1]
+        if wrong and ch != " ":
+            ch = str((int(ch) + 1) % 10)
+        out[t] = tok(ch, add_special_tokens=False).input_ids[0]
+    return out
+
+
 class Oracle(torch.nn.Module):
-    """A causal retrieval "model": at each position it looks back (within ``window`` tokens, or anywhere) for the
-    needle "pass key is <digits>" whose label the question asks for, and predicts the key's next digit once
-    the question has been read. ``wrong`` shifts every digit by one (a model that retrieves the wrong key)."""
+    """A model that only applies ``retrieve`` (no weights used)."""
 
     def __init__(self, config, tok, window=None, wrong=False):
         super().__init__()
         self.config, self.tok, self.window, self.wrong = config, tok, window, wrong
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.digits = {d: tok(d, add_special_tokens=False).input_ids[0] for d in "0123456789"}
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep=0, **kw):
         B, T = input_ids.shape
         logits = torch.zeros(B, T, self.config.vocab_size)
         for b in range(B):
-            text = self.tok.decode(input_ids[b].tolist())  # one token per character: positions = characters
-            for t in range(T):
-                seen = text[: t + 1]
-                q = seen.rfind("What is the ")
-                if q < 0:
-                    continue
-                label = seen[q + len("What is the "): seen.find("pass key?", q)]
-                ask = f" The {label}pass key is "
-                after = seen.find("pass key is", q) + len("pass key is")
-                if after < len("pass key is") or t + 1 < after:
-                    continue
-                j = t + 1 - after  # answer characters written so far, the space included
-                lo = 0 if self.window is None else max(0, t + 1 - self.window)
-                n = seen.find(ask, lo, q)
-                if n < 0:
-                    continue
-                key = seen[n + len(ask): n + len(ask) + 5]
-                ch = " " if j == 0 else (key[j - 1] if j <= 5 else None)
-                if ch is None:
-                    continue
-                if self.wrong and ch != " ":
-                    ch = str((int(ch) + 1) % 10)
-                logits[b, t, self.tok(ch, add_special_tokens=False).input_ids[0]] = 1.0
+            for t, tok_id in retrieve(self.tok, input_ids[b].tolist(), self.window, self.wrong).items():
+                logits[b, t, tok_id] = 1.0
         return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
 
 
@@ -269,7 +272,6 @@ def test_passkey_bad_input_is_one_line(long_tiny, tiny):
 def test_eval_cli_takes_passkey_and_long_windows(tmp_path):
     """``prune-heads eval`` passes --seq-len/--score-last and passkey: through the one stage function; the
     windows it scores are those ``make_evaluator`` builds, and a length beyond the context exits 2 in one line."""
-    import json
 
     from click.testing import CliRunner
 
@@ -296,3 +298,116 @@ def test_eval_cli_takes_passkey_and_long_windows(tmp_path):
     r = run("--task", f"ppl:{data}", "--seq-len", 4096, "-o", tmp_path / "x.json")
     assert r.exit_code == 2 and "beyond the model's context of 256 tokens" in r.output
     assert "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith("error: --seq-len 4096")
+
+
+# ---- the guard: a plan checked at the serving length ----------------------------------------------------
+from transformers import LlamaForCausalLM  # noqa: E402
+
+
+class RetrievalLlama(LlamaForCausalLM):
+    """A tiny Llama built to need one head, (1, 2), for pass-key retrieval.
+
+    Its forward is the real model's (random weights), so the real static mask acts on it; a pre-hook on
+    layer 1's ``o_proj`` sees whether head 2's output reaches it. Where ``retrieve`` predicts a key
+    character a large logit is added: the right key while the head is alive, a wrong one once the mask has
+    zeroed it. Text without a pass-key question gets the plain model's logits, so ``ppl:`` on it is real.
+    """
+
+    HEAD = (1, 2)
+    tok = None
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kw):
+        layer, head = self.HEAD
+        d = self.config.head_dim
+        seen = {}
+        hook = self.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, args: seen.__setitem__("x", args[0][..., head * d:(head + 1) * d]))
+        try:
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                                  **kw)
+        finally:
+            hook.remove()
+        alive = bool(seen["x"].abs().amax() > 0)
+        T, keep = input_ids.shape[1], out.logits.shape[1]
+        for b in range(input_ids.shape[0]):
+            for t, tok_id in retrieve(self.tok, input_ids[b].tolist(), wrong=not alive).items():
+                if t >= T - keep:
+                    out.logits[b, t - (T - keep), tok_id] += 100.0
+        return out
+
+
+@pytest.fixture(scope="module")
+def retrieval(tmp_path_factory):
+    from tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = RetrievalLlama(tiny_config("llama", layers=2, heads=4, kv_heads=2, head_dim=8,
+                                       max_position_embeddings=1024)).eval()
+    model.tok = tok
+    data = write_text(tmp_path_factory.mktemp("guard") / "t.txt")
+    return model, tok, data
+
+
+def _select(model, tok, data, guard, seed):
+    from prune_heads.selection.static import select_static
+
+    def ppl(split):
+        return make_evaluator(model, tok, f"ppl:{data}", split=split, limit=4, seq_len=64)
+
+    return select_static(model, None, ppl("search"), score_id="random", seed=seed, max_drop=10.0, relative=True,
+                         confidence=0.9, verify_evaluator=ppl("verify"), guard=guard, progress=False)
+
+
+def test_guard_refuses_a_plan_that_breaks_retrieval(retrieval):
+    """Unguarded, the perplexity budget (lax on purpose) removes the retrieval head; with ``passkey:200`` as the
+    guard the search stops before it: every probe that removed it was refused by the guard's paired bound, the
+    plan keeps it, and the plan records the guard's length, verdict and held-out check."""
+    from prune_heads.model.adapters import get_adapter
+    from prune_heads.selection.budget import make_budget
+    from prune_heads.selection.guard import GuardCheck
+    from prune_heads.selection.policies import candidate_units
+    from prune_heads.selection.static import ranking
+
+    model, tok, data = retrieval
+    layout = get_adapter(model).layout(model.config)
+    seed = next(s for s in range(50) if 2 <= [u[0] for u in candidate_units(
+        ranking(None, "random", layout, s), layout, "free", 1, False)].index(model.HEAD) < 5)
+    units = candidate_units(ranking(None, "random", layout, seed), layout, "free", 1, False)
+    pos = [u[0] for u in units].index(model.HEAD)  # the retrieval head is the (pos + 1)-th unit removed
+
+    free = _select(model, tok, data, None, seed)
+    assert model.HEAD in free.removed_heads and free.selection.guard is None
+
+    def passkey(split):
+        return make_evaluator(model, tok, "passkey:200", split=split, limit=6)
+
+    guard = GuardCheck(passkey("search"), make_budget(0.1, False, 0.9), verify_evaluator=passkey("verify"))
+    plan = _select(model, tok, data, guard, seed)
+    g = plan.selection.guard
+    assert model.HEAD not in plan.removed_heads and 0 < len(plan.removed_heads) <= pos
+    assert g.seq_len == 200 and g.task["task"] == "passkey:200" and g.baseline["value"] == 1.0
+    assert g.within_budget and g.result["value"] == 1.0 and g.verification.verdict == "within"
+    assert g.refused and min(g.refused) > pos and g.budget.max_drop == 0.1 and g.budget.confidence == 0.9
+    for p in g.trace[1:]:  # k = 0 is the baseline; each guard probe: retrieval lost exactly when the head went
+        assert (p.value == 0.0) == (p.k > pos) and p.within_budget == (p.k <= pos)
+    # the record survives the plan file
+    from prune_heads.plan import Plan
+
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).selection.guard
+    assert again.seq_len == 200 and again.refused == g.refused and again.verification.verdict == "within"
+    assert again.trace[-1].drop.bound == pytest.approx(g.trace[-1].drop.bound)
+
+
+def test_guard_options_are_checked():
+    from prune_heads.schema import ConfigError
+    from prune_heads.selection.stage import SelectConfig
+
+    base = dict(task="ppl:wikitext2", max_drop=0.1, relative=True)
+    with pytest.raises(ConfigError, match="needs --guard-max-drop"):
+        SelectConfig(**base, guard_task="passkey:2048").check()
+    with pytest.raises(ConfigError, match="needs --guard-task"):
+        SelectConfig(**base, guard_max_drop=0.1).check()
+    with pytest.raises(ConfigError, match="below 1 for an accuracy task"):
+        SelectConfig(**base, guard_task="passkey:2048", guard_max_drop=5).check()
+    SelectConfig(**base, guard_task="passkey:2048", guard_max_drop=0.1).check()

@@ -100,6 +100,16 @@ class SelectConfig(Config):
                                                   "256; at most the model's context).")
     score_last: int | None = option(None, ge=1, help="ppl:/kl: score only the last N tokens of each window (the "
                                                      "same tokens at every --seq-len).")
+    guard_task: str | None = option(None, help="Second constraint at the serving length, e.g. passkey:2048 (or "
+                                               "ppl:DATA with --guard-seq-len): a probe (and so the plan) must also "
+                                               "stay within --guard-max-drop there.")
+    guard_max_drop: float | None = option(None, ge=0, help="Allowed loss on --guard-task (as --max-drop: 0.1 = ten "
+                                                           "accuracy points; a fraction with --guard-relative).")
+    guard_relative: bool = option(False, help="--guard-max-drop is a fraction of the guard's baseline value.")
+    guard_limit: int | None = option(None, ge=1, help="Documents of --guard-task per split (search and held out).")
+    guard_seq_len: int | None = option(None, ge=2, help="ppl:/kl: guard tasks: tokens per window.")
+    guard_score_last: int | None = option(None, ge=1, help="ppl:/kl: guard tasks: score the last N tokens of each "
+                                                           "window.")
     policy: str = option("free", choices=POLICY_CHOICES, cli="gqa",
                          help="free: any head; kv-groups: whole KV groups (the KV cache shrinks); uniform: the same "
                               "number of heads from every group (stock architecture on export).")
@@ -126,9 +136,24 @@ class SelectConfig(Config):
         label_free = bool(self.task) and self.task.startswith(("ppl:", "kl:"))
         if self.max_drop is not None and not label_free and not self.relative and self.max_drop >= 1:
             raise ConfigError("max_drop", f"must be below 1 for an accuracy task (0.01 = one point), got {self.max_drop}")
+        self._check_guard()
         if isinstance(self.method, IterativeMethod) and self.policy == "uniform":
             raise ConfigError("policy", "iterative selection supports free and kv-groups (select a uniform plan with "
                                         "the static method)")
+
+    def _check_guard(self) -> None:
+        if self.guard_task is None:
+            if self.guard_max_drop is not None:
+                raise ConfigError("guard_max_drop", "--guard-max-drop needs --guard-task (e.g. passkey:2048)")
+            return
+        if self.guard_max_drop is None:
+            raise ConfigError("guard_max_drop", "--guard-task needs --guard-max-drop (0.1 = ten accuracy points)")
+        if not isinstance(self.method, StaticMethod):
+            raise ConfigError("guard_task", "the guard is checked by the static method's search; use --method static")
+        label_free = self.guard_task.startswith(("ppl:", "kl:"))
+        if not label_free and not self.guard_relative and self.guard_max_drop >= 1:
+            raise ConfigError("guard_max_drop", f"must be below 1 for an accuracy task (0.1 = ten points), got "
+                                                f"{self.guard_max_drop}")
 
     @property
     def method_name(self) -> str:
@@ -167,6 +192,8 @@ class SelectContext:
     data: str | None = None
     #: the ``Compensator`` every evaluation applies (None: removed heads are zeroed)
     compensation: Any = None
+    #: the second constraint at the serving length (``selection.guard.GuardCheck``), when configured
+    guard: Any = None
 
     @property
     def pad_id(self) -> int:
@@ -197,7 +224,7 @@ def _static(cfg: SelectConfig, ctx: SelectContext) -> Any:
                          relative=cfg.relative, policy=cfg.policy, min_heads_per_layer=cfg.min_heads_per_layer,
                          allow_empty_layers=cfg.allow_empty_layers, verify_evaluator=ctx.verify,
                          progress=ctx.progress, seed=cfg.seed, **budget_options(cfg), surrogate=cfg.surrogate,
-                         search=cfg.search)
+                         search=cfg.search, guard=ctx.guard)
 
 
 def budget_options(cfg: SelectConfig) -> dict[str, Any]:
@@ -281,6 +308,25 @@ def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None
     return search, verify
 
 
+def guard_check(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None) -> Any:
+    """The ``GuardCheck`` of ``--guard-task`` (its search split, and its held-out split when verifying), or None."""
+    if not cfg.guard_task:
+        return None
+    from prune_heads.evaluation import make_evaluator
+    from prune_heads.selection.budget import make_budget
+    from prune_heads.selection.guard import GuardCheck
+
+    def make(split: str) -> Any:
+        return make_evaluator(model, tokenizer, cfg.guard_task, limit=cfg.guard_limit, split=split,
+                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
+                              exclude_docs=calibration_documents(scores),
+                              **window_options(cfg.guard_task, cfg.guard_seq_len, cfg.guard_score_last))
+
+    budget = make_budget(cfg.guard_max_drop, cfg.guard_relative, cfg.confidence)
+    return GuardCheck(make("search"), budget, verify_evaluator=make("verify") if cfg.verify else None,
+                      allow_underpowered=cfg.allow_underpowered)
+
+
 def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *, model_id: str | None = None,
                recipe: str | None = None, overwrite: bool = False, progress: bool = True,
                keep_unverified: Path | None = None) -> Any:
@@ -291,7 +337,8 @@ def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *,
     """
     scores.check(loaded.model)
     search, verify = evaluators(cfg, loaded.model, loaded.tokenizer, scores)
-    ctx = SelectContext(loaded.model, loaded.tokenizer, scores, search, verify, progress=progress, data=cfg.data)
+    ctx = SelectContext(loaded.model, loaded.tokenizer, scores, search, verify, progress=progress, data=cfg.data,
+                        guard=guard_check(cfg, loaded.model, loaded.tokenizer, scores))
     _compensate(cfg, ctx)
     _check_ablation_ranking(cfg, scores)
     try:
@@ -375,6 +422,8 @@ def _compensate(cfg: SelectConfig, ctx: SelectContext) -> None:
                                        batch_size=cfg.batch_size, pad_id=ctx.pad_id)
     ctx.search = evaluator_with(ctx.search, ctx.compensation)
     ctx.verify = evaluator_with(ctx.verify, ctx.compensation)
+    if ctx.guard is not None:
+        ctx.guard = ctx.guard.with_compensation(ctx.compensation)
 
 
 def plot_search(plan: Any, path: Path) -> list[Path]:
