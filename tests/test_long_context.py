@@ -397,6 +397,16 @@ def test_guard_refuses_a_plan_that_breaks_retrieval(retrieval):
     again = Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).selection.guard
     assert again.seq_len == 200 and again.refused == g.refused and again.verification.verdict == "within"
     assert again.trace[-1].drop.bound == pytest.approx(g.trace[-1].drop.bound)
+    # the card and select's line say at which lengths the budget was shown to hold, and the guard's verdict
+    from prune_heads.export.model_card import budget_section
+    from prune_heads.selection.stage import plan_line
+
+    card = budget_section(plan.selection.to_dict())
+    assert "shown to hold at 64 tokens of context" in card and "Guard at 200 tokens (`passkey:200`)" in card
+    assert "1 -> 1 for this plan (within budget)" in card and f"refused {len(g.refused)} probe" in card
+    assert "Guard on held-out documents (6 " in card and "verdict **within**" in card
+    assert "guard passkey:200 at 200 tokens 1.0000 -> 1.0000 (within budget" in plan_line(plan, "p.json")
+    assert "longer contexts were not checked" in budget_section(free.selection.to_dict())
 
 
 def test_guard_options_are_checked():

@@ -456,6 +456,12 @@ def plan_line(plan: Any, out: Any) -> str:
         msg += f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f} ({verdict} budget)"
         if s.accepted_unverified:
             msg += ", ACCEPTED UNVERIFIED"
+    g = s.guard
+    if g is not None and g.result:
+        where = f" at {g.seq_len} tokens" if g.seq_len else ""
+        msg += (f"; guard {(g.task or {}).get('task')}{where} {g.baseline['value']:.4f} -> {g.result['value']:.4f} "
+                f"({'within' if g.within_budget else 'OUTSIDE'} budget"
+                f"{f', refused {len(g.refused)} probe(s)' if g.refused else ''})")
     if s.cost.evaluations:
         msg += f"; {s.cost.evaluations} evaluations"
     return f"{msg} -> {out}"
