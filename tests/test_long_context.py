@@ -421,3 +421,45 @@ def test_guard_options_are_checked():
     with pytest.raises(ConfigError, match="below 1 for an accuracy task"):
         SelectConfig(**base, guard_task="passkey:2048", guard_max_drop=5).check()
     SelectConfig(**base, guard_task="passkey:2048", guard_max_drop=0.1).check()
+
+
+def test_recipe_guard_reaches_plan_and_summary(tmp_path):
+    """A recipe's ``select.guard_*`` keys are the CLI's options (one ``SelectConfig``); the run's plan records the
+    guard and the summary shows the guard and the long-context row beside the short one."""
+    from test_pipeline import SHORT_TEXT, _copy_tokenizer, quiet_run, tiny_recipe
+
+    from prune_heads.plan import Plan
+
+    d = tmp_path / "m"
+    tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8, vocab=49152).save_pretrained(d)
+    _copy_tokenizer(d)
+    text = tmp_path / "short.txt"
+    text.write_text(SHORT_TEXT)
+    recipe = tiny_recipe(d, text, guard_task="passkey:128", guard_max_drop=0.5, guard_limit=3)
+    recipe["evaluate"]["tasks"].append({"task": "passkey:128", "split": "verify", "limit": 3})
+    s = quiet_run(recipe, tmp_path / "run")
+    g = Plan.load(tmp_path / "run" / "select" / "plan.json").selection.guard
+    assert g.seq_len == 128 and g.task["task"] == "passkey:128" and g.budget.max_drop == 0.5 and len(g.trace) >= 1
+    md = (tmp_path / "run" / "summary.md").read_text()
+    assert "Guard at 128 tokens: `passkey:128`" in md
+    assert "| passkey:128 at 128 tokens exact_match (verify, 3 documents) |" in md
+    assert f"| ppl:{text} at 256 tokens perplexity" in md and s.selection["guard"]["seq_len"] == 128
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("guard_task", "passkey:4096", "select.guard_task"), ("guard_seq_len", 1024, "select.guard_seq_len"),
+    ("seq_len", 512, "select.seq_len")])
+def test_recipe_lengths_beyond_the_context_are_refused_before_loading(tmp_path, key, value, field):
+    from test_pipeline import tiny_recipe
+    from tiny_models import tiny_config
+
+    from prune_heads.pipeline.preflight import check_lengths
+    from prune_heads.pipeline.recipe import validate
+
+    tiny_config("llama").save_pretrained(tmp_path)  # config only: nothing is loaded
+    extra = {"guard_task": "ppl:wikitext2", "guard_max_drop": 0.1} if key == "guard_seq_len" else {}
+    if key == "guard_task":
+        extra["guard_max_drop"] = 0.1
+    recipe = validate(tiny_recipe(tmp_path, **{key: value, **extra}))
+    with pytest.raises(PruneHeadsError, match=f"{field}: {str(value).split(':')[-1]} tokens is beyond the model's context of 256"):
+        check_lengths(recipe)
