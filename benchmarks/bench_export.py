@@ -5,6 +5,8 @@
     python benchmarks/bench_export.py --quick               # tiny random model, seconds (run by the tests)
     python benchmarks/bench_export.py --shape llama-3.2-1b --plans free@0.25,uniform@0.25 --threads 2
                                                             # random weights, a 1B model's shapes (10 GB RAM)
+    python benchmarks/bench_export.py --contexts 2048,4096,8192 --plans kv-groups@0.25 --threads 2 \
+        --repeats 1 --placements 1 --decode-tokens 8   # long context: prefill and decode with a long cache
 
 For ``free``, ``kv-groups`` and ``uniform`` plans at 10%, 25% and 33% of the heads (a seeded random
 ranking: speed depends on how many heads each layer and KV group keeps, not on which), it exports the
@@ -18,6 +20,12 @@ medians):
 at each ``--threads`` setting, beside the FLOPs ratio (``flops_per_token`` on the real weights), plus
 the KV cache a ``--kv-tokens`` prompt leaves (``kv_cache_bytes``), parameters and file sizes, and the
 peak memory of one streaming export. Writes ``benchmarks/results/export.md`` (``--out`` elsewhere).
+
+``--contexts 2048,4096,8192`` adds a long-context table (issue 18): at each context C, prefill of C tokens,
+and ``--decode-tokens`` one-token steps on a C-token cache, with the KV cache at C and two predictions of
+the time ratio: the FLOPs ratio (attention grows with C, and removed query heads cut it), and the ratio of
+bytes one decode step reads (every weight plus the whole KV cache, which dominates at long context and
+which only removed KV groups shrink).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 RESULTS = Path(__file__).parent / "results" / "export.md"
+LONG_RESULTS = Path(__file__).parent / "results" / "long_context_speed.md"
 PLANS = ("free@0.10", "free@0.25", "free@0.33", "kv-groups@0.10", "kv-groups@0.25", "kv-groups@0.33",
          "uniform@0.10", "uniform@0.25", "uniform@0.33")
 
@@ -157,6 +166,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="a tiny random model, three plans, small sizes (for tests)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
                     help="a random-weight model with these real shapes instead of SmolLM2 (speed only)")
+    ap.add_argument("--contexts", default=None,
+                    help="comma-separated context lengths of a long-context table (e.g. 2048,4096,8192)")
     ap.add_argument("--out", type=Path, default=None, help=f"markdown output (default {RESULTS})")
     args = ap.parse_args()
     if args.quick:
@@ -167,7 +178,8 @@ def parse_args() -> argparse.Namespace:
         args.out = args.out or Path(tempfile.gettempdir()) / "bench_export_quick.md"
     args.plans = (args.plans or ",".join(PLANS)).split(",")
     args.threads = [int(t) for t in (args.threads or "1,2").split(",")]
-    args.out = args.out or RESULTS
+    args.contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else []
+    args.out = args.out or (LONG_RESULTS if args.contexts and not args.quick else RESULTS)
     return args
 
 
@@ -207,6 +219,63 @@ def bench_export(case: Case, fmt: str, src: Path, original, layout, kv_original:
             f"{'exact' if res.predicted_params_after == res.params_after else 'off'} | "
             f"{weights_bytes(d) / weights_bytes(src):.3f} | {export_s:.1f} | {medians} |")
     return row, size
+
+
+def weights_in_memory(model) -> int:
+    """Bytes of every parameter (a batch-1 decode step reads each of them once, the LM head included)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def long_context_rows(case: Case, fmt: str, original, exported, layout, args) -> list[str]:
+    """One row per context: prefill and decode time ratios beside the FLOPs and bytes-read predictions."""
+    from prune_heads.evaluation.speed import compare_speed, kv_cache_bytes
+
+    rows = []
+    w_o, w_p = weights_in_memory(original), weights_in_memory(exported)
+    removed = len(case.plan.removed_heads)
+    for c in args.contexts:
+        kv_o, kv_p = kv_cache_bytes(original, c), kv_cache_bytes(exported, c)
+        cells = []
+        for n in args.threads:
+            pre = compare_speed(original, exported, mode="prefill", tokens=c, repeats=args.repeats, threads=n,
+                                clock=args.clock, placements=args.placements)
+            dec = compare_speed(original, exported, mode="decode", tokens=args.decode_tokens, context=c,
+                                repeats=args.repeats, threads=n, clock=args.clock, placements=args.placements)
+            bytes_ratio = (w_p + kv_p) / (w_o + kv_o)
+            cells += [f"{pre.tokens_per_s[0]:.0f} / {pre.tokens_per_s[1]:.0f}", fmt_ratio(pre), f"{pre.flops_ratio:.3f}",
+                      f"{1e3 * dec.original_median / dec.tokens:.1f} / {1e3 * dec.pruned_median / dec.tokens:.1f}",
+                      fmt_ratio(dec), f"{dec.flops_ratio:.3f}", f"{bytes_ratio:.3f}"]
+        rows.append(f"| {case.policy} {removed / layout.total_heads:.0%} ({removed}) `{fmt}` | {c} | "
+                    f"{kv_o / 2**20:.1f} / {kv_p / 2**20:.1f} ({kv_p / kv_o:.3f}) | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def render_long(args, layout, load, rows) -> str:
+    head = ["plan", "context", "KV cache MiB (orig / export)"]
+    for n in args.threads:
+        head += [f"prefill tok/s, {n} thr", "time ratio (IQR)", "FLOPs ratio", f"decode ms/token, {n} thr",
+                 "time ratio (IQR)", "FLOPs ratio", "bytes-read ratio"]
+    cmd = "python benchmarks/bench_export.py " + " ".join(sys.argv[1:])
+    return "\n".join([
+        "## Export at long context" + (" (quick check, tiny model)" if args.quick else " — SmolLM2-135M-Instruct, CPU"),
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Machine: {platform.machine()} {os.cpu_count()}-core CPU, torch {torch.__version__}, float32; load average "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) when the measurement started.  ",
+        f"Source: {layout.num_layers} layers x {layout.num_heads} heads ({layout.num_kv_heads} KV heads). Prefill: one "
+        f"forward over `context` tokens; decode: {args.decode_tokens} one-token steps on a `context`-token cache. "
+        f"Time ratio = median export time / median original time over {args.placements} placements x "
+        f"{args.repeats} interleaved runs (`compare_speed`), IQR of the per-pair ratios; **slow** as in the export "
+        "table. FLOPs ratio: multiply-adds per token at that context (attention included). Bytes-read ratio: "
+        "(weights + KV cache at `context`) of the export over the original's, what a memory-bound decode step "
+        "reads.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *rows,
+        "",
+    ])
 
 
 def render(args, layout, kv_original: int, load, rows, size_rows, rss, src: Path) -> str:
@@ -288,8 +357,10 @@ def run(args, src: Path, tmp: Path) -> str:
 
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     layout = get_adapter(original).layout(original.config)
-    kv_original = kv_cache_bytes(original, args.kv_tokens)
     load = os.getloadavg()
+    if args.contexts:
+        return run_long(args, src, tmp, original, layout, load)
+    kv_original = kv_cache_bytes(original, args.kv_tokens)
     rows, size_rows, rss = [], [], None
     for spec in args.plans:
         case = make_case(spec, layout)
@@ -305,6 +376,25 @@ def run(args, src: Path, tmp: Path) -> str:
             case.plan.save(tmp / "plan.json")
             rss = export_rss(src, tmp / "plan.json", tmp / "rss", "100MB")
     return render(args, layout, kv_original, load, rows, size_rows, rss, src)
+
+
+def run_long(args, src: Path, tmp: Path, original, layout, load) -> str:
+    """The long-context table only (``--contexts``): each plan's sliced export (and uniform where it applies)."""
+    from transformers import AutoModelForCausalLM
+
+    from prune_heads.export import export_checkpoint
+
+    rows = []
+    for spec in args.plans:
+        case = make_case(spec, layout)
+        if case.plan is None:
+            continue
+        for fmt in ["sliced"] + (["uniform"] if case.policy == "uniform" else []):
+            d = tmp / f"{case.policy}-{case.fraction}-{fmt}"
+            export_checkpoint(str(src), case.plan, d, format=fmt, verify=False, progress=False, shard_size="100MB")
+            exported = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            rows += long_context_rows(case, fmt, original, exported, layout, args)
+    return render_long(args, layout, load, rows)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,22 @@ def test_bench_attention_quick(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith(("| prefill", "| decode"))]
     assert len(rows) == 3  # prefill and two decode contexts, each checked against the gather path
+
+
+def test_bench_export_long_context_quick(tmp_path):
+    """``--contexts``: one row per context with the KV cache measured at that context and both predictions."""
+    out = tmp_path / "long.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_export.py"), "--quick", "--contexts", "16,48",
+                        "--plans", "kv-groups@0.33", "--out", str(out)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
+            if line.startswith("| kv-groups")]
+    assert [r[1] for r in rows] == ["16", "48"]
+    for r in rows:
+        assert r[2].endswith("(0.667)")  # a third of the KV groups gone, at every context
+        flops, bytes_ratio = float(r[8]), float(r[9])
+        assert 0.5 < flops < 1 and 0.5 < bytes_ratio < 1
+    # the longer the cache, the more of a decode step's reads is the KV cache, which shrinks by 1/3
+    assert float(rows[1][9]) < float(rows[0][9])

@@ -311,6 +311,7 @@ DEMO_SMALL = [
     "select.limit=8", "select.verify_limit=8", "select.max_drop=0.05", "select.accept_unverified=true",
     "evaluate.tasks=[{task: arc_easy, split: verify, limit: 20}, {task: 'ppl:wikitext2', split: verify, limit: 4}]",
     "evaluate.speed_seq_len=64", "evaluate.speed_repeats=1", "report.scores=[ahon_ln, awft]",
+    "select.guard_task=passkey:512", "select.guard_limit=2",  # the demo's guard, at a length a CPU test affords
 ]
 
 
@@ -338,6 +339,7 @@ def test_offline_demo_recipe_end_to_end(tmp_path):
     assert arc["pruned"]["value"] == pytest.approx(ev(plan_obj).value)
     plan = json.loads((wd / "select" / "plan.json").read_text())
     assert plan["budget"]["max_drop"] == 0.05 and plan["budget"]["relative"] and len(plan["removed_heads"]) == s.heads_removed
+    assert plan["guard"]["seq_len"] == 512 and plan["guard"]["budget"]["max_drop"] == 0.1 and plan["guard"]["trace"]
     per_head = 2 * 64 * 576  # q_proj rows + o_proj columns of one head (no biases in SmolLM2)
     prov = json.loads((wd / "export" / "model" / "prune_heads.json").read_text())
     # compensation gives every layer an o_proj bias (one architecture for all layers), 576 values each

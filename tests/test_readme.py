@@ -6,7 +6,7 @@ to keep them small on a CPU:
 
 - the model ``smollm2`` is a tiny random Llama with the word-level test tokenizer (the real one is
   exercised by the slow tests and by CI's run of the first command);
-- ``--limit``, ``--num-samples`` and ``--seq-len`` are capped, and ``eval``/``select``/``sweep``
+- ``--limit``, ``--num-samples``, ``--seq-len`` and ``--score-last`` are capped, and ``eval``/``select``/``sweep``
   commands without ``--limit`` get a small one, and ``select`` gets ``--allow-underpowered`` (4 documents
   resolve no accuracy budget at the default ``--confidence 0.9``); MMLU (57 subtasks) becomes ARC-Easy;
 - placeholders (``base_scores/``, ``instruct_scores/``) are scores folders made here;
@@ -38,7 +38,7 @@ from prune_heads.cli.main import cli
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 TOKEN = "hf_readme_token"
-CAPS = {"--limit": 4, "--num-samples": 6, "--seq-len": 24, "--ppl-limit": 4, "--steps": 20}
+CAPS = {"--limit": 4, "--num-samples": 6, "--seq-len": 24, "--ppl-limit": 4, "--steps": 20, "--score-last": 8}
 NEEDS_LIMIT = {"eval", "select", "sweep", "compare-selectors"}
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -33,7 +33,7 @@ def eval_(model, plan_path, scores_dir, output, overwrite, **kw):
     from prune_heads.scoring.head_scores import HeadScores
 
     mc = model_config(model, kw)
-    task = from_cli(EvalTask, {k: kw.pop(k) for k in ("task", "num_fewshot", "limit", "split", "metric")})
+    task = from_cli(EvalTask, {k: kw.pop(k) for k in ("task", "num_fewshot", "limit", "split", "metric", "seq_len", "score_last")})
     cfg = from_cli(EvaluateConfig, kw, tasks=[task])
     if plan_path and (cfg.dynamic or cfg.dynamic_fraction):
         raise PruneHeadsError("give at most one of --plan, --dynamic and --dynamic-fraction")

@@ -34,7 +34,7 @@ def output_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 
 def local_path(spec: str | None) -> str | None:
     """The file or folder behind a data or task spec (``mc:F``, ``ppl:F``, ``F#field``, ``F@split``), if any."""
-    if not spec:
+    if not spec or spec.startswith("passkey:"):
         return None
     for prefix in ("mc:", "ppl:", "kl:"):
         if spec.startswith(prefix):

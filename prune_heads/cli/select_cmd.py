@@ -33,10 +33,11 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
 
     mc = model_config(model_spec, kw)
     cfg = from_cli(SelectConfig, kw)
-    inputs = (scores_dir, model_spec, local_path(cfg.task), local_path(cfg.verify_task), local_path(cfg.data))
+    inputs = (scores_dir, model_spec, local_path(cfg.task), local_path(cfg.verify_task), local_path(cfg.guard_task),
+              local_path(cfg.data))
     check_output(output, overwrite, inputs=inputs, kind="file")
     check_plan_output(output, overwrite, inputs)  # and the compensation file written with it
-    check_sources(data=(cfg.data,), tasks=(cfg.task, cfg.verify_task))
+    check_sources(data=(cfg.data,), tasks=(cfg.task, cfg.verify_task, cfg.guard_task))
     if plot_path:
         check_output(plot_path, overwrite, inputs=(*inputs, output), kind="file")
     scores = HeadScores.load(scores_dir)

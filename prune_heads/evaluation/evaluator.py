@@ -42,12 +42,12 @@ class EvalResult:
 
 
 def parse_task(task: str) -> tuple[str, str]:
-    """``(kind, rest)``: kind is ``mc``, ``ppl``, ``kl`` or ``lm-eval``."""
+    """``(kind, rest)``: kind is ``mc``, ``ppl``, ``kl``, ``passkey`` or ``lm-eval``."""
     if not isinstance(task, str) or not task.strip():
         from prune_heads.evaluation.lmeval import TASK_NAMING_HELP
 
         raise PruneHeadsError(f"empty task name; {TASK_NAMING_HELP}")
-    for kind in ("mc", "ppl", "kl"):
+    for kind in ("mc", "ppl", "kl", "passkey"):
         if task.startswith(kind + ":"):
             return kind, task[len(kind) + 1:]
     return "lm-eval", task
@@ -133,8 +133,10 @@ class Evaluator:
 
 def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None = None, num_fewshot: int | None = None,
                    split: str = "all", data_dir: str | None = None, batch_size: int = 8, seed: int = 0,
-                   metric: str | None = None, compensation: Any = None, exclude_docs: Any = None) -> Evaluator:
-    """Prepare ``task`` on ``model``; see the module docs of ``lmeval``, ``local_tasks`` and ``perplexity``.
+                   metric: str | None = None, compensation: Any = None, exclude_docs: Any = None,
+                   seq_len: int | None = None, score_last: int | None = None) -> Evaluator:
+    """Prepare ``task`` on ``model``; see the module docs of ``lmeval``, ``local_tasks``, ``perplexity`` and
+    ``passkey`` (``passkey:LEN[:NEEDLES]``, synthetic long-context retrieval).
 
     ``exclude_docs``: ``ppl:``/``kl:`` tasks leave out these document ids (``SOURCE:POSITION``, as the
     scores record their calibration documents), so a held-out perplexity never scores calibration text.
@@ -142,6 +144,8 @@ def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None =
     ``split``: ``search`` and ``verify`` use disjoint halves of the task's documents (seeded by ``seed``),
     ``all`` uses them in order; ``limit`` caps the documents taken (per subtask for groups).
     ``compensation``: a ``Compensator`` applied to every mask (see ``Evaluator``).
+    ``seq_len`` / ``score_last`` (``ppl:``/``kl:`` only): the window length (default 256, at most the model's
+    context) and, for long-context comparisons, how many final tokens of each window are scored.
     """
     if split not in ("search", "verify", "all"):
         raise PruneHeadsError(f"split must be 'search', 'verify' or 'all', not {split!r}")
@@ -149,13 +153,21 @@ def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None =
         raise PruneHeadsError(f"limit must be at least 1, got {limit}")
     kind, rest = parse_task(task)
     backend: Any
-    if kind in ("ppl", "kl"):
+    if kind not in ("ppl", "kl") and (seq_len is not None or score_last is not None):
+        raise PruneHeadsError(f"--seq-len/--score-last apply to ppl:/kl: tasks, not {task!r}")
+    if kind == "passkey":
+        from prune_heads.evaluation.passkey import PasskeyBackend
+
+        if num_fewshot:
+            raise PruneHeadsError("--num-fewshot does not apply to passkey: tasks")
+        backend = PasskeyBackend(model, tokenizer, rest, limit=limit, split=split, seed=seed, batch_size=batch_size)
+    elif kind in ("ppl", "kl"):
         from prune_heads.evaluation.perplexity import TextBackend
 
         if num_fewshot:
             raise PruneHeadsError(f"--num-fewshot does not apply to {kind}: tasks")
         backend = TextBackend(model, tokenizer, kind, rest, limit=limit, split=split, seed=seed, batch_size=batch_size,
-                              exclude=exclude_docs)
+                              exclude=exclude_docs, seq_len=seq_len, score_last=score_last)
     else:
         from prune_heads.evaluation.lmeval import LMEvalBackend
 

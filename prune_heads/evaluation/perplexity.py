@@ -1,7 +1,13 @@
 """Label-free budgets: perplexity (``ppl:DATASPEC``) and next-token KL from the unmasked model (``kl:DATASPEC``).
 
 Documents come from ``prune_heads.data`` (one document per sample, truncated to ``seq_len``). Only
-positions that predict a real next token count. Perplexity is ``exp(total NLL / tokens)``; KL is the
+positions that predict a real next token count.
+
+Long context (``score_last=N``): the documents are joined into one token stream (each starting with the
+document-start token) and each window of ``seq_len`` tokens is scored only on its last ``N`` tokens. The
+windows' ends are fixed points of the stream that do not depend on ``seq_len`` (``window_ends``), so two
+lengths score exactly the same tokens and only the context before them changes: a length comparison is
+paired, token for token. ``seq_len`` beyond the model's context (``max_position_embeddings``) is refused. Perplexity is ``exp(total NLL / tokens)``; KL is the
 mean over those positions of ``KL(p_original || p_masked)``. Both get a bootstrap standard error over
 documents (documents, not tokens, are the independent units).
 
@@ -97,16 +103,61 @@ class _Reference:
         return self._dir is not None
 
 
+def model_context(model: Any) -> int | None:
+    """The model's context length (``max_position_embeddings``, read through its family adapter), or None."""
+    from prune_heads.model.adapters import get_adapter
+
+    value = getattr(get_adapter(model).text_config(model.config), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def check_seq_len(seq_len: int, context: int | None, what: str = "--seq-len") -> None:
+    """One line for a length the model cannot take."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise PruneHeadsError(f"{what} must be an integer of at least 2 tokens, got {seq_len!r}")
+    if context is not None and seq_len > context:
+        raise PruneHeadsError(f"{what} {seq_len} is beyond the model's context of {context} tokens "
+                              f"(max_position_embeddings); use at most {context}")
+
+
+def window_ends(stream_len: int, limit: int, score_last: int, anchor: int) -> list[int]:
+    """Ends (exclusive stream positions) of ``limit`` scored blocks of ``score_last`` tokens, spread evenly over
+    the stream after its first ``anchor`` tokens.
+
+    Nothing here depends on the window length: every ``seq_len`` up to ``anchor + score_last`` scores the same
+    blocks (a window is the ``seq_len`` tokens ending at an end). Blocks do not overlap.
+    """
+    first = anchor + score_last
+    room = stream_len - first
+    n = min(limit, room // score_last + 1) if room >= 0 else 0
+    if n < 1:
+        return []
+    if n == 1:
+        return [first]
+    step = room // (n - 1)
+    return [first + k * step for k in range(n)]
+
+
 class TextBackend:
     """Perplexity or KL on documents of a data spec; the caller decides which mask is active."""
 
     def __init__(self, model: Any, tokenizer: Any, kind: str, spec: str, *, limit: int | None, split: str,
-                 seed: int, batch_size: int, seq_len: int = DEFAULT_SEQ_LEN, exclude: Any = None) -> None:
-        """``exclude``: document ids (``SPEC:POSITION``) to leave out, e.g. the calibration documents."""
+                 seed: int, batch_size: int, seq_len: int | None = None, exclude: Any = None,
+                 score_last: int | None = None) -> None:
+        """``exclude``: document ids (``SPEC:POSITION``) to leave out, e.g. the calibration documents.
+
+        ``score_last``: windows of ``seq_len`` tokens cut from the joined documents, scored on their last
+        ``score_last`` tokens only (the same tokens at every ``seq_len``; see the module docs).
+        """
         if kind not in ("ppl", "kl"):
             raise PruneHeadsError(f"unknown label-free metric {kind!r}")
         if not spec:
             raise PruneHeadsError(f"{kind}: needs a data spec, e.g. {kind}:wikitext2")
+        seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
+        context = model_context(model)
+        check_seq_len(seq_len, context)
+        if score_last is not None and not 1 <= score_last < seq_len:
+            raise PruneHeadsError(f"--score-last must be between 1 and --seq-len - 1 ({seq_len - 1}), got {score_last}")
         self.model, self.kind, self.batch_size = model, kind, batch_size
         limit = limit or DEFAULT_DOCS[kind]
         source = list(iter_documents(spec))
@@ -118,10 +169,16 @@ class TextBackend:
             if not idx:
                 raise DataError(f"{kind}:{spec} ({split}) has no document left once the {len(excluded)} calibration "
                                 "documents are left out; calibrate on fewer documents or on one half (--split search)")
-        kept = tokenize([source[i] for i in idx], tokenizer, limit, seq_len, keys=idx)
-        #: ``data:position`` of each document in the data source: stable ids for pairing and overlap checks
-        self.doc_ids = [f"{spec}:{i}" for i, _ in kept]
-        self.seqs = [ids for _, ids in kept]
+        #: the first target position scored in each sequence (1: every predicted token)
+        self.score_from: list[int]
+        if score_last is None:
+            kept = tokenize([source[i] for i in idx], tokenizer, limit, seq_len, keys=idx)
+            #: ``data:position`` of each document in the data source: stable ids for pairing and overlap checks
+            self.doc_ids = [f"{spec}:{i}" for i, _ in kept]
+            self.seqs = [ids for _, ids in kept]
+            self.score_from = [1] * len(self.seqs)
+        else:
+            self._windows(source, idx, tokenizer, spec, limit, seq_len, score_last, context)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.reference: _Reference | None = None
         self.task_config: dict[str, Any] = {
@@ -131,6 +188,37 @@ class TextBackend:
             "num_positions": sum(len(s) - 1 for s in self.seqs), "stderr": f"bootstrap over documents ({BOOTSTRAP})",
             "excluded_calibration_docs": len(excluded),
         }
+        if score_last is not None:
+            self.task_config.update(score_last=score_last, num_positions=len(self.seqs) * score_last,
+                                    windows="joined documents; window ends independent of seq_len",
+                                    context_anchor=self.anchor)
+
+    def _windows(self, source: list[str], idx: list[int], tokenizer: Any, spec: str, limit: int, seq_len: int,
+                 score_last: int, context: int | None) -> None:
+        """Windows of ``seq_len`` tokens ending at ``window_ends`` of the joined documents."""
+        start = doc_start_ids(tokenizer)
+        stream: list[int] = []
+        owner: list[tuple[int, int]] = []  # (document position, offset of the document's first token)
+        for i in idx:
+            owner.append((i, len(stream)))
+            stream += start + tokenizer(source[i], add_special_tokens=False).input_ids
+        # the scored blocks sit after the longest context the model takes (or what the data leave for it)
+        anchor = context if context is not None else seq_len
+        anchor = max(0, min(anchor, len(stream) - limit * score_last))
+        if seq_len > anchor + score_last:
+            raise DataError(f"{self.kind}:{spec} has {len(stream)} tokens, too few for {limit} windows of {seq_len} "
+                            f"scored on their last {score_last}: use more data, a lower --limit or a shorter --seq-len")
+        ends = window_ends(len(stream), limit, score_last, anchor)
+        starts = [o for _, o in owner]
+        import bisect
+
+        self.anchor = anchor
+        self.seqs = [stream[e - seq_len:e] for e in ends]
+        self.score_from = [seq_len - score_last] * len(ends)
+        self.doc_ids = []
+        for e in ends:
+            d = bisect.bisect_right(starts, e - 1) - 1
+            self.doc_ids.append(f"{spec}:{owner[d][0]}@{e - owner[d][1]}")
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -140,13 +228,26 @@ class TextBackend:
         for idx, ids, mask in batches(self.seqs, self.batch_size, self.pad_id):
             yield idx, ids.to(dev), mask.to(dev)
 
-    @torch.no_grad()
-    def _logprobs(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log-probs ``(P, V)`` at valid positions (row-major) and the row of each position."""
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    def _scored(self, idx: list[int], mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T-1)``: which targets ``ids[:, 1:]`` count (real tokens from each sequence's ``score_from``)."""
         valid = mask[:, 1:].bool()
-        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(valid)[valid]
-        return torch.log_softmax(logits[valid], dim=-1), rows
+        pos = torch.arange(1, mask.shape[1], device=mask.device)
+        first = torch.tensor([self.score_from[i] for i in idx], device=mask.device)
+        return valid & (pos[None, :] >= first[:, None])
+
+    @torch.no_grad()
+    def _logprobs(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log-probs ``(P, V)`` at scored positions (row-major), the row of each position and its target."""
+        scored = self._scored(idx, mask)
+        # the logits of the positions before the first scored one are not needed (windows of long context:
+        # positions x vocabulary would not fit); batches hold sequences of one length then, so a suffix suffices
+        keep = ids.shape[1] - min(self.score_from[i] for i in idx) + 1
+        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1].float()
+        scored = scored[:, scored.shape[1] - logits.shape[1]:]
+        targets = ids[:, 1:][:, ids.shape[1] - 1 - logits.shape[1]:]
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(scored)[scored]
+        return torch.log_softmax(logits[scored], dim=-1), rows, targets[scored]
 
     def prepare(self) -> None:
         """Compute the unmasked log-probs once (KL only), before any mask is entered."""
@@ -154,8 +255,8 @@ class TextBackend:
             return
         budget = int(float(os.environ.get("PRUNE_HEADS_KL_MEMORY_MB", "1024")) * 2**20)
         ref = _Reference(budget)
-        for _, ids, mask in self._batches():
-            ref.add(self._logprobs(ids, mask)[0].cpu())
+        for idx, ids, mask in self._batches():
+            ref.add(self._logprobs(idx, ids, mask)[0].cpu())
         self.reference = ref
         self.task_config["reference_storage"] = "disk" if ref.spilled else "memory"
 
@@ -167,9 +268,8 @@ class TextBackend:
         den = torch.zeros(n_docs, dtype=torch.float64)
         with enter():
             for b, (idx, ids, mask) in enumerate(self._batches()):
-                logp, rows = self._logprobs(ids, mask)
+                logp, rows, targets = self._logprobs(idx, ids, mask)
                 if self.kind == "ppl":
-                    targets = ids[:, 1:][mask[:, 1:].bool()]
                     per_pos = -logp.gather(1, targets[:, None]).squeeze(1)
                 else:
                     assert self.reference is not None

@@ -26,12 +26,22 @@ def _nonempty(v: Any) -> str | None:
 @dataclass
 class EvalTask(Config):
     task: str = option("", required=True, check=_nonempty,
-                       help="lm-eval task or group (arc_easy, hellaswag, mmlu, ...), mc:FILE.jsonl, ppl:DATA or kl:DATA.")
+                       help="lm-eval task or group (arc_easy, hellaswag, mmlu, ...), mc:FILE.jsonl, ppl:DATA, kl:DATA "
+                            "or passkey:LEN[:NEEDLES].")
     num_fewshot: int | None = option(None, ge=0, help="Few-shot examples (default: the task's own).")
     limit: int | None = option(None, ge=1, help="Documents per (sub)task (ppl/kl: documents in all).")
     split: str = option("all", choices=("all", "search", "verify"),
                         help="Which documents: all, or one of two disjoint seeded halves.")
     metric: str | None = option(None, help="Metric of an lm-eval task (default: its first, e.g. acc).")
+    seq_len: int | None = option(None, ge=2, help="ppl:/kl: tokens per window (default 256; at most the model's "
+                                                  "context).")
+    score_last: int | None = option(None, ge=1, help="ppl:/kl: score only the last N tokens of each window, cut "
+                                                     "from the joined documents so that every --seq-len scores the "
+                                                     "same tokens (long-context comparisons).")
+
+    def window(self) -> dict[str, Any]:
+        """``make_evaluator``'s window options, only when set (they apply to ``ppl:``/``kl:`` tasks)."""
+        return {k: v for k, v in (("seq_len", self.seq_len), ("score_last", self.score_last)) if v is not None}
 
 
 def _score_number(v: Any) -> tuple[str, float] | None:
@@ -218,12 +228,12 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
     for t in cfg.tasks:
         ev = make_evaluator(model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot, split=t.split,
                             data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, metric=t.metric,
-                            compensation=compensation, exclude_docs=exclude_docs)
+                            compensation=compensation, exclude_docs=exclude_docs, **t.window())
         baseline = ev(None)
         if pruned_model is not None:
             pev = make_evaluator(pruned_model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot,
                                  split=t.split, data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
-                                 metric=t.metric, exclude_docs=exclude_docs)
+                                 metric=t.metric, exclude_docs=exclude_docs, **t.window())
             pruned = pev(None)
             calls += pev.calls
         elif removed is not None:

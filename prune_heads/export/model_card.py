@@ -227,7 +227,36 @@ def budget_section(plan: Any) -> str:
         se = f", standard error {fmt(drop['stderr'])}" if drop.get("stderr") is not None else ""
         lines += [f"Held-out verification ({_int(drop.get('n') or 0)} documents not used by the search): drop "
                   f"{fmt(drop['estimate'])}{se}{interval}; verdict **{verdict}**.", ""]
-    return "\n".join(lines)
+    task = plan.get("task") if isinstance(plan.get("task"), Mapping) else {}
+    if task.get("seq_len"):
+        lines += [f"The budget was shown to hold at {_int(task['seq_len'])} tokens of context (`{task.get('task')}`)"
+                  f"{'' if plan.get('guard') else '; longer contexts were not checked'}.", ""]
+    return "\n".join(lines + guard_lines(plan.get("guard")))
+
+
+def guard_lines(guard: Any) -> list[str]:
+    """The guard at the serving length (``select --guard-task``): its length, budget, result and held-out check."""
+    if not isinstance(guard, Mapping) or not isinstance(guard.get("budget"), Mapping):
+        return []
+    b = guard["budget"]
+    rel = bool(b.get("relative"))
+    fmt = (lambda x: f"{100 * float(x):.2f}%") if rel else (lambda x: f"{float(x):.4g}")
+    task = (guard.get("task") or {}).get("task", "the guard task")
+    length = f" at {_int(guard['seq_len'])} tokens" if guard.get("seq_len") else ""
+    base, res = guard.get("baseline") or {}, guard.get("result") or {}
+    lines = [f"Guard{length} (`{task}`): every probe of the search also had to stay within {fmt(b['max_drop'])}"
+             f"{' of the baseline' if rel else ''} there, by the same rule; {b.get('metric') or 'metric'} "
+             f"{float(base.get('value', float('nan'))):.4g} -> {float(res.get('value', float('nan'))):.4g} for this plan"
+             f" ({'within' if guard.get('within_budget') else 'NOT within'} budget)."]
+    if guard.get("refused"):
+        lines[-1] += f" The guard refused {len(guard['refused'])} probe(s) the search budget had passed."
+    v = guard.get("verification")
+    drop = v.get("drop") if isinstance(v, Mapping) else None
+    if isinstance(drop, Mapping):
+        verdict = v.get("verdict") or ("within" if v.get("within_budget") else "over")
+        lines.append(f"Guard on held-out documents ({_int(drop.get('n') or 0)} the guard's search never saw): drop "
+                     f"{fmt(drop['estimate'])}, one-sided bound {fmt(drop['bound'])}; verdict **{verdict}**.")
+    return lines + [""]
 
 
 # ---- front matter ---------------------------------------------------------------------------------

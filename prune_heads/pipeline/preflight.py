@@ -48,6 +48,13 @@ def check_task(task: str, what: str) -> None:
         from prune_heads.evaluation.local_tasks import check_mc_file
 
         check_mc_file(rest)
+    elif kind == "passkey":
+        from prune_heads.evaluation.passkey import parse_passkey
+
+        try:
+            parse_passkey(rest)
+        except PruneHeadsError as e:
+            raise PruneHeadsError(f"{what}: {e}") from None
     else:
         from prune_heads.evaluation.lmeval import OFFLINE_TASKS, _manager_for
 
@@ -78,9 +85,23 @@ def check_lengths(recipe: Any) -> None:
     except (OSError, ValueError, PruneHeadsError):
         return  # loading reports it, with the reason
     context = getattr(get_adapter(config).text_config(config), "max_position_embeddings", None)
-    for key, value in (("calibration.seq_len", recipe.calibration.seq_len), ("verify.seq_len", recipe.verify.seq_len)):
+    for key, value in _lengths(recipe):
         if context and value and value > context:
             raise PruneHeadsError(f"{key}: {value} tokens is beyond the model's context of {context}; lower it")
+
+
+def _lengths(recipe: Any) -> list[tuple[str, int | None]]:
+    """Every sequence length a recipe names: calibration, export check, windows, and ``passkey:LEN`` prompts."""
+    s = recipe.select
+    out = [("calibration.seq_len", recipe.calibration.seq_len), ("verify.seq_len", recipe.verify.seq_len),
+           ("select.seq_len", s.seq_len), ("select.guard_seq_len", s.guard_seq_len)]
+    out += [(f"evaluate.tasks.{i}.seq_len", t.seq_len) for i, t in enumerate(recipe.evaluate.tasks)]
+    for key, task in (("select.task", s.task), ("select.verify_task", s.verify_task), ("select.guard_task", s.guard_task),
+                      *((f"evaluate.tasks.{i}.task", t.task) for i, t in enumerate(recipe.evaluate.tasks))):
+        if task and task.startswith("passkey:"):
+            head = task.split(":")[1]
+            out.append((key, int(head) if head.isdigit() else None))
+    return out
 
 
 def check_inputs(recipe: Any) -> None:
@@ -88,7 +109,8 @@ def check_inputs(recipe: Any) -> None:
     check_model(recipe.model)
     check_lengths(recipe)
     check_data(recipe.calibration.data_now(), "calibration.data")
-    for key, task in (("select.task", recipe.select.task), ("select.verify_task", recipe.select.verify_task)):
+    for key, task in (("select.task", recipe.select.task), ("select.verify_task", recipe.select.verify_task),
+                      ("select.guard_task", recipe.select.guard_task)):
         if task:
             check_task(task, key)
     for i, t in enumerate(recipe.eval_tasks()):

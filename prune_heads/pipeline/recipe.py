@@ -30,7 +30,7 @@ from prune_heads.publish.stage import PushConfig
 from prune_heads.report.stage import ReportConfig
 from prune_heads.schema import Config, ConfigError, build, option
 from prune_heads.scoring.stage import CalibrateConfig
-from prune_heads.selection.stage import SelectConfig
+from prune_heads.selection.stage import SelectConfig, window_options
 
 
 class RecipeError(PruneHeadsError):
@@ -75,9 +75,10 @@ class Recipe(Config):
         if not s.task:
             return []
         if s.verify_task:
-            return [EvalTask(task=s.verify_task, num_fewshot=s.num_fewshot, limit=s.verify_limit, split="all")]
+            return [EvalTask(task=s.verify_task, num_fewshot=s.num_fewshot, limit=s.verify_limit, split="all",
+                             **window_options(s.verify_task, s.seq_len, s.score_last))]
         return [EvalTask(task=s.task, num_fewshot=s.num_fewshot, limit=s.verify_limit or s.limit,
-                         split="verify" if s.verify else "all")]
+                         split="verify" if s.verify else "all", **window_options(s.task, s.seq_len, s.score_last))]
 
 
 def validate(raw: Mapping[str, Any]) -> Recipe:

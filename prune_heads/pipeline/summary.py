@@ -61,7 +61,14 @@ class Summary:
         if self.selection:
             s = self.selection
             out.append(f"Selection: method `{s['method']}`, score `{s['score']}`, policy `{s['policy']}`, "
-                       f"compensation `{s['compensation']}`, budget {s['budget']}, task `{s['task']}`.")
+                       f"compensation `{s['compensation']}`, budget {s['budget']}, task `{s['task']}`"
+                       f"{' at ' + str(s['seq_len']) + ' tokens' if s.get('seq_len') else ''}.")
+            g = s.get("guard")
+            if g:
+                out.append(f"Guard at {g['seq_len']} tokens: `{g['task']}` within {g['budget']}; {g['metric']} "
+                           f"{g['baseline']:.4f} -> {g['result']:.4f} on the guard's search documents "
+                           f"({'within' if g['within_budget'] else 'NOT within'} budget; {g['refused']} probe(s) "
+                           f"refused), held out: {g['verdict'] or 'not checked'}.")
         if self.verification is not None:
             v = self.verification
             out.append(f"Export check: max |logit difference| {v['max_abs_logit_diff']:.3g} (tolerance "
@@ -99,7 +106,8 @@ def _fmt(r: dict[str, Any] | None) -> str:
 
 def _metric_row(m: dict[str, Any]) -> str:
     b, p = m.get("baseline") or {}, m.get("pruned") or {}
-    label = f"{m['task']} {b.get('metric', '')} ({m.get('split', 'all')}, {_units(b or p)})"
+    at = f" at {m['seq_len']} tokens" if m.get("seq_len") else ""
+    label = f"{m['task']}{at} {b.get('metric', '')} ({m.get('split', 'all')}, {_units(b or p)})"
     change = f"{p['value'] - b['value']:+.4f}" if b.get("value") is not None and p.get("value") is not None else ""
     return f"| {label} | {_fmt(b)} | {_fmt(p)} | {change} |"
 
@@ -116,7 +124,19 @@ def selection_brief(plan: Any) -> dict[str, Any]:
     budget = None if s.budget is None else {"max_drop": s.budget.max_drop, "relative": s.budget.relative,
                                             "confidence": s.budget.confidence}
     return {"method": s.method, "score": s.score_id, "policy": s.policy, "budget": budget,
-            "task": (s.task or {}).get("task"), "compensation": (s.compensation or {}).get("mode", "none")}
+            "task": (s.task or {}).get("task"), "seq_len": (s.task or {}).get("seq_len"),
+            "compensation": (s.compensation or {}).get("mode", "none"), "guard": guard_brief(s.guard)}
+
+
+def guard_brief(g: Any) -> dict[str, Any] | None:
+    """What the summary says of the guard at the serving length (None without one)."""
+    if g is None or not g.baseline or not g.result:
+        return None
+    return {"task": (g.task or {}).get("task"), "seq_len": g.seq_len, "metric": g.baseline.get("metric"),
+            "budget": {"max_drop": g.budget.max_drop, "relative": g.budget.relative,
+                       "confidence": g.budget.confidence},
+            "baseline": g.baseline["value"], "result": g.result["value"], "within_budget": g.within_budget,
+            "refused": len(g.refused), "verdict": g.verification.verdict if g.verification else None}
 
 
 def build_summary(recipe: Any, wd: Path, outcomes: dict[str, Any], complete: bool) -> Summary:
@@ -140,7 +160,7 @@ def build_summary(recipe: Any, wd: Path, outcomes: dict[str, Any], complete: boo
     if "evaluate" in done:
         res = _read(wd / "evaluate" / "results.json") or {}
         s.metrics = [{"task": t["task"]["task"], "split": t["task"].get("split", "all"), "baseline": t["baseline"],
-                      "pruned": t["pruned"]} for t in res.get("tasks", [])]
+                      "pruned": t["pruned"], "seq_len": t["task"].get("seq_len")} for t in res.get("tasks", [])]
         s.speed = res.get("speed")
     if "report" in done:
         s.report = str(wd / "report" / "plots" / "report.md")

@@ -100,6 +100,29 @@ class Verification:
 
 
 @dataclass
+class Guard:
+    """The second constraint of a selection, checked at the length the model is served at (``--guard-task``).
+
+    Every probe the budget passed was also judged on the guard task (``trace``); a probe the guard refused
+    counted as a failure of the search, so the chosen plan held both. ``seq_len`` is the length at which the
+    guard showed the budget to hold; ``verification`` judges the chosen plan on the guard task's held-out
+    documents (keys and fillers the guard's search never saw, for ``passkey:``).
+    """
+
+    task: dict[str, Any] | None
+    budget: Budget
+    seq_len: int | None = None
+    baseline: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    drop: DropStats | None = None
+    within_budget: bool = True
+    trace: list[Probe] = field(default_factory=list)
+    #: the numbers of units the guard refused after the search budget had passed them
+    refused: list[int] = field(default_factory=list)
+    verification: Verification | None = None
+
+
+@dataclass
 class Cost:
     evaluations: int = 0
     max_evaluations: int | None = None
@@ -173,6 +196,8 @@ class SelectionResult:
     baseline: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     verification: Verification | None = None
+    #: the second constraint at the serving length (``--guard-task``), when the selection had one
+    guard: Guard | None = None
     #: the plan failed its verification and was written anyway (``--accept-unverified``)
     accepted_unverified: bool = False
     trace: list[Probe] = field(default_factory=list)
@@ -185,7 +210,7 @@ class SelectionResult:
     details: Any = field(default_factory=ManualDetails)
     tool_version: str = __version__
 
-    NESTED: ClassVar[dict[str, type]] = {"budget": Budget, "verification": Verification, "cost": Cost}
+    NESTED: ClassVar[dict[str, type]] = {"budget": Budget, "verification": Verification, "cost": Cost, "guard": Guard}
 
     @classmethod
     def for_removal(cls, model: Any, mask: Any, **fields: Any) -> SelectionResult:
@@ -259,5 +284,5 @@ def result_dict(result: Any) -> dict[str, Any] | None:
     return dict(result.__dict__)
 
 
-__all__ = ["DETAILS", "Budget", "Cost", "DropStats", "GatesDetails", "IterativeDetails", "ManualDetails", "PlanFormatError",
+__all__ = ["DETAILS", "Budget", "Cost", "DropStats", "GatesDetails", "Guard", "IterativeDetails", "ManualDetails", "PlanFormatError",
            "Probe", "SelectionResult", "StaticDetails", "Verification", "register_details", "result_dict"]

@@ -228,28 +228,35 @@ def describe_drop(stats: DropStats | None, *, metric: str | None = None, relativ
 
 
 def raise_if_unverified(plan: Any, *, accept_unverified: bool = False, strict: bool = False) -> Any:
-    """Raise ``VerificationFailed`` when the plan's verification says it is over budget.
+    """Raise ``VerificationFailed`` when the plan's verification (or its guard's held-out check) says it is over
+    budget.
 
     ``strict`` also refuses an ``inconclusive`` verification (the held-out interval straddles the budget).
     With ``accept_unverified`` the plan is returned marked ``accepted_unverified``, with a warning.
     """
     sel = plan.selection
-    v = sel.verification
-    if v is None or v.verdict == WITHIN:
-        return plan
-    rel = bool(sel.budget.relative) if sel.budget else False
-    held = describe_drop(v.drop, metric=v.result.get("metric"), relative=rel)
-    if v.verdict == INCONCLUSIVE and not strict:
-        warnings.warn(f"verification inconclusive: {held}; more held-out documents would settle it", stacklevel=3)
-        return plan
-    chosen = sel.chosen_probe
-    search = describe_drop(chosen.drop, relative=rel) if chosen is not None and chosen.drop else "no statistics"
-    what = "over budget" if v.verdict == OVER else "not shown to be within budget"
-    msg = (f"verification failed: the chosen {sel.heads_removed} heads are {what} on the held-out data ({held}); "
-           f"on the search split: {search}. Select again with more documents (--limit) or a higher --confidence, "
-           "or pass --accept-unverified to write this plan anyway (it is then marked accepted_unverified)")
-    err = VerificationFailed(msg, plan)
-    if accept_unverified:
-        warnings.warn(msg, stacklevel=3)
-        return err.accept()
-    raise err
+    checks = [("", sel.verification, sel.budget, sel.chosen_probe)]
+    if sel.guard is not None and sel.guard.verification is not None:
+        g = sel.guard
+        checks.append((f"guard {(g.task or {}).get('task', '')} ", g.verification, g.budget, None))
+    for what, v, budget, chosen in checks:
+        if v is None or v.verdict == WITHIN:
+            continue
+        rel = bool(budget.relative) if budget else False
+        held = describe_drop(v.drop, metric=v.result.get("metric"), relative=rel)
+        if v.verdict == INCONCLUSIVE and not strict:
+            warnings.warn(f"{what}verification inconclusive: {held}; more held-out documents would settle it",
+                          stacklevel=3)
+            continue
+        search = describe_drop(chosen.drop, relative=rel) if chosen is not None and chosen.drop else "no statistics"
+        state = "over budget" if v.verdict == OVER else "not shown to be within budget"
+        msg = (f"{what}verification failed: the chosen {sel.heads_removed} heads are {state} on the held-out data "
+               f"({held}); on the search split: {search}. Select again with more documents (--limit) or a higher "
+               "--confidence, or pass --accept-unverified to write this plan anyway (it is then marked "
+               "accepted_unverified)")
+        err = VerificationFailed(msg, plan)
+        if accept_unverified:
+            warnings.warn(msg, stacklevel=3)
+            return err.accept()
+        raise err
+    return plan

@@ -71,7 +71,8 @@ class SelectConfig(Config):
     method: Any = option(default_factory=StaticMethod, variants=METHODS, key="method",
                          help="How heads are chosen.")
     task: str | None = option(None, help="Budget task: an lm-eval task (arc_easy, hellaswag, mmlu, ...), "
-                                         "mc:FILE.jsonl, ppl:DATA or kl:DATA (gates: optional, evaluation only).")
+                                         "mc:FILE.jsonl, ppl:DATA, kl:DATA or passkey:LEN[:NEEDLES] (gates: "
+                                         "optional, evaluation only).")
     max_drop: float | None = option(None, ge=0,
                                     help="Allowed loss: 0.01 = one accuracy point; a fraction of the baseline with "
                                          "--relative; perplexity/KL units for ppl:/kl: tasks.")
@@ -95,6 +96,20 @@ class SelectConfig(Config):
     verify: bool = option(True, help="Check the plan on the held-out half of the task's documents.")
     verify_task: str | None = option(None, help="Task to verify on (default: the held-out split of --task).")
     verify_limit: int | None = option(None, ge=1, help="Documents to verify on (default: --limit).")
+    seq_len: int | None = option(None, ge=2, help="ppl:/kl: budget and verify tasks: tokens per window (default "
+                                                  "256; at most the model's context).")
+    score_last: int | None = option(None, ge=1, help="ppl:/kl: score only the last N tokens of each window (the "
+                                                     "same tokens at every --seq-len).")
+    guard_task: str | None = option(None, help="Second constraint at the serving length, e.g. passkey:2048 (or "
+                                               "ppl:DATA with --guard-seq-len): a probe (and so the plan) must also "
+                                               "stay within --guard-max-drop there.")
+    guard_max_drop: float | None = option(None, ge=0, help="Allowed loss on --guard-task (as --max-drop: 0.1 = ten "
+                                                           "accuracy points; a fraction with --guard-relative).")
+    guard_relative: bool = option(False, help="--guard-max-drop is a fraction of the guard's baseline value.")
+    guard_limit: int | None = option(None, ge=1, help="Documents of --guard-task per split (search and held out).")
+    guard_seq_len: int | None = option(None, ge=2, help="ppl:/kl: guard tasks: tokens per window.")
+    guard_score_last: int | None = option(None, ge=1, help="ppl:/kl: guard tasks: score the last N tokens of each "
+                                                           "window.")
     policy: str = option("free", choices=POLICY_CHOICES, cli="gqa",
                          help="free: any head; kv-groups: whole KV groups (the KV cache shrinks); uniform: the same "
                               "number of heads from every group (stock architecture on export).")
@@ -121,9 +136,24 @@ class SelectConfig(Config):
         label_free = bool(self.task) and self.task.startswith(("ppl:", "kl:"))
         if self.max_drop is not None and not label_free and not self.relative and self.max_drop >= 1:
             raise ConfigError("max_drop", f"must be below 1 for an accuracy task (0.01 = one point), got {self.max_drop}")
+        self._check_guard()
         if isinstance(self.method, IterativeMethod) and self.policy == "uniform":
             raise ConfigError("policy", "iterative selection supports free and kv-groups (select a uniform plan with "
                                         "the static method)")
+
+    def _check_guard(self) -> None:
+        if self.guard_task is None:
+            if self.guard_max_drop is not None:
+                raise ConfigError("guard_max_drop", "--guard-max-drop needs --guard-task (e.g. passkey:2048)")
+            return
+        if self.guard_max_drop is None:
+            raise ConfigError("guard_max_drop", "--guard-task needs --guard-max-drop (0.1 = ten accuracy points)")
+        if not isinstance(self.method, StaticMethod):
+            raise ConfigError("guard_task", "the guard is checked by the static method's search; use --method static")
+        label_free = self.guard_task.startswith(("ppl:", "kl:"))
+        if not label_free and not self.guard_relative and self.guard_max_drop >= 1:
+            raise ConfigError("guard_max_drop", f"must be below 1 for an accuracy task (0.1 = ten points), got "
+                                                f"{self.guard_max_drop}")
 
     @property
     def method_name(self) -> str:
@@ -162,6 +192,8 @@ class SelectContext:
     data: str | None = None
     #: the ``Compensator`` every evaluation applies (None: removed heads are zeroed)
     compensation: Any = None
+    #: the second constraint at the serving length (``selection.guard.GuardCheck``), when configured
+    guard: Any = None
 
     @property
     def pad_id(self) -> int:
@@ -192,7 +224,7 @@ def _static(cfg: SelectConfig, ctx: SelectContext) -> Any:
                          relative=cfg.relative, policy=cfg.policy, min_heads_per_layer=cfg.min_heads_per_layer,
                          allow_empty_layers=cfg.allow_empty_layers, verify_evaluator=ctx.verify,
                          progress=ctx.progress, seed=cfg.seed, **budget_options(cfg), surrogate=cfg.surrogate,
-                         search=cfg.search)
+                         search=cfg.search, guard=ctx.guard)
 
 
 def budget_options(cfg: SelectConfig) -> dict[str, Any]:
@@ -243,6 +275,13 @@ def calibration_documents(scores: Any) -> list[str]:
     return recorded_documents((getattr(scores, "meta", None) or {}).get("data"))
 
 
+def window_options(task: str | None, seq_len: int | None, score_last: int | None) -> dict[str, Any]:
+    """``make_evaluator``'s ``seq_len``/``score_last`` for a ``ppl:``/``kl:`` task (others take no window)."""
+    if not task or not task.startswith(("ppl:", "kl:")):
+        return {}
+    return {k: v for k, v in (("seq_len", seq_len), ("score_last", score_last)) if v is not None}
+
+
 def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None) -> tuple[Any, Any]:
     """The search evaluator and the verification one (held-out half of the task, or --verify-task).
 
@@ -257,7 +296,8 @@ def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None
 
     def make(task: str, split: str, limit: int | None) -> Any:
         return make_evaluator(model, tokenizer, task, limit=limit, num_fewshot=cfg.num_fewshot, split=split,
-                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, exclude_docs=exclude)
+                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, exclude_docs=exclude,
+                              **window_options(task, cfg.seq_len, cfg.score_last))
 
     other_task = cfg.verify_task is not None and cfg.verify_task != cfg.task
     search = make(cfg.task, "all" if other_task else "search", cfg.limit)
@@ -266,6 +306,25 @@ def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None
         verify = make(cfg.verify_task, "all", cfg.verify_limit or cfg.limit) if other_task else \
             make(cfg.task, "verify", cfg.verify_limit or cfg.limit)
     return search, verify
+
+
+def guard_check(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None) -> Any:
+    """The ``GuardCheck`` of ``--guard-task`` (its search split, and its held-out split when verifying), or None."""
+    if not cfg.guard_task:
+        return None
+    from prune_heads.evaluation import make_evaluator
+    from prune_heads.selection.budget import make_budget
+    from prune_heads.selection.guard import GuardCheck
+
+    def make(split: str) -> Any:
+        return make_evaluator(model, tokenizer, cfg.guard_task, limit=cfg.guard_limit, split=split,
+                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
+                              exclude_docs=calibration_documents(scores),
+                              **window_options(cfg.guard_task, cfg.guard_seq_len, cfg.guard_score_last))
+
+    budget = make_budget(cfg.guard_max_drop, cfg.guard_relative, cfg.confidence)
+    return GuardCheck(make("search"), budget, verify_evaluator=make("verify") if cfg.verify else None,
+                      allow_underpowered=cfg.allow_underpowered)
 
 
 def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *, model_id: str | None = None,
@@ -282,7 +341,8 @@ def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *,
         check_plan_output(out, overwrite)  # the plan and its compensation file, before the search
     scores.check(loaded.model)
     search, verify = evaluators(cfg, loaded.model, loaded.tokenizer, scores)
-    ctx = SelectContext(loaded.model, loaded.tokenizer, scores, search, verify, progress=progress, data=cfg.data)
+    ctx = SelectContext(loaded.model, loaded.tokenizer, scores, search, verify, progress=progress, data=cfg.data,
+                        guard=guard_check(cfg, loaded.model, loaded.tokenizer, scores))
     _compensate(cfg, ctx)
     _check_ablation_ranking(cfg, scores)
     try:
@@ -364,6 +424,8 @@ def _compensate(cfg: SelectConfig, ctx: SelectContext) -> None:
                                        batch_size=cfg.batch_size, pad_id=ctx.pad_id)
     ctx.search = evaluator_with(ctx.search, ctx.compensation)
     ctx.verify = evaluator_with(ctx.verify, ctx.compensation)
+    if ctx.guard is not None:
+        ctx.guard = ctx.guard.with_compensation(ctx.compensation)
 
 
 def plot_search(plan: Any, path: Path) -> list[Path]:
@@ -396,6 +458,12 @@ def plan_line(plan: Any, out: Any) -> str:
         msg += f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f} ({verdict} budget)"
         if s.accepted_unverified:
             msg += ", ACCEPTED UNVERIFIED"
+    g = s.guard
+    if g is not None and g.result:
+        where = f" at {g.seq_len} tokens" if g.seq_len else ""
+        msg += (f"; guard {(g.task or {}).get('task')}{where} {g.baseline['value']:.4f} -> {g.result['value']:.4f} "
+                f"({'within' if g.within_budget else 'OUTSIDE'} budget"
+                f"{f', refused {len(g.refused)} probe(s)' if g.refused else ''})")
     if s.cost.evaluations:
         msg += f"; {s.cost.evaluations} evaluations"
     return f"{msg} -> {out}"

@@ -84,7 +84,8 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
                   allow_empty_layers: bool = False, verify_evaluator: Any = None, progress: bool = True,
                   seed: int = 0, first_probe: int | None = None, confidence: float = 0.0,
                   allow_underpowered: bool = False, accept_unverified: bool = False,
-                  strict_verification: bool = False, surrogate: str | None = None, search: str | None = None) -> Plan:
+                  strict_verification: bool = False, surrogate: str | None = None, search: str | None = None,
+                  guard: Any = None) -> Plan:
     """Largest static removal within budget under a score ranking; returns a ``Plan`` with its provenance.
 
     Args:
@@ -106,6 +107,8 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         search: ``ascend`` (test increasing k, stop at the first failure: the bound's confidence holds for
             the returned k) or ``bisect`` (gallop + bisection: fewest evaluations, exact for a noiseless
             metric); default ``bisect`` at confidence 0 without a surrogate, else ``ascend``.
+        guard: a ``selection.guard.GuardCheck`` (a second task, e.g. ``passkey:2048``): a probe passes only when
+            the guard passes it too, and the plan records the guard's verdict and its held-out check.
     """
     t0 = time.time()
     layout = get_adapter(model).layout(model.config)
@@ -124,11 +127,13 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
     # the bisection's bound is exact; the ascending search is capped at twice its geometric-growth count
     n_max = (max_probes(len(units)) if strategy == "bisect" else 2 * max_probes_ascending(len(units), first_probe)) + 1
     bar = tqdm(total=n_max, desc=f"select ({score_id}, {policy})", unit="eval", disable=not progress)
-    probe = _Prober(evaluator, units, layout, bar)
+    probe = _Prober(evaluator, units, layout, bar, guard)
     baseline = probe.evaluate(0)
     _check_surrogate(baseline, surrogate)
     probe.judge = BudgetJudge.start(baseline, budget, surrogate=surrogate, allow_underpowered=allow_underpowered,
                                     seconds=probe.baseline_seconds)
+    if guard is not None:
+        guard.start()
 
     if not units:
         warnings.warn("no head can be removed under this policy and --min-heads-per-layer", stacklevel=2)
@@ -150,6 +155,7 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         # held-out data judge the same (compensated) model the search evaluated
         verify_evaluator = evaluator_with(verify_evaluator, getattr(evaluator, "compensation", None))
         verification = verify(verify_evaluator, mask, budget, any_removed=bool(k))
+    guard_record = guard.record(mask if k else None, k=k, heads_removed=int(mask.sum())) if guard is not None else None
 
     selection = SelectionResult.for_removal(
         model, mask,
@@ -163,6 +169,7 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         baseline=result_dict(baseline),
         result=result_dict(chosen),
         verification=verification,
+        guard=guard_record,
         trace=probe.judge.trace,
         cost=Cost(evaluations=len(probe.judge.trace), max_evaluations=n_max, wall_seconds=round(time.time() - t0, 2)),
         scores=scores.summary() if scores is not None else None,
@@ -190,10 +197,12 @@ def _strategy(search: str | None, budget: Budget, surrogate: str | None) -> str:
 
 
 class _Prober:
-    """Evaluates prefixes of the ranking once each and judges every new one (the plan's trace)."""
+    """Evaluates prefixes of the ranking once each and judges every new one (the plan's trace); with a guard, a
+    prefix the budget passed passes only if the guard passes it too."""
 
-    def __init__(self, evaluator: Any, units: list, layout: HeadLayout, bar: Any) -> None:
-        self.evaluator, self.units, self.layout, self.bar = evaluator, units, layout, bar
+    def __init__(self, evaluator: Any, units: list, layout: HeadLayout, bar: Any, guard: Any = None) -> None:
+        self.evaluator, self.units, self.layout, self.bar, self.guard = evaluator, units, layout, bar, guard
+        self.guarded: dict[int, bool] = {}
         self.cache: dict[int, Any] = {}
         self.judge: BudgetJudge | None = None
         self.baseline_seconds = 0.0
@@ -212,7 +221,13 @@ class _Prober:
     def passes(self, k: int) -> bool:
         self.evaluate(k)
         assert self.judge is not None
-        return bool(next(p for p in reversed(self.judge.trace) if p.k == k).within_budget)
+        ok = bool(next(p for p in reversed(self.judge.trace) if p.k == k).within_budget)
+        if ok and self.guard is not None and k:
+            if k not in self.guarded:
+                mask = removal_mask(self.units, k, self.layout)
+                self.guarded[k] = self.guard.passes(mask, k=k, heads_removed=int(mask.sum()))
+            ok = self.guarded[k]
+        return ok
 
 
 def _check_surrogate(baseline: Any, surrogate: str | None) -> None:

@@ -1,0 +1,465 @@
+"""Long-context evaluation: ``ppl:``/``kl:`` windows at any length scored on the same tokens, against a naive
+per-window reference computed with plain forwards of a zeroed copy (no masking code, no batching)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from test_evaluation import REMOVED, char_tokenizer, zeroed_copy
+from tiny_models import tiny_model
+
+from prune_heads.errors import PruneHeadsError
+from prune_heads.evaluation import make_evaluator
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8), char_tokenizer()
+
+
+def write_text(path, n=24, seed=0):
+    rng = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "far", "away"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(n)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return str(path)
+
+
+@torch.no_grad()
+def naive_windows(model, ref_model, windows, score_last):
+    """Per window: summed NLL and summed KL(ref || model) of its last ``score_last`` tokens, one forward each."""
+    nll, kl = [], []
+    for w in windows:
+        x = torch.tensor([w])
+        lp = model(x).logits[0].log_softmax(-1)
+        lr = ref_model(x).logits[0].log_softmax(-1)
+        n = k = 0.0
+        for t in range(len(w) - score_last, len(w)):  # target t is predicted at position t - 1
+            n -= float(lp[t - 1, w[t]])
+            k += float((lr[t - 1].exp() * (lr[t - 1] - lp[t - 1])).sum())
+        nll.append(n)
+        kl.append(k)
+    return nll, kl
+
+
+def test_windows_score_the_same_tokens_at_every_length(tiny, tmp_path):
+    model, tok = tiny
+    data = write_text(tmp_path / "t.txt")
+    evs = {L: make_evaluator(model, tok, f"ppl:{data}", limit=5, seq_len=L, score_last=16, batch_size=2)
+           for L in (17, 40, 128, 256)}
+    ids = {L: ev.doc_ids for L, ev in evs.items()}
+    assert len(set(ids.values())) == 1 and len(ids[17]) == 5
+    scored = {L: [tuple(s[-16:]) for s in ev.backend.seqs] for L, ev in evs.items()}
+    assert all(scored[L] == scored[17] for L in scored)
+    for L, ev in evs.items():
+        assert all(len(s) == L for s in ev.backend.seqs)
+        assert ev.task_config["num_positions"] == 5 * 16 and ev.task_config["score_last"] == 16
+    # longer windows are the shorter ones with earlier context prepended
+    for a, b in zip(evs[40].backend.seqs, evs[256].backend.seqs):
+        assert b[-40:] == a
+    # the scored blocks are cut from the text: the stream, not padding, and they do not overlap
+    ends = [int(d.rsplit("@", 1)[1]) for d in ids[17]]
+    assert len(set(ids[17])) == 5 and all(e > 0 for e in ends)
+
+
+@pytest.mark.parametrize("L", [24, 128, 256])
+def test_window_loss_matches_naive_reference(tiny, tmp_path, L):
+    model, tok = tiny
+    data = write_text(tmp_path / "t.txt")
+    ev = make_evaluator(model, tok, f"ppl:{data}", limit=4, seq_len=L, score_last=12, batch_size=3)
+    windows = ev.backend.seqs
+    ref = zeroed_copy(model, REMOVED)
+    base_nll, _ = naive_windows(model, model, windows, 12)
+    masked_nll, masked_kl = naive_windows(ref, model, windows, 12)
+    b, m = ev(), ev(REMOVED)
+    assert b.n == 4 * 12
+    assert b.docs.values == pytest.approx(base_nll, rel=1e-5)
+    assert b.value == pytest.approx(torch.tensor(sum(base_nll) / 48).exp().item(), rel=1e-5)
+    assert m.docs.values == pytest.approx(masked_nll, rel=1e-5) and m.value != pytest.approx(b.value)
+    kl = make_evaluator(model, tok, f"kl:{data}", limit=4, seq_len=L, score_last=12, batch_size=3)
+    assert kl.doc_ids == ev.doc_ids
+    km = kl(REMOVED)
+    assert km.docs.values == pytest.approx(masked_kl, rel=1e-4) and km.value == pytest.approx(sum(masked_kl) / 48, rel=1e-4)
+
+
+def test_document_mode_at_another_seq_len_matches_naive(tiny, tmp_path):
+    """Without --score-last, --seq-len truncates each document (the scored tokens are all of them)."""
+    model, tok = tiny
+    data = write_text(tmp_path / "t.txt", n=6)
+    ev = make_evaluator(model, tok, f"ppl:{data}", seq_len=40, batch_size=4)
+    docs = open(data).read().strip().split("\n\n")
+    windows = [tok(d, add_special_tokens=False).input_ids[:40] for d in docs]
+    nll, _ = naive_windows(model, model, windows, 39)
+    r = ev()
+    assert ev.backend.seqs == windows and r.docs.values == pytest.approx(nll, rel=1e-5) and r.n == 6 * 39
+
+
+def test_bad_lengths_are_one_line(tiny, tmp_path):
+    model, tok = tiny
+    data = write_text(tmp_path / "t.txt")
+    with pytest.raises(PruneHeadsError, match=r"--seq-len 300 is beyond the model's context of 256 tokens") as e:
+        make_evaluator(model, tok, f"ppl:{data}", seq_len=300)
+    assert "\n" not in str(e.value)
+    with pytest.raises(PruneHeadsError, match="--score-last must be between 1 and"):
+        make_evaluator(model, tok, f"ppl:{data}", seq_len=32, score_last=32)
+    with pytest.raises(PruneHeadsError, match="apply to ppl:/kl: tasks"):
+        make_evaluator(model, tok, "arc_easy", seq_len=32)
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat on the mat and ran far away, the cat sat on the mat\n")
+    with pytest.raises(PruneHeadsError, match="too few for"):
+        make_evaluator(model, tok, f"ppl:{short}", limit=4, seq_len=64, score_last=8)
+
+
+# ---- passkey: retrieval against hand-built models ------------------------------------------------------
+def retrieve(tok, ids, window=None, wrong=False):
+    """``{position: token}``: what a causal retrieval rule predicts in one sequence. Once the question
+    ("What is the LABEL pass key? The LABEL pass key is") has been read, it looks back (within ``window``
+    tokens, or anywhere) for the needle "The LABEL pass key is DIGITS" and predicts the key's next character.
+    ``wrong`` shifts every digit by one (a model that retrieves the wrong key). One token per character."""
+    text = tok.decode(list(ids))
+    out = {}
+    q = text.find("What is the ")
+    if q < 0:
+        return out
+    label = text[q + len("What is the "): text.find("pass key?", q)]
+    ask = f" The {label}pass key is "
+    after = text.find("pass key is", q + len("What is the ")) + len("pass key is")
+    for t in range(after - 1, min(len(text), after + 5)):
+        lo = 0 if window is None else max(0, t + 1 - window)
+        n = text.find(ask, lo, q)
+        if n < 0:
+            continue
+        j = t + 1 - after  # answer characters written so far, the space included
+        ch = " " if j == 0 else text[n + len(ask) + j - 1]
+        if wrong and ch != " ":
+            ch = str((int(ch) + 1) % 10)
+        out[t] = tok(ch, add_special_tokens=False).input_ids[0]
+    return out
+
+
+class Oracle(torch.nn.Module):
+    """A model that only applies ``retrieve`` (no weights used)."""
+
+    def __init__(self, config, tok, window=None, wrong=False):
+        super().__init__()
+        self.config, self.tok, self.window, self.wrong = config, tok, window, wrong
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0, **kw):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        for b in range(B):
+            for t, tok_id in retrieve(self.tok, input_ids[b].tolist(), self.window, self.wrong).items():
+                logits[b, t, tok_id] = 1.0
+        return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
+
+
+@pytest.fixture(scope="module")
+def long_tiny():
+    return tiny_model("llama", layers=1, heads=2, kv_heads=1, head_dim=8, max_position_embeddings=1024), char_tokenizer()
+
+
+@pytest.mark.parametrize("spec", ["400", "600:3"])
+def test_passkey_prompt_has_the_length_and_needle_depth_asked(long_tiny, spec):
+    """Exact length; each needle after ``round(depth * filler)`` filler tokens (counted independently from the
+    texts of the pieces: one token per character here, and no document-start token)."""
+    from prune_heads.evaluation.passkey import DEPTHS, INTRO, PasskeyBackend
+
+    model, tok = long_tiny
+    pk = PasskeyBackend(model, tok, spec, limit=10, split="search", seed=3, batch_size=4)
+    length, needles = (int(x) for x in (spec + ":1").split(":")[:2])
+    assert {len(d.prompt) for d in pk.docs} == {length}
+    assert len({d.depth for d in pk.docs}) >= 3 and {d.depth for d in pk.docs} <= set(DEPTHS)
+    for d in pk.docs:
+        text = tok.decode(d.prompt)
+        assert text.startswith(INTRO) and text.endswith("pass key is")
+        needle_texts, keys = [], []
+        for s in d.needle_starts:
+            rest = text[s:]
+            needle_texts.append(rest[: rest.index("pass key.") + len("pass key.")])
+            keys.append(rest.split("pass key is ")[1][:5])
+        assert needle_texts[0].startswith(" The ") and len(set(keys)) == needles
+        assert d.key == keys[d.asked] and tok.decode(d.answer) == " " + d.key
+        question = text[text.rindex(" What is the"):]
+        assert (needles == 1) == (question == " What is the pass key? The pass key is")
+        room = length - len(INTRO) - sum(len(t) for t in needle_texts) - len(question)
+        for m, s in enumerate(d.needle_starts):
+            depth = (d.depth + m / needles) % 1.0
+            earlier = sum(len(needle_texts[j]) for j, s2 in enumerate(d.needle_starts) if s2 < s)
+            assert s - len(INTRO) - earlier == round(depth * room)
+
+
+def test_passkey_oracle_scores_100_wrong_key_0_and_window_by_depth(long_tiny):
+    from prune_heads.evaluation.evaluator import Evaluator
+    from prune_heads.evaluation.passkey import PasskeyBackend
+
+    model, tok = long_tiny
+    for spec in ("300", "500:4"):
+        def run(m, spec=spec):
+            b = PasskeyBackend(m, tok, spec, limit=10, split="verify", seed=1, batch_size=3)
+            return Evaluator(m, b, b.task_config)(), b
+
+        good, b = run(Oracle(model.config, tok))
+        assert good.value == 1.0 and good.metric == "exact_match" and good.higher_is_better and good.n == 10
+        assert list(good.docs.values) == [1.0] * 10 and good.docs.ids == tuple(b.doc_ids)
+        bad, _ = run(Oracle(model.config, tok, wrong=True))
+        assert bad.value == 0.0
+        # a model that sees only its last 200 tokens finds exactly the needles within them
+        near, b = run(Oracle(model.config, tok, window=200))
+        want = [float(d.needle_starts[d.asked] >= len(d.prompt) + 5 - 200) for d in b.docs]
+        assert list(near.docs.values) == want and 0 < sum(want) < 10
+        from prune_heads.evaluation.paired import paired_drop
+
+        drop = paired_drop(good, near)
+        assert drop.estimate == pytest.approx(1 - sum(want) / 10) and drop.method == "paired"
+
+
+def test_passkey_splits_disjoint_seeded_and_deterministic(long_tiny):
+    from prune_heads.evaluation.passkey import PasskeyBackend
+
+    model, tok = long_tiny
+    mk = lambda split, seed: PasskeyBackend(model, tok, "200", limit=40, split=split, seed=seed, batch_size=8)  # noqa: E731
+    s, v = mk("search", 0), mk("verify", 0)
+    assert not set(s.doc_ids) & set(v.doc_ids)
+    assert not {d.key for d in s.docs} & {d.key for d in v.docs} or len({d.key for d in s.docs}) == 40
+    again = mk("search", 0)
+    assert [d.prompt + d.answer for d in again.docs] == [d.prompt + d.answer for d in s.docs]
+    other = mk("search", 1)
+    assert other.doc_ids != s.doc_ids and [d.key for d in other.docs] != [d.key for d in s.docs]
+
+
+def test_passkey_through_make_evaluator_with_a_real_model_and_mask(long_tiny):
+    """The real tiny model (random weights) under the task: its verdicts equal naive greedy generation with
+    ``generate``. Its own greedy continuation, swapped in as the key of half the documents, scores 1 there
+    (teacher forcing decides exactly as greedy decoding), masked as unmasked."""
+    from prune_heads.evaluation.evaluator import Evaluator
+    from prune_heads.model.masking import static_mask
+
+    model, tok = long_tiny
+    ev = make_evaluator(model, tok, "passkey:200", limit=4, split="search", batch_size=3)
+    for removed in (None, [(0, 1)]):
+        docs = ev.backend.docs
+        with static_mask(model, removed or []):
+            gen = [model.generate(torch.tensor([d.prompt]), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=0)[0, len(d.prompt):].tolist() for d in docs]
+        r = ev(removed)
+        assert list(r.docs.values) == [float(g[:len(d.answer)] == d.answer) for g, d in zip(gen, docs)]
+        swapped = copy.copy(ev.backend)  # the same model, so the mask reaches it (answers of 6 tokens: no padding)
+        swapped.docs = copy.deepcopy(docs)
+        for d, g in zip(swapped.docs[::2], gen[::2]):
+            d.answer = g
+        r2 = Evaluator(model, swapped, swapped.task_config)(removed)
+        assert list(r2.docs.values[::2]) == [1.0, 1.0]
+
+
+def test_passkey_bad_input_is_one_line(long_tiny, tiny):
+    from tiny_tokenizer import tiny_tokenizer
+
+    model, tok = long_tiny
+    for spec, msg in [("x", "expected passkey:LENGTH"), ("100:9", "between 1 and 8 needles"),
+                      ("60", "cannot hold the prompt's fixed parts"), ("1020", "beyond the model's context of 1024")]:
+        with pytest.raises(PruneHeadsError, match=msg) as e:
+            make_evaluator(model, tok, f"passkey:{spec}", limit=2)
+        assert "\n" not in str(e.value)
+    with pytest.raises(PruneHeadsError, match="cannot write the key's digits"):
+        make_evaluator(model, tiny_tokenizer(), "passkey:200", limit=2)
+
+
+def test_eval_cli_takes_passkey_and_long_windows(tmp_path):
+    """``prune-heads eval`` passes --seq-len/--score-last and passkey: through the one stage function; the
+    windows it scores are those ``make_evaluator`` builds, and a length beyond the context exits 2 in one line."""
+
+    from click.testing import CliRunner
+
+    from prune_heads.cli.main import cli
+
+    model, tok = tiny_model("llama", layers=1, heads=2, kv_heads=1, head_dim=8), char_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = write_text(tmp_path / "t.txt")
+
+    def run(*args):
+        return CliRunner().invoke(cli, ["eval", str(tmp_path / "m"), *map(str, args)])
+
+    r = run("--task", f"ppl:{data}", "--seq-len", 128, "--score-last", 16, "--limit", 3, "-o", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    t = json.loads((tmp_path / "p.json").read_text())["tasks"][0]
+    want = make_evaluator(model, tok, f"ppl:{data}", seq_len=128, score_last=16, limit=3)()
+    assert t["task"]["seq_len"] == 128 and t["task"]["score_last"] == 16
+    assert t["baseline"]["value"] == pytest.approx(want.value, rel=1e-6) and t["baseline"]["n"] == 48
+    r = run("--task", "passkey:200", "--limit", 4, "-o", tmp_path / "k.json")
+    assert r.exit_code == 0, r.output
+    t = json.loads((tmp_path / "k.json").read_text())["tasks"][0]
+    assert t["baseline"]["metric"] == "exact_match" and t["baseline"]["n"] == 4 and t["task"]["seq_len"] == 200
+    r = run("--task", f"ppl:{data}", "--seq-len", 4096, "-o", tmp_path / "x.json")
+    assert r.exit_code == 2 and "beyond the model's context of 256 tokens" in r.output
+    assert "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith("error: --seq-len 4096")
+
+
+# ---- the guard: a plan checked at the serving length ----------------------------------------------------
+from transformers import LlamaForCausalLM  # noqa: E402
+
+
+class RetrievalLlama(LlamaForCausalLM):
+    """A tiny Llama built to need one head, (1, 2), for pass-key retrieval.
+
+    Its forward is the real model's (random weights), so the real static mask acts on it; a pre-hook on
+    layer 1's ``o_proj`` sees whether head 2's output reaches it. Where ``retrieve`` predicts a key
+    character a large logit is added: the right key while the head is alive, a wrong one once the mask has
+    zeroed it. Text without a pass-key question gets the plain model's logits, so ``ppl:`` on it is real.
+    """
+
+    HEAD = (1, 2)
+    tok = None
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kw):
+        layer, head = self.HEAD
+        d = self.config.head_dim
+        seen = {}
+        hook = self.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, args: seen.__setitem__("x", args[0][..., head * d:(head + 1) * d]))
+        try:
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                                  **kw)
+        finally:
+            hook.remove()
+        alive = bool(seen["x"].abs().amax() > 0)
+        T, keep = input_ids.shape[1], out.logits.shape[1]
+        for b in range(input_ids.shape[0]):
+            for t, tok_id in retrieve(self.tok, input_ids[b].tolist(), wrong=not alive).items():
+                if t >= T - keep:
+                    out.logits[b, t - (T - keep), tok_id] += 100.0
+        return out
+
+
+@pytest.fixture(scope="module")
+def retrieval(tmp_path_factory):
+    from tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = RetrievalLlama(tiny_config("llama", layers=2, heads=4, kv_heads=2, head_dim=8,
+                                       max_position_embeddings=1024)).eval()
+    model.tok = tok
+    data = write_text(tmp_path_factory.mktemp("guard") / "t.txt")
+    return model, tok, data
+
+
+def _select(model, tok, data, guard, seed):
+    from prune_heads.selection.static import select_static
+
+    def ppl(split):
+        return make_evaluator(model, tok, f"ppl:{data}", split=split, limit=4, seq_len=64)
+
+    return select_static(model, None, ppl("search"), score_id="random", seed=seed, max_drop=10.0, relative=True,
+                         confidence=0.9, verify_evaluator=ppl("verify"), guard=guard, progress=False)
+
+
+def test_guard_refuses_a_plan_that_breaks_retrieval(retrieval):
+    """Unguarded, the perplexity budget (lax on purpose) removes the retrieval head; with ``passkey:200`` as the
+    guard the search stops before it: every probe that removed it was refused by the guard's paired bound, the
+    plan keeps it, and the plan records the guard's length, verdict and held-out check."""
+    from prune_heads.model.adapters import get_adapter
+    from prune_heads.selection.budget import make_budget
+    from prune_heads.selection.guard import GuardCheck
+    from prune_heads.selection.policies import candidate_units
+    from prune_heads.selection.static import ranking
+
+    model, tok, data = retrieval
+    layout = get_adapter(model).layout(model.config)
+    seed = next(s for s in range(50) if 2 <= [u[0] for u in candidate_units(
+        ranking(None, "random", layout, s), layout, "free", 1, False)].index(model.HEAD) < 5)
+    units = candidate_units(ranking(None, "random", layout, seed), layout, "free", 1, False)
+    pos = [u[0] for u in units].index(model.HEAD)  # the retrieval head is the (pos + 1)-th unit removed
+
+    free = _select(model, tok, data, None, seed)
+    assert model.HEAD in free.removed_heads and free.selection.guard is None
+
+    def passkey(split):
+        return make_evaluator(model, tok, "passkey:200", split=split, limit=6)
+
+    guard = GuardCheck(passkey("search"), make_budget(0.1, False, 0.9), verify_evaluator=passkey("verify"))
+    plan = _select(model, tok, data, guard, seed)
+    g = plan.selection.guard
+    assert model.HEAD not in plan.removed_heads and 0 < len(plan.removed_heads) <= pos
+    assert g.seq_len == 200 and g.task["task"] == "passkey:200" and g.baseline["value"] == 1.0
+    assert g.within_budget and g.result["value"] == 1.0 and g.verification.verdict == "within"
+    assert g.refused and min(g.refused) > pos and g.budget.max_drop == 0.1 and g.budget.confidence == 0.9
+    for p in g.trace[1:]:  # k = 0 is the baseline; each guard probe: retrieval lost exactly when the head went
+        assert (p.value == 0.0) == (p.k > pos) and p.within_budget == (p.k <= pos)
+    # the record survives the plan file
+    from prune_heads.plan import Plan
+
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).selection.guard
+    assert again.seq_len == 200 and again.refused == g.refused and again.verification.verdict == "within"
+    assert again.trace[-1].drop.bound == pytest.approx(g.trace[-1].drop.bound)
+    # the card and select's line say at which lengths the budget was shown to hold, and the guard's verdict
+    from prune_heads.export.model_card import budget_section
+    from prune_heads.selection.stage import plan_line
+
+    card = budget_section(plan.selection.to_dict())
+    assert "shown to hold at 64 tokens of context" in card and "Guard at 200 tokens (`passkey:200`)" in card
+    assert "1 -> 1 for this plan (within budget)" in card and f"refused {len(g.refused)} probe" in card
+    assert "Guard on held-out documents (6 " in card and "verdict **within**" in card
+    assert "guard passkey:200 at 200 tokens 1.0000 -> 1.0000 (within budget" in plan_line(plan, "p.json")
+    assert "longer contexts were not checked" in budget_section(free.selection.to_dict())
+
+
+def test_guard_options_are_checked():
+    from prune_heads.schema import ConfigError
+    from prune_heads.selection.stage import SelectConfig
+
+    base = dict(task="ppl:wikitext2", max_drop=0.1, relative=True)
+    with pytest.raises(ConfigError, match="needs --guard-max-drop"):
+        SelectConfig(**base, guard_task="passkey:2048").check()
+    with pytest.raises(ConfigError, match="needs --guard-task"):
+        SelectConfig(**base, guard_max_drop=0.1).check()
+    with pytest.raises(ConfigError, match="below 1 for an accuracy task"):
+        SelectConfig(**base, guard_task="passkey:2048", guard_max_drop=5).check()
+    SelectConfig(**base, guard_task="passkey:2048", guard_max_drop=0.1).check()
+
+
+def test_recipe_guard_reaches_plan_and_summary(tmp_path):
+    """A recipe's ``select.guard_*`` keys are the CLI's options (one ``SelectConfig``); the run's plan records the
+    guard and the summary shows the guard and the long-context row beside the short one."""
+    from test_pipeline import SHORT_TEXT, _copy_tokenizer, quiet_run, tiny_recipe
+
+    from prune_heads.plan import Plan
+
+    d = tmp_path / "m"
+    tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8, vocab=49152).save_pretrained(d)
+    _copy_tokenizer(d)
+    text = tmp_path / "short.txt"
+    text.write_text(SHORT_TEXT)
+    recipe = tiny_recipe(d, text, guard_task="passkey:128", guard_max_drop=0.5, guard_limit=3)
+    recipe["evaluate"]["tasks"].append({"task": "passkey:128", "split": "verify", "limit": 3})
+    s = quiet_run(recipe, tmp_path / "run")
+    g = Plan.load(tmp_path / "run" / "select" / "plan.json").selection.guard
+    assert g.seq_len == 128 and g.task["task"] == "passkey:128" and g.budget.max_drop == 0.5 and len(g.trace) >= 1
+    md = (tmp_path / "run" / "summary.md").read_text()
+    assert "Guard at 128 tokens: `passkey:128`" in md
+    assert "| passkey:128 at 128 tokens exact_match (verify, 3 documents) |" in md
+    assert f"| ppl:{text} at 256 tokens perplexity" in md and s.selection["guard"]["seq_len"] == 128
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("guard_task", "passkey:4096", "select.guard_task"), ("guard_seq_len", 1024, "select.guard_seq_len"),
+    ("seq_len", 512, "select.seq_len")])
+def test_recipe_lengths_beyond_the_context_are_refused_before_loading(tmp_path, key, value, field):
+    from test_pipeline import tiny_recipe
+    from tiny_models import tiny_config
+
+    from prune_heads.pipeline.preflight import check_lengths
+    from prune_heads.pipeline.recipe import validate
+
+    tiny_config("llama").save_pretrained(tmp_path)  # config only: nothing is loaded
+    extra = {"guard_task": "ppl:wikitext2", "guard_max_drop": 0.1} if key == "guard_seq_len" else {}
+    if key == "guard_task":
+        extra["guard_max_drop"] = 0.1
+    recipe = validate(tiny_recipe(tmp_path, **{key: value, **extra}))
+    with pytest.raises(PruneHeadsError, match=f"{field}: {str(value).split(':')[-1]} tokens is beyond the model's context of 256"):
+        check_lengths(recipe)
