@@ -170,14 +170,19 @@ def gguf_to_plain(directory: str, gguf_file: str, *, progress: bool = True) -> P
 def load_model(
     spec: str,
     *,
-    dtype: str | torch.dtype | None = "float32",
+    dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
     device_map: str | dict | None = None,
     gguf_file: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load model and tokenizer in eval mode, with gradients off."""
+    """Load model and tokenizer in eval mode, with gradients off.
+
+    ``dtype="auto"`` (the default) keeps the checkpoint's own dtype (``config.json``'s ``dtype``), so an 8B
+    model released in bfloat16 takes 16 GB, not the 32 GB of float32; the scores and moments accumulate in
+    float32/float64 either way.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prune_heads.model.adapters import get_adapter
