@@ -146,8 +146,12 @@ def run_calibrate_sequential(config: CalibrateConfig, model: Any, model_id: str,
     from prune_heads.export.checkpoint import resolve_source
     from prune_heads.model.loading import parse_dtype
     from prune_heads.model.sequential_engine import skeleton
+    from prune_heads.scoring.distributed import rank_and_world
     from prune_heads.scoring.sequential import calibrate_sequential
 
+    if rank_and_world()[1] > 1:
+        raise PruneHeadsError("layer by layer calibration runs in one process; launch it without torchrun/accelerate, "
+                              "or use --engine memory for data-parallel calibration")
     if model.device_map is not None:
         raise PruneHeadsError("--device-map spreads a whole model over devices; layer by layer needs none: drop it "
                               "or use --engine memory")
