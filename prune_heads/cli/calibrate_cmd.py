@@ -32,7 +32,12 @@ def calibrate(model, output, overwrite, **kw):
     check_output(output, overwrite, inputs=(model, local_path(cfg.data)))
     check_sources(data=(cfg.data_now(),))
     join_process_group(mc)  # under torchrun / accelerate launch each process scores every world-th sample
-    res = run_calibrate(cfg, mc.load(), model, output, revision=mc.revision, overwrite=overwrite)
+    from prune_heads.scoring.stage import calibrate_engine, run_calibrate_sequential
+
+    if calibrate_engine(cfg, mc) == "sequential":
+        res = run_calibrate_sequential(cfg, mc, model, output, overwrite=overwrite)
+    else:
+        res = run_calibrate(cfg, mc.load(), model, output, revision=mc.revision, overwrite=overwrite)
     if res.scores_dir is not None and res.scores is not None:
         _summary(res, output)
 

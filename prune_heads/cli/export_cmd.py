@@ -33,7 +33,7 @@ def export(model, plan_path, scores_dir, output, overwrite, **kw):
     from prune_heads.schema import from_cli
 
     mc = model_config(model, kw, fields=("revision", "gguf_file", "trust_remote_code"))
-    verify = from_cli(VerifyConfig, {k: kw.pop(k) for k in ("enabled", "tol", "num_sequences", "seq_len")})
+    verify = from_cli(VerifyConfig, {k: kw.pop(k) for k in ("enabled", "tol", "num_sequences", "seq_len", "engine")})
     cfg = from_cli(ExportConfig, kw)
     check_output(output, overwrite, inputs=(model, plan_path, scores_dir))
     plan = Plan.load(plan_path)

@@ -104,13 +104,16 @@ def fold_into_model(model: nn.Module, comp: Compensation) -> nn.Module:
     adapter = get_adapter(model)
     for i, layer in enumerate(adapter.layers(model)):
         lc = comp.layers.get(i)
-        if lc is None:
-            continue
-        o = adapter.o_proj(adapter.attention(layer))
-        w, b = lc.fold(o.weight, o.bias)
-        o.weight.copy_(w.to(o.weight.dtype))
-        if o.bias is None:
-            o.bias = nn.Parameter(b.to(o.weight.dtype), requires_grad=False)
-        else:
-            o.bias.copy_(b.to(o.bias.dtype))
+        if lc is not None:
+            fold_into_layer(adapter.o_proj(adapter.attention(layer)), lc)
     return model
+
+
+def fold_into_layer(o: nn.Linear, lc: LayerCompensation) -> None:
+    """Fold one layer's correction into its ``o_proj`` in place (the layer-sequential verification's step)."""
+    w, b = lc.fold(o.weight, o.bias)
+    o.weight.copy_(w.to(o.weight.dtype))
+    if o.bias is None:
+        o.bias = nn.Parameter(b.to(o.weight.dtype), requires_grad=False)
+    else:
+        o.bias.copy_(b.to(o.bias.dtype))

@@ -90,7 +90,8 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
            shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
            eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
            progress: bool = True, verify_tol: float = 1e-4, verify_num_sequences: int = 4, verify_seq_len: int = 64,
-           compensation: Any = None, moments: Any = None, trust_remote_code: bool = False) -> ExportResult:
+           verify_engine: str = "auto", compensation: Any = None, moments: Any = None,
+           trust_remote_code: bool = False) -> ExportResult:
     """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring.
 
     A plan whose ``compensation`` is ``mean``/``lsq`` needs either ``compensation`` (a ``Compensation``, or
@@ -172,7 +173,8 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         if verify:
             verification = verify_export(src.path, tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate,
                                          num_sequences=verify_num_sequences, seq_len=verify_seq_len,
-                                         compensation=comp, trust_remote_code=trust_remote_code)
+                                         compensation=comp, engine=verify_engine, progress=progress,
+                                         trust_remote_code=trust_remote_code)
         predicted = params_before - (predicted_removed_params(layout, adapter, heads, approximate_norms=approximate)
                                      if fmt.MODE == "slice" else 0) + (fold.added_params if fold is not None else 0)
         removed_per_layer = [layout.num_heads - len(h.kept) for h in heads]

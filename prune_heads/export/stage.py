@@ -41,6 +41,10 @@ class VerifyConfig(Config):
     num_sequences: int = option(4, ge=1, le=4096, cli="verify-sequences", help="Random token sequences in the check.")
     seq_len: int = option(64, ge=2, le=1 << 20, cli="verify-seq-len",
                           help="Tokens per check sequence (at most the model's context).")
+    engine: str = option("auto", choices=("auto", "memory", "sequential"),
+                         help="memory: both models loaded whole in float64; sequential: one decoder layer of each at "
+                              "a time from the shards (same numbers, about one float64 layer of memory); auto: memory "
+                              "when it fits with headroom.")
 
 
 def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify: VerifyConfig | None = None,
@@ -59,8 +63,8 @@ def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify
                              approximate_norms=config.approximate_norms,
                              scores_summary=plan.selection.scores, gguf_file=model.gguf_file, progress=progress,
                              verify_tol=v.tol if v else 1e-4, verify_num_sequences=v.num_sequences if v else 4,
-                             verify_seq_len=v.seq_len if v else 64, moments=scores,
-                             trust_remote_code=getattr(model, "trust_remote_code", False))
+                             verify_seq_len=v.seq_len if v else 64, verify_engine=v.engine if v else "auto",
+                             moments=scores, trust_remote_code=getattr(model, "trust_remote_code", False))
 
 
 @dataclass
@@ -93,7 +97,7 @@ def run_verify(config: VerifyConfig, model: Any, export_dir: Path, plan: Any, *,
     rec = verify_export(model.id, export_dir, plan, num_sequences=config.num_sequences, seq_len=config.seq_len,
                         tol=config.tol, dtype=None if prov.get("dtype") == "source" else prov.get("dtype"),
                         approximate=bool(prov.get("approximate_norms")),
-                        compensation=plan_compensation(plan, model, scores),
+                        compensation=plan_compensation(plan, model, scores), engine=config.engine,
                         trust_remote_code=getattr(model, "trust_remote_code", False))
     return VerificationResult.from_record(rec)
 

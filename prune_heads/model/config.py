@@ -16,8 +16,9 @@ def _nonempty(v: Any) -> str | None:
 class ModelConfig(Config):
     id: str = option("", required=True, cli=False, check=_nonempty,
                      help="Hub id, local directory, GGUF file or folder, or 'smollm2' (the packaged demo model)")
-    dtype: str = option("float32", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="Weights dtype; statistics accumulate in float32 whatever it is.")
+    dtype: str = option("auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="Weights dtype (auto: the checkpoint's own, e.g. bfloat16 for most released models); "
+                             "statistics accumulate in float32/float64 whatever it is.")
     device: str | None = option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available).")
     device_map: str | None = option(None, help="'auto' to spread a large model over GPUs (accelerate).")
     revision: str | None = option(None, help="Hub revision (branch, tag or commit) of the model.")

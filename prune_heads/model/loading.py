@@ -172,7 +172,7 @@ def gguf_to_plain(directory: str, gguf_file: str, *, progress: bool = True) -> P
 def load_model(
     spec: str,
     *,
-    dtype: str | torch.dtype | None = "float32",
+    dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
     device_map: str | dict | None = None,
     gguf_file: str | None = None,
@@ -180,7 +180,12 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer in eval mode, with gradients off. A folder whose loading would run its own code
-    is refused unless ``trust_remote_code`` (``prune_heads.model.remote_code``)."""
+    is refused unless ``trust_remote_code`` (``prune_heads.model.remote_code``).
+
+    ``dtype="auto"`` (the default) keeps the checkpoint's own dtype (``config.json``'s ``dtype``), so an 8B
+    model released in bfloat16 takes 16 GB, not the 32 GB of float32; the scores and moments accumulate in
+    float32/float64 either way.
+    """
     from prune_heads.model.adapters import get_adapter
     from prune_heads.model.remote_code import check_remote_code, pretrained
 

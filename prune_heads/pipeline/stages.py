@@ -67,11 +67,14 @@ class RunContext:
 
 # ---- stage bodies -----------------------------------------------------------------------------
 def _calibrate(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from prune_heads.scoring.stage import run_calibrate
+    from prune_heads.scoring.stage import calibrate_engine, run_calibrate, run_calibrate_sequential
 
     m = ctx.recipe.model
-    res = run_calibrate(ctx.recipe.calibration, ctx.model(), m.id, out / "scores", revision=m.revision,
-                        progress=ctx.progress)
+    if ctx._loaded is None and calibrate_engine(ctx.recipe.calibration, m) == "sequential":
+        res = run_calibrate_sequential(ctx.recipe.calibration, m, m.id, out / "scores", progress=ctx.progress)
+    else:
+        res = run_calibrate(ctx.recipe.calibration, ctx.model(), m.id, out / "scores", revision=m.revision,
+                            progress=ctx.progress)
     return {**res.to_dict(), "scores": "scores", "data": ctx.recipe.calibration.data_now()}
 
 
@@ -147,14 +150,20 @@ def _push(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 # ---- declarations -----------------------------------------------------------------------------
 def _section(name: str) -> Callable[[RunContext], Any]:
-    return lambda ctx: getattr(ctx.recipe, name).to_dict()
+    return lambda ctx: _same_result(getattr(ctx.recipe, name).to_dict())
+
+
+def _same_result(section: dict[str, Any]) -> dict[str, Any]:
+    """A section without ``engine``: the whole-model and layer-by-layer paths give the same result, so
+    switching between them (or letting ``auto`` pick another on a machine with more memory) reruns nothing."""
+    return {k: v for k, v in section.items() if k != "engine"}
 
 
 def stages() -> list[Stage]:
     return [
         Stage("calibrate", _calibrate, lambda ctx: {
             "model": ctx.recipe.model.identity(), "model_files": model_signature(ctx.recipe.model),
-            "calibration": ctx.recipe.calibration.to_dict(), "data": data_signature(ctx.recipe.calibration.data_now())}),
+            "calibration": _same_result(ctx.recipe.calibration.to_dict()), "data": data_signature(ctx.recipe.calibration.data_now())}),
         Stage("select", _select, lambda ctx: {
             "select": ctx.recipe.select.to_dict(), "tasks": [task_signature(t) for t in _select_tasks(ctx.recipe)],
             "data": data_signature(ctx.recipe.select.data) if ctx.recipe.select.data else None},

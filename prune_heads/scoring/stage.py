@@ -51,6 +51,10 @@ class CalibrateConfig(Config):
                                       help="Measure ablation_kl/ablation_loss with each head's removal compensated "
                                            "(lsq, mean) instead of zeroed (none), to rank for select --compensate of "
                                            "the same mode.")
+    engine: str = option("auto", choices=("auto", "memory", "sequential"),
+                         help="memory: load the whole model; sequential: one decoder layer at a time from the shards "
+                              "(forward scores and moments only; the same numbers, resumable after a kill); auto: "
+                              "memory when the model and its moments fit with headroom.")
 
     def check(self) -> None:
         from prune_heads.scoring.score_defs import ABLATION
@@ -84,6 +88,95 @@ class CalibrateConfig(Config):
             seq_len = min(512, context or 512)
         return DataSpec(source=self.data_now(), num_samples=self.num_samples, seq_len=seq_len, seed=self.seed,
                         split=self.split)
+
+
+def calibrate_engine(config: CalibrateConfig, model: Any) -> str:
+    """``memory`` or ``sequential`` for ``config.engine`` and the model (a ``ModelConfig``), judged before loading.
+
+    Whole model: its weights in the dtype it loads in, the float64 moments (two Gram matrices a layer with the
+    relative statistics) and the activations. Layer by layer: one layer, one layer's moments, the activations.
+    """
+    if config.engine != "auto":
+        return config.engine
+    import torch
+
+    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.model.adapters import get_adapter
+    from prune_heads.model.loading import parse_dtype
+    from prune_heads.model.sequential_engine import ShardReader, choose_engine, skeleton
+    from prune_heads.scoring.sequential import _checkpoint_dtype
+
+    source = resolve_source(model.id, model.gguf_file)
+    reader = ShardReader(source)
+    sk = skeleton(source, trust_remote_code=model.trust_remote_code)
+    adapter = get_adapter(sk)
+    layout = adapter.layout(sk.config)
+    dtype = parse_dtype(model.dtype) or _checkpoint_dtype(source)
+    width = torch.finfo(dtype).bits // 8
+    numel = reader.sizes()[0]
+    n = layout.num_heads * layout.head_dim
+    per_layer_moments = 2 * 8 * n * n if config.moments else 0
+    tokens = config.batch_size * (config.seq_len or 512)
+    act = tokens * (layout.hidden_size * 16 + 4 * adapter.text_config(sk.config).vocab_size)
+    whole = numel * width + layout.num_layers * per_layer_moments + act
+    streamed = 2 * reader.largest_layer(adapter, layout.num_layers) * width + per_layer_moments + act
+    device = model.resolved_device() or "cpu"
+    return choose_engine("auto", whole, streamed, what="calibrate", device=device)
+
+
+def layers_dir(out: Path) -> Path:
+    """Where a layer-by-layer calibration keeps its finished layers until the scores are written."""
+    out = Path(out)
+    return out.parent / f".{out.name}.layers"
+
+
+def run_calibrate_sequential(config: CalibrateConfig, model: Any, model_id: str, out: Path, *,
+                             overwrite: bool = False, progress: bool = True) -> CalibrationResult:
+    """``run_calibrate`` one decoder layer at a time from the checkpoint's shards (``scoring.sequential``).
+
+    Finished layers are kept beside ``out`` (``layers_dir``) until the scores directory is written, so a
+    killed run, started again with the same command, resumes from the last finished layer.
+    """
+    import shutil
+
+    from prune_heads.data import calibration_sequences
+    from prune_heads.errors import PruneHeadsError
+    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.model.loading import parse_dtype
+    from prune_heads.model.remote_code import pretrained
+    from prune_heads.model.sequential_engine import skeleton
+    from prune_heads.scoring.distributed import rank_and_world
+    from prune_heads.scoring.sequential import calibrate_sequential
+
+    if rank_and_world()[1] > 1:
+        raise PruneHeadsError("layer by layer calibration runs in one process; launch it without torchrun/accelerate, "
+                              "or use --engine memory for data-parallel calibration")
+    if model.device_map is not None:
+        raise PruneHeadsError("--device-map spreads a whole model over devices; layer by layer needs none: drop it "
+                              "or use --engine memory")
+    source = resolve_source(model.id, model.gguf_file)
+    tokenizer = pretrained("tokenizer", str(source), trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    sk = skeleton(source, trust_remote_code=model.trust_remote_code)
+    spec = config.spec(sk)
+    documents: list[str] = []
+    seqs = calibration_sequences(spec, tokenizer, sk, documents=documents)
+    t0 = time.time()
+    work = layers_dir(out)
+    hs = calibrate_sequential(source, seqs, work, scores=config.scores, batch_size=config.batch_size,
+                              pad_id=int(tokenizer.pad_token_id or 0), block_size=config.block_size,
+                              dtype=parse_dtype(model.dtype), device=model.resolved_device() or "cpu",
+                              moments=config.moments, progress=progress, model_name=model_id,
+                              revision=model.revision)
+    hs.meta["data"] = {**spec.to_dict(), "documents": documents}
+    if hs.moments is not None:
+        hs.moments.meta["data"] = spec.to_dict()
+    hs.meta["wall_seconds"] = round(time.time() - t0, 2)
+    hs.tokens = seqs
+    hs.save(out, overwrite=overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    return CalibrationResult(Path(out), len(seqs), int(sum(map(len, seqs))), hs.score_ids, hs.meta["wall_seconds"], hs)
 
 
 @dataclass

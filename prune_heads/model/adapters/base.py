@@ -196,6 +196,10 @@ class FamilyAdapter:
     def layer_prefix(self, layer_idx: int) -> str:
         return f"{self.layers_path}.{layer_idx}."
 
+    def final_norm_prefix(self) -> str:
+        """Checkpoint key prefix of the decoder's final norm (``model.norm.``): the decoder owns ``layers``."""
+        return f"{self.layers_path.rpartition('.')[0]}.{self.final_norm_name}."
+
     def attn_prefix(self, layer_idx: int) -> str:
         return f"{self.layer_prefix(layer_idx)}{self.attention_name}."
 

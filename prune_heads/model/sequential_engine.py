@@ -1,0 +1,410 @@
+"""Run a checkpoint one decoder layer at a time, straight from its safetensors shards.
+
+The loops of a forward pass are swapped (llm-compressor's *sequential onloading*, Model-Optimizer's layerwise
+calibration): instead of every batch running through every layer of a model held whole, each decoder layer is
+read from the shards once, runs the hidden states of every sequence, and is freed before the next is read. The
+model itself is a skeleton built from its config with every parameter on the ``meta`` device (buffers such as
+rotary tables are real), so memory holds one layer, the hidden states, and the rows of the embedding and LM
+head that are needed, read in chunks.
+
+The inputs a decoder layer needs besides its hidden states (attention masks per layer type, rotary tables,
+positions) are whatever the family's own decoder ``forward`` builds: the skeleton's decoder runs once per
+batch with its layers reduced to pass-throughs that record their inputs (and the last one stops the pass), so
+no family's masking or rotary code is re-implemented here. Running layer ``j`` on those recorded inputs then
+computes what the whole model computes, kernel for kernel (``tests/test_sequential_engine.py`` checks it
+bit for bit in float64 against ``model(...)`` on every family).
+
+Tensor names come from the family adapter (``layer_prefix``, ``embed_name``, ``final_norm_prefix``,
+``lm_head_name``); the shards are opened per layer and closed again, so file pages do not pile up in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prune_heads.errors import PruneHeadsError
+
+#: rows of the LM head (or embedding) read and multiplied at a time: 16384 x 4096 float64 is 512 MiB
+HEAD_CHUNK_ROWS = 16384
+
+LayerHook = Callable[[int, nn.Module], None]
+TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+class _Stop(Exception):
+    """Raised at the last decoder layer's input: the skeleton's forward has recorded everything needed."""
+
+
+def skeleton(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False) -> nn.Module:
+    """``AutoModelForCausalLM`` of the checkpoint at ``path`` with every parameter on ``meta`` (buffers real).
+
+    ``dtype`` is the default dtype while the modules are built, as ``from_pretrained(dtype=...)`` sets it, so
+    buffers made at construction (Gemma's embedding scale) round exactly as in a model loaded whole.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from prune_heads.export.registration import register_auto_classes
+    from prune_heads.model.remote_code import pretrained
+
+    register_auto_classes()
+    config = pretrained("config", str(path), trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval().requires_grad_(False)
+
+
+class ShardReader:
+    """Read named tensors from a checkpoint's shards; every shard is closed again after each read."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from prune_heads.export.streaming import open_source
+
+        self.src = open_source(Path(path))
+
+    def has(self, name: str) -> bool:
+        return name in self.src.weight_map
+
+    def _shard(self, name: str) -> Path:
+        try:
+            return self.src.path / self.src.weight_map[name]
+        except KeyError:
+            raise PruneHeadsError(f"{self.src.path} has no tensor {name!r}; the checkpoint is incomplete, "
+                                  "re-download or re-export it") from None
+
+    @contextlib.contextmanager
+    def _open(self, shard: Path) -> Iterator[Any]:
+        from safetensors import safe_open
+
+        if not shard.is_file():
+            raise PruneHeadsError(f"shard {shard} disappeared while the model was being read; restore it and rerun")
+        try:
+            with safe_open(str(shard), framework="pt") as h:
+                yield h
+        except PruneHeadsError:
+            raise
+        except (OSError, RuntimeError, ValueError) as e:
+            raise PruneHeadsError(f"cannot read shard {shard} ({e}); it may be corrupt, re-download it") from e
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_shard: dict[Path, list[str]] = {}
+        for n in names:
+            by_shard.setdefault(self._shard(n), []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for shard, ns in by_shard.items():
+            with self._open(shard) as h:
+                for n in ns:
+                    out[n] = h.get_tensor(n)
+        return out
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a 2-D tensor, without reading the rest."""
+        with self._open(self._shard(name)) as h:
+            return h.get_slice(name)[start:stop]
+
+    def shape(self, name: str) -> list[int]:
+        with self._open(self._shard(name)) as h:
+            return list(h.get_slice(name).get_shape())
+
+    def sizes(self, prefix: str = "") -> tuple[int, int]:
+        """``(elements, stored bytes)`` of every tensor whose name starts with ``prefix`` (headers only)."""
+        numel_total = bytes_total = 0
+        by_shard: dict[Path, list[str]] = {}
+        for n in self.src.weight_map:
+            if n.startswith(prefix):
+                by_shard.setdefault(self._shard(n), []).append(n)
+        for shard, ns in by_shard.items():
+            with self._open(shard) as h:
+                for n in ns:
+                    s = h.get_slice(n)
+                    numel = 1
+                    for d in s.get_shape():
+                        numel *= d
+                    numel_total += numel
+                    bytes_total += numel * _DTYPE_BYTES.get(s.get_dtype(), 4)
+        return numel_total, bytes_total
+
+    def largest_layer(self, adapter: Any, num_layers: int) -> int:
+        """Elements of the largest decoder layer."""
+        return max(self.sizes(adapter.layer_prefix(j))[0] for j in range(num_layers))
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else root
+    if leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+class StreamedModel:
+    """A checkpoint run layer by layer (see the module docstring).
+
+    ``load_dtype``: every weight is rounded through it on the way in (``from_pretrained(dtype=load_dtype)``);
+    ``compute``: the dtype the layers run in. ``layer_hook(j, layer)`` may change layer ``j``'s weights after
+    they are loaded (verification folds a compensation there); ``tensor_hook(name, t)`` changes an embedding,
+    norm or LM-head tensor as it is read.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, load_dtype: torch.dtype = torch.float32,
+                 compute: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 layer_hook: LayerHook | None = None, tensor_hook: TensorHook | None = None) -> None:
+        from prune_heads.model.adapters import get_adapter
+
+        self.path = Path(path)
+        self.reader = ShardReader(path)
+        self.load_dtype, self.compute, self.device = load_dtype, compute, torch.device(device)
+        self.model = skeleton(path, load_dtype).to(compute)
+        if self.device.type != "cpu":
+            self.model.to(self.device)  # buffers only: parameters stay on meta
+        self.adapter = get_adapter(self.model)
+        self.layout = self.adapter.layout(self.model.config)
+        self.layers = self.adapter.layers(self.model)
+        self.layer_hook, self.tensor_hook = layer_hook, tensor_hook
+        self._meta = [{n: p for n, p in layer.named_parameters()} for layer in self.layers]
+        self._head_cache: dict[str, torch.Tensor] = {}
+
+    # ---- weights -------------------------------------------------------------------------------
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            t = t.to(self.load_dtype).to(self.compute)
+        return t.to(self.device)
+
+    def load_layer(self, j: int) -> nn.Module:
+        """Materialise decoder layer ``j`` from the shards in the compute dtype (then ``layer_hook``)."""
+        layer = self.layers[j]
+        prefix = self.adapter.layer_prefix(j)
+        wanted = {prefix + n: n for n in self._meta[j]}
+        missing = [k for k in wanted if not self.reader.has(k)]
+        if missing:
+            raise PruneHeadsError(f"{self.path} lacks {missing[0]} (and {len(missing) - 1} more of layer {j}); "
+                                  "the checkpoint does not match its config.json")
+        for full, t in self.reader.read(list(wanted)).items():
+            _set_tensor(layer, wanted[full], self._cast(t))
+        if self.layer_hook is not None:
+            self.layer_hook(j, layer)
+        return layer
+
+    def release_layer(self, j: int) -> None:
+        """Put layer ``j`` back on ``meta`` (parameters a hook added, such as a folded bias, are dropped)."""
+        layer = self.layers[j]
+        for name, _ in list(layer.named_parameters()):
+            module_name, _, leaf = name.rpartition(".")
+            module = layer.get_submodule(module_name) if module_name else layer
+            if name in self._meta[j]:
+                module._parameters[leaf] = self._meta[j][name]
+            else:
+                module._parameters[leaf] = None
+
+    @contextlib.contextmanager
+    def layer(self, j: int) -> Iterator[nn.Module]:
+        try:
+            yield self.load_layer(j)
+        finally:
+            self.release_layer(j)
+
+    def _hooked(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.tensor_hook(name, t) if self.tensor_hook is not None else t
+
+    def _final_norm_names(self) -> dict[str, str]:
+        prefix = self.adapter.final_norm_prefix()
+        norm = self.adapter.final_norm(self.model)
+        return {prefix + n: n for n, _ in norm.named_parameters()}
+
+    # ---- the pass ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None
+              ) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+        """Embed ``ids`` and record every decoder layer's other inputs: ``(hidden, inputs per layer)``.
+
+        Only the embedding rows the batch uses are read; the ids are renumbered into them (the embedding
+        module, Gemma's scaled one included, computes the same gather).
+        """
+        dtype = dtype or self.compute
+        embed = self.model.get_submodule(self.adapter.embed_name)
+        name = f"{self.adapter.embed_name}.weight"
+        used, local = torch.unique(ids, return_inverse=True)
+        rows = torch.cat([self.reader.rows(name, int(i), int(i) + 1) for i in used.tolist()])
+        rows = self._hooked(name, self._cast(rows)).to(dtype)
+        keep_pad, meta_weight = embed.padding_idx, embed._parameters["weight"]
+        embed.padding_idx = None  # the compact table has fewer rows than the pad id; padding_idx only shapes grads
+        embed._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
+        recorded: dict[int, tuple[tuple, dict]] = {}
+        layers = self.layers
+
+        def record(i: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                recorded[i] = (args, dict(kwargs))
+                if i == len(layers) - 1:
+                    raise _Stop
+            return hook
+
+        handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        for layer in layers:
+            layer.forward = _pass_through
+        casted = dtype != self.compute
+        try:
+            if casted:
+                self.model.to(dtype)
+            self.adapter.decoder(self.model)(input_ids=local.to(self.device), attention_mask=mask.to(self.device),
+                                             use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+            for layer in layers:
+                del layer.forward
+            embed._parameters["weight"], embed.padding_idx = meta_weight, keep_pad
+            if casted:
+                self.model.to(self.compute)
+        if len(recorded) != len(layers):
+            raise PruneHeadsError(f"the decoder of {self.path} did not run all {len(layers)} layers; "
+                                  "its family cannot run layer by layer")
+        hidden = _hidden_of(recorded[0])
+        return hidden, [_strip(recorded[i]) for i in range(len(layers))]
+
+    @staticmethod
+    def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: tuple[tuple, dict]) -> torch.Tensor:
+        args, kwargs = inputs
+        if args:
+            out = layer(hidden, *args[1:], **kwargs)
+        else:
+            out = layer(**{**kwargs, "hidden_states": hidden})
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.no_grad()
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm of ``hidden`` (its weights read, applied, and dropped)."""
+        norm = self.adapter.final_norm(self.model)
+        names = self._final_norm_names()
+        saved = {local: p for local, p in norm.named_parameters()}
+        try:
+            for full, t in self.reader.read(list(names)).items():
+                _set_tensor(norm, names[full], self._hooked(full, self._cast(t)).to(hidden.dtype))
+            return norm(hidden)
+        finally:
+            for local, p in saved.items():
+                _set_tensor(norm, local, p)
+
+    def lm_head_name(self) -> str:
+        name = f"{self.adapter.lm_head_name}.weight"
+        return name if self.reader.has(name) else f"{self.adapter.embed_name}.weight"  # tied
+
+    def vocab_size(self) -> int:
+        return self.reader.shape(self.lm_head_name())[0]
+
+    @torch.no_grad()
+    def logit_chunks(self, normed: torch.Tensor, rows: int = HEAD_CHUNK_ROWS) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(vocab slice, logits)`` of final-normed ``normed`` states, ``rows`` LM-head rows at a time.
+
+        The family's logit transform (Gemma's soft-cap) is applied, as the model's ``forward`` does.
+        """
+        name = self.lm_head_name()
+        bias_name = f"{self.adapter.lm_head_name}.bias"
+        bias = self.reader.has(bias_name)
+        transform = self.adapter.logit_transform(self.model.config)
+        vocab = self.vocab_size()
+        for r0 in range(0, vocab, rows):
+            r1 = min(vocab, r0 + rows)
+            w = self._hooked(name, self._cast(self.reader.rows(name, r0, r1))).to(normed.dtype)
+            b = (self._hooked(bias_name, self._cast(self.reader.rows(bias_name, r0, r1))).to(normed.dtype)
+                 if bias else None)
+            logits = torch.nn.functional.linear(normed, w, b)
+            yield slice(r0, r1), transform(logits) if transform is not None else logits
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_of(captured: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = captured
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _strip(captured: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    args, kwargs = captured
+    if args:
+        return (None, *args[1:]), kwargs
+    return args, {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+
+# ---- choosing the engine ---------------------------------------------------------------------------
+ENGINES = ("auto", "memory", "sequential")
+#: the share of the available memory a whole-model run may plan to use (the rest is headroom for the
+#: allocator, the interpreter, page cache churn and whatever else runs on the machine)
+HEADROOM = 0.7
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes free for this process now: ``MemAvailable`` (cgroup limit included) or the CUDA device's free memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        import psutil
+
+        avail = int(psutil.virtual_memory().available)
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:
+            used_file = Path(limit_file).with_name("memory.current" if limit_file.endswith(".max") else "memory.usage_in_bytes")
+            try:
+                used = int(used_file.read_text().strip())
+            except (OSError, ValueError):
+                used = 0
+            avail = min(avail, int(raw) - used)
+    return max(avail, 0)
+
+
+def choose_engine(engine: str, in_memory_bytes: int, sequential_bytes: int, *, what: str,
+                  device: str | torch.device = "cpu", notify: Callable[[str], None] | None = None) -> str:
+    """``memory`` or ``sequential`` for ``engine`` (``auto`` judges the fit with ``HEADROOM``).
+
+    ``in_memory_bytes``/``sequential_bytes``: the estimated peaks of the two paths. A forced engine is
+    honoured; ``auto`` prints one line when it goes sequential.
+    """
+    if engine not in ENGINES:
+        raise PruneHeadsError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    free = available_memory(device)
+    if in_memory_bytes <= HEADROOM * free:
+        return "memory"
+    line = (f"{what}: the whole model needs about {gib(in_memory_bytes)} and {gib(free)} is available, so it runs "
+            f"layer by layer (about {gib(sequential_bytes)}); --engine memory forces the whole-model path")
+    (notify or _notice)(line)
+    return "sequential"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _notice(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
