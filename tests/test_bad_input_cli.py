@@ -383,7 +383,10 @@ def hostile(env, tmp_path_factory) -> dict[str, Path]:
         bombs[key] = root / f"bomb-{key}.yaml"
         bombs[key].write_text(yaml.safe_dump({**recipe, key: "BOMB"}).replace("BOMB", BOMB))
     Plan([(0, 0)]).save(root / "bare-plan.json")  # hand-written: no fingerprint ties it to the original
-    return {"evil": evil, "marker": marker, "nan": nan, "garbage": root / "garbage.parquet", "bare": root / "bare-plan.json",
+    (root / "mc-list.jsonl").write_text("[1, 2]\n")
+    (root / "mc-deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (root / "mc-binary.jsonl").write_bytes(bytes(range(128, 256)) * 8)
+    return {"root": root, "evil": evil, "marker": marker, "nan": nan, "garbage": root / "garbage.parquet", "bare": root / "bare-plan.json",
             "deep": root / "deep.jsonl", "sliced": sliced, **{f"bomb-{k}": v for k, v in bombs.items()}}
 
 
@@ -403,6 +406,8 @@ HOSTILE = [  # (label, command, args with placeholders (OUT: a fresh output), na
     ("export from a sliced export", "export", ["SLICED", "--plan", "PLAN", "-o", "OUT"], ("sliced",)),
     ("eval --plan on a sliced export", "eval", ["SLICED", "--task", "MC", "--plan", "BARE", "-o", "OUT"], ("sliced",)),
     ("push an unverified export", "push", ["SLICED", "org/name"], ("--allow-unverified",)),
+    *[(f"mc: file {k}", "eval", ["MODEL", "--task", f"MCFILE-{k}", "-o", "OUT"], (f"mc-{k}.jsonl",))
+      for k in ("list", "deep", "binary")],  # a traceback each (AttributeError, RecursionError, UnicodeDecodeError)
     *[(f"alias bomb in {k}", "run", [f"BOMB-{k.upper()}", "-o", "OUT"], ("alias",))
       for k in ("name", "description", "notes")],
     *[(f"alias bomb in --set {k}", "run", ["RECIPE", "-o", "OUT", "--set", f"{k}={BOMB}"], ("alias",))
@@ -422,6 +427,7 @@ def test_hostile_input_is_one_line(env, hostile, tmp_path, case):
              "SLICED": hostile["sliced"], "DATA": env["data"], "PLAN": env["plan"], "SCORES": env["scores"],
              "MODEL": env["model"], "RECIPE": env["recipe"], "MC": f"mc:{env['mc']}", "OUT": out, "BARE": hostile["bare"],
              **{f"BOMB-{k.upper()}": hostile[f"bomb-{k}"] for k in ("name", "description", "notes")}}
+    subst.update({f"MCFILE-{k}": f"mc:{hostile['root'] / f'mc-{k}.jsonl'}" for k in ("list", "deep", "binary")})
     argv = [str(subst.get(a, a)) for a in args]
     if cmd == "calibrate":
         argv += ["--num-samples", "2", "--seq-len", "8"]
