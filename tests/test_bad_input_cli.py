@@ -383,6 +383,10 @@ def hostile(env, tmp_path_factory) -> dict[str, Path]:
         bombs[key] = root / f"bomb-{key}.yaml"
         bombs[key].write_text(yaml.safe_dump({**recipe, key: "BOMB"}).replace("BOMB", BOMB))
     Plan([(0, 0)]).save(root / "bare-plan.json")  # hand-written: no fingerprint ties it to the original
+    for name, change in (("layers", {"num_hidden_layers": 100_000}), ("wide", {"hidden_size": 1_000_000})):
+        shutil_copy(env["model"], root / f"lying-{name}")  # config.json that does not describe the weights
+        cfg = json.loads((root / f"lying-{name}" / "config.json").read_text())
+        (root / f"lying-{name}" / "config.json").write_text(json.dumps({**cfg, **change}))
     (root / "mc-list.jsonl").write_text("[1, 2]\n")
     (root / "mc-deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     (root / "mc-binary.jsonl").write_bytes(bytes(range(128, 256)) * 8)
@@ -406,6 +410,12 @@ HOSTILE = [  # (label, command, args with placeholders (OUT: a fresh output), na
     ("export from a sliced export", "export", ["SLICED", "--plan", "PLAN", "-o", "OUT"], ("sliced",)),
     ("eval --plan on a sliced export", "eval", ["SLICED", "--task", "MC", "--plan", "BARE", "-o", "OUT"], ("sliced",)),
     ("push an unverified export", "push", ["SLICED", "org/name"], ("--allow-unverified",)),
+    # config.json claiming 100000 layers (or a 10^6 hidden size) built modules for minutes before any weight
+    ("config claims 100000 layers: calibrate", "calibrate", ["LYING-LAYERS", "--data", "DATA", "-o", "OUT"],
+     ("num_hidden_layers",)),
+    ("config claims 100000 layers: export", "export", ["LYING-LAYERS", "--plan", "BARE", "-o", "OUT"],
+     ("num_hidden_layers",)),
+    ("config claims a 10^6 hidden size: eval", "eval", ["LYING-WIDE", "--task", "MC", "-o", "OUT"], ("hidden_size",)),
     *[(f"mc: file {k}", "eval", ["MODEL", "--task", f"MCFILE-{k}", "-o", "OUT"], (f"mc-{k}.jsonl",))
       for k in ("list", "deep", "binary")],  # a traceback each (AttributeError, RecursionError, UnicodeDecodeError)
     *[(f"alias bomb in {k}", "run", [f"BOMB-{k.upper()}", "-o", "OUT"], ("alias",))
@@ -427,6 +437,7 @@ def test_hostile_input_is_one_line(env, hostile, tmp_path, case):
              "SLICED": hostile["sliced"], "DATA": env["data"], "PLAN": env["plan"], "SCORES": env["scores"],
              "MODEL": env["model"], "RECIPE": env["recipe"], "MC": f"mc:{env['mc']}", "OUT": out, "BARE": hostile["bare"],
              **{f"BOMB-{k.upper()}": hostile[f"bomb-{k}"] for k in ("name", "description", "notes")}}
+    subst.update({"LYING-LAYERS": hostile["root"] / "lying-layers", "LYING-WIDE": hostile["root"] / "lying-wide"})
     subst.update({f"MCFILE-{k}": f"mc:{hostile['root'] / f'mc-{k}.jsonl'}" for k in ("list", "deep", "binary")})
     argv = [str(subst.get(a, a)) for a in args]
     if cmd == "calibrate":

@@ -124,7 +124,19 @@ def open_source(path: str | Path) -> SourceCheckpoint:
             if not listed <= set(names):
                 missing = sorted(listed - set(names))[:3]
                 raise PruneHeadsError(f"shard {f} lacks tensors its index lists (e.g. {missing}); re-download it")
+    _check_config(root, config, weight_map, shards)
     return SourceCheckpoint(root, config, weight_map, index_file, shards)
+
+
+def _check_config(root: Path, config: dict, weight_map: dict[str, str], shards: list[str]) -> None:
+    """config.json describes these weights (``model.loading.check_config_against_weights``): export and its
+    verification build the model from it."""
+    from prune_heads.model.loading import check_config_against_weights, check_safetensors_file
+
+    shapes: dict[str, list[int]] = {}
+    for s in shards:
+        check_safetensors_file(root / s, shapes)
+    check_config_against_weights(config, {n: shapes[n] for n in weight_map if n in shapes}, root)
 
 
 def iter_tensors(src: SourceCheckpoint, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
