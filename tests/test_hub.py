@@ -326,7 +326,7 @@ def test_unlisted_export_is_refused_and_strays_never_go_up(hub_env, hub, tmp_pat
     tiny_model("llama", layers=2).save_pretrained(src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export(str(src), Plan([(0, 1)]), out, progress=False)
+        export(str(src), Plan([(0, 1)]), out, progress=False, verify_num_sequences=1, verify_seq_len=8)
     (out / "model-00002-of-00002.safetensors").write_bytes((out / "model.safetensors").read_bytes())
     (out / "tokenizer_extra.json").write_text("{}")
     folder = check_export_folder(out)  # listed: the strays are skipped
