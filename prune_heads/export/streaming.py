@@ -40,10 +40,10 @@ def parse_size(size: str | int) -> int:
     if isinstance(size, int):
         value = size
     else:
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+        m = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{0,30})?)\s*([A-Za-z]*)\s*", str(size)[:100])
         if not m or m.group(2).upper() not in _UNITS:
-            raise PruneHeadsError(f"cannot read shard size {size!r}; write it like 5GB, 500MB or 2GiB")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+            raise PruneHeadsError(f"cannot read shard size {str(size)[:80]!r}; write it like 5GB, 500MB or 2GiB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])  # bounded digits: always finite
     if value <= 0:
         raise PruneHeadsError(f"shard size must be positive, got {size!r}")
     return value
