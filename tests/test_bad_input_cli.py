@@ -166,11 +166,11 @@ _add("eval", "--num-fewshot", ["-1"])
 _add("eval", "--limit", ["0", "-1"])
 _add("eval", "--batch-size", ["0"])
 _add("eval", "--seed", ["-1"])
-_add("eval", "--dynamic", ["awft:nan", "awft", "awft:x"])
+_add("eval", "--dynamic", ["awft:nan", "awft", "awft:x", "awft:inf", "awft:-inf"])  # inf: issue 21 class 3
 _add("eval", "--dynamic-fraction", ["awft:1.5", "awft:-0.1", "awft:nan"], pre=["--scores", "SCORES"])
 _add("eval", "--dtype", ["float8"])
 _add("export", "--tolerance", ["-1", "nan", "0"])
-_add("export", "--shard-size", ["0", "-5GB", "5XB"])
+_add("export", "--shard-size", ["0", "-5GB", "5XB", "1.2.3GB", "9" * 400 + "GB"])  # tracebacks (issue 21 class 5)
 _add("export", "--dtype", ["float8"])
 _add("export", "--verify-sequences", ["0", "100000000000"])
 _add("export", "--verify-seq-len", ["1", "1000000000000"])
@@ -340,6 +340,119 @@ def test_select_counts_the_compensation_file_as_an_output(env, sentinel, tmp_pat
     r = invoke("select", base_args("select", env, tmp_path / "out"))
     assert_refused(r, ("plan.compensation.safetensors",))
     assert side.read_bytes() == b"a compensation file from another run"
+
+
+# ---- issue 21: hostile inputs, real runs (no sentinel): one line, exit 2, no traceback, nothing written ------------
+#: a YAML alias bomb: 300 bytes that expand to 9^9 strings
+BOMB = "[" + ",".join(["&x0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]"] + [
+    f"&x{k} [" + ",".join([f"*x{k - 1}"] * 9) + "]" for k in range(1, 9)]) + "]"
+
+
+@pytest.fixture(scope="module")
+def hostile(env, tmp_path_factory) -> dict[str, Path]:
+    """One of each hostile input of issue 21's battery, built once."""
+    import math
+    import warnings
+
+    from prune_heads.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("hostile-inputs")
+    marker = root / "MARKER"
+    evil = root / "evil"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(env["model"], evil)
+    (evil / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    cfg = json.loads((evil / "config.json").read_text())
+    cfg.update(model_type="evil_llama", auto_map={"AutoConfig": "evil.C", "AutoModelForCausalLM": "evil.M"})
+    (evil / "config.json").write_text(json.dumps(cfg))
+    nan = root / "nan"
+    model = tiny_model("llama", layers=2, vocab=len(SPECIAL) + len(WORDS))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[1, 1] = math.nan
+    model.save_pretrained(nan)
+    tiny_tokenizer(nan)
+    (root / "garbage.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 8 + b"PAR1")
+    (root / "deep.jsonl").write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    sliced = root / "sliced"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_checkpoint(str(env["model"]), Plan.load(env["plan"]), sliced, progress=False, verify=False)
+    recipe = yaml.safe_load(env["recipe"].read_text())
+    bombs = {}
+    for key in ("name", "description", "notes"):
+        bombs[key] = root / f"bomb-{key}.yaml"
+        bombs[key].write_text(yaml.safe_dump({**recipe, key: "BOMB"}).replace("BOMB", BOMB))
+    Plan([(0, 0)]).save(root / "bare-plan.json")  # hand-written: no fingerprint ties it to the original
+    for name, change in (("layers", {"num_hidden_layers": 100_000}), ("wide", {"hidden_size": 1_000_000})):
+        shutil_copy(env["model"], root / f"lying-{name}")  # config.json that does not describe the weights
+        cfg = json.loads((root / f"lying-{name}" / "config.json").read_text())
+        (root / f"lying-{name}" / "config.json").write_text(json.dumps({**cfg, **change}))
+    (root / "mc-list.jsonl").write_text("[1, 2]\n")
+    (root / "mc-deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (root / "mc-binary.jsonl").write_bytes(bytes(range(128, 256)) * 8)
+    return {"root": root, "evil": evil, "marker": marker, "nan": nan, "garbage": root / "garbage.parquet", "bare": root / "bare-plan.json",
+            "deep": root / "deep.jsonl", "sliced": sliced, **{f"bomb-{k}": v for k, v in bombs.items()}}
+
+
+HOSTILE = [  # (label, command, args with placeholders (OUT: a fresh output), names the line must contain)
+    ("remote code: calibrate", "calibrate", ["EVIL", "--data", "DATA", "-o", "OUT"], ("--trust-remote-code",)),
+    ("remote code: export", "export", ["EVIL", "--plan", "PLAN", "-o", "OUT", "--no-verify"],
+     ("--trust-remote-code",)),
+    ("remote code: eval", "eval", ["EVIL", "--task", "MC", "-o", "OUT"], ("--trust-remote-code",)),
+    ("NaN weight: calibrate", "calibrate", ["NAN", "--data", "DATA", "-o", "OUT"],
+     ("model.layers.0.self_attn.v_proj.weight",)),
+    ("NaN weight: select", "select", ["SCORES", "--model", "NAN", "--task", "MC", "--max-drop", "0.1", "-o", "OUT"],
+     ("model.layers.0.self_attn.v_proj.weight",)),
+    ("NaN weight: export", "export", ["NAN", "--plan", "PLAN", "-o", "OUT"], ("model.layers.0.self_attn.v_proj.weight",)),
+    ("corrupt parquet --data", "calibrate", ["MODEL", "--data", "GARBAGE", "-o", "OUT"], ("garbage.parquet",)),
+    ("JSON nested 100000 deep --data", "calibrate", ["MODEL", "--data", "DEEP", "-o", "OUT"], ("deep.jsonl",)),
+    ("calibrate a sliced export", "calibrate", ["SLICED", "--data", "DATA", "-o", "OUT"], ("sliced",)),
+    ("export from a sliced export", "export", ["SLICED", "--plan", "PLAN", "-o", "OUT"], ("sliced",)),
+    ("eval --plan on a sliced export", "eval", ["SLICED", "--task", "MC", "--plan", "BARE", "-o", "OUT"], ("sliced",)),
+    ("push an unverified export", "push", ["SLICED", "org/name"], ("--allow-unverified",)),
+    # config.json claiming 100000 layers (or a 10^6 hidden size) built modules for minutes before any weight
+    ("config claims 100000 layers: calibrate", "calibrate", ["LYING-LAYERS", "--data", "DATA", "-o", "OUT"],
+     ("num_hidden_layers",)),
+    ("config claims 100000 layers: export", "export", ["LYING-LAYERS", "--plan", "BARE", "-o", "OUT"],
+     ("num_hidden_layers",)),
+    ("config claims a 10^6 hidden size: eval", "eval", ["LYING-WIDE", "--task", "MC", "-o", "OUT"], ("hidden_size",)),
+    *[(f"mc: file {k}", "eval", ["MODEL", "--task", f"MCFILE-{k}", "-o", "OUT"], (f"mc-{k}.jsonl",))
+      for k in ("list", "deep", "binary")],  # a traceback each (AttributeError, RecursionError, UnicodeDecodeError)
+    *[(f"alias bomb in {k}", "run", [f"BOMB-{k.upper()}", "-o", "OUT"], ("alias",))
+      for k in ("name", "description", "notes")],
+    *[(f"alias bomb in --set {k}", "run", ["RECIPE", "-o", "OUT", "--set", f"{k}={BOMB}"], ("alias",))
+      for k in ("name", "description", "notes")],
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in HOSTILE])
+def test_hostile_input_is_one_line(env, hostile, tmp_path, case):
+    """Issue 21's battery at the command line: each hostile input ends in one ``error:`` line on stderr naming
+    what to fix, exit 2, no traceback, no output, and no checkpoint code run."""
+    import time
+
+    _, cmd, args, names = case
+    out = tmp_path / "out"
+    subst = {"EVIL": hostile["evil"], "NAN": hostile["nan"], "GARBAGE": hostile["garbage"], "DEEP": hostile["deep"],
+             "SLICED": hostile["sliced"], "DATA": env["data"], "PLAN": env["plan"], "SCORES": env["scores"],
+             "MODEL": env["model"], "RECIPE": env["recipe"], "MC": f"mc:{env['mc']}", "OUT": out, "BARE": hostile["bare"],
+             **{f"BOMB-{k.upper()}": hostile[f"bomb-{k}"] for k in ("name", "description", "notes")}}
+    subst.update({"LYING-LAYERS": hostile["root"] / "lying-layers", "LYING-WIDE": hostile["root"] / "lying-wide"})
+    subst.update({f"MCFILE-{k}": f"mc:{hostile['root'] / f'mc-{k}.jsonl'}" for k in ("list", "deep", "binary")})
+    argv = [str(subst.get(a, a)) for a in args]
+    if cmd == "calibrate":
+        argv += ["--num-samples", "2", "--seq-len", "8"]
+    if cmd == "select" or cmd == "eval":
+        argv += ["--limit", "4"]
+    t0 = time.monotonic()
+    r = invoke(cmd, argv)
+    assert time.monotonic() - t0 < 30  # an alias bomb ran for minutes
+    assert_refused(r, names, only_line=False)  # real runs: the line may follow a loading bar
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert all("%|" in x for x in lines[:-1]), lines  # nothing but progress bars before it
+    assert len(lines[-1]) < 2100  # the one line is bounded too
+    assert not out.exists() or cmd == "run" and not any(out.iterdir())
+    assert not hostile["marker"].exists()
 
 
 def test_scores_of_other_weights_are_refused_by_every_command_that_takes_them(env, tmp_path):

@@ -326,7 +326,7 @@ def test_unlisted_export_is_refused_and_strays_never_go_up(hub_env, hub, tmp_pat
     tiny_model("llama", layers=2).save_pretrained(src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export(str(src), Plan([(0, 1)]), out, progress=False)
+        export(str(src), Plan([(0, 1)]), out, progress=False, verify_num_sequences=1, verify_seq_len=8)
     (out / "model-00002-of-00002.safetensors").write_bytes((out / "model.safetensors").read_bytes())
     (out / "tokenizer_extra.json").write_text("{}")
     folder = check_export_folder(out)  # listed: the strays are skipped
@@ -397,20 +397,31 @@ def test_no_local_path_is_published(hub_env, hub, export_dir, tmp_path):
     folder = tmp_path / "f"
     shutil.copytree(export_dir, folder)
     secret = "/home/alice/private/notes-2026.txt"
+    # relative specs as the user typed them, from a directory push does not run in (no file to find there)
+    rel, rel_data = "ppl:alice-data/rel-notes.txt", "alice-corpus/calib.jsonl#body"
     _edit_provenance(folder, lambda p: p.update(
-        evaluation=[{"task": f"ppl:{secret}", "baseline": 20.0, "pruned": 21.0}],
-        scores_summary={"data": {"source": f"{secret}#text"}, "note": f"calibrated on {secret} at night"},
+        evaluation=[{"task": f"ppl:{secret}", "baseline": 20.0, "pruned": 21.0},
+                    {"task": rel, "baseline": 20.0, "pruned": 21.0},
+                    {"task": "ppl:wikitext2", "baseline": 20.0, "pruned": 21.0},
+                    {"task": "kl:hub:org/corpus?split=test", "baseline": 0.0, "pruned": 0.1}],
+        scores_summary={"data": {"source": f"{secret}#text"}, "note": f"calibrated on {secret} at night",
+                        "calibration": {"data": rel_data}},
         source={"model": "~/models/tiny", "hub_id": None}))
     with open(folder / "README.md", "a") as f:
-        f.write(f"\n| ppl:{secret} | 20.0 | 21.0 |\nData: `{secret}`; see https://huggingface.co/org/tiny\n")
+        f.write(f"\n| ppl:{secret} | 20.0 | 21.0 |\n| {rel} | 20.0 | 21.0 |\n| kl:hub:org/corpus?split=test | 0 | 0.1 |\n"
+                f"Data: `{secret}`; see https://huggingface.co/org/tiny\n")
     push(folder, "tester/scrubbed", token=TOKEN, endpoint=hub.endpoint)
     remote = hub.files("tester/scrubbed")
     for name in ("README.md", "prune_heads.json"):
         text = remote[name].decode()
         assert "/home/alice" not in text and "alice" not in text and "~/models" not in text, name
         assert "notes-2026.txt" in text
-    assert "ppl:notes-2026.txt" in remote["README.md"].decode()
+    assert "ppl:notes-2026.txt" in remote["README.md"].decode() and "ppl:rel-notes.txt" in remote["README.md"].decode()
+    assert "kl:hub:org/corpus?split=test" in remote["README.md"].decode()  # a Hub dataset is not a local path
     assert "https://huggingface.co/org/tiny" in remote["README.md"].decode()  # URLs are not paths
     info = json.loads(remote["prune_heads.json"])
     assert info["evaluation"][0]["task"] == "ppl:notes-2026.txt" and info["source"]["model"] == "tiny"
+    assert [e["task"] for e in info["evaluation"][1:]] == ["ppl:rel-notes.txt", "ppl:wikitext2",
+                                                          "kl:hub:org/corpus?split=test"]
+    assert info["scores_summary"]["calibration"]["data"] == "calib.jsonl#body"
     assert secret in (folder / "prune_heads.json").read_text()  # the local export is the user's: untouched

@@ -172,3 +172,41 @@ def test_a_non_finite_metric_is_refused_naming_the_task():
     ev = make_evaluator(model, tok, f"ppl:{d / 'docs.txt'}", limit=4)
     with pytest.raises(NonFiniteError, match="ppl"):
         ev()
+
+
+# ---- statistics read back from files (a forged hash, an older file, other code) --------------------------------
+def test_non_finite_scores_and_compensation_files_are_refused_on_read(env, tmp_path):
+    """The sha256 ties catch an edit, not a file whose record was rewritten with it (or an older one without):
+    a NaN score would rank silently (NaN compares false), a NaN compensation would give ``pruned nan``."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from prune_heads.compensation.plans import compensator_for
+    from prune_heads.compensation.solve import Compensation
+    from prune_heads.scoring.head_scores import META_FILE, SCORES_FILE, HeadScores
+
+    scores = tmp_path / "scores"
+    shutil.copytree(env["scores"], scores)
+    tensors = load_file(scores / SCORES_FILE)
+    key = sorted(k for k in tensors if not k.startswith("per_sample/"))[0]
+    tensors[key][1, 2] = math.nan
+    save_file(tensors, scores / SCORES_FILE, metadata={"format": "prune-heads-scores/1"})
+    meta = json.loads((scores / META_FILE).read_text())
+    meta["tensors_sha256"] = hashlib.sha256((scores / SCORES_FILE).read_bytes()).hexdigest()
+    (scores / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(NonFiniteError, match=f"scores in .*{key}.*NaN"):
+        HeadScores.load(scores)
+    r = CliRunner().invoke(cli, ["select", str(scores), "--model", str(env["root"] / "good"), "--task",
+                                 f"mc:{env['mc']}", "--limit", "4", "--max-drop", "0.5", "-o", str(tmp_path / "p.json")])
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 2 and "Traceback" not in r.output and key in lines[-1], r.output[-500:]
+    assert not (tmp_path / "p.json").exists()
+
+    comp = compensator_for("lsq", scores=HeadScores.load(env["scores"]))(
+        torch.tensor([[True, False, False, False], [False, False, False, False]]))
+    comp.layers[0].offset[0] = math.inf
+    comp.save(tmp_path / "c.safetensors")
+    with pytest.raises(NonFiniteError, match="layers.0.offset.*Inf"):
+        Compensation.load(tmp_path / "c.safetensors")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -25,8 +23,6 @@ import prune_heads.io_utils as io_utils
 from prune_heads.compensation.plans import compensation_for_plan, compensator_for, save_plan, sidecar_path
 from prune_heads.errors import DiskFullError, ModelMismatchError, OutputExistsError, PruneHeadsError
 from prune_heads.plan import Plan
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -111,19 +107,36 @@ def test_an_exception_between_the_two_renames_puts_the_old_pair_back(pair, tmp_p
     assert _applied(pair, out) == pair["plans"]["A"][1].fingerprint()
 
 
-KILL = """
-import os, sys
-sys.path.insert(0, {tests!r})
-import torch
-import prune_heads.io_utils as io_utils
-from prune_heads.compensation.plans import compensator_for, save_plan
-from prune_heads.plan import Plan
+class _Frozen:
+    """A compensation whose bytes, fingerprint and record were computed in the parent: the forked child below
+    only writes files (no torch work after ``fork``)."""
 
-comp = compensator_for("lsq", scores={scores!r})
-mask = torch.zeros(2, 4, dtype=torch.bool); mask[0, 2] = mask[1, 3] = True
-io_utils._swap_hook = lambda stage, *p: os._exit(9) if stage == "unit-partial" else None
-save_plan(Plan([(0, 2), (1, 3)], {{"compensation": comp.record()}}), {out!r}, compensation=comp(mask), overwrite=True)
-"""
+    def __init__(self, comp) -> None:
+        self._bytes, self._fp, self._record = comp.to_bytes(), comp.fingerprint(), comp.record()
+
+    def to_bytes(self) -> bytes:
+        return self._bytes
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    def record(self) -> dict:
+        return dict(self._record)
+
+
+def _killed_while_writing(pair, name: str, out: Path, stage: str = "unit-partial") -> int:
+    """``save_plan`` of plan ``name`` in a forked child that dies (``os._exit``: no ``finally``, no cleanup, as
+    under SIGKILL) at ``stage`` of the commit; returns the child's exit status."""
+    plan, comp = pair["plans"][name]
+    plan, frozen = Plan(list(plan.removed_heads), dict(plan.selection.to_dict())), _Frozen(comp)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            io_utils._swap_hook = lambda s, *p: os._exit(9) if s == stage else None
+            save_plan(plan, out, compensation=frozen, overwrite=True)
+        finally:
+            os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def test_a_kill_between_the_two_renames_never_pairs_the_plan_with_the_new_file(pair, tmp_path):
@@ -131,15 +144,21 @@ def test_a_kill_between_the_two_renames_never_pairs_the_plan_with_the_new_file(p
     with its own (restored) file, not the new one."""
     out = _write(pair, "A", tmp_path / "p.json")
     before = _snapshot(out)
-    script = KILL.format(tests=str(ROOT / "tests"), scores=str(pair["scores"]), out=str(out))
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 9, r.stderr[-2000:]
+    assert _killed_while_writing(pair, "B", out) == 9
     assert out.read_bytes() == before[0] and sidecar_path(out).read_bytes() != before[1]  # killed there
     assert _applied(pair, out) == pair["plans"]["A"][1].fingerprint()
     assert _snapshot(out) == before
     _write(pair, "B", out)  # the dead run's staged plan is cleaned by the next write
     assert _applied(pair, out) == pair["plans"]["B"][1].fingerprint() and _litter(tmp_path) == []
+
+
+def test_a_kill_leaves_a_pair_a_later_writer_replaces_whole(pair, tmp_path):
+    """After the same kill, the next ``select --overwrite`` (not a reader) writes its pair over the dead run's
+    half: the plan on disk applies its own file, and nothing the dead run left remains."""
+    out = _write(pair, "A", tmp_path / "p.json")
+    assert _killed_while_writing(pair, "B", out) == 9
+    _write(pair, "A", out)
+    assert _applied(pair, out) == pair["plans"]["A"][1].fingerprint() and _litter(tmp_path) == []
 
 
 def test_a_full_disk_at_that_moment_leaves_the_old_pair_and_says_so_truthfully(pair, tmp_path, monkeypatch):
@@ -190,6 +209,43 @@ def test_two_writers_on_the_same_output_leave_one_whole_pair(pair, tmp_path, ove
     winner = Plan.load(out)
     name = "A" if len(winner.removed_heads) == 1 else "B"
     assert _applied(pair, out) == pair["plans"][name][1].fingerprint()
+    assert _litter(tmp_path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_second_writer_waits_while_the_first_is_between_its_renames(pair, tmp_path, monkeypatch, overwrite):
+    """The interleaving that paired a plan with another run's file: run B arrives while run A has renamed its
+    compensation file and not yet its plan. B waits for A's unit (the lock), then is refused (no --overwrite:
+    A's pair stays) or replaces A's whole pair; at no point does a plan sit beside the other run's file."""
+    out = tmp_path / "p.json"
+    seen: list[str] = []
+    results: dict[str, object] = {}
+
+    def b_writes():
+        try:
+            _write(pair, "B", out, overwrite=overwrite)
+            results["B"] = "ok"
+        except PruneHeadsError as e:
+            results["B"] = e
+
+    b = threading.Thread(target=b_writes)
+
+    def paused(stage, *paths):
+        if stage == "unit-partial" and not b.is_alive() and "B" not in results:
+            monkeypatch.setattr(io_utils, "_swap_hook", None)  # B's own commit is not paused
+            b.start()
+            b.join(0.5)
+            seen.append("B finished while A was mid-commit" if not b.is_alive() else "B waited")
+
+    monkeypatch.setattr(io_utils, "_swap_hook", paused)
+    _write(pair, "A", out, overwrite=overwrite)
+    b.join(30)
+    assert seen == ["B waited"] and not b.is_alive()
+    if overwrite:
+        assert results == {"B": "ok"} and _applied(pair, out) == pair["plans"]["B"][1].fingerprint()
+    else:
+        assert isinstance(results["B"], OutputExistsError)
+        assert _applied(pair, out) == pair["plans"]["A"][1].fingerprint()
     assert _litter(tmp_path) == []
 
 

@@ -104,6 +104,9 @@ def commands(env: dict[str, Path], out: Path, model: Path | None = None) -> dict
                    str(out / "plan.json")],
         "eval": ["eval", m, "--task", mc, "--limit", "4", "-o", str(out / "r.json")],
         "run": ["run", str(env["recipe"]), "-o", str(out / "run")],
+        "sweep": ["sweep", s, "--model", m, "--task", mc, "--limit", "4", "-o", str(out / "sweep")],
+        "compare-selectors": ["compare-selectors", "--model", m, "--scores", s, "--task", mc, "--max-drop", "0.5",
+                              "--limit", "4", "-o", str(out / "cmp")],
     }
 
 
@@ -115,7 +118,8 @@ def assert_one_line_refusal(r, label: str) -> None:
 
 
 @pytest.mark.parametrize("stdin", ["", "y\n", "yes\ny\ny\n"])
-@pytest.mark.parametrize("cmd", ["export", "export --no-verify", "calibrate", "select", "eval", "run"])
+@pytest.mark.parametrize("cmd", ["export", "export --no-verify", "calibrate", "select", "eval", "run", "sweep",
+                                 "compare-selectors"])
 def test_no_command_runs_the_checkpoints_code(env, tmp_path, cmd, stdin):
     argv = commands(env, tmp_path)[cmd]
     r = CliRunner().invoke(cli, argv, input=stdin)
@@ -124,8 +128,10 @@ def test_no_command_runs_the_checkpoints_code(env, tmp_path, cmd, stdin):
     assert "[y/N]" not in r.output
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch and transformers (~25 s on 2 cores)
 def test_refusal_in_a_fresh_process_with_no_terminal(env, tmp_path):
-    """The real CLI, stdin closed (the case that ended in a traceback) and stdin saying y (the case that ran it)."""
+    """The real CLI, stdin closed (the case that ended in a traceback) and stdin saying y (the case that ran it);
+    the default suite has the same cases in process (``test_no_command_runs_the_checkpoints_code``)."""
     for stdin in (subprocess.DEVNULL, "y\n"):
         r = subprocess.run([sys.executable, "-m", "prune_heads", "export", str(env["evil"]), "--plan", str(env["plan"]),
                             "-o", str(tmp_path / "x"), "--no-verify"], cwd=ROOT, capture_output=True, text=True,

@@ -238,6 +238,10 @@ class Compensation:
             raise
         except Exception as e:
             raise PruneHeadsError(f"cannot read the compensation in {path}: {e}") from e
+        from prune_heads.finite import require_finite
+
+        for k, t in tensors.items():  # a file from outside the solver (edited, or written by other code)
+            require_finite(t, f"the compensation file {path} ({k})", "select again to recompute it")
         H, D = header["num_heads"], header["head_dim"]
         layers = {}
         for key, removed in header["removed"].items():

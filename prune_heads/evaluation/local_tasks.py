@@ -24,6 +24,13 @@ def check_mc_file(path: str | Path) -> int:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"multiple-choice file {p} not found (mc:/path/to/file.jsonl)")
+    try:
+        return _check_mc_lines(p)
+    except UnicodeDecodeError:
+        raise DataError(f"{p} is not UTF-8 text: is it the right file? (one JSON object per line)") from None
+
+
+def _check_mc_lines(p: Path) -> int:
     n = 0
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -33,6 +40,10 @@ def check_mc_file(path: str | Path) -> int:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{lineno}: not valid JSON ({e})") from e
+            except RecursionError:
+                raise DataError(f"{p}:{lineno}: JSON nested too deeply; one flat JSON object per line") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{p}:{lineno}: each line must be a JSON object (question, choices, answer)")
             q, ch, a = rec.get("question"), rec.get("choices"), rec.get("answer")
             if not isinstance(q, str) or not q.strip():
                 raise DataError(f"{p}:{lineno}: 'question' must be a non-empty string")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ def _score_number(v: Any) -> tuple[str, float] | None:
         value = float(num)
     except ValueError:
         return None
-    return (score, value) if sep and score and value == value else None  # (NaN is not a threshold)
+    return (score, value) if sep and score and math.isfinite(value) else None  # (NaN or Inf is not a threshold)
 
 
 def _score_threshold(v: Any) -> str | None:

@@ -294,6 +294,17 @@ def is_local_path(value: str) -> bool:
 _EMBEDDED_PATH = re.compile(r"(?:^|(?<=[\s'\"(=:,\[`<>|*]))(?:~|\.{1,2})?/(?!/)(?:[^\s/'\"`()<>\[\],;|]+/)*"
                             r"[^\s/'\"`()<>\[\],;|]+")
 _PREFIXED = re.compile(r"^(?P<kind>[A-Za-z][\w-]*):(?P<rest>.+)$", re.S)
+#: task kinds whose rest is a data spec (``prune_heads.data``): a local file or folder unless it is one of the
+#: named sources, so ``ppl:data/notes.txt`` is a path even where it does not exist (push runs elsewhere)
+_DATA_TASKS = ("ppl", "kl", "mc")
+_NAMED_SOURCE = re.compile(r"^(?:hub:|task:|wikitext2(?::hub)?$)")
+_TASK_IN_TEXT = re.compile(r"(?<![\w/])(?P<kind>ppl|kl|mc):(?P<rest>[^\s|`'\"()<>\[\],;]+)")
+#: a relative path to a data file (``data/docs.jsonl#text``), which no Hub id looks like
+_RELATIVE_DATA_FILE = re.compile(r"^[^\s:]*/[^\s/:]+\.(?:txt|raw|jsonl|json|parquet|csv)(?:[#@]\S*)?$")
+
+
+def _data_spec_is_local(kind: str, rest: str) -> bool:
+    return kind in _DATA_TASKS and "/" in rest.replace("\\", "/") and not _NAMED_SOURCE.match(rest)
 
 
 def _basename(path: str) -> str:
@@ -304,11 +315,14 @@ def scrub_text(s: str) -> str:
     """``s`` with every local path in it reduced to its last component: a whole path, a task or data spec that
     names a file (``ppl:/home/me/notes.txt`` -> ``ppl:notes.txt``, ``mc:./q.jsonl``), and paths inside longer
     text. URLs and Hub ids (``org/name``) are left as they are."""
-    if is_local_path(s):
+    if is_local_path(s) or _RELATIVE_DATA_FILE.match(s):
         return _basename(s)
     m = _PREFIXED.match(s)
-    if m and not m["rest"].startswith("//") and (is_local_path(m["rest"]) or os.path.exists(m["rest"].split("#")[0])):
+    if m and not m["rest"].startswith("//") and (is_local_path(m["rest"]) or os.path.exists(m["rest"].split("#")[0])
+                                                 or _data_spec_is_local(m["kind"], m["rest"])):
         return f"{m['kind']}:{_basename(m['rest'])}"
+    s = _TASK_IN_TEXT.sub(lambda t: f"{t['kind']}:{_basename(t['rest'])}" if _data_spec_is_local(t["kind"], t["rest"])
+                          else t.group(0), s)
     return _EMBEDDED_PATH.sub(lambda p: _basename(p.group(0)), s)
 
 

@@ -40,10 +40,10 @@ def parse_size(size: str | int) -> int:
     if isinstance(size, int):
         value = size
     else:
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+        m = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{0,30})?)\s*([A-Za-z]*)\s*", str(size)[:100])
         if not m or m.group(2).upper() not in _UNITS:
-            raise PruneHeadsError(f"cannot read shard size {size!r}; write it like 5GB, 500MB or 2GiB")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+            raise PruneHeadsError(f"cannot read shard size {str(size)[:80]!r}; write it like 5GB, 500MB or 2GiB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])  # bounded digits: always finite
     if value <= 0:
         raise PruneHeadsError(f"shard size must be positive, got {size!r}")
     return value
@@ -124,7 +124,19 @@ def open_source(path: str | Path) -> SourceCheckpoint:
             if not listed <= set(names):
                 missing = sorted(listed - set(names))[:3]
                 raise PruneHeadsError(f"shard {f} lacks tensors its index lists (e.g. {missing}); re-download it")
+    _check_config(root, config, weight_map, shards)
     return SourceCheckpoint(root, config, weight_map, index_file, shards)
+
+
+def _check_config(root: Path, config: dict, weight_map: dict[str, str], shards: list[str]) -> None:
+    """config.json describes these weights (``model.loading.check_config_against_weights``): export and its
+    verification build the model from it."""
+    from prune_heads.model.loading import check_config_against_weights, check_safetensors_file
+
+    shapes: dict[str, list[int]] = {}
+    for s in shards:
+        check_safetensors_file(root / s, shapes)
+    check_config_against_weights(config, {n: shapes[n] for n in weight_map if n in shapes}, root)
 
 
 def iter_tensors(src: SourceCheckpoint, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from prune_heads.errors import PruneHeadsError
+from prune_heads.errors import PruneHeadsError, shown
 from prune_heads.io_utils import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -223,9 +223,10 @@ SAFETENSORS_DTYPES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4
                       "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75, "C64": 8}
 
 
-def check_safetensors_file(path: Path) -> list[str]:
+def check_safetensors_file(path: Path, shapes: dict[str, list[int]] | None = None) -> list[str]:
     """Check a safetensors file's header against its size, without reading the tensors; return the
-    tensor names. A truncated, padded or non-safetensors file raises ``PruneHeadsError``."""
+    tensor names (and add each tensor's shape to ``shapes``). A truncated, padded or non-safetensors file
+    raises ``PruneHeadsError``."""
     size = path.stat().st_size
     what = f"{path} is not a complete safetensors file"
     with open(path, "rb") as f:
@@ -256,6 +257,8 @@ def check_safetensors_file(path: Path) -> list[str]:
             raise PruneHeadsError(f"{what} (tensor {name!r} has {stop - begin} bytes for {expected}); re-download it")
         end = max(end, stop)
         names.append(name)
+        if shapes is not None:
+            shapes[name] = [int(d) for d in info["shape"]]
     if 8 + n + end != size:
         state = "truncated" if 8 + n + end > size else "longer than its header says"
         raise PruneHeadsError(f"{path} is {state} ({size} bytes, the header describes {8 + n + end}); "
@@ -263,8 +266,41 @@ def check_safetensors_file(path: Path) -> list[str]:
     return names
 
 
+def check_config_against_weights(config: Any, shapes: dict[str, list[int]], where: Path) -> None:
+    """``config.json``'s layer count and embedding size agree with the tensors the checkpoint holds (``shapes``:
+    name -> shape, from the safetensors headers). transformers builds the model from the config before it reads
+    a weight: a config that claims 100,000 layers (or a huge hidden size) spent minutes and gigabytes building
+    modules no weight exists for. Families prune-heads does not know, and names it cannot place, are left alone.
+    """
+    from prune_heads.model.adapters import adapters_by_type
+
+    if not isinstance(config, dict):
+        return
+    adapter = adapters_by_type().get(config.get("base_model_type") or config.get("model_type"))
+    if adapter is None:
+        return
+    cfg = adapter.text_config(config)
+    cfg = cfg if isinstance(cfg, dict) else config
+    prefix = adapter.layers_path + "."
+    layers = {int(head) for name in shapes if name.startswith(prefix)
+              and (head := name[len(prefix):].split(".", 1)[0]).isdigit()}
+    claimed = cfg.get("num_hidden_layers")
+    # only more than the weights hold is refused: some checkpoints store extra (multi-token prediction) layers
+    if layers and claimed is not None and not (isinstance(claimed, int) and not isinstance(claimed, bool) and claimed <= max(layers) + 1):
+        raise PruneHeadsError(f"{where / 'config.json'} says num_hidden_layers {shown(claimed)}, but the weights hold "
+                              f"{max(layers) + 1} layers: the config does not belong to these weights; re-download "
+                              "the model")
+    embed = shapes.get(f"{adapter.embed_name}.weight")
+    want = [cfg.get("vocab_size", embed[0] if embed else None), cfg.get("hidden_size", embed[1] if embed else None)]
+    if embed is not None and len(embed) == 2 and not all(isinstance(w, int) and w <= e for w, e in zip(want, embed)):
+        raise PruneHeadsError(f"{where / 'config.json'} says vocab_size x hidden_size {shown(want[0])} x "
+                              f"{shown(want[1])}, but the embedding weight is {embed[0]} x {embed[1]}: the config does "
+                              "not belong to these weights; re-download the model")
+
+
 def check_local_checkpoint(directory: Path) -> None:
-    """Every safetensors shard of a local model directory (and its index) is complete."""
+    """Every safetensors shard of a local model directory (and its index) is complete, and its config.json
+    describes these weights (``check_config_against_weights``)."""
     index = directory / "model.safetensors.index.json"
     shards = sorted(directory.glob("*.safetensors"))
     if index.is_file():
@@ -276,14 +312,16 @@ def check_local_checkpoint(directory: Path) -> None:
         if missing:
             raise PruneHeadsError(f"{directory} lacks shard(s) {', '.join(missing[:3])} listed in {index.name}; "
                                   "re-download the model")
+    shapes: dict[str, list[int]] = {}
     for shard in shards:
-        check_safetensors_file(shard)
+        check_safetensors_file(shard, shapes)
     cfg = directory / "config.json"
     if cfg.is_file():
         try:
-            json.loads(cfg.read_text())
+            config = json.loads(cfg.read_text())
         except (ValueError, UnicodeDecodeError) as e:
             raise PruneHeadsError(f"{cfg} is not valid JSON ({e}); re-download the model") from None
+        check_config_against_weights(config, shapes, directory)
 
 
 def _refuse_plain_file(spec: str, gguf_file: str | None) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from prune_heads.bounded import load_yaml
+from prune_heads.bounded import MAX_YAML_CHARS, load_yaml
 from prune_heads.errors import PruneHeadsError, shown
 from prune_heads.evaluation.stage import EvalTask, EvaluateConfig
 from prune_heads.export.stage import ExportConfig, VerifyConfig
@@ -146,7 +146,12 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise RecipeError(f"recipe {p} not found (see recipes/ for examples)")
     try:
-        raw = load_yaml(p.read_text(encoding="utf-8"), f"recipe {p}")
+        with open(p, encoding="utf-8") as f:
+            text = f.read(MAX_YAML_CHARS + 1)  # never a whole huge file: load_yaml refuses what is over
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {p} is not UTF-8 text: is it the right file?") from None
+    try:
+        raw = load_yaml(text, f"recipe {p}")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

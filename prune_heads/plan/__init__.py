@@ -82,6 +82,11 @@ class Plan:
     def validate(self, model_or_config: Any, *, check_weights: Any = None) -> HeadLayout:
         """Check indices against the model; refuse emptied layers unless the plan allows them."""
         config = getattr(model_or_config, "config", model_or_config)
+        from prune_heads.model.attention import is_sliced_export
+
+        if is_sliced_export(config):  # before any work: its heads are not the original's (issue 21 class 5)
+            raise PruneHeadsError(f"the model is a sliced prune-heads export ({config.model_type}): a plan applies to "
+                                  "the original model (its prune_heads.json names it), not to a sliced one")
         layout = get_adapter(config).layout(config)
         for layer, h in self.removed_heads:
             if not (0 <= layer < layout.num_layers and 0 <= h < layout.num_heads):

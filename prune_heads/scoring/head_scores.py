@@ -151,6 +151,10 @@ class HeadScores:
             raise PruneHeadsError(f"{d / SCORES_FILE} is not the file {META_FILE} describes (its content changed or "
                                   "it comes from another run); recalibrate with `prune-heads calibrate`")
         _check_shapes(d, tensors)
+        from prune_heads.finite import require_finite
+
+        for k, t in tensors.items():  # NaN compares false with every threshold: it would rank silently
+            require_finite(t, f"the scores in {d} ({k})", "recalibrate with `prune-heads calibrate`")
         # safetensors sorts its keys; keep the order the scores were saved in
         order = {sid: i for i, sid in enumerate(meta.get("scores") or [])}
         keys = sorted(tensors, key=lambda k: (order.get(k.split("/", 1)[-1], len(order)), k))
