@@ -6,6 +6,12 @@
 (c) peak RSS at sequence length 2048 vs a plain forward, each in a fresh subprocess (target <= 1.3x).
 
     python benchmarks/bench_calibration.py            # writes benchmarks/results/calibration.md
+    python benchmarks/bench_calibration.py --long 2048,4096   # only (d): long windows, long_calibration.md
+
+(d) ``--long``: one window of each length, calibrated (every forward score and the compensation moments) and
+    run through a plain ``sdpa`` forward, each in a fresh single-threaded subprocess: peak RSS above the loaded
+    model and seconds per token. The attention statistics are taken in query blocks, so no T x T matrix is
+    formed: the memory stays near the plain forward's as the window grows (issue 18).
 """
 
 from __future__ import annotations
@@ -116,8 +122,10 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def memory_child(mode: str, seq_len: int) -> None:
+def memory_child(mode: str, seq_len: int, threads: int | None = None) -> None:
     """Runs in a fresh process: peak RSS of one ``seq_len`` sequence, relative to the loaded model."""
+    if threads:
+        torch.set_num_threads(threads)
     loaded = load()
     seq = samples(loaded.tokenizer, 1, seq_len)
     ids = torch.tensor(seq)
@@ -134,14 +142,64 @@ def memory_child(mode: str, seq_len: int) -> None:
         from prune_heads import calibrate
 
         calibrate(loaded.model, seq, batch_size=1, progress=False)
-    print(json.dumps({"base_mib": base / 1024, "peak_mib": _rss_kib("VmHWM") / 1024,
-                      "seconds": time.perf_counter() - t0}))
+    seconds = time.perf_counter() - t0
+    from prune_heads.compensation.moments import moments_cost
+    from prune_heads.model.adapters import get_adapter
+
+    layout = get_adapter(loaded.model).layout(loaded.model.config)
+    moments = moments_cost(layout.num_layers, layout.num_heads * layout.head_dim)["bytes"] if mode != "plain" else 0
+    print(json.dumps({"base_mib": base / 1024, "peak_mib": _rss_kib("VmHWM") / 1024, "seconds": seconds,
+                      "moments_mib": moments / 2**20}))
 
 
-def measure_memory(mode: str, seq_len: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", mode, "--mem-seq-len", str(seq_len)],
+def measure_memory(mode: str, seq_len: int, threads: int | None = None) -> dict[str, float]:
+    extra = ["--threads", str(threads)] if threads else []
+    out = subprocess.run([sys.executable, __file__, "--memory-child", mode, "--mem-seq-len", str(seq_len), *extra],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+LONG_RESULTS = Path(__file__).parent / "results" / "long_calibration.md"
+
+
+def long_windows(lengths: list[int], threads: int) -> None:
+    """(d): calibration against a plain forward on one window of each length (fresh processes, interleaved)."""
+    load_before = os.getloadavg()
+    rows = []
+    for n in lengths:
+        plain, ours_ = measure_memory("plain", n, threads), measure_memory("ours", n, threads)
+        dp, do = plain["peak_mib"] - plain["base_mib"], ours_["peak_mib"] - ours_["base_mib"]
+        fixed = ours_.get("moments_mib", 0.0)
+        rows.append(f"| {n} | {dp:.0f} MiB | {do:.0f} MiB ({fixed:.0f} of them the moments) | "
+                    f"{do / max(dp, 1):.2f}x ({(do - fixed) / max(dp, 1):.2f}x without the moments) | "
+                    f"{plain['peak_mib']:.0f} / {ours_['peak_mib']:.0f} MiB | "
+                    f"{1e3 * plain['seconds'] / n:.2f} ms | {1e3 * ours_['seconds'] / n:.2f} ms | "
+                    f"{ours_['seconds'] / plain['seconds']:.2f}x |")
+        print(rows[-1], flush=True)
+    from prune_heads.model.attention_stats import BLOCK_ELEMENTS
+
+    load_after = os.getloadavg()
+    lines = [
+        "## Calibration at long windows (SmolLM2-135M, float32, CPU)",
+        "",
+        f"Command: `python benchmarks/bench_calibration.py --long {','.join(map(str, lengths))} --threads {threads}`  ",
+        f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}, torch {torch.__version__}), {threads} thread per "
+        f"process, shared with other jobs: load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, so "
+        "the times are noisy (each side measured once, in turn).  ",
+        "One WikiText-2 window per length, batch 1, each side in a fresh process; calibration = every forward score "
+        f"and the compensation moments (`calibrate` defaults), attention statistics in query blocks of at most "
+        f"{BLOCK_ELEMENTS:,} logits; plain = the model's `sdpa` forward (`logits_to_keep=1`). The moments "
+        "(two float64 Gram matrices of `o_proj`'s input per layer, `moments_cost`) are a fixed size whatever the "
+        "window; what grows with the window is the activations.",
+        "",
+        "| tokens | plain: peak RSS above the model | calibrate: same | ratio | peak RSS (plain / calibrate) | "
+        "plain: time per token | calibrate: time per token | time ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+    LONG_RESULTS.write_text("\n".join(lines))
+    print(f"wrote {LONG_RESULTS}")
 
 
 def main() -> None:
@@ -152,9 +210,14 @@ def main() -> None:
     ap.add_argument("--paper-samples", type=int, default=4, help="samples for the (slow) paper-method comparison")
     ap.add_argument("--mem-seq-len", type=int, default=2048)
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--long", default=None, help="only (d): comma-separated window lengths, e.g. 2048,4096")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per process (--long: default 1)")
     args = ap.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child, args.mem_seq_len)
+        memory_child(args.memory_child, args.mem_seq_len, args.threads)
+        return
+    if args.long:
+        long_windows([int(x) for x in args.long.split(",")], args.threads or 1)
         return
 
     loaded = load()
@@ -182,7 +245,7 @@ def main() -> None:
     from prune_heads.model.attention_stats import BLOCK_ELEMENTS
 
     cmd = "python benchmarks/bench_calibration.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "memory_child" and v != ap.get_default(k))
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("memory_child", "long", "threads") and v != ap.get_default(k))
     lines = [
         "## Calibration cost (SmolLM2-135M, float32, CPU)",
         "",

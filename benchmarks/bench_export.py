@@ -166,6 +166,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="a tiny random model, three plans, small sizes (for tests)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
                     help="a random-weight model with these real shapes instead of SmolLM2 (speed only)")
+    ap.add_argument("--skip-prefill", action="store_true",
+                    help="--contexts: measure only decode on the long cache (a long prefill per run is slow on a CPU)")
     ap.add_argument("--contexts", default=None,
                     help="comma-separated context lengths of a long-context table (e.g. 2048,4096,8192)")
     ap.add_argument("--out", type=Path, default=None, help=f"markdown output (default {RESULTS})")
@@ -237,13 +239,15 @@ def long_context_rows(case: Case, fmt: str, original, exported, layout, args) ->
         kv_o, kv_p = kv_cache_bytes(original, c), kv_cache_bytes(exported, c)
         cells = []
         for n in args.threads:
-            pre = compare_speed(original, exported, mode="prefill", tokens=c, repeats=args.repeats, threads=n,
-                                clock=args.clock, placements=args.placements)
+            pre = None if args.skip_prefill else compare_speed(
+                original, exported, mode="prefill", tokens=c, repeats=args.repeats, threads=n, clock=args.clock,
+                placements=args.placements)
             dec = compare_speed(original, exported, mode="decode", tokens=args.decode_tokens, context=c,
                                 repeats=args.repeats, threads=n, clock=args.clock, placements=args.placements)
             bytes_ratio = (w_p + kv_p) / (w_o + kv_o)
-            cells += [f"{pre.tokens_per_s[0]:.0f} / {pre.tokens_per_s[1]:.0f}", fmt_ratio(pre), f"{pre.flops_ratio:.3f}",
-                      f"{1e3 * dec.original_median / dec.tokens:.1f} / {1e3 * dec.pruned_median / dec.tokens:.1f}",
+            cells += ([f"{pre.tokens_per_s[0]:.0f} / {pre.tokens_per_s[1]:.0f}", fmt_ratio(pre), f"{pre.flops_ratio:.3f}"]
+                      if pre is not None else ["not measured"] * 3)
+            cells += [f"{1e3 * dec.original_median / dec.tokens:.1f} / {1e3 * dec.pruned_median / dec.tokens:.1f}",
                       fmt_ratio(dec), f"{dec.flops_ratio:.3f}", f"{bytes_ratio:.3f}"]
         rows.append(f"| {case.policy} {removed / layout.total_heads:.0%} ({removed}) `{fmt}` | {c} | "
                     f"{kv_o / 2**20:.1f} / {kv_p / 2**20:.1f} ({kv_p / kv_o:.3f}) | " + " | ".join(cells) + " |")

@@ -162,6 +162,14 @@ _add("select", "--gate-batch-size", ["0"], pre=["--method", "gates", "--target-f
 _add("select", "--confidence", ["1", "-0.1", "nan"])
 _add("select", "--seed", ["-1"])
 _add("select", "--dtype", ["float8"])
+_add("select", "--seq-len", ["1", "300"], pre=["--task", "PPL"])
+_add("select", "--score-last", ["0"], pre=["--task", "PPL"])
+_GUARD = ["--guard-task", "passkey:64", "--guard-max-drop", "0.1"]
+_add("select", "--guard-max-drop", ["-1", "nan", "5"], pre=["--guard-task", "passkey:64"])
+_add("select", "--guard-limit", ["0"], pre=_GUARD)
+_add("select", "--guard-seq-len", ["1", "300"], pre=["--guard-task", "PPL", "--guard-max-drop", "0.1"])
+_add("select", "--guard-score-last", ["0"], pre=["--guard-task", "PPL", "--guard-max-drop", "0.1"])
+_add("select", "--guard-task", ["passkey:300", "passkey:20"], pre=["--guard-max-drop", "0.1"])
 _add("eval", "--num-fewshot", ["-1"])
 _add("eval", "--limit", ["0", "-1"])
 _add("eval", "--batch-size", ["0"])
@@ -169,6 +177,11 @@ _add("eval", "--seed", ["-1"])
 _add("eval", "--dynamic", ["awft:nan", "awft", "awft:x", "awft:inf", "awft:-inf"])  # inf: issue 21 class 3
 _add("eval", "--dynamic-fraction", ["awft:1.5", "awft:-0.1", "awft:nan"], pre=["--scores", "SCORES"])
 _add("eval", "--dtype", ["float8"])
+_add("eval", "--seq-len", ["1", "300"], pre=["--task", "PPL"])      # 300: beyond the tiny model's context of 256
+_add("eval", "--score-last", ["0"], pre=["--task", "PPL"])
+CASES.append(("eval", ["--task", "passkey:300"], ("--task",)))      # beyond the context, found before loading
+CASES.append(("eval", ["--task", "passkey:20"], ("--task",)))       # a length the tokenizer cannot fill
+CASES.append(("eval", ["--task", "passkey:2048:9"], ("--task",)))
 _add("export", "--tolerance", ["-1", "nan", "0"])
 _add("export", "--shard-size", ["0", "-5GB", "5XB", "1.2.3GB", "9" * 400 + "GB"])  # tracebacks (issue 21 class 5)
 _add("export", "--dtype", ["float8"])
@@ -216,7 +229,7 @@ def _case_id(case) -> str:
 @pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c)) for c in CASES])
 def test_bad_value_is_refused_before_work(env, sentinel, tmp_path, case):
     cmd, extra, names = case
-    extra = [str(env["scores"]) if a == "SCORES" else a for a in extra]
+    extra = [str(env["scores"]) if a == "SCORES" else f"ppl:{env['data']}" if a == "PPL" else a for a in extra]
     r = invoke(cmd, base_args(cmd, env, tmp_path / "out") + extra)
     assert_refused(r, names)
     assert not (tmp_path / "out").exists() or cmd == "run" and not any((tmp_path / "out").iterdir())

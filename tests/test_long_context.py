@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 
 import pytest
 import torch
 from test_evaluation import REMOVED, char_tokenizer, zeroed_copy
 from tiny_models import tiny_model
+from transformers import LlamaForCausalLM
 
 from prune_heads.errors import PruneHeadsError
 from prune_heads.evaluation import make_evaluator
@@ -296,57 +298,125 @@ def test_eval_cli_takes_passkey_and_long_windows(tmp_path):
     t = json.loads((tmp_path / "k.json").read_text())["tasks"][0]
     assert t["baseline"]["metric"] == "exact_match" and t["baseline"]["n"] == 4 and t["task"]["seq_len"] == 200
     r = run("--task", f"ppl:{data}", "--seq-len", 4096, "-o", tmp_path / "x.json")
-    assert r.exit_code == 2 and "beyond the model's context of 256 tokens" in r.output
-    assert "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith("error: --seq-len 4096")
+    # refused from the checkpoint's config before the weights are loaded (no progress bar, one line)
+    assert r.exit_code == 2 and r.output.strip() == ("error: --seq-len: 4096 tokens is beyond the model's context "
+                                                     "of 256; lower it")
 
 
 # ---- the guard: a plan checked at the serving length ----------------------------------------------------
-from transformers import LlamaForCausalLM  # noqa: E402
+#: the head the built model needs for retrieval (layer 1, head 2)
+HEAD = (1, 2)
 
 
-class RetrievalLlama(LlamaForCausalLM):
-    """A tiny Llama built to need one head, (1, 2), for pass-key retrieval.
+def built_retrieval_model(tok, context: int = 256):
+    """A 2-layer Llama whose weights are written by hand so that pass-key retrieval needs exactly one head, HEAD.
 
-    Its forward is the real model's (random weights), so the real static mask acts on it; a pre-hook on
-    layer 1's ``o_proj`` sees whether head 2's output reaches it. Where ``retrieve`` predicts a key
-    character a large logit is added: the right key while the head is alive, a wrong one once the mask has
-    zeroed it. Text without a pass-key question gets the plain model's logits, so ``ppl:`` on it is real.
+    No oracle: the real forward (RoPE, GQA, RMSNorm, causal attention) and the real static mask act on it.
+    Residual dimensions: 0 a constant; 1..11 the current token's slot (" " and the ten digits; 12 any other
+    token); 13..24 the previous token's slot; 25..35 the retrieved slot.
+
+    - Layer 0: all four heads are previous-token heads: the query is constant and the key is the same vector
+      rotated by one position's RoPE angle on the six fastest frequencies, so the score peaks at distance 1;
+      each writes a quarter of the previous token's slot (any three can go and retrieval still works).
+    - Layer 1: head 2 is an induction head restricted to digits: the query is the current slot plus a constant,
+      the key the position's previous slot plus a "this is a digit" flag (on slow RoPE frequencies, which barely
+      rotate within the context), so it attends to the digit that followed the current token in the needle and
+      copies it; heads 0, 1 and 3 are zero.
+    - The unembedding reads the retrieved slot (and writes " " after any token that is not " " or a digit).
+
+    So the key " 71432" is written one token at a time after "... pass key is"; keys in which a digit is
+    followed by two different digits (78745) are ambiguous to this one-token induction (``followable``).
     """
+    from tiny_models import tiny_config
 
-    HEAD = (1, 2)
-    tok = None
+    cfg = tiny_config("llama", layers=2, heads=4, kv_heads=2, head_dim=64, hidden=64, vocab=len(tok),
+                      max_position_embeddings=context, rope_theta=1e6, rms_norm_eps=1e-6)
+    model = LlamaForCausalLM(cfg).eval()
+    d, heads, slots = 64, 4, [" "] + [str(i) for i in range(10)]
+    ids = [tok.convert_tokens_to_ids(c) for c in slots]
+    inv_freq = 1e6 ** (-torch.arange(0, d, 2).double() / d)
+    const, cur, other, prev, out = 0, 1, 12, 13, 25
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1)
+            layer.post_attention_layernorm.weight.fill_(1)
+        model.model.norm.weight.fill_(1)
+        emb = model.model.embed_tokens.weight
+        emb[:, const] = emb[:, other] = 1
+        for j, t in enumerate(ids):
+            emb[t, other], emb[t, cur + j] = 0, 1
+        a0, norm0, amp = model.model.layers[0].self_attn, math.sqrt(64 / 2), math.sqrt(300.0)
+        for h in range(heads):
+            a0.q_proj.weight[h * d:h * d + 6, const] = amp / norm0
+            a0.o_proj.weight[prev:prev + 12, h * d:h * d + 12] = torch.eye(12) / heads
+        for g in range(2):
+            for i in range(6):
+                a0.k_proj.weight[g * d + i, const] = amp * math.cos(inv_freq[i]) / norm0
+                a0.k_proj.weight[g * d + i + d // 2, const] = amp * math.sin(inv_freq[i]) / norm0
+            a0.v_proj.weight[g * d:g * d + 12, cur:cur + 12] = torch.eye(12) / norm0
+        a1, norm1, (layer, r), g, lo = model.model.layers[1].self_attn, math.sqrt(64 / 3), HEAD, 1, 18
+        assert layer == 1 and r // 2 == g
+        a1.q_proj.weight[r * d + lo:r * d + lo + 11, cur:cur + 11] = torch.eye(11) * 1000 / norm1
+        a1.q_proj.weight[r * d + lo + 11, const] = 300 / norm1
+        a1.k_proj.weight[g * d + lo:g * d + lo + 11, prev:prev + 11] = torch.eye(11) / norm1
+        a1.k_proj.weight[g * d + lo + 11, cur + 1:cur + 11] = 1 / norm1
+        a1.v_proj.weight[g * d:g * d + 11, cur:cur + 11] = torch.eye(11) / norm1
+        a1.o_proj.weight[out:out + 11, r * d:r * d + 11] = torch.eye(11)
+        for j, t in enumerate(ids):
+            model.lm_head.weight[t, out + j] = 4.0  # mild: perplexity on text stays finite
+        model.lm_head.weight[ids[0], other] = 2.4
+    return model
 
-    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kw):
-        layer, head = self.HEAD
-        d = self.config.head_dim
-        seen = {}
-        hook = self.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
-            lambda m, args: seen.__setitem__("x", args[0][..., head * d:(head + 1) * d]))
-        try:
-            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
-                                  **kw)
-        finally:
-            hook.remove()
-        alive = bool(seen["x"].abs().amax() > 0)
-        T, keep = input_ids.shape[1], out.logits.shape[1]
-        for b in range(input_ids.shape[0]):
-            for t, tok_id in retrieve(self.tok, input_ids[b].tolist(), wrong=not alive).items():
-                if t >= T - keep:
-                    out.logits[b, t - (T - keep), tok_id] += 100.0
-        return out
+
+def followable(key: str) -> bool:
+    """The independent reference for the built model: it writes ``key`` iff no digit of it is followed by two
+    different digits (its induction head matches one previous token)."""
+    succ: dict[str, set] = {}
+    for a, b in zip(key, key[1:]):
+        succ.setdefault(a, set()).add(b)
+    return all(len(v) == 1 for v in succ.values())
+
+
+def followable_passkey(model, tok, split: str, n: int = 6):
+    """``passkey:200`` on the first ``n`` documents of ``split`` whose keys the built model can write."""
+    from prune_heads.evaluation.evaluator import Evaluator
+
+    ev = make_evaluator(model, tok, "passkey:200", split=split, limit=60, batch_size=8)
+    backend = copy.copy(ev.backend)
+    backend.docs = [doc for doc in ev.backend.docs if followable(doc.key)][:n]
+    backend.doc_ids = [doc.id for doc in backend.docs]
+    assert len(backend.docs) == n
+    return Evaluator(model, backend, {**ev.task_config, "limit": n, "num_docs": n})
 
 
 @pytest.fixture(scope="module")
 def retrieval(tmp_path_factory):
-    from tiny_models import tiny_config
-
-    torch.manual_seed(0)
     tok = char_tokenizer()
-    model = RetrievalLlama(tiny_config("llama", layers=2, heads=4, kv_heads=2, head_dim=8,
-                                       max_position_embeddings=1024)).eval()
-    model.tok = tok
     data = write_text(tmp_path_factory.mktemp("guard") / "t.txt")
-    return model, tok, data
+    return built_retrieval_model(tok), tok, data
+
+
+def _mask(removed):
+    m = torch.zeros(2, 4, dtype=torch.bool)
+    for layer, head in removed:
+        m[layer, head] = True
+    return m
+
+
+def test_built_model_needs_exactly_one_head_for_retrieval(retrieval):
+    """The built model writes exactly the keys ``followable`` says (an independent reference, from the key's
+    digits alone), with every head or with any three of layer 0 and the other three of layer 1 removed (the
+    real static mask); without HEAD it writes none."""
+    model, tok, _ = retrieval
+    ev = make_evaluator(model, tok, "passkey:200", split="search", limit=10, batch_size=5)
+    want = [float(followable(doc.key)) for doc in ev.backend.docs]
+    assert 0 < sum(want) < 10  # both kinds of key are present, so the reference is not trivially met
+    others = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 3)]
+    for removed in ([], [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 3)], others[3:]):
+        assert list(ev(_mask(removed) if removed else None).docs.values) == want, removed
+    assert list(ev(_mask([HEAD])).docs.values) == [0.0] * 10
 
 
 def _select(model, tok, data, guard, seed):
@@ -360,8 +430,8 @@ def _select(model, tok, data, guard, seed):
 
 
 def test_guard_refuses_a_plan_that_breaks_retrieval(retrieval):
-    """Unguarded, the perplexity budget (lax on purpose) removes the retrieval head; with ``passkey:200`` as the
-    guard the search stops before it: every probe that removed it was refused by the guard's paired bound, the
+    """Unguarded, the perplexity budget (lax on purpose) removes the built model's retrieval head; with
+    ``passkey:200`` (keys it can write) as the guard the search stops before it: every probe that removed it was refused by the guard's paired bound, the
     plan keeps it, and the plan records the guard's length, verdict and held-out check."""
     from prune_heads.model.adapters import get_adapter
     from prune_heads.selection.budget import make_budget
@@ -372,20 +442,18 @@ def test_guard_refuses_a_plan_that_breaks_retrieval(retrieval):
     model, tok, data = retrieval
     layout = get_adapter(model).layout(model.config)
     seed = next(s for s in range(50) if 2 <= [u[0] for u in candidate_units(
-        ranking(None, "random", layout, s), layout, "free", 1, False)].index(model.HEAD) < 5)
+        ranking(None, "random", layout, s), layout, "free", 1, False)].index(HEAD) < 5)
     units = candidate_units(ranking(None, "random", layout, seed), layout, "free", 1, False)
-    pos = [u[0] for u in units].index(model.HEAD)  # the retrieval head is the (pos + 1)-th unit removed
+    pos = [u[0] for u in units].index(HEAD)  # the retrieval head is the (pos + 1)-th unit removed
 
     free = _select(model, tok, data, None, seed)
-    assert model.HEAD in free.removed_heads and free.selection.guard is None
+    assert HEAD in free.removed_heads and free.selection.guard is None
 
-    def passkey(split):
-        return make_evaluator(model, tok, "passkey:200", split=split, limit=6)
-
-    guard = GuardCheck(passkey("search"), make_budget(0.1, False, 0.9), verify_evaluator=passkey("verify"))
+    guard = GuardCheck(followable_passkey(model, tok, "search"), make_budget(0.1, False, 0.9),
+                       verify_evaluator=followable_passkey(model, tok, "verify"))
     plan = _select(model, tok, data, guard, seed)
     g = plan.selection.guard
-    assert model.HEAD not in plan.removed_heads and 0 < len(plan.removed_heads) <= pos
+    assert HEAD not in plan.removed_heads and 0 < len(plan.removed_heads) <= pos
     assert g.seq_len == 200 and g.task["task"] == "passkey:200" and g.baseline["value"] == 1.0
     assert g.within_budget and g.result["value"] == 1.0 and g.verification.verdict == "within"
     assert g.refused and min(g.refused) > pos and g.budget.max_drop == 0.1 and g.budget.confidence == 0.9
@@ -423,6 +491,7 @@ def test_guard_options_are_checked():
     SelectConfig(**base, guard_task="passkey:2048", guard_max_drop=0.1).check()
 
 
+@pytest.mark.slow  # a whole tiny pipeline run (~20 s on the shared CPU)
 def test_recipe_guard_reaches_plan_and_summary(tmp_path):
     """A recipe's ``select.guard_*`` keys are the CLI's options (one ``SelectConfig``); the run's plan records the
     guard and the summary shows the guard and the long-context row beside the short one."""

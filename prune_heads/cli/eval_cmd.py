@@ -28,6 +28,7 @@ def eval_(model, plan_path, scores_dir, output, overwrite, **kw):
     """Evaluate MODEL on a task, unmasked (baseline) and with heads removed by a plan or the dynamic mode."""
     from prune_heads.errors import PruneHeadsError
     from prune_heads.evaluation.stage import PrunedSide, run_evaluate
+    from prune_heads.pipeline.preflight import check_context, check_passkey_fits, task_length
     from prune_heads.plan import Plan
     from prune_heads.schema import from_cli
     from prune_heads.scoring.head_scores import HeadScores
@@ -37,6 +38,9 @@ def eval_(model, plan_path, scores_dir, output, overwrite, **kw):
     cfg = from_cli(EvaluateConfig, kw, tasks=[task])
     if plan_path and (cfg.dynamic or cfg.dynamic_fraction):
         raise PruneHeadsError("give at most one of --plan, --dynamic and --dynamic-fraction")
+    # lengths against the model's config and tokenizer before anything (even the output's folder) is made
+    check_context(mc, [("--seq-len", task.seq_len), ("--task", task_length(task.task))])
+    check_passkey_fits(mc, task.task, "--task")
     check_output(output, overwrite, inputs=(model, plan_path, scores_dir, local_path(task.task)), kind="file")
     check_sources(tasks=(task.task,))
     side = PrunedSide(plan=Plan.load(plan_path) if plan_path else None,

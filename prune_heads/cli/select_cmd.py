@@ -27,6 +27,7 @@ from prune_heads.selection.stage import SelectConfig
 def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     """Choose heads to remove from MODEL using the scores in SCORES, keeping TASK within --max-drop."""
     from prune_heads.compensation.plans import check_plan_output
+    from prune_heads.pipeline.preflight import check_context, check_passkey_fits, task_length
     from prune_heads.schema import from_cli
     from prune_heads.scoring.head_scores import HeadScores
     from prune_heads.selection.stage import plan_line, plot_search, run_select
@@ -35,6 +36,11 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     cfg = from_cli(SelectConfig, kw)
     inputs = (scores_dir, model_spec, local_path(cfg.task), local_path(cfg.verify_task), local_path(cfg.guard_task),
               local_path(cfg.data))
+    check_context(mc, [("--seq-len", cfg.seq_len), ("--guard-seq-len", cfg.guard_seq_len),
+                       ("--task", task_length(cfg.task)), ("--verify-task", task_length(cfg.verify_task)),
+                       ("--guard-task", task_length(cfg.guard_task))])
+    for option_name, t in (("--task", cfg.task), ("--verify-task", cfg.verify_task), ("--guard-task", cfg.guard_task)):
+        check_passkey_fits(mc, t, option_name)
     check_output(output, overwrite, inputs=inputs, kind="file")
     check_plan_output(output, overwrite, inputs)  # and the compensation file written with it
     check_sources(data=(cfg.data,), tasks=(cfg.task, cfg.verify_task, cfg.guard_task))

@@ -66,28 +66,76 @@ def check_task(task: str, what: str) -> None:
             raise PruneHeadsError(f"{what}: unknown task {rest!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
-def check_lengths(recipe: Any) -> None:
-    """Sequence lengths within the model's context, read from its config (no weights are loaded)."""
+def model_context(model: Any) -> int | None:
+    """The model's context (``max_position_embeddings``) read from its config alone, without loading weights;
+    None where it cannot be read this way (a GGUF, a missing checkpoint: loading reports those)."""
     from prune_heads.model.adapters import get_adapter
     from prune_heads.model.remote_code import RemoteCodeRefused, check_remote_code, pretrained
 
     try:
         from prune_heads.model.loading import resolve_model_spec
 
-        location, gguf = resolve_model_spec(recipe.model.id, recipe.model.gguf_file)
-        check_remote_code(location, recipe.model.trust_remote_code)
+        location, gguf = resolve_model_spec(model.id, model.gguf_file)
+        check_remote_code(location, model.trust_remote_code)
         if gguf:
-            return  # a GGUF's config is read while converting it
-        config = pretrained("config", location, revision=recipe.model.revision,
-                            trust_remote_code=recipe.model.trust_remote_code)
+            return None  # a GGUF's config is read while converting it
+        config = pretrained("config", location, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        context = getattr(get_adapter(config).text_config(config), "max_position_embeddings", None)
     except RemoteCodeRefused:
         raise
     except (OSError, ValueError, PruneHeadsError):
-        return  # loading reports it, with the reason
-    context = getattr(get_adapter(config).text_config(config), "max_position_embeddings", None)
-    for key, value in _lengths(recipe):
+        return None  # loading reports it, with the reason
+    return int(context) if context else None
+
+
+def check_context(model: Any, lengths: list[tuple[str, int | None]]) -> None:
+    """Every named length within the model's context, before any weights are loaded (one line otherwise)."""
+    context = model_context(model)
+    for key, value in lengths:
         if context and value and value > context:
             raise PruneHeadsError(f"{key}: {value} tokens is beyond the model's context of {context}; lower it")
+
+
+def check_passkey_fits(model: Any, task: str | None, what: str) -> None:
+    """A ``passkey:LEN`` prompt can be built with the model's tokenizer (its fixed parts fit in ``LEN`` tokens and
+    the key's digits survive encoding), before any weights are loaded; skipped where the tokenizer cannot be
+    read without loading (a GGUF) or the checkpoint is missing (loading reports it)."""
+    if not task or not task.startswith("passkey:"):
+        return
+    from prune_heads.model.remote_code import RemoteCodeRefused, pretrained
+
+    try:
+        from prune_heads.model.loading import resolve_model_spec
+
+        location, gguf = resolve_model_spec(model.id, model.gguf_file)
+        if gguf:
+            return
+        tokenizer = pretrained("tokenizer", location, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except RemoteCodeRefused:
+        raise
+    except (OSError, ValueError, TypeError, PruneHeadsError):
+        return
+    from prune_heads.evaluation.passkey import build_document, parse_passkey
+
+    spec = task.split(":", 1)[1]
+    try:
+        length, needles = parse_passkey(spec)
+        build_document(tokenizer, length, needles, 0, 0, spec)
+    except PruneHeadsError as e:
+        raise PruneHeadsError(f"{what}: {e}") from None
+
+
+def task_length(task: str | None) -> int | None:
+    """The prompt length a ``passkey:LEN[:NEEDLES]`` task names (None for other tasks)."""
+    if task and task.startswith("passkey:"):
+        head = task.split(":")[1]
+        return int(head) if head.isdigit() else None
+    return None
+
+
+def check_lengths(recipe: Any) -> None:
+    """Sequence lengths within the model's context, read from its config (no weights are loaded)."""
+    check_context(recipe.model, _lengths(recipe))
 
 
 def _lengths(recipe: Any) -> list[tuple[str, int | None]]:
@@ -98,9 +146,8 @@ def _lengths(recipe: Any) -> list[tuple[str, int | None]]:
     out += [(f"evaluate.tasks.{i}.seq_len", t.seq_len) for i, t in enumerate(recipe.evaluate.tasks)]
     for key, task in (("select.task", s.task), ("select.verify_task", s.verify_task), ("select.guard_task", s.guard_task),
                       *((f"evaluate.tasks.{i}.task", t.task) for i, t in enumerate(recipe.evaluate.tasks))):
-        if task and task.startswith("passkey:"):
-            head = task.split(":")[1]
-            out.append((key, int(head) if head.isdigit() else None))
+        if task_length(task):
+            out.append((key, task_length(task)))
     return out
 
 
@@ -113,5 +160,7 @@ def check_inputs(recipe: Any) -> None:
                       ("select.guard_task", recipe.select.guard_task)):
         if task:
             check_task(task, key)
+            check_passkey_fits(recipe.model, task, key)
     for i, t in enumerate(recipe.eval_tasks()):
         check_task(t.task, f"evaluate.tasks.{i}.task")
+        check_passkey_fits(recipe.model, t.task, f"evaluate.tasks.{i}.task")
