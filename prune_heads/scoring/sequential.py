@@ -313,12 +313,9 @@ def _layer_moments(stats: Any, j: int) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint_dtype(path: str | os.PathLike) -> torch.dtype:
-    """The checkpoint's own dtype (``config.json``), as ``from_pretrained(dtype="auto")`` picks it."""
-    from prune_heads.model.loading import parse_dtype
+    from prune_heads.model.sequential_engine import checkpoint_dtype
 
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") or "float32"
-    return parse_dtype(str(name)) or torch.float32
+    return checkpoint_dtype(path)
 
 
 class _Fingerprint:
