@@ -192,3 +192,48 @@ def test_an_lm_eval_task_on_a_streamed_model_is_refused(calibrated):
     loaded = load_streamed(ModelConfig(id=str(src), device="cpu"))
     with pytest.raises(PruneHeadsError, match="ppl:DATA or kl:DATA"):
         make_evaluator(loaded.model, loaded.tokenizer, "arc_easy")
+
+
+def _recipe(src, docs, engine: str) -> dict:
+    return {"name": "seq", "model": {"id": str(src), "device": "cpu"},
+            "calibration": {"data": str(docs), "num_samples": 8, "seq_len": 24, "batch_size": 4,
+                            "scores": ["ahon_ln"], "engine": engine},
+            "select": {"task": f"ppl:{docs}", "limit": 8, "max_drop": 5.0, "relative": True, "engine": engine,
+                       "accept_unverified": True},
+            "export": {"format": "sliced"}, "verify": {"num_sequences": 2, "seq_len": 12, "engine": engine},
+            "evaluate": {"tasks": [{"task": f"ppl:{docs}", "limit": 6}], "speed_seq_len": 0, "engine": engine},
+            "report": {"enabled": False}}
+
+
+@pytest.mark.slow  # two whole recipe runs (about 30 s here)
+def test_a_recipe_layer_by_layer_gives_the_whole_models_results(calibrated, tmp_path):
+    from prune_heads.pipeline import stages as P
+
+    _, src, docs = calibrated
+    out = {}
+    lines: list[str] = []
+    for engine in ("memory", "sequential"):
+        P.run(_recipe(src, docs, engine), tmp_path / engine, progress=False, echo=lines.append)
+        wd = tmp_path / engine
+        out[engine] = (json.loads((wd / "select" / "plan.json").read_text()),
+                       json.loads((wd / "evaluate" / "results.json").read_text())["tasks"][0],
+                       json.loads((wd / "verify" / "verification.json").read_text()))
+    (pa, ra, va), (pb, rb, vb) = out["memory"], out["sequential"]
+    assert _untimed(pa) == _untimed(pb) and pa["removed_heads"]
+    assert _untimed(ra) == _untimed(rb) and ra["pruned"]["value"] != ra["baseline"]["value"]
+    assert va["max_abs_logit_diff"] == vb["max_abs_logit_diff"] and vb["engine"] == "sequential"
+    assert any(line.startswith("memory (estimated peaks") and "layer by layer" in line for line in lines)
+    # the engine is not part of a stage's inputs: switching it (auto picks memory here) reruns nothing
+    again = P.run(_recipe(src, docs, "auto"), tmp_path / "memory", progress=False, echo=None)
+    assert again.complete and set(again.stages.values()) <= {"cached", "skipped"}, again.stages
+
+
+def test_a_recipe_that_cannot_fit_is_refused_before_any_stage(calibrated, tmp_path, fake_memory):
+    from prune_heads.pipeline import stages as P
+
+    _, src, docs = calibrated
+    fake_memory(free=1, whole=20, streamed=3)
+    with pytest.raises(PruneHeadsError, match=r"calibrate: even layer by layer needs about 3.0 GiB .* "
+                                              r"lower calibration.batch_size"):
+        P.run(_recipe(src, docs, "auto"), tmp_path / "wd", progress=False, echo=None)
+    assert not (tmp_path / "wd" / "calibrate").exists()

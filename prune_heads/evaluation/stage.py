@@ -87,15 +87,13 @@ class EvaluateConfig(Config):
             raise ConfigError("dynamic", "give at most one of --dynamic and --dynamic-fraction")
 
 
-def evaluate_engine(cfg: EvaluateConfig, model: Any, notify: Any = None) -> str:
-    """``memory`` or ``sequential`` for ``cfg.engine`` and ``model`` (a ``ModelConfig``), before loading it.
+def evaluate_memory(cfg: EvaluateConfig) -> dict[str, Any]:
+    """What sets eval's peak memory (``sequential_engine.engine_for``'s keywords).
 
     Layer by layer evaluates ``ppl:``/``kl:`` tasks of the unmasked model, a plan or an export; lm-eval and
-    ``mc:`` tasks and the dynamic mode need the whole model and are refused, with the memory it needs, when
-    it does not fit.
+    ``mc:`` tasks and the dynamic mode need the whole model.
     """
     from prune_heads.evaluation.perplexity import DEFAULT_DOCS, DEFAULT_SEQ_LEN
-    from prune_heads.model.sequential_engine import engine_for
 
     other = [t.task for t in cfg.tasks if not t.task.startswith(("ppl:", "kl:"))]
     whole_only = None
@@ -104,9 +102,16 @@ def evaluate_engine(cfg: EvaluateConfig, model: Any, notify: Any = None) -> str:
     elif cfg.dynamic or cfg.dynamic_fraction:
         whole_only = "the dynamic per-input mode"
     docs = max([t.limit or max(DEFAULT_DOCS.values()) for t in cfg.tasks] or [max(DEFAULT_DOCS.values())])
-    return engine_for(cfg.engine, model, what="eval", batch_tokens=cfg.batch_size * DEFAULT_SEQ_LEN,
-                      all_tokens=docs * DEFAULT_SEQ_LEN, moments="none", whole_only=whole_only,
-                      instead="ppl:DATA and kl:DATA tasks run layer by layer", notify=notify)
+    return {"batch_tokens": cfg.batch_size * DEFAULT_SEQ_LEN, "all_tokens": docs * DEFAULT_SEQ_LEN,
+            "moments": "none", "whole_only": whole_only, "instead": "ppl:DATA and kl:DATA tasks run layer by layer"}
+
+
+def evaluate_engine(cfg: EvaluateConfig, model: Any, notify: Any = None) -> str:
+    """``memory`` or ``sequential`` for ``cfg.engine`` and ``model`` (a ``ModelConfig``), before loading it;
+    what needs the whole model is refused, with the memory it needs, when the model does not fit."""
+    from prune_heads.model.sequential_engine import engine_for
+
+    return engine_for(cfg.engine, model, what="eval", notify=notify, **evaluate_memory(cfg))
 
 
 @dataclass

@@ -151,14 +151,12 @@ class SelectConfig(Config):
         return CompensationSpec(mode=self.compensate, sequential=self.sequential)
 
 
-def select_engine(cfg: SelectConfig, model: Any, notify: Any = None) -> str:
-    """``memory`` or ``sequential`` for ``cfg.engine`` and ``model`` (a ``ModelConfig``), before loading it.
+def select_memory(cfg: SelectConfig) -> dict[str, Any]:
+    """What sets select's peak memory (``sequential_engine.engine_for``'s keywords).
 
-    Layer by layer runs the static method on ``ppl:``/``kl:`` tasks; anything else needs the whole model and
-    is refused, with the memory it needs, when the model does not fit.
+    Layer by layer runs the static method on ``ppl:``/``kl:`` tasks; anything else needs the whole model.
     """
     from prune_heads.evaluation.perplexity import DEFAULT_DOCS, DEFAULT_SEQ_LEN
-    from prune_heads.model.sequential_engine import engine_for
 
     tasks = [t for t in (cfg.task, cfg.verify_task) if t]
     whole_only = None
@@ -169,10 +167,17 @@ def select_engine(cfg: SelectConfig, model: Any, notify: Any = None) -> str:
     elif not tasks or not all(t.startswith(("ppl:", "kl:")) for t in tasks):
         whole_only = f"the task {next((t for t in tasks if not t.startswith(('ppl:', 'kl:'))), None)}"
     docs = cfg.limit or max(DEFAULT_DOCS.values())
-    return engine_for(cfg.engine, model, what="select", batch_tokens=cfg.batch_size * DEFAULT_SEQ_LEN,
-                      all_tokens=docs * DEFAULT_SEQ_LEN, moments="all" if cfg.compensate != "none" else "none",
-                      whole_only=whole_only, instead="select with the static method on a ppl:DATA or kl:DATA task "
-                      "runs layer by layer", notify=notify)
+    return {"batch_tokens": cfg.batch_size * DEFAULT_SEQ_LEN, "all_tokens": docs * DEFAULT_SEQ_LEN,
+            "moments": "all" if cfg.compensate != "none" else "none", "whole_only": whole_only,
+            "instead": "select with the static method on a ppl:DATA or kl:DATA task runs layer by layer"}
+
+
+def select_engine(cfg: SelectConfig, model: Any, notify: Any = None) -> str:
+    """``memory`` or ``sequential`` for ``cfg.engine`` and ``model`` (a ``ModelConfig``), before loading it;
+    what needs the whole model is refused, with the memory it needs, when the model does not fit."""
+    from prune_heads.model.sequential_engine import engine_for
+
+    return engine_for(cfg.engine, model, what="select", notify=notify, **select_memory(cfg))
 
 
 # ---- what a selector gets -------------------------------------------------------------------
