@@ -151,3 +151,13 @@ def test_calibrate_engine_from_a_faked_memory_size(tmp_path, monkeypatch):
     memory(24, 40, 30)
     with pytest.raises(PruneHeadsError, match="even layer by layer needs about 30.0 GiB"):
         calibrate_engine(CalibrateConfig(data="x", engine="sequential"), mc)
+
+
+def test_bfloat16_weights_layer_by_layer_equal_the_whole_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, src = make_source(tmp_path, "llama", layers=2)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)  # rotary tables stay float32
+    want = calibrate(model, SEQS, batch_size=2, progress=False)
+    got = calibrate_sequential(src, SEQS, tmp_path / "work", batch_size=2, dtype=torch.bfloat16, progress=False)
+    assert_same(want, got, Moments.load(got.moments.save(tmp_path / "m.safetensors")))

@@ -237,3 +237,17 @@ def test_a_recipe_that_cannot_fit_is_refused_before_any_stage(calibrated, tmp_pa
                                               r"lower calibration.batch_size"):
         P.run(_recipe(src, docs, "auto"), tmp_path / "wd", progress=False, echo=None)
     assert not (tmp_path / "wd" / "calibrate").exists()
+
+
+@pytest.mark.parametrize("kind", ["ppl", "kl"])
+def test_bfloat16_weights_layer_by_layer_equal_the_whole_model(kind, tmp_path):
+    _, src, docs = _world(tmp_path, "qwen3", layers=2)
+    mc = ModelConfig(id=str(src), device="cpu", dtype="bfloat16")
+    whole, layered = mc.load(), load_streamed(mc)
+    assert next(whole.model.parameters()).dtype == torch.bfloat16
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 2] = mask[1, 0] = True
+    a = make_evaluator(whole.model, whole.tokenizer, f"{kind}:{docs}", limit=5, batch_size=2)
+    b = make_evaluator(layered.model, layered.tokenizer, f"{kind}:{docs}", limit=5, batch_size=2)
+    for removed in (None, mask):
+        _same(a(removed), b(removed))

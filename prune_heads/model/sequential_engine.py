@@ -174,9 +174,10 @@ class StreamedModel:
         self.path = Path(path)
         self.reader = ShardReader(path)
         self.load_dtype, self.compute, self.device = load_dtype, compute, torch.device(device)
-        self.model = skeleton(path, load_dtype).to(compute)
-        if self.device.type != "cpu":
-            self.model.to(self.device)  # buffers only: parameters stay on meta
+        self.model = skeleton(path, load_dtype)
+        if compute != load_dtype:  # as the whole model's .to(compute); otherwise from_pretrained's own dtypes
+            self.model.to(compute)  # (a float32 rotary table stays float32 in a bfloat16 model)
+        _buffers_to(self.model, self.device)
         self.adapter = get_adapter(self.model)
         self.layout = self.adapter.layout(self.model.config)
         self.layers = self.adapter.layers(self.model)
@@ -408,6 +409,15 @@ def load_streamed(model: Any) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(sm.model, tokenizer, model.id, model.revision, model.gguf_file)
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move the skeleton's real buffers (rotary tables, scales) to ``device``; its ``meta`` parameters stay
+    (``Module.to(device)`` would try to copy them and fail)."""
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None and not b.is_meta and b.device != device:
+                module._buffers[name] = b.to(device)
 
 
 def _pass_through(*args: Any, **kwargs: Any) -> torch.Tensor:

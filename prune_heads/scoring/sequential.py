@@ -333,8 +333,8 @@ class _Fingerprint:
         return [n for n in self.sm.reader.src.weight_map if n.startswith(prefix)]
 
     def _add(self, names: list[str]) -> None:
-        for name, t in self.sm.reader.read(names).items():
-            self.builder.add(name, t)
+        for name, t in self.sm.reader.read(names).items():  # as the model loaded whole holds it (its dtype)
+            self.builder.add(name, t.to(self.sm.load_dtype) if t.is_floating_point() else t)
 
     def loaded(self, j: int) -> None:
         self._add(self._names(j))  # the shards' pages are warm: reading them again costs little
