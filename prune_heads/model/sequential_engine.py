@@ -575,7 +575,12 @@ def engine_for(engine: str, model: Any, *, what: str, batch_tokens: int, all_tok
     from prune_heads.export.checkpoint import resolve_source
     from prune_heads.model.loading import parse_dtype
 
-    fp = Footprint(resolve_source(model.id, model.gguf_file), parse_dtype(model.dtype))
+    try:
+        fp = Footprint(resolve_source(model.id, model.gguf_file), parse_dtype(model.dtype))
+    except (PruneHeadsError, OSError, ValueError, KeyError):
+        if engine == "sequential":
+            raise
+        return "memory"  # no safetensors shards to size (or stream): the whole-model path, which reports any problem
     whole, streamed = fp.peaks(batch_tokens=batch_tokens, all_tokens=all_tokens, moments=moments, logits=logits)
     device = model.resolved_device() or "cpu"
     free = available_memory(device)
