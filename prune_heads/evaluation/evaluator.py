@@ -155,19 +155,28 @@ def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None =
     backend: Any
     if kind not in ("ppl", "kl") and (seq_len is not None or score_last is not None):
         raise PruneHeadsError(f"--seq-len/--score-last apply to ppl:/kl: tasks, not {task!r}")
-    if kind == "passkey":
+    from prune_heads.model.sequential_engine import streamed_of
+
+    streamed = streamed_of(model)
+    if kind in ("ppl", "kl"):
+        from prune_heads.evaluation.perplexity import StreamedTextBackend, TextBackend
+
+        if num_fewshot:
+            raise PruneHeadsError(f"--num-fewshot does not apply to {kind}: tasks")
+        kw = dict(limit=limit, split=split, seed=seed, batch_size=batch_size, exclude=exclude_docs, seq_len=seq_len,
+                  score_last=score_last)
+        backend = (StreamedTextBackend(streamed, tokenizer, kind, rest, **kw) if streamed is not None
+                   else TextBackend(model, tokenizer, kind, rest, **kw))
+    elif streamed is not None:
+        from prune_heads.model.sequential_engine import refuse_whole_model_task
+
+        refuse_whole_model_task(streamed, task)
+    elif kind == "passkey":
         from prune_heads.evaluation.passkey import PasskeyBackend
 
         if num_fewshot:
             raise PruneHeadsError("--num-fewshot does not apply to passkey: tasks")
         backend = PasskeyBackend(model, tokenizer, rest, limit=limit, split=split, seed=seed, batch_size=batch_size)
-    elif kind in ("ppl", "kl"):
-        from prune_heads.evaluation.perplexity import TextBackend
-
-        if num_fewshot:
-            raise PruneHeadsError(f"--num-fewshot does not apply to {kind}: tasks")
-        backend = TextBackend(model, tokenizer, kind, rest, limit=limit, split=split, seed=seed, batch_size=batch_size,
-                              exclude=exclude_docs, seq_len=seq_len, score_last=score_last)
     else:
         from prune_heads.evaluation.lmeval import LMEvalBackend
 

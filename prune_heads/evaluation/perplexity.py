@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,19 @@ class TextBackend:
         for idx, ids, mask in batches(self.seqs, self.batch_size, self.pad_id):
             yield idx, ids.to(dev), mask.to(dev)
 
+    def _keep(self, idx: list[int], ids: torch.Tensor) -> int:
+        """Logit positions a batch needs: from the first scored target on (windows of long context: positions x
+        vocabulary would not fit; batches hold sequences of one length then, so a suffix suffices)."""
+        return ids.shape[1] - min(self.score_from[i] for i in idx) + 1
+
+    @torch.no_grad()
+    def _logit_batches(self) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(idx, ids, mask, logits)`` of each batch under whatever mask is active (a model loaded whole); the
+        logits of the last ``_keep`` positions at least."""
+        for idx, ids, mask in self._batches():
+            yield idx, ids, mask, self.model(input_ids=ids, attention_mask=mask,
+                                             logits_to_keep=self._keep(idx, ids)).logits
+
     def _scored(self, idx: list[int], mask: torch.Tensor) -> torch.Tensor:
         """``(B, T-1)``: which targets ``ids[:, 1:]`` count (real tokens from each sequence's ``score_from``)."""
         valid = mask[:, 1:].bool()
@@ -236,14 +249,11 @@ class TextBackend:
         return valid & (pos[None, :] >= first[:, None])
 
     @torch.no_grad()
-    def _logprobs(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor
+    def _logprobs(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """log-probs ``(P, V)`` at scored positions (row-major), the row of each position and its target."""
         scored = self._scored(idx, mask)
-        # the logits of the positions before the first scored one are not needed (windows of long context:
-        # positions x vocabulary would not fit); batches hold sequences of one length then, so a suffix suffices
-        keep = ids.shape[1] - min(self.score_from[i] for i in idx) + 1
-        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1].float()
+        logits = logits[:, logits.shape[1] - self._keep(idx, ids):][:, :-1].float()
         scored = scored[:, scored.shape[1] - logits.shape[1]:]
         targets = ids[:, 1:][:, ids.shape[1] - 1 - logits.shape[1]:]
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(scored)[scored]
@@ -255,8 +265,8 @@ class TextBackend:
             return
         budget = int(float(os.environ.get("PRUNE_HEADS_KL_MEMORY_MB", "1024")) * 2**20)
         ref = _Reference(budget)
-        for idx, ids, mask in self._batches():
-            ref.add(self._logprobs(idx, ids, mask)[0].cpu())
+        for idx, ids, mask, logits in self._logit_batches():
+            ref.add(self._logprobs(idx, ids, mask, logits)[0].cpu())
         self.reference = ref
         self.task_config["reference_storage"] = "disk" if ref.spilled else "memory"
 
@@ -267,8 +277,9 @@ class TextBackend:
         num = torch.zeros(n_docs, dtype=torch.float64)
         den = torch.zeros(n_docs, dtype=torch.float64)
         with enter():
-            for b, (idx, ids, mask) in enumerate(self._batches()):
-                logp, rows, targets = self._logprobs(idx, ids, mask)
+            for b, (idx, ids, mask, logits) in enumerate(self._logit_batches()):
+                logp, rows, targets = self._logprobs(idx, ids, mask, logits)
+                del logits
                 if self.kind == "ppl":
                     per_pos = -logp.gather(1, targets[:, None]).squeeze(1)
                 else:
@@ -290,3 +301,22 @@ class TextBackend:
         docs = DocScores(tuple(self.doc_ids), num.numpy(), "exp_ratio" if self.kind == "ppl" else "ratio",
                          weights=den.numpy())
         return value, stderr, int(den.sum()), False, details, docs
+
+
+class StreamedTextBackend(TextBackend):
+    """``TextBackend`` on a layer-sequential skeleton (``model.sequential_engine``): each evaluation (the KL
+    reference included) is one streamed pass over the documents, every decoder layer read once from the shards.
+
+    The mask and compensation the evaluator enters act on the skeleton's modules, so each probe computes what
+    the model loaded whole computes (``tests/test_select_sequential.py``)."""
+
+    def __init__(self, streamed: Any, tokenizer: Any, kind: str, spec: str, **kwargs: Any) -> None:
+        self.streamed = streamed
+        super().__init__(streamed.model, tokenizer, kind, spec, **kwargs)
+        self.task_config["engine"] = "sequential"
+
+    def _device(self) -> torch.device:
+        return self.streamed.device
+
+    def _logit_batches(self) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        yield from self.streamed.batch_logits(list(self._batches()))
