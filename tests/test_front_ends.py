@@ -257,3 +257,73 @@ def test_run_under_torchrun_equals_one_process(world, tmp_path):
     pb = json.loads((tmp_path / "one" / "select" / "plan.json").read_text())
     assert pa["removed_heads"] == pb["removed_heads"]
     assert (tmp_path / "two" / "summary.md").is_file()
+
+
+# ---- the Python API: the same stages, the same defaults ----------------------------------------
+def test_python_api_gives_the_cli_plan_and_export(world, tmp_path):
+    """The five lines of the README's Python API and the CLI commands with the same values write the same plan,
+    compensation, checkpoint and card, with every default left alone (lsq, confidence 0.9, held-out check,
+    export verification) and a non-zero seed."""
+    import prune_heads as ph
+
+    docs = world / "docs.txt"
+    budget = {"max_drop": 0.002, "relative": True, "seed": 3, "limit": 8, "allow_underpowered": True}
+    cli_dir = tmp_path / "cli"
+    cli_ok("calibrate", world / "model", "--data", docs, "--num-samples", 6, "--seq-len", 24, "--device", "cpu",
+           "-o", cli_dir / "scores")
+    cli_ok("select", cli_dir / "scores", "--model", world / "model", "--task", f"ppl:{docs}", "--device", "cpu",
+           *cli_flags(budget), "-o", cli_dir / "plan.json")
+    cli_ok("export", world / "model", "--plan", cli_dir / "plan.json", "-o", cli_dir / "model")
+
+    py = tmp_path / "py"
+    lm = ph.load_model(str(world / "model"), device="cpu")
+    scores = ph.calibrate_model(lm, ph.CalibrateConfig(data=str(docs), num_samples=6, seq_len=24), py / "scores",
+                                progress=False)
+    plan = ph.select_heads(lm, scores, ph.SelectConfig(task=f"ppl:{docs}", **budget), py / "plan.json",
+                           progress=False)
+    result = ph.export_model(lm, plan, py / "model", progress=False)
+
+    pc, pp = json.loads((cli_dir / "plan.json").read_text()), json.loads((py / "plan.json").read_text())
+    assert strip(pc) == strip(pp)
+    # the defaults are the CLI's: compensated, judged at 0.9, checked on held-out documents, export verified
+    assert pp["compensation"]["mode"] == "lsq" and pp["budget"]["confidence"] == 0.9 and pp["verification"]
+    assert pp["details"]["seed"] is None and pp["task"]["seed"] == 3
+    assert 0 < len(pp["removed_heads"]) < pp["heads_total"] - 2  # the budget binds (the floor allows 6 of 8)
+    assert result.verification is not None and result.verification["passed"]
+    ca, cb = load_file(str(cli_dir / pc["compensation"]["file"])), load_file(str(py / pp["compensation"]["file"]))
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+    ta, tb = load_file(str(cli_dir / "model" / "model.safetensors")), load_file(str(py / "model" / "model.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert (cli_dir / "model" / "README.md").read_text() == (py / "model" / "README.md").read_text()
+
+
+def test_python_config_defaults_are_the_front_ends():
+    """One default each, read from the CLI's generated options and the recipe's built section."""
+    import prune_heads as ph
+    from prune_heads.pipeline.recipe import validate
+
+    recipe = validate({"name": "d", "model": {"id": "m"}, "calibration": {"data": "wikitext2"},
+                       "select": {"task": "arc_easy", "max_drop": 0.01}})
+    for cls, section in ((ph.SelectConfig, recipe.select), (ph.CalibrateConfig, recipe.calibration),
+                         (ph.ExportConfig, recipe.export), (ph.VerifyConfig, recipe.verify),
+                         (ph.EvaluateConfig, recipe.evaluate)):
+        required = {"task": "arc_easy", "max_drop": 0.01} if cls is ph.SelectConfig else \
+            {"data": "wikitext2"} if cls is ph.CalibrateConfig else {}
+        assert cls(**required) == section, cls.__name__
+    s = ph.SelectConfig(task="arc_easy", max_drop=0.01)
+    assert (s.compensate, s.confidence, s.verify) == ("lsq", 0.9, True) and ph.VerifyConfig().enabled
+    import click
+
+    options = {p.name: p.default for p in cli.get_command(click.Context(cli), "select").params}
+    assert options["compensate"] == s.compensate and float(options["confidence"]) == s.confidence
+    assert options["verify"] in (True, None)  # --no-verify: a flag that turns the default off
+
+
+def test_low_level_functions_are_not_the_top_level_api():
+    """The kwargs functions that default to none of the front ends' policies live in their modules only."""
+    import prune_heads as ph
+
+    for name in ("select_static", "select_iterative", "select_gates", "export_checkpoint", "verify_export"):
+        assert not hasattr(ph, name), name
+    from prune_heads.export.checkpoint import export_checkpoint  # noqa: F401  (still reachable)
+    from prune_heads.selection.static import select_static  # noqa: F401

@@ -205,6 +205,8 @@ def budget_section(plan: Any) -> str:
     A plan written with ``--accept-unverified`` after failing its verification says so first, in bold:
     readers of the card must not take it for a verified plan.
     """
+    if isinstance(plan, Mapping) and (plan.get("details") or {}).get("search") == "fixed":
+        return _fixed_count_section(plan)
     if not isinstance(plan, Mapping) or not isinstance(plan.get("budget"), Mapping):
         return ""
     b = plan["budget"]
@@ -227,6 +229,27 @@ def budget_section(plan: Any) -> str:
         se = f", standard error {fmt(drop['stderr'])}" if drop.get("stderr") is not None else ""
         lines += [f"Held-out verification ({_int(drop.get('n') or 0)} documents not used by the search): drop "
                   f"{fmt(drop['estimate'])}{se}{interval}; verdict **{verdict}**.", ""]
+    return "\n".join(lines)
+
+
+def _fixed_count_section(plan: Mapping[str, Any]) -> str:
+    """A fixed-count plan: what was asked for, and the held-out cost measured (no budget is claimed)."""
+    d = plan.get("details") or {}
+    asked = f"{d['heads']} heads" if d.get("heads") is not None else \
+        f"{100 * float(d['fraction']):g}% of the heads" if d.get("fraction") is not None else "a fixed count"
+    lines = ["## Selection", "",
+             f"A fixed count was asked for ({asked}): the first {_int(plan.get('heads_removed'))} heads of the "
+             f"`{plan.get('score_id')}` ranking under the `{plan.get('policy')}` policy were removed. No budget was "
+             "searched or claimed.", ""]
+    v = plan.get("verification")
+    drop = v.get("drop") if isinstance(v, Mapping) else None
+    if isinstance(drop, Mapping):
+        metric = (v.get("result") or {}).get("metric") or "metric"
+        interval = (f", {100 * float(drop['confidence']):g}% one-sided bounds {float(drop['lower']):.4g} .. "
+                    f"{float(drop['bound']):.4g}" if drop.get("confidence") else "")
+        se = f", standard error {float(drop['stderr']):.4g}" if drop.get("stderr") is not None else ""
+        lines += [f"Measured cost on held-out documents ({_int(drop.get('n') or 0)} documents): {metric} drop "
+                  f"{float(drop['estimate']):.4g}{se}{interval}.", ""]
     return "\n".join(lines)
 
 

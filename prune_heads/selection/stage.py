@@ -109,10 +109,40 @@ class SelectConfig(Config):
     data_dir: str | None = option(None, help="Folder of offline task data (default: found automatically).")
     batch_size: int = option(8, ge=1, help="Batch size of evaluations and measurements.")
     seed: int = option(0, ge=0, help="Seed of the search/verify split and of the random ranking.")
+    heads: int | None = option(None, ge=1, help="static: remove exactly this many query heads, the first of the "
+                                                "ranking the search would walk (kv-groups: a multiple of a group's "
+                                                "heads; uniform: of layers x KV groups); no budget, the held-out "
+                                                "check reports the measured cost.")
+    fraction: float | None = option(None, gt=0, lt=1, help="static: remove this fraction of all heads (rounded to "
+                                                           "the nearest whole --gqa unit) instead of searching; no "
+                                                           "budget.")
+
+    @property
+    def fixed(self) -> bool:
+        """A fixed-count selection (``heads`` or ``fraction``): no search, no budget."""
+        return self.heads is not None or self.fraction is not None
+
+    def _check_fixed(self) -> None:
+        if self.heads is not None and self.fraction is not None:
+            raise ConfigError("heads", "give at most one of heads (--heads) and fraction (--fraction)")
+        if not isinstance(self.method, StaticMethod):
+            raise ConfigError("heads", "a fixed count (--heads/--fraction) ranks like the static method: use --method "
+                                       "static (gates: --target-fraction; iterative searches within a budget)")
+        search_only = {"max_drop": self.max_drop is not None, "relative": self.relative,
+                       "surrogate": self.surrogate is not None, "search": self.search is not None,
+                       "allow_underpowered": self.allow_underpowered, "accept_unverified": self.accept_unverified,
+                       "strict_verification": self.strict_verification}
+        for name, given in search_only.items():
+            if given:
+                raise ConfigError(name, "applies to a search within a budget, and a fixed count (heads/fraction, "
+                                        "--heads/--fraction) claims none: give one or the other")
 
     def check(self) -> None:
         if self.sequential and self.compensate == "none":
             raise ConfigError("sequential", "sequential compensation needs --compensate lsq or mean (none zeroes)")
+        if self.fixed:
+            self._check_fixed()
+            return
         needs_budget = not isinstance(self.method, GatesMethod)
         if needs_budget and not self.task:
             raise ConfigError("task", "this method needs a budget task (e.g. arc_easy, ppl:wikitext2)")
@@ -186,8 +216,13 @@ Selector = Callable[[SelectConfig, SelectContext], Any]
 
 
 def _static(cfg: SelectConfig, ctx: SelectContext) -> Any:
-    from prune_heads.selection.static import select_static
+    from prune_heads.selection.static import select_fixed, select_static
 
+    if cfg.fixed:
+        return select_fixed(ctx.model, ctx.scores, ctx.search, score_id=cfg.ranking, heads=cfg.heads,
+                            fraction=cfg.fraction, policy=cfg.policy, min_heads_per_layer=cfg.min_heads_per_layer,
+                            allow_empty_layers=cfg.allow_empty_layers, verify_evaluator=ctx.verify,
+                            confidence=cfg.confidence, seed=cfg.seed, compensation=ctx.compensation)
     return select_static(ctx.model, ctx.scores, ctx.search, score_id=cfg.ranking, max_drop=cfg.max_drop,
                          relative=cfg.relative, policy=cfg.policy, min_heads_per_layer=cfg.min_heads_per_layer,
                          allow_empty_layers=cfg.allow_empty_layers, verify_evaluator=ctx.verify,
@@ -383,7 +418,9 @@ def plot_search(plan: Any, path: Path) -> list[Path]:
 def plan_line(plan: Any, out: Any) -> str:
     """The one line ``select`` prints."""
     s = plan.selection
-    msg = f"{s.method}: removing {len(plan.removed_heads)} of {s.heads_total} heads"
+    fixed = getattr(s.details, "fixed", False)
+    msg = f"{s.method}{' (fixed count, no budget)' if fixed else ''}: removing {len(plan.removed_heads)} of " \
+          f"{s.heads_total} heads"
     if s.baseline and s.result:
         msg += f"; {s.baseline['metric']} {s.baseline['value']:.4f} -> {s.result['value']:.4f} on the search split"
     if s.compensated:
@@ -391,7 +428,8 @@ def plan_line(plan: Any, out: Any) -> str:
     v = s.verification
     if v is not None:
         verdict = v.verdict or ("within" if v.within_budget else "OUTSIDE")
-        msg += f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f} ({verdict} budget)"
+        msg += f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f} " + \
+            ("(measured)" if fixed else f"({verdict} budget)")
         if s.accepted_unverified:
             msg += ", ACCEPTED UNVERIFIED"
     if s.cost.evaluations:
