@@ -7,7 +7,7 @@ to keep them small on a CPU:
 - the model ``smollm2`` is a tiny random Llama with the word-level test tokenizer (the real one is
   exercised by the slow tests and by CI's run of the first command);
 - ``--limit``, ``--num-samples`` and ``--seq-len`` are capped, and ``eval``/``select``/``sweep``
-  commands without ``--limit`` get a small one, and ``select`` gets ``--allow-underpowered`` (4 documents
+  commands without ``--limit`` get a small one, and ``select``/``compare-selectors`` get ``--allow-underpowered`` (4 documents
   resolve no accuracy budget at the default ``--confidence 0.9``; not beside a fixed ``--heads``/``--fraction``,
   which refuses it), and so does the Python API's ``SelectConfig(limit=16, ...)`` (``limit=4``); MMLU (57
   subtasks) becomes ARC-Easy;
@@ -101,7 +101,8 @@ def shrink(argv: list[str], model: Path) -> list[str]:
             out[i + 1] = str(min(int(float(out[i + 1])), CAPS[a]))
     if out[0] in NEEDS_LIMIT and "--limit" not in out:
         out += ["--limit", "4"]
-    if out[0] == "select" and "--allow-underpowered" not in out and not {"--heads", "--fraction"} & set(out):
+    if out[0] in ("select", "compare-selectors") and "--allow-underpowered" not in out \
+            and not {"--heads", "--fraction"} & set(out):
         out.append("--allow-underpowered")  # 4 documents resolve no accuracy budget at --confidence 0.9
     if out[0] in ("select", "compare-selectors", "eval", "sweep") and "--num-fewshot" in out:
         j = out.index("--num-fewshot")
