@@ -60,6 +60,8 @@ _EXPORTS: dict[str, str] = {
     "make_evaluator": "prune_heads.evaluation",
     "compare_speed": "prune_heads.evaluation.speed",
     "refresh_card": "prune_heads.export.model_card",
+    "ExportRecord": "prune_heads.export.record",
+    "VerificationRecord": "prune_heads.export.record",
     "push": "prune_heads.publish.hub",
     "write_report": "prune_heads.report",
     "plot_selection_search": "prune_heads.report",

@@ -196,7 +196,8 @@ def test_recipe_fixed_count_is_the_cli_plan(world, tmp_path):
               "calibration": {"data": str(docs), "num_samples": 8, "seq_len": 24, "batch_size": 4,
                               "scores": ["ahon_ln"]},
               "select": {"task": f"ppl:{docs}", "limit": 8, "fraction": 0.25, "policy": "kv-groups", "seed": 1}}
-    P.run(recipe, tmp_path / "run", progress=False, echo=None, stop_after="select")
+    summary = P.run(recipe, tmp_path / "run", progress=False, echo=None, stop_after="select")
+    assert summary.selection["budget"] == "none (fixed count)"
     r = invoke("select", tmp_path / "run" / "calibrate" / "scores", "--model", world / "model", "--task",
                f"ppl:{docs}", "--limit", 8, "--fraction", 0.25, "--gqa", "kv-groups", "--seed", 1, "--device", "cpu",
                "-o", tmp_path / "plan.json")

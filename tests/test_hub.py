@@ -55,7 +55,8 @@ def export_dir(tmp_path_factory) -> Path:
     (out / "blob.bin").write_bytes(bytes(range(256)) * 7)
     own = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file()}
     own["prune_heads.json"] = None  # written last, lists itself without a size
-    (out / "prune_heads.json").write_text(json.dumps({"base_model": "org/tiny", "heads_removed": 2, "files": own}))
+    (out / "prune_heads.json").write_text(json.dumps({"source": {"model": "org/tiny", "hub_id": "org/tiny"},
+                                                      "heads_removed": 2, "files": own}))
     # what must never leave the machine: secrets, git metadata, and files the export did not write
     (out / ".env").write_text("HF_TOKEN=hf_secret\n")
     (out / ".git").mkdir()

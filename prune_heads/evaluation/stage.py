@@ -110,6 +110,37 @@ class EvaluationResult:
     wall_seconds: float = 0.0
     fingerprint: dict[str, Any] | None = None
 
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "results.json") -> EvaluationResult:
+        """Parse ``results.json`` strictly: every field present with its type (``to_dict``'s own keys)."""
+        from prune_heads.export.record import RecordError
+
+        if not isinstance(raw, dict) or raw.get("tool") != "prune-heads":
+            raise RecordError(f"{where} is not a prune-heads results.json")
+        try:
+            tasks = [TaskOutcome(dict(t["task"]), dict(t["baseline"]), None if t["pruned"] is None else dict(t["pruned"]))
+                     for t in raw["tasks"]]
+            return cls(model=str(raw["model"]), heads_total=int(raw["heads_total"]), mask=dict(raw["mask"]),
+                       fraction_heads_zeroed=float(raw["fraction_heads_zeroed"]),
+                       pruned_evaluated_as=raw["pruned_evaluated_as"], tasks=tasks, speed=raw["speed"],
+                       evaluations=int(raw["evaluations"]), wall_seconds=float(raw["wall_seconds"]),
+                       fingerprint=raw["fingerprint"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordError(f"{where}: a field is missing or of the wrong type ({e!r}); evaluate again") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvaluationResult:
+        """The ``results.json`` that ``prune-heads eval`` and the runner's evaluate stage write."""
+        import json
+
+        from prune_heads.export.record import RecordError
+
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise RecordError(f"cannot read {path} ({e})") from e
+        return cls.from_dict(raw, str(path))
+
     def to_dict(self) -> dict[str, Any]:
         from prune_heads.__about__ import __version__
 

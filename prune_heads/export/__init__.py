@@ -12,7 +12,10 @@ from prune_heads.lazy import lazy_exports
 
 _EXPORTS = {
     "FORMATS": "prune_heads.export.checkpoint",
-    "PROVENANCE_FILE": "prune_heads.export.checkpoint",
+    "PROVENANCE_FILE": "prune_heads.export.record",
+    "ExportRecord": "prune_heads.export.record",
+    "VerificationRecord": "prune_heads.export.record",
+    "EvaluationRow": "prune_heads.export.record",
     "ExportResult": "prune_heads.export.checkpoint",
     "export_checkpoint": "prune_heads.export.checkpoint",
     "resolve_source": "prune_heads.export.checkpoint",

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_heads.__about__ import __version__
 from prune_heads.errors import PruneHeadsError
 from prune_heads.export import masked, model_card, sliced, uniform
 from prune_heads.export.folding import CompensationFold
 from prune_heads.export.folding import provenance as compensation_provenance
+from prune_heads.export.record import PROVENANCE_FILE  # (re-exported here: the export's record file)
 from prune_heads.export.registration import register_auto_classes
 from prune_heads.export.slicing import layer_heads, predicted_removed_params, slicing_rules
 from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_source, parse_size
@@ -31,7 +31,6 @@ from prune_heads.plan import Plan
 log = logging.getLogger(__name__)
 
 FORMATS = {"sliced": sliced, "uniform": uniform, "masked": masked}
-PROVENANCE_FILE = "prune_heads.json"
 
 
 @dataclass
@@ -77,7 +76,7 @@ def resolve_source(model: str, gguf_file: str | None = None) -> Path:
 
 def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
            shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
-           eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
+           scores_summary: dict | None = None, gguf_file: str | None = None,
            progress: bool = True, verify_tol: float = 1e-4, verify_num_sequences: int = 4, verify_seq_len: int = 64,
            compensation: Any = None, moments: Any = None) -> ExportResult:
     """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring.
@@ -159,38 +158,36 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
         predicted = params_before - (predicted_removed_params(layout, adapter, heads, approximate_norms=approximate)
                                      if fmt.MODE == "slice" else 0) + (fold.added_params if fold is not None else 0)
         removed_per_layer = [layout.num_heads - len(h.kept) for h in heads]
-        provenance = {
-            "tool": "prune-heads",
-            "tool_version": __version__,
-            "format": format,
-            "source": model_card.source_info(str(model), gguf_file, src.fingerprint()),
-            "family": adapter.name,
-            "plan": plan.to_dict(),
-            "removed_per_layer": removed_per_layer,
-            "heads_total": layout.total_heads,
-            "heads_removed": len(plan.removed_heads),
-            "kv_heads_removed": sum(layout.num_kv_heads - len(h.kept_kv) for h in heads),
-            "params_before": params_before,
-            "params_after": writer.total_params,
-            "params_after_predicted": predicted,
-            "dtype": dtype_name or "source",
-            "approximate_norms": approximate,
-            "compensation": compensation_provenance(comp),
-            "scores_summary": scores_summary,
-            "eval_results": eval_results,
-            # the plan's own record of the selection wins over a copy of it passed as eval_results
-            "evaluation": model_card.merge_evaluation(model_card.evaluation_rows(eval_results),
-                                                     model_card.evaluation_rows(plan.to_dict())),
-            "verification": verification,
-            "license": source_license(src.path),
-        }
-        provenance = model_card.scrub_local_paths(provenance)  # never a local path in what gets published
-        files.append(model_card.write_model_card(tmp, model_card.card_info(provenance)).name)
+        from prune_heads.export.record import ExportRecord, VerificationRecord
+
+        record = ExportRecord(
+            format=format,
+            source=model_card.source_info(str(model), gguf_file, src.fingerprint()),
+            family=adapter.name,
+            plan=plan.to_dict(),
+            removed_per_layer=removed_per_layer,
+            heads_total=layout.total_heads,
+            heads_removed=len(plan.removed_heads),
+            kv_heads_removed=sum(layout.num_kv_heads - len(h.kept_kv) for h in heads),
+            params_before=params_before,
+            params_after=writer.total_params,
+            params_after_predicted=predicted,
+            dtype=dtype_name or "source",
+            approximate_norms=approximate,
+            compensation=compensation_provenance(comp),
+            scores_summary=scores_summary,
+            evaluation=model_card.selection_rows(plan.selection),
+            verification=VerificationRecord.from_dict(verification) if verification is not None else None,
+            license=source_license(src.path),
+        )
+        # never a local path in what gets published
+        record = ExportRecord.from_dict(model_card.scrub_local_paths(record.to_dict()))
+        files.append(model_card.write_model_card(tmp, model_card.card_info(record)).name)
         files.append(PROVENANCE_FILE)
         # the export's own files, so `push` uploads exactly these (the card and this record change later)
-        provenance["files"] = {f: None if f in ("README.md", PROVENANCE_FILE) else (tmp / f).stat().st_size
-                               for f in sorted(files)}
-        write_json_atomic(tmp / PROVENANCE_FILE, provenance)
+        record.files = {f: None if f in ("README.md", PROVENANCE_FILE) else (tmp / f).stat().st_size
+                        for f in sorted(files)}
+        record.save(tmp)
 
     return ExportResult(out, params_before, writer.total_params, verification, sorted(files), predicted,
                         writer.total_bytes, writer.peak_buffer_bytes, compensated=o_bias)

@@ -12,7 +12,6 @@ its file name, and ``source_info`` names the source by its Hub id (or its folder
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -50,9 +49,6 @@ MEASURED_ON = {
     "exported": "exported model",
     "masked": "masked base model",
 }
-#: names under which the evaluation result before / after pruning may appear in ``eval_results``
-_BEFORE_KEYS = ("baseline", "original", "before", "base", "unpruned")
-_AFTER_KEYS = ("pruned", "masked", "after", "exported", "result", "selected")
 #: plan metadata shown first, with a readable label; other scalar keys follow in sorted order
 _PLAN_KEYS = {
     "method": "selection method",
@@ -89,61 +85,53 @@ def write_model_card(out_dir: Path, info: dict) -> Path:
     return out
 
 
-def refresh_card(export_dir: str | os.PathLike, *, verification: Mapping[str, Any] | None = None,
-                 evaluation: Any = None, repo_id: str | None = None) -> Path:
+def refresh_card(export_dir: str | os.PathLike, *, verification: Any = None, evaluation: Any = None,
+                 repo_id: str | None = None) -> Path:
     """Record a later stage's results in ``prune_heads.json`` and render the card again from it.
 
-    ``verification``: what ``verify_export`` (or the pipeline's verify stage) returned. ``evaluation``:
-    the evaluate stage's result (``{"metrics": [{task, baseline, pruned, ...}], "pruned_evaluated_as":
-    ...}``), a list of such rows, or ``{task: {"baseline": ..., "pruned": ...}}``; its rows replace
-    earlier rows measured on the same thing. ``repo_id`` fills the loading snippet. Returns the card.
+    ``verification``: a ``VerificationRecord`` (or the dict ``verify_export`` returns, parsed strictly).
+    ``evaluation``: the evaluate stage's ``EvaluationResult``; its rows replace earlier rows measured on the
+    same thing. ``repo_id`` fills the loading snippet. Returns the card.
     """
-    from prune_heads.export.checkpoint import PROVENANCE_FILE
-    from prune_heads.io_utils import write_json_atomic
+    from prune_heads.export.record import ExportRecord, VerificationRecord
 
-    folder = Path(export_dir)
-    prov_path = folder / PROVENANCE_FILE
-    try:
-        prov = json.loads(prov_path.read_text())
-    except (OSError, ValueError) as e:
-        from prune_heads.errors import PruneHeadsError
-
-        raise PruneHeadsError(f"{folder} has no readable {PROVENANCE_FILE} ({e}): is it an export?") from e
+    record = ExportRecord.load(export_dir)
     if verification is not None:
-        prov["verification"] = scrub_local_paths(_plain(dict(verification)))
+        if not isinstance(verification, VerificationRecord):
+            verification = VerificationRecord.from_dict(dict(verification))
+        record.verification = VerificationRecord.from_dict(scrub_local_paths(verification.to_dict()))
     if evaluation is not None:
-        prov["evaluation"] = merge_evaluation(prov.get("evaluation") or [], evaluation_rows(evaluation))
+        record.evaluation = merge_evaluation(record.evaluation, result_rows(evaluation))
     if repo_id is not None:
-        prov["repo_id"] = repo_id
-    write_json_atomic(prov_path, prov)
-    return write_model_card(folder, card_info(prov))
+        record.repo_id = repo_id
+    record.save(export_dir)
+    return write_model_card(Path(export_dir), card_info(record))
 
 
-def card_info(prov: Mapping[str, Any]) -> dict[str, Any]:
-    """The card's ``info`` (see ``render_model_card``) from a ``prune_heads.json`` record."""
-    source = prov.get("source") or {}
-    per_layer = prov.get("removed_per_layer") or []
-    total = prov.get("heads_total")
+def card_info(record: Any) -> dict[str, Any]:
+    """The card's ``info`` (see ``render_model_card``) from an ``ExportRecord``."""
+    source = record.source or {}
+    per_layer = record.removed_per_layer or []
+    total = record.heads_total
     return {
         "base_model": source.get("hub_id") or source.get("model"),
         "gguf": source.get("gguf"),
-        "format": prov.get("format", "sliced"),
-        "family": prov.get("family"),
-        "plan": prov.get("plan"),
+        "format": record.format,
+        "family": record.family,
+        "plan": record.plan,
         "removed_per_layer": per_layer,
         "num_heads_per_layer": total // len(per_layer) if total and per_layer else None,
         "heads_total": total,
-        "heads_removed": prov.get("heads_removed"),
-        "params_before": prov.get("params_before"),
-        "params_after": prov.get("params_after"),
-        "evaluation": prov.get("evaluation"),
-        "eval_results": None if prov.get("evaluation") is not None else prov.get("eval_results"),
-        "verification": prov.get("verification"),
-        "license": prov.get("license"),
-        "tool_version": prov.get("tool_version"),
-        "trust_remote_code": prov.get("format", "sliced") == "sliced",
-        "repo_id": prov.get("repo_id"),
-        "compensation": prov.get("compensation"),
+        "heads_removed": record.heads_removed,
+        "params_before": record.params_before,
+        "params_after": record.params_after,
+        "evaluation": record.evaluation,
+        "verification": record.verification,
+        "license": record.license,
+        "tool_version": record.tool_version,
+        "trust_remote_code": record.format == "sliced",
+        "repo_id": record.repo_id,
+        "compensation": record.compensation,
     }
 
 
@@ -152,14 +140,11 @@ def render_model_card(info: Mapping[str, Any]) -> str:
 
     ``info`` keys: base_model, format, family, plan (dict), removed_per_layer (list[int]),
     num_heads_per_layer (int), heads_total, heads_removed, params_before, params_after, evaluation
-    (rows of ``evaluation_rows``) or eval_results (any shape ``evaluation_rows`` reads), verification
-    (dict|None), license (str|None), tool_version, trust_remote_code (bool); optional gguf
-    (``{"file", "quantization"}`` when the source was dequantised from GGUF) and repo_id (used in the
-    loading snippet).
+    (``EvaluationRow`` list), verification (``VerificationRecord`` or None), license (str|None), tool_version,
+    trust_remote_code (bool); optional gguf (``{"file", "quantization"}`` when the source was dequantised
+    from GGUF) and repo_id (used in the loading snippet).
     """
-    rows = info.get("evaluation")
-    if rows is None:
-        rows = evaluation_rows(info.get("eval_results"))
+    rows = info.get("evaluation") or []
     parts = [
         _front_matter(info),
         _summary(info),
@@ -397,101 +382,48 @@ def _heads_section(info: Mapping[str, Any]) -> str:
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
-def _is_result(d: Any) -> bool:
-    return isinstance(d, Mapping) and "value" in d
+def selection_rows(selection: Any) -> list[Any]:
+    """The rows a plan's ``SelectionResult`` brings: the search task before/after and its held-out check, both
+    measured on the masked base model (none for a plan that evaluated nothing)."""
+    from prune_heads.export.record import EvaluationRow
 
-
-def _pair(d: Any) -> tuple[Any, Any] | None:
-    """(before, after) when ``d`` holds results under before/after names."""
-    if not isinstance(d, Mapping):
-        return None
-    before = next((d[k] for k in _BEFORE_KEYS if k in d), None)
-    after = next((d[k] for k in _AFTER_KEYS if k in d), None)
-    if before is None and after is None:
-        return None
-    return before, after
-
-
-def _is_selection_meta(d: Mapping[str, Any]) -> bool:
-    """Plan metadata (or the pipeline's select outputs): the search's own before/after and a held-out check."""
-    return "baseline" in d and any(k in d for k in ("result", "evaluation", "verification")) and not any(
-        _pair(v) for k, v in d.items() if k not in ("verification",))
-
-
-def evaluation_rows(source: Any) -> list[dict[str, Any]]:
-    """Rows ``{task, metric, before, before_stderr, after, after_stderr, n, higher_is_better, measured_on}``.
-
-    ``source`` may be plan metadata (the selection search and its held-out check, both measured on the
-    masked base model), the evaluate stage's result (``{"metrics": [...], "pruned_evaluated_as": ...}``)
-    or its list of rows, ``{task: {"baseline": ..., "pruned": ...}}``, ``{task: result}`` (only the
-    pruned model measured) or one before/after pair.
-    """
-    source = _plain(source)
-    if not source:
+    if selection is None or selection.baseline is None:
         return []
-    if isinstance(source, Mapping) and isinstance(source.get("tasks"), list):  # results.json (evaluate stage)
-        metrics = [{"task": _task_name(t.get("task")), "split": (t.get("task") or {}).get("split"),
-                    "baseline": t.get("baseline"), "pruned": t.get("pruned")} for t in source["tasks"]]
-        return _stage_rows(metrics, source.get("pruned_evaluated_as"))
-    if isinstance(source, Mapping) and isinstance(source.get("metrics"), list):
-        return _stage_rows(source["metrics"], source.get("pruned_evaluated_as"))
-    if isinstance(source, list):
-        return _stage_rows(source, None)
-    if not isinstance(source, Mapping):
-        return []
-    if _is_selection_meta(source):
-        return _selection_rows(source)
-    if _pair(source) is not None and not any(_pair(v) for v in source.values()):
-        name = _task_name(source.get("task")) or _task_of(*_pair(source)) or "evaluation"
-        return [_row(name, *_pair(source), measured_on="")]
-    rows = []
-    for task in sorted(source, key=str):
-        v = source[task]
-        pair = _pair(v)
-        if pair is not None:
-            rows.append(_row(str(task), *pair, measured_on=""))
-        elif _is_result(v) or isinstance(v, (int, float)):
-            rows.append(_row(str(task), None, v, measured_on=""))
+    task = _task_name(selection.task) or "selection task"
+    rows = [EvaluationRow.of(task, selection.baseline, selection.result, MEASURED_ON["selection"])]
+    v = selection.verification
+    if v is not None:
+        rows.append(EvaluationRow.of(_task_name(v.task) or task, v.baseline, v.result, MEASURED_ON["held_out"]))
     return rows
 
 
-def merge_evaluation(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def result_rows(result: Any) -> list[Any]:
+    """The rows of the evaluate stage's ``EvaluationResult``: each task on the original and the pruned side,
+    labelled by what the pruned side was (the export, or the masked base model)."""
+    from prune_heads.export.record import EvaluationRow
+
+    if not hasattr(result, "tasks") or not hasattr(result, "pruned_evaluated_as"):
+        from prune_heads.errors import PruneHeadsError
+
+        raise PruneHeadsError(f"an evaluation is recorded from an EvaluationResult (run_evaluate's result, or "
+                              f"EvaluationResult.load('results.json')), not a {type(result).__name__}")
+    on = MEASURED_ON["masked"] if str(result.pruned_evaluated_as or "").startswith("masked") else MEASURED_ON["exported"]
+    rows = []
+    for t in result.tasks:
+        name = _task_name(t.task) or "evaluation"
+        if t.task.get("split") not in (None, "all"):
+            name += f" ({t.task['split']} split)"
+        rows.append(EvaluationRow.of(name, t.baseline, t.pruned, on))
+    return sorted(rows, key=lambda r: r.task)
+
+
+def merge_evaluation(old: list[Any], new: list[Any]) -> list[Any]:
     """``old`` rows, except those measured on the same thing as some row of ``new``, and ``new``; ordered
     selection search, held-out check, then later evaluations."""
-    replaced = {r.get("measured_on") for r in new}
-    rows = [r for r in old if r.get("measured_on") not in replaced] + new
+    replaced = {r.measured_on for r in new}
+    rows = [r for r in old if r.measured_on not in replaced] + list(new)
     rank = {label: i for i, label in enumerate(MEASURED_ON.values())}
-    return sorted(rows, key=lambda r: rank.get(r.get("measured_on"), len(rank)))
-
-
-def eval_rows(eval_results: Any) -> list[dict[str, Any]]:
-    """Kept for callers of the earlier name: ``evaluation_rows``."""
-    return evaluation_rows(eval_results)
-
-
-def _selection_rows(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
-    after = meta.get("result", meta.get("evaluation"))
-    task = _task_name(meta.get("task")) or _task_of(meta.get("baseline"), after) or "selection task"
-    rows = [_row(task, meta.get("baseline"), after, measured_on=MEASURED_ON["selection"])]
-    check = meta.get("verification")
-    if isinstance(check, Mapping) and _pair(check) is not None:
-        name = _task_name(check.get("task")) or _task_of(*_pair(check)) or task
-        rows.append(_row(name, *_pair(check), measured_on=MEASURED_ON["held_out"]))
-    return rows
-
-
-def _stage_rows(metrics: list[Any], evaluated_as: Any) -> list[dict[str, Any]]:
-    on = MEASURED_ON["masked"] if str(evaluated_as or "").startswith("masked") else MEASURED_ON["exported"]
-    rows = []
-    for m in metrics:
-        if not isinstance(m, Mapping):
-            continue
-        pair = _pair(m) or (None, None)
-        name = _task_name(m.get("task")) or _task_of(*pair) or "evaluation"
-        if m.get("split") not in (None, "all"):
-            name += f" ({m['split']} split)"
-        rows.append(_row(name, *pair, measured_on=on))
-    return sorted(rows, key=lambda r: r["task"])
+    return sorted(rows, key=lambda r: rank.get(r.measured_on, len(rank)))
 
 
 def _task_name(task: Any) -> str | None:
@@ -500,41 +432,7 @@ def _task_name(task: Any) -> str | None:
     return str(task) if task else None
 
 
-def _plain(obj: Any) -> Any:
-    """``EvalResult`` objects (anything with ``to_dict``) become dicts, at any depth."""
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        obj = obj.to_dict()
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _task_of(*results: Any) -> str | None:
-    for r in results:
-        if isinstance(r, Mapping):
-            t = r.get("task") or (r.get("details") or {}).get("task")
-            if t:
-                return str(t)
-    return None
-
-
-def _row(task: str, before: Any, after: Any, *, measured_on: str) -> dict[str, Any]:
-    def split(r: Any) -> tuple[float | None, float | None]:
-        if isinstance(r, Mapping):
-            return _num(r.get("value")), _num(r.get("stderr"))
-        return _num(r), None
-
-    ref = after if isinstance(after, Mapping) else before if isinstance(before, Mapping) else {}
-    b, bse = split(before)
-    a, ase = split(after)
-    return {"task": task, "metric": ref.get("metric", ""), "before": b, "before_stderr": bse, "after": a,
-            "after_stderr": ase, "n": ref.get("n"), "higher_is_better": ref.get("higher_is_better"),
-            "measured_on": measured_on}
-
-
-def _eval_section(rows: list[dict[str, Any]]) -> str:
+def _eval_section(rows: list[Any]) -> str:
     lines = ["## Evaluation", ""]
     if not rows:
         lines += ["No evaluation results were recorded for this export; `prune-heads eval BASE_MODEL --plan PLAN "
@@ -544,11 +442,11 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
               "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         change = "not measured"
-        if r["before"] is not None and r["after"] is not None:
-            change = f"{r['after'] - r['before']:+.4f}"
-        n = r["n"] if r["n"] is not None else "not recorded"
-        lines.append(f"| {r['task']} | {r['metric'] or 'not recorded'} | {_val(r['before'], r['before_stderr'])} | "
-                     f"{_val(r['after'], r['after_stderr'])} | {change} | {n} | {r.get('measured_on') or 'as recorded'} |")
+        if r.before is not None and r.after is not None:
+            change = f"{r.after - r.before:+.4f}"
+        n = r.n if r.n is not None else "not recorded"
+        lines.append(f"| {r.task} | {r.metric or 'not recorded'} | {_val(r.before, r.before_stderr)} | "
+                     f"{_val(r.after, r.after_stderr)} | {change} | {n} | {r.measured_on or 'as recorded'} |")
     lines += ["", "*Base model* is the model before pruning, *pruned* the model with the heads removed; *n* counts "
                   "the task's documents (or tokens, for perplexity and KL). The selection task and the held-out "
                   "check are measured on the base model with the removed heads zeroed; the verification below "
@@ -559,29 +457,23 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
 
 # ---- verification ---------------------------------------------------------------------------------
 def _verification_section(verification: Any, compensation: Any = None) -> str:
+    """``verification``: the export's ``VerificationRecord`` (None when nothing was checked)."""
     compensated = isinstance(compensation, Mapping) and compensation.get("mode", "none") != "none"
     reference = ("removed heads zeroed and their compensation applied" if compensated else "removed heads zeroed")
     lines = ["## Verification", ""]
-    if not isinstance(verification, Mapping):
+    if verification is None:
         lines += ["No verification is recorded for this export: its logits have not been compared with the base "
                   f"model's with the {reference}.", ""]
         return "\n".join(lines)
-    passed = next((verification[k] for k in ("passed", "ok", "within_tolerance") if k in verification), None)
-    diff = next((verification[k] for k in ("max_abs_diff", "max_abs_logit_diff", "max_diff") if k in verification), None)
-    tol = next((verification[k] for k in ("tol", "tolerance") if k in verification), None)
-    status = {True: "**passed**", False: "**FAILED**"}.get(passed, "recorded")
-    sentence = f"Verification {status}: the exported model's logits were compared with the base model's with the " \
-               f"{reference} (in float64)"
-    if diff is not None:
-        sentence += f"; maximum absolute difference {_sci(diff)}"
-        if tol is not None:
-            sentence += f" (tolerance {_sci(tol)})"
-    lines += [sentence + ".", ""]
-    extra = {k: v for k, v in sorted(verification.items())
-             if k not in {"passed", "ok", "within_tolerance", "max_abs_diff", "max_abs_logit_diff", "max_diff", "tol",
-                          "tolerance"} and _is_scalar(v)}
+    v = verification
+    status = "**passed**" if v.passed else "**FAILED**"
+    lines += [f"Verification {status}: the exported model's logits were compared with the base model's with the "
+              f"{reference} (in float64); maximum absolute difference {_sci(v.max_abs_logit_diff)} (tolerance "
+              f"{_sci(v.tolerance)}).", ""]
+    skip = {"passed", "max_abs_logit_diff", "tolerance"}
+    extra = {k: x for k, x in sorted(v.to_dict().items()) if k not in skip and x is not None and _is_scalar(x)}
     if extra:
-        lines += ["| | |", "|---|---|"] + [f"| {k} | {_scalar(v)} |" for k, v in extra.items()] + [""]
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {_scalar(x)} |" for k, x in extra.items()] + [""]
     return "\n".join(lines)
 
 
@@ -650,7 +542,7 @@ def _provenance_section(info: Mapping[str, Any]) -> str:
             continue
         rows.append((key, _scalar(meta[key])))
     baseline = meta.get("baseline")
-    if _is_result(baseline):
+    if isinstance(baseline, Mapping) and "value" in baseline:
         rows.append(("baseline at selection", f"{baseline.get('metric', '')} {_val(_num(baseline['value']), _num(baseline.get('stderr')))}".strip()))
     has_meta = any(k not in ("removed_heads", "tool_version") for k in meta)
     if info.get("tool_version"):

@@ -175,11 +175,5 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any] | Recipe,
         raise RecipeError(f"{origin}: {e}") from None
 
 
-def hub_offline() -> bool:
-    from prune_heads.data.documents import offline_requested
-
-    return offline_requested()
-
-
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)

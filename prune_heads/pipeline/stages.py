@@ -7,7 +7,6 @@ reads (``needs``); the generic ``Runner`` does the rest.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prune_heads.pipeline.recipe import Recipe, dump_recipe, load_recipe
-from prune_heads.pipeline.runner import Runner, Stage, StageOutcome, locked_workdir
+from prune_heads.pipeline.runner import Runner, Stage, locked_workdir
 from prune_heads.pipeline.signatures import (
     data_signature,
     local_data_path,
@@ -125,7 +124,7 @@ def _evaluate(ctx: RunContext, out: Path) -> dict[str, Any]:
     # ppl:/kl: tasks leave out the calibration documents the plan records (as `eval --plan` does)
     res = run_evaluate(cfg, ctx.model(), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
                        out / "results.json")
-    refresh_card(ctx.export_dir(), evaluation=res.to_dict())
+    refresh_card(ctx.export_dir(), evaluation=res)
     return {"results": "results.json", "tasks": len(res.tasks)}
 
 
@@ -233,11 +232,3 @@ def run(recipe_or_path: Recipe | str | os.PathLike | Mapping[str, Any], workdir:
                 (wd / "summary.md").write_text(summary.to_markdown())
                 write_json_atomic(wd / "summary.json", summary.to_dict())
             return summary
-
-
-def outcome_statuses(outcomes: Mapping[str, StageOutcome]) -> dict[str, str]:
-    return {k: v.status for k, v in outcomes.items()}
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())

@@ -252,20 +252,19 @@ def _is_transport_error(e: BaseException) -> bool:
 
 
 def _default_message(folder: Path) -> str:
-    try:
-        info = json.loads((folder / "prune_heads.json").read_text())
-        base = info.get("base_model") or info.get("source", {}).get("model")
-        removed = info.get("heads_removed")
-        if removed is None:
-            removed = len((info.get("plan") or {}).get("removed_heads", []))
-        if base:
-            from prune_heads.export.model_card import hub_base_model
+    from prune_heads.export.record import ExportRecord, RecordError
 
-            name = hub_base_model(base) or Path(str(base)).name
-            return f"Upload {name} with {removed} attention heads removed (prune-heads)"
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
-    return "Upload pruned model (prune-heads)"
+    try:
+        rec = ExportRecord.load(folder)
+    except RecordError:
+        return "Upload pruned model (prune-heads)"
+    base = rec.source.get("hub_id") or rec.source.get("model")
+    if not base:
+        return "Upload pruned model (prune-heads)"
+    from prune_heads.export.model_card import hub_base_model
+
+    name = hub_base_model(base) or Path(str(base)).name
+    return f"Upload {name} with {rec.heads_removed} attention heads removed (prune-heads)"
 
 
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
