@@ -257,3 +257,60 @@ def test_run_under_torchrun_equals_one_process(world, tmp_path):
     pb = json.loads((tmp_path / "one" / "select" / "plan.json").read_text())
     assert pa["removed_heads"] == pb["removed_heads"]
     assert (tmp_path / "two" / "summary.md").is_file()
+
+
+# ---- issue 20: one behaviour whatever the front end -------------------------------------------
+def test_recipe_held_out_evaluation_uses_the_selection_seed(world, tmp_path):
+    """With select.seed != 0 the evaluate stage scores exactly the documents selection verified on (the
+    seeded verify half), not evaluate.seed's half, which overlaps the search half."""
+    from prune_heads.data.splits import select_indices
+
+    recipe = recipe_for(world, {**METHODS["static"], "seed": 3})
+    recipe["select"]["verify"] = True
+    del recipe["evaluate"]["tasks"]  # the default: the selection task on its held-out documents
+    P.run(recipe, tmp_path / "w", progress=False, echo=None)
+    plan = Plan.load(tmp_path / "w" / "select" / "plan.json")
+    task = json.loads((tmp_path / "w" / "evaluate" / "results.json").read_text())["tasks"][0]
+    assert (task["task"]["split"], task["task"]["seed"]) == ("verify", 3)
+    # the baseline the evaluate stage reports is the one selection's held-out check measured
+    assert task["baseline"]["value"] == pytest.approx(plan.selection.verification.baseline["value"], rel=1e-9)
+    assert not set(select_indices(24, "verify", 3)) & set(select_indices(24, "search", 3))
+    assert set(select_indices(24, "verify", 0)) & set(select_indices(24, "search", 3))  # what seed 0 got wrong
+
+
+def _no_model_load(monkeypatch):
+    """Make loading the model fail the test: a preflight check must come first."""
+    from prune_heads.model.config import ModelConfig
+
+    def refuse(self):
+        raise AssertionError("the model was loaded before the preflight check")
+
+    monkeypatch.setattr(ModelConfig, "load", refuse)
+
+
+def test_preflight_is_the_same_in_both_front_ends(world, tmp_path, monkeypatch):
+    """The runner checks select.data, the CLI checks sequence lengths against the model, before any load."""
+    from prune_heads.errors import PruneHeadsError
+
+    _no_model_load(monkeypatch)
+    missing = tmp_path / "missing.txt"
+    recipe = recipe_for(world, {**METHODS["iterative"], "data": str(missing)})
+    with pytest.raises(PruneHeadsError, match="select.data"):
+        P.run(recipe, tmp_path / "w", progress=False, echo=None)
+    (tmp_path / "scores").mkdir()
+    r = CliRunner().invoke(cli, ["select", str(tmp_path / "scores"), "--model", str(world / "model"), "--task",
+                                 f"ppl:{world / 'docs.txt'}", "--max-drop", "0.1", "--data", str(missing),
+                                 "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and "--data" in r.output
+    # lengths beyond the tiny model's context (256): found from its config, before loading it
+    r = CliRunner().invoke(cli, ["calibrate", str(world / "model"), "--data", str(world / "docs.txt"), "--seq-len",
+                                 "300", "-o", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "--seq-len: 300 tokens is beyond the model's context of 256" in r.output, r.output
+    Plan([(0, 0)]).save(tmp_path / "plan.json")
+    r = CliRunner().invoke(cli, ["export", str(world / "model"), "--plan", str(tmp_path / "plan.json"),
+                                 "--verify-seq-len", "300", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "--verify-seq-len: 300 tokens is beyond the model's context of 256" in r.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PruneHeadsError, match="calibration.seq_len: 300 tokens is beyond"):
+        P.run({**recipe_for(world, METHODS["static"]), "calibration": {"data": str(world / "docs.txt"), "seq_len": 300}},
+              tmp_path / "w2", progress=False, echo=None)

@@ -38,7 +38,7 @@ def eval_(model, plan_path, scores_dir, output, overwrite, **kw):
     if plan_path and (cfg.dynamic or cfg.dynamic_fraction):
         raise PruneHeadsError("give at most one of --plan, --dynamic and --dynamic-fraction")
     check_output(output, overwrite, inputs=(model, plan_path, scores_dir, local_path(task.task)), kind="file")
-    check_sources(tasks=(task.task,))
+    check_sources(mc, tasks=(task.task,))
     side = PrunedSide(plan=Plan.load(plan_path) if plan_path else None,
                       scores=HeadScores.load(scores_dir) if scores_dir else None)
     res = run_evaluate(cfg, mc.load(), model, side, output, overwrite=overwrite)

@@ -32,6 +32,10 @@ class EvalTask(Config):
     split: str = option("all", choices=("all", "search", "verify"),
                         help="Which documents: all, or one of two disjoint seeded halves.")
     metric: str | None = option(None, help="Metric of an lm-eval task (default: its first, e.g. acc).")
+    seed: int | None = option(None, ge=0, cli=False,
+                              help="seed of the search/verify split (default: evaluate.seed); a recipe's held-out task "
+                                   "takes select.seed, so its verify half is the one selection never saw")
+    data_dir: str | None = option(None, cli=False, help="offline task data folder (default: evaluate.data_dir)")
 
 
 def _score_number(v: Any) -> tuple[str, float] | None:
@@ -216,13 +220,15 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
 
     outcomes, calls = [], 0
     for t in cfg.tasks:
+        seed = cfg.seed if t.seed is None else t.seed
+        data_dir = t.data_dir or cfg.data_dir
         ev = make_evaluator(model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot, split=t.split,
-                            data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, metric=t.metric,
+                            data_dir=data_dir, batch_size=cfg.batch_size, seed=seed, metric=t.metric,
                             compensation=compensation, exclude_docs=exclude_docs)
         baseline = ev(None)
         if pruned_model is not None:
             pev = make_evaluator(pruned_model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot,
-                                 split=t.split, data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
+                                 split=t.split, data_dir=data_dir, batch_size=cfg.batch_size, seed=seed,
                                  metric=t.metric, exclude_docs=exclude_docs)
             pruned = pev(None)
             calls += pev.calls

@@ -73,10 +73,13 @@ class Recipe(Config):
         s = self.select
         if not s.task:
             return []
-        if s.verify_task:
-            return [EvalTask(task=s.verify_task, num_fewshot=s.num_fewshot, limit=s.verify_limit, split="all")]
-        return [EvalTask(task=s.task, num_fewshot=s.num_fewshot, limit=s.verify_limit or s.limit,
-                         split="verify" if s.verify else "all")]
+        # the documents selection verified on: task, split, limit, seed and data folder as select's verify evaluator
+        limit = s.verify_limit or s.limit
+        if s.verify_task and s.verify_task != s.task:
+            return [EvalTask(task=s.verify_task, num_fewshot=s.num_fewshot, limit=limit, split="all", seed=s.seed,
+                             data_dir=s.data_dir)]
+        return [EvalTask(task=s.task, num_fewshot=s.num_fewshot, limit=limit, split="verify" if s.verify else "all",
+                         seed=s.seed, data_dir=s.data_dir)]
 
 
 def validate(raw: Mapping[str, Any]) -> Recipe:
