@@ -314,3 +314,35 @@ def test_preflight_is_the_same_in_both_front_ends(world, tmp_path, monkeypatch):
     with pytest.raises(PruneHeadsError, match="calibration.seq_len: 300 tokens is beyond"):
         P.run({**recipe_for(world, METHODS["static"]), "calibration": {"data": str(world / "docs.txt"), "seq_len": 300}},
               tmp_path / "w2", progress=False, echo=None)
+
+
+@pytest.mark.parametrize("section, values, key", [
+    ("evaluate", {"dynamic": "ahon_ln:0.5"}, "evaluate.dynamic"),
+    ("evaluate", {"dynamic_fraction": "ahon_ln:0.2"}, "evaluate.dynamic_fraction"),
+    ("evaluate", {"dynamic_mode": "cached"}, "evaluate.dynamic_mode"),
+    ("evaluate", {"threshold_method": "paper"}, "evaluate.threshold_method"),
+    ("select", {**METHODS["gates"], "surrogate": "margin"}, "select.surrogate"),
+    ("select", {**METHODS["gates"], "policy": "kv-groups"}, "select.policy"),
+    ("select", {**METHODS["gates"], "allow_underpowered": True}, "select.allow_underpowered"),
+    ("select", {**METHODS["iterative"], "search": "ascend"}, "select.search"),
+    ("select", {**METHODS["static"], "data": "wikitext2"}, "select.data"),
+])
+def test_recipe_refuses_keys_its_runner_would_ignore(world, tmp_path, section, values, key):
+    from prune_heads.pipeline.recipe import RecipeError, load_recipe
+
+    recipe = recipe_for(world, values if section == "select" else METHODS["static"])
+    if section == "evaluate":
+        recipe[section].update(values)
+    with pytest.raises(RecipeError, match=f"{key}: "):
+        load_recipe(recipe)
+
+
+def test_cli_refuses_the_same_ignored_options(world, tmp_path):
+    docs = world / "docs.txt"
+    for args, option in [(["eval", world / "model", "--task", f"ppl:{docs}", "--dynamic-mode", "cached"], "--dynamic-mode"),
+                         (["eval", world / "model", "--task", f"ppl:{docs}", "--dynamic", "awft:0.1",
+                           "--threshold-method", "paper"], "--threshold-method"),
+                         (["select", world / "model", "--model", world / "model", "--method", "gates",
+                           "--target-fraction", "0.2", "--gqa", "kv-groups"], "--gqa")]:
+        r = CliRunner().invoke(cli, [str(a) for a in [*args, "-o", tmp_path / "x.json"]])
+        assert r.exit_code == 2 and f"{option}: " in r.output, r.output

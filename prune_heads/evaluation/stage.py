@@ -85,6 +85,12 @@ class EvaluateConfig(Config):
     def check(self) -> None:
         if self.dynamic is not None and self.dynamic_fraction is not None:
             raise ConfigError("dynamic", "give at most one of --dynamic and --dynamic-fraction")
+        # options of the per-input mode do nothing without it: refuse them rather than ignore them
+        if self.dynamic_mode != "exact" and self.dynamic is None and self.dynamic_fraction is None:
+            raise ConfigError("dynamic_mode", "applies to the per-input mode only: add --dynamic or --dynamic-fraction")
+        if self.threshold_method != "quantile" and self.dynamic_fraction is None:
+            raise ConfigError("threshold_method", "applies to --dynamic-fraction only (it turns the fraction into a "
+                                                  "threshold)")
 
 
 @dataclass

@@ -63,6 +63,11 @@ class Recipe(Config):
         if self.export.format == "uniform" and self.select.policy != "uniform":
             raise ConfigError("export.format", "'uniform' needs select.policy: uniform (the same number of heads in "
                                                "every KV group)")
+        for key in ("dynamic", "dynamic_fraction", "dynamic_mode", "threshold_method"):
+            if getattr(self.evaluate, key) != EvaluateConfig.__dataclass_fields__[key].default:
+                raise ConfigError(f"evaluate.{key}", "the recipe's evaluate stage measures the export against the "
+                                  "original; the paper's per-input mode is `prune-heads eval MODEL --dynamic SCORE:T` "
+                                  "(or --dynamic-fraction SCORE:F --scores DIR)")
         if self.hub.push and not self.hub.repo_id:
             raise ConfigError("hub.repo_id", "hub.push is true but no repo_id is given")
 
