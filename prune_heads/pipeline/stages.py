@@ -91,10 +91,7 @@ def _export(ctx: RunContext, out: Path) -> dict[str, Any]:
     from prune_heads.export.stage import run_export
 
     res = run_export(ctx.recipe.export, ctx.recipe.model, ctx.plan(), out / "model", verify=None, progress=ctx.progress)
-    if ctx.recipe.hub.repo_id:  # the card's loading snippet names the repository it will be pushed to
-        from prune_heads.export.model_card import refresh_card
-
-        refresh_card(out / "model", repo_id=ctx.recipe.hub.repo_id)
+    # the card names its Hub repository when it is pushed (``run_push``), whichever front end pushes it
     return {"model": "model", "format": ctx.recipe.export.format, "params_before": int(res.params_before),
             "params_after": int(res.params_after), "files": sorted(Path(f).name for f in res.files)}
 
