@@ -346,3 +346,125 @@ def test_cli_refuses_the_same_ignored_options(world, tmp_path):
                            "--target-fraction", "0.2", "--gqa", "kv-groups"], "--gqa")]:
         r = CliRunner().invoke(cli, [str(a) for a in [*args, "-o", tmp_path / "x.json"]])
         assert r.exit_code == 2 and f"{option}: " in r.output, r.output
+
+
+# ---- the whole pipeline, both front ends, a source that needs its options ---------------------
+#: a budget that binds on the tiny model (some probe fails it), a non-default seed for the split
+BINDING = {"max_drop": 0.002, "relative": True, "seed": 3}
+
+
+def _source(kind: str, root: Path, monkeypatch) -> tuple[str, dict[str, str], dict]:
+    """(model id, its ModelConfig options, the weights it must resolve to): ``org/tiny`` at revision v2 of an
+    offline Hub cache whose main branch holds other weights, or a folder of two GGUF files of which
+    ``gguf_file`` picks the second."""
+    from model_sources import add_gguf, add_revision, use_cache
+
+    def writer(seed):
+        def write(folder):
+            tiny_model("llama", seed=seed, layers=2, heads=4, kv_heads=2, head_dim=8,
+                       vocab=len(SPECIAL) + len(WORDS)).save_pretrained(folder)
+            tiny_tokenizer(save_to=folder)
+        return write
+
+    want = tiny_model("llama", seed=1, layers=2, heads=4, kv_heads=2, head_dim=8, vocab=len(SPECIAL) + len(WORDS))
+    if kind == "revision":
+        add_revision(root / "hub", "org/tiny", "main", "1" * 40, writer(0))
+        add_revision(root / "hub", "org/tiny", "v2", "2" * 40, writer(1))
+        use_cache(monkeypatch, root / "hub")
+        return "org/tiny", {"revision": "v2"}, want.state_dict()
+    monkeypatch.setenv("PRUNE_HEADS_CACHE", str(root / "cache"))
+    add_gguf(root / "gguf", "a.Q8_0.gguf", b"a", writer(0))
+    add_gguf(root / "gguf", "b.Q8_0.gguf", b"b", writer(1))
+    return str(root / "gguf"), {"gguf_file": "b.Q8_0.gguf"}, want.state_dict()
+
+
+def rc_value(cli_dir: Path) -> float:
+    """The pruned model's held-out value in the CLI's results.json."""
+    return json.loads((cli_dir / "results.json").read_text())["tasks"][0]["pruned"]["value"]
+
+
+def _volatile_free(prov):
+    """An export record without what differs between two runs of the same computation."""
+    out = strip(prov)
+    for rec in (out.get("verification") or {},):
+        rec.pop("max_abs_logit_diff_float32", None)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["revision", "gguf"])
+def test_cli_and_runner_agree_on_a_binding_budget(world, tmp_path, monkeypatch, kind):
+    """A budget that binds, seed 3, and a source that needs its options (a Hub revision, a GGUF file):
+    the CLI and the recipe runner write the same plan, compensation, export, card and held-out results,
+    and the summary reports the CLI's numbers."""
+    model_id, opts, want = _source(kind, tmp_path, monkeypatch)
+    docs = world / "docs.txt"
+    mflags = [x for k, v in opts.items() for x in ("--" + k.replace("_", "-"), v)]
+    cli_dir = tmp_path / "cli"
+    cli_ok("calibrate", model_id, *mflags, "--data", docs, "--num-samples", 6, "--seq-len", 24, "--batch-size", 3,
+           "--scores", "ahon_ln,awft", "--device", "cpu", "-o", cli_dir / "scores")
+    cli_ok("select", cli_dir / "scores", "--model", model_id, *mflags, "--task", f"ppl:{docs}", "--limit", 6,
+           "--max-drop", BINDING["max_drop"], "--relative", "--seed", 3, "--device", "cpu", "-o", cli_dir / "plan.json")
+    cli_ok("export", model_id, *mflags, "--plan", cli_dir / "plan.json", "--verify-sequences", 2, "--verify-seq-len", 12,
+           "-o", cli_dir / "model")
+    r = cli_ok("eval", model_id, *mflags, "--export", cli_dir / "model", "--plan", cli_dir / "plan.json", "--task",
+               f"ppl:{docs}", "--limit", 6, "--split", "verify", "--seed", 3, "--speed-seq-len", 16,
+               "--speed-repeats", 1, "--device", "cpu", "-o", cli_dir / "results.json")
+    assert "prefill:" in r.output
+    wd = tmp_path / "run"
+    recipe = {
+        "name": "fe", "model": {"id": model_id, "device": "cpu", **opts},
+        "calibration": {"data": str(docs), "num_samples": 6, "seq_len": 24, "batch_size": 3, "scores": ["ahon_ln", "awft"]},
+        "select": {"task": f"ppl:{docs}", "limit": 6, **BINDING},  # compensate lsq, verify: the defaults
+        "verify": {"num_sequences": 2, "seq_len": 12},
+        "evaluate": {"speed_seq_len": 16, "speed_repeats": 1},  # the held-out half of the selection task
+        "report": {"enabled": False},
+    }
+    summary = P.run(recipe, wd, progress=False, echo=None)
+
+    # the plan: the budget binds (a probe failed it, fewer heads than the policy allows), seed 3
+    pc, pr = json.loads((cli_dir / "plan.json").read_text()), json.loads((wd / "select" / "plan.json").read_text())
+    assert strip(pc) == strip(pr)
+    plan = Plan.load(cli_dir / "plan.json")
+    assert 0 < len(plan.removed_heads) < 6 and any(p.within_budget is False for p in plan.selection.trace)
+    assert plan.selection.compensation["mode"] == "lsq" and plan.selection.verification.verdict == "within"
+    ca, cb = load_file(str(cli_dir / pc["compensation"]["file"])), load_file(str(wd / "select" / pr["compensation"]["file"]))
+    assert ca and ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+    # the export: from the weights the options name (v2 / b.gguf), tensor by tensor the same
+    ta = load_file(str(cli_dir / "model" / "model.safetensors"))
+    tb = load_file(str(wd / "export" / "model" / "model.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert torch.equal(ta["model.embed_tokens.weight"], want["model.embed_tokens.weight"])
+    # the record and the card (verification, held-out evaluation) are the same
+    prov_c = json.loads((cli_dir / "model" / "prune_heads.json").read_text())
+    prov_r = json.loads((wd / "export" / "model" / "prune_heads.json").read_text())
+    assert _volatile_free(prov_c) == _volatile_free(prov_r)
+    card = [(d / "README.md").read_text().splitlines() for d in (cli_dir / "model", wd / "export" / "model")]
+    assert [x for x in card[0] if "| recipe |" not in x] == [x for x in card[1] if "| recipe |" not in x]
+    assert "held-out" in "\n".join(card[0]) and f"{rc_value(cli_dir):.4f}" in "\n".join(card[0])
+    # the held-out results: the same documents (seed 3's verify half), the same numbers, speed measured
+    rc = json.loads((cli_dir / "results.json").read_text())
+    rr = json.loads((wd / "evaluate" / "results.json").read_text())
+    assert strip({**rc, "speed": None}) == strip({**rr, "speed": None})
+    assert {k for k, v in rc["speed"].items() if "ratio" in v} == {k for k, v in rr["speed"].items() if "ratio" in v} \
+        == {"prefill", "decode"}
+    assert rc["tasks"][0]["task"]["seed"] == 3
+    assert rc["tasks"][0]["baseline"]["value"] == pytest.approx(plan.selection.verification.baseline["value"], rel=1e-9)
+    # the summary reports these numbers
+    row = summary.metrics[0]
+    assert row["baseline"]["value"] == rc["tasks"][0]["baseline"]["value"]
+    assert row["pruned"]["value"] == rc["tasks"][0]["pruned"]["value"]
+    assert (summary.heads_removed, summary.params_after) == (len(plan.removed_heads), prov_c["params_after"])
+
+
+def test_eval_of_an_export_refuses_another_plan_and_a_non_export(world, tmp_path):
+    from prune_heads.errors import PruneHeadsError
+    from prune_heads.evaluation.stage import export_side
+
+    Plan([(0, 1)]).save(tmp_path / "plan.json")
+    with pytest.warns(UserWarning, match="fingerprint"):
+        cli_ok("export", world / "model", "--plan", tmp_path / "plan.json", "--no-verify", "-o", tmp_path / "out")
+    assert export_side(tmp_path / "out").plan.removed_heads == [(0, 1)]  # the plan it records
+    with pytest.raises(PruneHeadsError, match="removes other heads than the export"):
+        export_side(tmp_path / "out", Plan([(1, 1)]))
+    with pytest.raises(PruneHeadsError, match="is not an export"):
+        export_side(world / "model")

@@ -76,11 +76,12 @@ class EvaluateConfig(Config):
     dynamic_mode: str = option("exact", choices=("exact", "cached"),
                                help="exact: the paper's decisions (generation reruns the sequence without the KV "
                                     "cache); cached: running statistics in the cache, faster, ~1% of decisions differ.")
-    speed_seq_len: int = option(128, ge=0, cli=False, help="prefill length of the speed check; 0 skips it")
-    speed_repeats: int = option(5, ge=1, cli=False, help="interleaved repeats of the speed check")
-    speed_placements: int = option(1, ge=1, cli=False,
-                                   help="rounds of the speed check, each with both models' CPU weights moved to fresh "
-                                        "memory (batch-1 CPU decode speed follows where the weights sit)")
+    speed_seq_len: int = option(128, ge=0, help="Prefill length of the speed check of an export against its original "
+                                                "(decode: an eighth of it); 0 skips it.")
+    speed_repeats: int = option(5, ge=1, help="Interleaved repeats of the speed check.")
+    speed_placements: int = option(1, ge=1,
+                                   help="Rounds of the speed check, each with both models' CPU weights moved to fresh "
+                                        "memory (batch-1 CPU decode speed follows where the weights sit).")
 
     def check(self) -> None:
         if self.dynamic is not None and self.dynamic_fraction is not None:
@@ -155,6 +156,41 @@ class PrunedSide:
         if self.plan is not None:
             return "masked original (the plan's heads removed, compensated as the plan says)"
         return None
+
+
+def export_side(export_dir: str | Path, plan: Any = None, scores: Any = None) -> PrunedSide:
+    """The pruned side of an export: the checkpoint, and the plan it was made from (``plan``, which must
+    remove the heads the export records, else the plan in its ``prune_heads.json``). The plan's fingerprint
+    then checks that the model evaluated beside it is the export's original."""
+    import json
+
+    from prune_heads.export.source import PROVENANCE_FILE
+    from prune_heads.plan import Plan
+
+    folder = Path(export_dir)
+    try:
+        record = json.loads((folder / PROVENANCE_FILE).read_text())
+        recorded = Plan.from_dict(record["plan"], f"{folder / PROVENANCE_FILE}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PruneHeadsError(f"{folder} is not an export (no readable {PROVENANCE_FILE} with its plan: {e}); pass the "
+                              "output folder of `prune-heads export`") from None
+    if plan is not None and sorted(map(tuple, plan.removed_heads)) != sorted(map(tuple, recorded.removed_heads)):
+        raise PruneHeadsError(f"the plan removes other heads than the export {folder} records; pass the plan it was "
+                              "exported from, or none")
+    return PrunedSide(plan=plan if plan is not None else recorded, export_dir=folder, scores=scores)
+
+
+def evaluate_export(cfg: EvaluateConfig, loaded: Any, model_id: str, export_dir: str | Path, out: Path | None, *,
+                    plan: Any = None, scores: Any = None, overwrite: bool = False) -> EvaluationResult:
+    """An export against its original (``loaded``), every task and the speed check, recorded in the export's
+    ``prune_heads.json`` and model card: the runner's evaluate stage and ``prune-heads eval MODEL --export DIR``."""
+    from prune_heads.export.model_card import refresh_card
+
+    if cfg.dynamic or cfg.dynamic_fraction:
+        raise PruneHeadsError("an export is evaluated as it is: give --export or --dynamic/--dynamic-fraction, not both")
+    res = run_evaluate(cfg, loaded, model_id, export_side(export_dir, plan, scores), out, overwrite=overwrite)
+    refresh_card(export_dir, evaluation=res.to_dict())  # the card reports what was measured on this export
+    return res
 
 
 def _split(value: str) -> tuple[str, float]:

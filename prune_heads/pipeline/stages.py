@@ -115,14 +115,11 @@ def _verify(ctx: RunContext, out: Path) -> dict[str, Any]:
 def _evaluate(ctx: RunContext, out: Path) -> dict[str, Any]:
     import dataclasses
 
-    from prune_heads.evaluation.stage import PrunedSide, run_evaluate
+    from prune_heads.evaluation.stage import evaluate_export
 
     cfg = dataclasses.replace(ctx.recipe.evaluate, tasks=ctx.recipe.eval_tasks())
-    from prune_heads.export.model_card import refresh_card
     # ppl:/kl: tasks leave out the calibration documents the plan records (as `eval --plan` does)
-    res = run_evaluate(cfg, ctx.model(), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
-                       out / "results.json")
-    refresh_card(ctx.export_dir(), evaluation=res.to_dict())
+    res = evaluate_export(cfg, ctx.model(), ctx.recipe.model.id, ctx.export_dir(), out / "results.json", plan=ctx.plan())
     return {"results": "results.json", "tasks": len(res.tasks)}
 
 
