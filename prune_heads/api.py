@@ -50,7 +50,8 @@ def _model(model: Any) -> tuple[ModelConfig, Any]:
         return ModelConfig(id=str(model)), None
     if hasattr(model, "model") and hasattr(model, "tokenizer") and hasattr(model, "source"):  # a LoadedModel
         return ModelConfig(id=str(model.source), revision=getattr(model, "revision", None),
-                           gguf_file=getattr(model, "gguf_file", None)), model
+                           gguf_file=getattr(model, "gguf_file", None),
+                           trust_remote_code=bool(getattr(model, "trust_remote_code", False))), model
     from prune_heads.errors import PruneHeadsError
 
     raise PruneHeadsError(f"model must be a ModelConfig, a model spec or a LoadedModel (load_model), not "
@@ -128,15 +129,19 @@ def verify_model(model: Any, export_dir: PathLike, plan: Any, config: VerifyConf
 def evaluate_model(model: Any, config: EvaluateConfig, *, plan: Any = None, export_dir: PathLike | None = None,
                    scores: Any = None, out: PathLike | None = None, overwrite: bool = False) -> Any:
     """Every task of ``config`` on the original and on the pruned side (``prune-heads eval``): the export in
-    ``export_dir``, else the original with ``plan``'s heads removed (compensated as the plan says), else the
-    dynamic mode of ``config``. Returns ``EvaluationResult`` (``results.json`` in ``out`` when given)."""
+    ``export_dir`` (``eval --export``: checked against the plan it records, and the results recorded in its
+    ``prune_heads.json`` and card), else the original with ``plan``'s heads removed (compensated as the plan
+    says), else the dynamic mode of ``config``. Returns ``EvaluationResult`` (``results.json`` in ``out``)."""
     from prune_heads.errors import PruneHeadsError
-    from prune_heads.evaluation.stage import PrunedSide, run_evaluate
+    from prune_heads.evaluation.stage import PrunedSide, evaluate_export, run_evaluate
 
     if not config.tasks:
         raise PruneHeadsError("EvaluateConfig.tasks is empty: name the tasks, e.g. "
                               "EvaluateConfig(tasks=[EvalTask(task='arc_easy')])")
     mc, loaded = _loaded(model)
+    if export_dir is not None:
+        return evaluate_export(config, loaded, mc.id, export_dir, Path(out) if out is not None else None,
+                               plan=_plan(plan), scores=_scores(scores), overwrite=overwrite)
     side = PrunedSide(plan=_plan(plan), export_dir=Path(export_dir) if export_dir is not None else None,
                       scores=_scores(scores))
     return run_evaluate(config, loaded, mc.id, side, Path(out) if out is not None else None, overwrite=overwrite)

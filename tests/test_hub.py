@@ -317,3 +317,24 @@ def test_cli_push_errors_exit_2_without_traceback(hub_env, hub, export_dir, monk
     r = CliRunner().invoke(cli, ["push", str(export_dir), "tester/cli"])
     assert r.exit_code == 2
     assert "no Hugging Face token" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.filterwarnings("ignore:plan has no model fingerprint")
+def test_cli_push_names_the_repository_in_the_card(hub_env, hub, tmp_path, monkeypatch):
+    """The card's loading snippet names the repository it is pushed to, from the CLI as from `run --push`
+    (both go through the push stage); the pushed record says so too."""
+    from prune_heads.cli.main import cli
+    from prune_heads.export import export_checkpoint
+    from prune_heads.plan import Plan
+
+    tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8).save_pretrained(tmp_path / "src")
+    out = tmp_path / "export"
+    export_checkpoint(str(tmp_path / "src"), Plan([(0, 1)]), out, verify=False, progress=False)
+    assert "path/to/this/model" in (out / "README.md").read_text()
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    r = CliRunner().invoke(cli, ["push", str(out), "tester/named", "--token", TOKEN])
+    assert r.exit_code == 0, r.output
+    card = hub.files("tester/named")["README.md"].decode()
+    assert 'from_pretrained("tester/named"' in card and "path/to/this/model" not in card
+    assert json.loads(hub.files("tester/named")["prune_heads.json"])["repo_id"] == "tester/named"
+    assert _remote_files(hub, "tester/named") == _local_files(out)  # what was pushed is what the folder holds

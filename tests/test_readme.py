@@ -102,7 +102,7 @@ def shrink(argv: list[str], model: Path) -> list[str]:
     if out[0] in NEEDS_LIMIT and "--limit" not in out:
         out += ["--limit", "4"]
     if out[0] in ("select", "compare-selectors") and "--allow-underpowered" not in out \
-            and not {"--heads", "--fraction"} & set(out):
+            and not {"--heads", "--fraction"} & set(out) and "gates" not in out:  # (gates runs no power check)
         out.append("--allow-underpowered")  # 4 documents resolve no accuracy budget at --confidence 0.9
     if out[0] in ("select", "compare-selectors", "eval", "sweep") and "--num-fewshot" in out:
         j = out.index("--num-fewshot")

@@ -34,7 +34,7 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     cfg = from_cli(SelectConfig, kw)
     inputs = (scores_dir, model_spec, local_path(cfg.task), local_path(cfg.verify_task), local_path(cfg.data))
     check_output(output, overwrite, inputs=inputs, kind="file")
-    check_sources(data=(cfg.data,), tasks=(cfg.task, cfg.verify_task))
+    check_sources(mc, data=(cfg.data,), tasks=(cfg.task, cfg.verify_task))
     if plot_path:
         check_output(plot_path, overwrite, inputs=(*inputs, output), kind="file")
     scores = HeadScores.load(scores_dir)

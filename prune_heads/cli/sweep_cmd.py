@@ -31,7 +31,7 @@ def sweep(scores_dir, model_spec, output, overwrite, **kw):
     mc = model_config(model_spec, kw)
     cfg = from_cli(SweepConfig, kw)
     check_output(output, overwrite, inputs=(scores_dir, model_spec, local_path(cfg.task)))
-    check_sources(tasks=(cfg.task,))
+    check_sources(mc, tasks=(cfg.task,))
     result = run_sweep_stage(cfg, mc.load(), HeadScores.load(scores_dir), output, model_id=model_spec,
                              overwrite=overwrite)
     click.echo(result.table_markdown())

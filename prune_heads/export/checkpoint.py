@@ -8,6 +8,7 @@ that land. A plan selected with compensation has it folded into the weights as t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,9 +19,9 @@ from prune_heads.errors import PruneHeadsError
 from prune_heads.export import masked, model_card, sliced, uniform
 from prune_heads.export.folding import CompensationFold
 from prune_heads.export.folding import provenance as compensation_provenance
-from prune_heads.export.record import PROVENANCE_FILE  # (re-exported here: the export's record file)
 from prune_heads.export.registration import register_auto_classes
 from prune_heads.export.slicing import layer_heads, predicted_removed_params, slicing_rules
+from prune_heads.export.source import PROVENANCE_FILE, as_model_config, resolve_source
 from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_source, parse_size
 from prune_heads.export.verify import verify_export
 from prune_heads.io_utils import atomic_dir, check_output_dir, write_json_atomic
@@ -53,33 +54,15 @@ class ExportResult:
         return v is None or bool(v["passed"]) or bool(v.get("approximate_norms"))
 
 
-def resolve_source(model: str, gguf_file: str | None = None) -> Path:
-    """A local checkpoint directory for ``model`` (directory, Hub id, GGUF, or ``smollm2``)."""
-    from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
-
-    location, gguf = resolve_model_spec(model, gguf_file)
-    if gguf:
-        return Path(gguf_to_plain(location, gguf))
-    p = Path(location)
-    if p.is_dir():
-        return p
-    if p.exists() or location.startswith((".", "/")):
-        raise PruneHeadsError(f"{location} is not a model directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                                 "*.tiktoken", "*.jinja", "LICENSE*", "NOTICE*"]))
-    except Exception as e:
-        raise PruneHeadsError(f"cannot fetch {location!r} from the Hub ({e}); pass a local checkpoint directory") from e
-
-
-def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
+def export_checkpoint(model: Any, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
            shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
            scores_summary: dict | None = None, gguf_file: str | None = None,
            progress: bool = True, verify_tol: float = 1e-4, verify_num_sequences: int = 4, verify_seq_len: int = 64,
            compensation: Any = None, moments: Any = None) -> ExportResult:
     """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring.
+
+    ``model``: a ``ModelConfig`` (its revision, GGUF file and trust flag are honoured) or a model spec
+    string (a directory, Hub id, GGUF file or ``smollm2``; ``gguf_file`` then names the GGUF file).
 
     A plan whose ``compensation`` is ``mean``/``lsq`` needs either ``compensation`` (a ``Compensation``, or
     a file saved with one: required for sequential plans) or ``moments`` (a scores directory, a
@@ -93,14 +76,19 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
     max_bytes = parse_size(shard_size)
     torch_dtype = parse_dtype(dtype)
     dtype_name = str(torch_dtype).removeprefix("torch.") if torch_dtype is not None else None
-    src = open_source(resolve_source(model, gguf_file))
-    check_output_dir(out_dir, overwrite, inputs=[src.path, model if Path(model).exists() else None])
+    model = as_model_config(model)
+    if gguf_file is not None:
+        if model.gguf_file not in (None, gguf_file):
+            raise PruneHeadsError(f"two GGUF files given: {model.gguf_file!r} (the model's) and {gguf_file!r}")
+        model = dataclasses.replace(model, gguf_file=gguf_file)
+    src = open_source(resolve_source(model))
+    check_output_dir(out_dir, overwrite, inputs=[src.path, model.id if Path(model.id).exists() else None])
     out = Path(out_dir)
 
     from transformers import AutoConfig
 
     register_auto_classes()
-    config = AutoConfig.from_pretrained(src.path)
+    config = AutoConfig.from_pretrained(src.path, trust_remote_code=model.trust_remote_code)
     adapter = get_adapter(config)
     layout = plan.validate(config)
     heads = layer_heads(plan, layout)
@@ -152,7 +140,8 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
 
         verification = None
         if verify:
-            verification = verify_export(src.path, tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate,
+            verification = verify_export(dataclasses.replace(model, id=str(src.path), gguf_file=None, revision=None),
+                                         tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate,
                                          num_sequences=verify_num_sequences, seq_len=verify_seq_len,
                                          compensation=comp)
         predicted = params_before - (predicted_removed_params(layout, adapter, heads, approximate_norms=approximate)
@@ -162,7 +151,7 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
 
         record = ExportRecord(
             format=format,
-            source=model_card.source_info(str(model), gguf_file, src.fingerprint()),
+            source=model_card.source_info(model.id, model.gguf_file, src.fingerprint(), revision=model.revision),
             family=adapter.name,
             plan=plan.to_dict(),
             removed_per_layer=removed_per_layer,

@@ -285,9 +285,11 @@ def gguf_quantization(file_name: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
-def source_info(model: str, gguf_file: str | None = None, sha256: Mapping[str, str] | None = None) -> dict[str, Any]:
+def source_info(model: str, gguf_file: str | None = None, sha256: Mapping[str, str] | None = None, *,
+                revision: str | None = None) -> dict[str, Any]:
     """What ``prune_heads.json`` records about the source: its Hub id when it has one, else only the name of
-    its folder (``local: true``), whether it was dequantised from GGUF, and the hashes of its files."""
+    its folder (``local: true``), the Hub revision it was read at, whether it was dequantised from GGUF, and
+    the hashes of its files."""
     hub = hub_base_model(model)
     local = hub is None and (is_local_path(model) or os.path.exists(model))
     info: dict[str, Any] = {"model": hub or (Path(model).name if local else model), "hub_id": hub, "local": bool(local)}
@@ -301,6 +303,8 @@ def source_info(model: str, gguf_file: str | None = None, sha256: Mapping[str, s
         gguf_file = resolve_model_spec(model)[1]
     if gguf_file:
         info["gguf"] = {"file": Path(gguf_file).name, "quantization": gguf_quantization(gguf_file)}
+    if revision:
+        info["revision"] = revision
     if sha256 is not None:
         info["sha256"] = dict(sha256)
     return info

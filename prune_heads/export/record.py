@@ -19,9 +19,7 @@ from typing import Any
 
 from prune_heads.__about__ import __version__
 from prune_heads.errors import PruneHeadsError
-
-#: the record's file name inside an export
-PROVENANCE_FILE = "prune_heads.json"
+from prune_heads.export.source import PROVENANCE_FILE  # the record's file name inside an export
 
 
 class RecordError(PruneHeadsError):

@@ -27,13 +27,13 @@ from prune_heads.model.loading import parse_dtype
 from prune_heads.plan import Plan
 
 
-def _load(path: str, dtype: torch.dtype | None, compute: torch.dtype):
+def _load(path: str, dtype: torch.dtype | None, compute: torch.dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     from prune_heads.export.registration import register_auto_classes
 
     register_auto_classes()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     return model.to(compute).eval().requires_grad_(False)
 
 
@@ -66,12 +66,13 @@ def _source_dtype(path: str, name: str) -> torch.dtype:
 
 
 @torch.no_grad()
-def _compensated_reference(path: str, compensation: Any, torch_dtype: torch.dtype | None, compute: torch.dtype):
+def _compensated_reference(path: str, compensation: Any, torch_dtype: torch.dtype | None, compute: torch.dtype,
+                           trust_remote_code: bool = False):
     """The original with ``compensation`` folded in float64, every weight rounded as the export stores it."""
     from prune_heads.compensation.apply import fold_into_model
     from prune_heads.model.adapters import get_adapter
 
-    ref = _load(path, None, torch.float64)
+    ref = _load(path, None, torch.float64, trust_remote_code)
     adapter = get_adapter(ref)
     o_name = adapter.attn_prefix(0) + adapter.o_name + ".weight"
     folded_dtype = torch_dtype or _source_dtype(path, o_name)
@@ -83,13 +84,14 @@ def _compensated_reference(path: str, compensation: Any, torch_dtype: torch.dtyp
     return ref.to(compute)
 
 
-def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan: Plan, *, num_sequences: int = 4,
+def verify_export(original: Any, exported: str | os.PathLike, plan: Plan, *, num_sequences: int = 4,
                   seq_len: int = 64, tol: float = 1e-4, dtype: str | None = None,
                   approximate: bool = False, compute_dtype: str = "float64",
                   also_float32: bool = True, compensation: Any = None) -> dict[str, Any]:
     """Largest |logit difference| between ``exported`` and ``original`` under ``static_mask(plan)``.
 
-    ``dtype`` is the dtype the export was written in: the original's weights are rounded through it
+    ``original``: the source's ``ModelConfig`` (its revision, GGUF file and trust flag honoured) or a model
+    spec / local checkpoint directory. ``dtype`` is the dtype the export was written in: the original's weights are rounded through it
     first, so a bfloat16 export is still compared exactly (in float32 arithmetic). ``compensation``: the
     ``Compensation`` the export folded; the reference is then the compensated masked model.
     """
@@ -97,13 +99,15 @@ def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan
 
     torch_dtype = parse_dtype(dtype)
     compute = {"float64": torch.float64, "float32": torch.float32}[compute_dtype]
-    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.export.source import as_model_config, resolve_source
 
-    source = str(resolve_source(str(original)))
+    original = as_model_config(original)
+    source = str(resolve_source(original))
+    trust = original.trust_remote_code
     if compensation is not None and compensation.layers:
-        ref = _compensated_reference(source, compensation, torch_dtype, compute)
+        ref = _compensated_reference(source, compensation, torch_dtype, compute, trust)
     else:
-        ref = _load(source, torch_dtype, compute)
+        ref = _load(source, torch_dtype, compute, trust)
     cand = _load(str(exported), torch_dtype, compute)
     from prune_heads.model.adapters import get_adapter
 

@@ -3,6 +3,7 @@ five-minute model conversion, or a task name misspelt and found after calibratio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,8 @@ def check_task(task: str, what: str) -> None:
             raise PruneHeadsError(f"{what}: unknown task {rest!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
-def check_lengths(recipe: Any) -> None:
-    """Sequence lengths within the model's context, read from its config (no weights are loaded)."""
+def model_context(model: Any) -> int | None:
+    """The model's context length, read from its config without loading weights (None when unknown)."""
     from prune_heads.model.adapters import get_adapter
 
     try:
@@ -68,26 +69,46 @@ def check_lengths(recipe: Any) -> None:
 
         from prune_heads.model.loading import resolve_model_spec
 
-        location, gguf = resolve_model_spec(recipe.model.id, recipe.model.gguf_file)
+        location, gguf = resolve_model_spec(model.id, model.gguf_file)
         if gguf:
-            return  # a GGUF's config is read while converting it
-        config = AutoConfig.from_pretrained(location, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
+            return None  # a GGUF's config is read while converting it
+        config = AutoConfig.from_pretrained(location, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        return getattr(get_adapter(config).text_config(config), "max_position_embeddings", None)
     except (OSError, ValueError, PruneHeadsError):
-        return  # loading reports it, with the reason
-    context = getattr(get_adapter(config).text_config(config), "max_position_embeddings", None)
-    for key, value in (("calibration.seq_len", recipe.calibration.seq_len), ("verify.seq_len", recipe.verify.seq_len)):
-        if context and value and value > context:
+        return None  # loading reports it, with the reason
+
+
+def check_lengths(model: Any, lengths: Iterable[tuple[str, int | None]]) -> None:
+    """Sequence lengths (``(name, tokens)``) within the model's context."""
+    lengths = [(k, v) for k, v in lengths if v]
+    context = model_context(model) if lengths else None
+    for key, value in lengths:
+        if context and value > context:
             raise PruneHeadsError(f"{key}: {value} tokens is beyond the model's context of {context}; lower it")
 
 
-def check_inputs(recipe: Any) -> None:
-    """Model, calibration data, sequence lengths and every task of a recipe, in seconds."""
-    check_model(recipe.model)
-    check_lengths(recipe)
-    check_data(recipe.calibration.data_now(), "calibration.data")
-    for key, task in (("select.task", recipe.select.task), ("select.verify_task", recipe.select.verify_task)):
+def check_sources(model: Any = None, *, lengths: Iterable[tuple[str, int | None]] = (),
+                  data: Iterable[tuple[str, str | None]] = (), tasks: Iterable[tuple[str, str | None]] = ()) -> None:
+    """The one preflight of every front end: the model resolves, lengths fit its context, every data spec
+    yields a document and every task exists. Each input is ``(name, value)``: the name (a recipe key or a
+    CLI option) is what an error names; a None value is skipped."""
+    if model is not None:
+        check_model(model)
+        check_lengths(model, lengths)
+    for what, spec in data:
+        if spec:
+            check_data(spec, what)
+    for what, task in tasks:
         if task:
-            check_task(task, key)
-    for i, t in enumerate(recipe.eval_tasks()):
-        check_task(t.task, f"evaluate.tasks.{i}.task")
+            check_task(task, what)
+
+
+def check_inputs(recipe: Any) -> None:
+    """Model, sequence lengths, calibration and selection data and every task of a recipe, in seconds."""
+    v = recipe.verify
+    check_sources(recipe.model,
+                  lengths=[("calibration.seq_len", recipe.calibration.seq_len),
+                           ("verify.seq_len", v.seq_len if v.enabled else None)],
+                  data=[("calibration.data", recipe.calibration.data_now()), ("select.data", recipe.select.data)],
+                  tasks=[("select.task", recipe.select.task), ("select.verify_task", recipe.select.verify_task),
+                         *((f"evaluate.tasks.{i}.task", t.task) for i, t in enumerate(recipe.eval_tasks()))])

@@ -63,6 +63,11 @@ class Recipe(Config):
         if self.export.format == "uniform" and self.select.policy != "uniform":
             raise ConfigError("export.format", "'uniform' needs select.policy: uniform (the same number of heads in "
                                                "every KV group)")
+        for key in ("dynamic", "dynamic_fraction", "dynamic_mode", "threshold_method"):
+            if getattr(self.evaluate, key) != EvaluateConfig.__dataclass_fields__[key].default:
+                raise ConfigError(f"evaluate.{key}", "the recipe's evaluate stage measures the export against the "
+                                  "original; the paper's per-input mode is `prune-heads eval MODEL --dynamic SCORE:T` "
+                                  "(or --dynamic-fraction SCORE:F --scores DIR)")
         if self.hub.push and not self.hub.repo_id:
             raise ConfigError("hub.repo_id", "hub.push is true but no repo_id is given")
 
@@ -73,10 +78,13 @@ class Recipe(Config):
         s = self.select
         if not s.task:
             return []
-        if s.verify_task:
-            return [EvalTask(task=s.verify_task, num_fewshot=s.num_fewshot, limit=s.verify_limit, split="all")]
-        return [EvalTask(task=s.task, num_fewshot=s.num_fewshot, limit=s.verify_limit or s.limit,
-                         split="verify" if s.verify else "all")]
+        # the documents selection verified on: task, split, limit, seed and data folder as select's verify evaluator
+        limit = s.verify_limit or s.limit
+        if s.verify_task and s.verify_task != s.task:
+            return [EvalTask(task=s.verify_task, num_fewshot=s.num_fewshot, limit=limit, split="all", seed=s.seed,
+                             data_dir=s.data_dir)]
+        return [EvalTask(task=s.task, num_fewshot=s.num_fewshot, limit=limit, split="verify" if s.verify else "all",
+                         seed=s.seed, data_dir=s.data_dir)]
 
 
 def validate(raw: Mapping[str, Any]) -> Recipe:

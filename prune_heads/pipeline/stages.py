@@ -90,10 +90,7 @@ def _export(ctx: RunContext, out: Path) -> dict[str, Any]:
     from prune_heads.export.stage import run_export
 
     res = run_export(ctx.recipe.export, ctx.recipe.model, ctx.plan(), out / "model", verify=None, progress=ctx.progress)
-    if ctx.recipe.hub.repo_id:  # the card's loading snippet names the repository it will be pushed to
-        from prune_heads.export.model_card import refresh_card
-
-        refresh_card(out / "model", repo_id=ctx.recipe.hub.repo_id)
+    # the card names its Hub repository when it is pushed (``run_push``), whichever front end pushes it
     return {"model": "model", "format": ctx.recipe.export.format, "params_before": int(res.params_before),
             "params_after": int(res.params_after), "files": sorted(Path(f).name for f in res.files)}
 
@@ -117,14 +114,11 @@ def _verify(ctx: RunContext, out: Path) -> dict[str, Any]:
 def _evaluate(ctx: RunContext, out: Path) -> dict[str, Any]:
     import dataclasses
 
-    from prune_heads.evaluation.stage import PrunedSide, run_evaluate
+    from prune_heads.evaluation.stage import evaluate_export
 
     cfg = dataclasses.replace(ctx.recipe.evaluate, tasks=ctx.recipe.eval_tasks())
-    from prune_heads.export.model_card import refresh_card
     # ppl:/kl: tasks leave out the calibration documents the plan records (as `eval --plan` does)
-    res = run_evaluate(cfg, ctx.model(), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
-                       out / "results.json")
-    refresh_card(ctx.export_dir(), evaluation=res)
+    res = evaluate_export(cfg, ctx.model(), ctx.recipe.model.id, ctx.export_dir(), out / "results.json", plan=ctx.plan())
     return {"results": "results.json", "tasks": len(res.tasks)}
 
 

@@ -268,9 +268,13 @@ def _default_message(folder: Path) -> str:
 
 
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         token: str | None = None, commit_message: str | None = None, endpoint: str | None = None) -> str:
+         token: str | None = None, commit_message: str | None = None, endpoint: str | None = None,
+         before_upload: Any = None) -> str:
     """Create ``repo_id`` if needed (and the branch ``revision``), upload the export's own files of ``folder``
-    (``check_export_folder``: skipped files are logged); return the repository URL."""
+    (``check_export_folder``: skipped files are logged); return the repository URL.
+
+    ``before_upload(full_repo_id)`` runs once every check has passed and the repository exists, just before
+    the files are read for upload (the push stage names the repository in the model card there)."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.utils import validate_repo_id
 
@@ -291,6 +295,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         full_id = getattr(url, "repo_id", None) or repo_id
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(full_id, branch=revision, exist_ok=True, repo_type="model")
+        if before_upload is not None:
+            before_upload(full_id)
         api.upload_folder(folder_path=str(export.path), repo_id=full_id, repo_type="model", revision=revision,
                           allow_patterns=[_allow_pattern(f) for f in export.files],
                           commit_message=commit_message or _default_message(export.path))

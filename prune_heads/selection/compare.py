@@ -119,13 +119,21 @@ def _ablation(s: _Setup, shared: dict[str, SharedMeasurement]) -> SharedMeasurem
 
 
 def _config_of(s: _Setup, name: str, drop: float) -> Any:
-    from prune_heads.selection.stage import StaticMethod
+    """``select``'s config for one row. The options only some methods read (``--surrogate``/``--search`` for
+    static, ``--allow-underpowered`` beside a budget search) apply to the rows that read them; the others get
+    their defaults, which ``select`` would otherwise refuse as options with no effect."""
+    from prune_heads.selection.stage import GatesMethod, StaticMethod
 
     if name in s.methods:
         method = s.methods[name]
     else:
         method = StaticMethod(score="random" if name == "random" else name.split(":", 1)[1])
-    return dataclasses.replace(s.select, method=method, max_drop=drop)
+    unread: dict[str, Any] = {}
+    if not isinstance(method, StaticMethod):
+        unread.update(surrogate=None, search=None)
+    if isinstance(method, GatesMethod):
+        unread["allow_underpowered"] = False
+    return dataclasses.replace(s.select, method=method, max_drop=drop, **unread)
 
 
 def _error_row(name: str, drop: float, wall: float, error: str) -> dict[str, Any]:

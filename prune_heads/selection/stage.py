@@ -154,6 +154,8 @@ class SelectConfig(Config):
         if isinstance(self.method, IterativeMethod) and self.policy == "uniform":
             raise ConfigError("policy", "iterative selection supports free and kv-groups (select a uniform plan with "
                                         "the static method)")
+        for key, why in _unused_options(self):  # an option the chosen method would ignore is refused
+            raise ConfigError(key, f"has no effect {why}; remove it")
 
     @property
     def method_name(self) -> str:
@@ -175,6 +177,19 @@ class SelectConfig(Config):
         from prune_heads.compensation.spec import CompensationSpec
 
         return CompensationSpec(mode=self.compensate, sequential=self.sequential)
+
+
+def _unused_options(cfg: SelectConfig) -> list[tuple[str, str]]:
+    """(option, why) for each option set away from its default that the chosen method never reads."""
+    static, gates = isinstance(cfg.method, StaticMethod), isinstance(cfg.method, GatesMethod)
+    out = [(k, "outside the static method") for k in ("surrogate", "search") if getattr(cfg, k) is not None and not static]
+    if gates and cfg.policy != "free":
+        out.append(("policy", "with the gates method (it removes single heads)"))
+    if gates and cfg.allow_underpowered:
+        out.append(("allow_underpowered", "with the gates method (it runs no power check)"))
+    if static and cfg.data and not cfg.sequential:
+        out.append(("data", "with the static method without sequential compensation (it reads no calibration data)"))
+    return out
 
 
 # ---- what a selector gets -------------------------------------------------------------------
