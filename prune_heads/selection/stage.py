@@ -3,6 +3,9 @@
 The method is a typed variant of the config (``StaticMethod``, ``IterativeMethod``, ``GatesMethod``) and
 ``run_select`` dispatches on its type through ``SELECTORS`` (torchao's ``quantize_(model, config)`` pattern):
 a new selector is one ``register_selector`` call, with no ``if method == ...`` anywhere.
+
+The sweep's stage is in ``selection.sweep_stage``, the plots of a search in ``selection.trace_plot`` and the
+line ``select`` prints in ``cli.select_cmd``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from prune_heads.errors import PruneHeadsError
 from prune_heads.schema import Config, ConfigError, option
 from prune_heads.scoring.stage import check_score_ids
+from prune_heads.selection.sweep_stage import SweepConfig, run_sweep_stage  # noqa: F401  (moved; re-exported)
 
 POLICY_CHOICES = ("free", "kv-groups", "uniform")
 
@@ -415,79 +419,7 @@ def _compensate(cfg: SelectConfig, ctx: SelectContext) -> None:
 
 
 def plot_search(plan: Any, path: Path) -> list[Path]:
-    """The search's probes against heads removed, when the method searched (static, iterative): ``path``
-    shows the metric, and ``PATH-drop.png`` beside it each probe's paired drop with its confidence band,
-    the budget line and the chosen k (what the budget rule decided on). Returns the files written."""
-    if not plan.selection.trace:
-        return []
-    from prune_heads.report.search import plot_selection_search
-    from prune_heads.selection.trace_plot import plot_selection
+    """``selection.trace_plot.plot_search`` (it moved there; this name stays for its callers)."""
+    from prune_heads.selection.trace_plot import plot_search as plot
 
-    out = [plot_selection_search(plan, path)]
-    if any(p.drop is not None for p in plan.selection.trace):
-        path = Path(path)
-        out.append(plot_selection(plan, path.with_name(f"{path.stem}-drop{path.suffix}")))
-    return out
-
-
-def plan_line(plan: Any, out: Any) -> str:
-    """The one line ``select`` prints."""
-    s = plan.selection
-    fixed = getattr(s.details, "fixed", False)
-    msg = f"{s.method}{' (fixed count, no budget)' if fixed else ''}: removing {len(plan.removed_heads)} of " \
-          f"{s.heads_total} heads"
-    if s.baseline and s.result:
-        msg += f"; {s.baseline['metric']} {s.baseline['value']:.4f} -> {s.result['value']:.4f} on the search split"
-    if s.compensated:
-        msg += f" (compensated: {s.compensation['mode']}{', sequential' if s.compensation.get('sequential') else ''})"
-    v = s.verification
-    if v is not None:
-        verdict = v.verdict or ("within" if v.within_budget else "OUTSIDE")
-        msg += f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f} " + \
-            ("(measured)" if fixed else f"({verdict} budget)")
-        if s.accepted_unverified:
-            msg += ", ACCEPTED UNVERIFIED"
-    if s.cost.evaluations:
-        msg += f"; {s.cost.evaluations} evaluations"
-    return f"{msg} -> {out}"
-
-
-# ---- the sweep (the paper's curves) ------------------------------------------------------------
-@dataclass
-class SweepConfig(Config):
-    task: str = option("", required=True, help="lm-eval task name, mc:FILE.jsonl, ppl:DATA or kl:DATA.")
-    scores: list[str] = option(default_factory=lambda: ["ahon_ln", "awft", "lthon_ln"], check=check_score_ids,
-                               help="Score ids to sweep (a random baseline is always added).")
-    dynamic: bool = option(False, help="Zero heads per input as in the paper (default: static, the same heads "
-                                       "for every input).")
-    fractions: list[float] = option(default_factory=lambda: [0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30],
-                                    help="Fractions of all heads to zero (0.05 = 5%).")
-    random_seeds: list[int] = option(default_factory=lambda: [0], check=lambda v: None if all(s >= 0 for s in v)
-                                     else f"seeds must be integers >= 0, got {v}",
-                                     help="Seeds of the random baseline (empty: none).")
-    max_drop: float = option(0.01, ge=0, help="Budget of the summary table (0.01 = one point).")
-    limit: int | None = option(None, ge=1, help="Documents per (sub)task.")
-    num_fewshot: int | None = option(None, ge=0, help="Few-shot examples (default: the task's own).")
-    data_dir: str | None = option(None, help="Folder of offline task data (default: found automatically).")
-    batch_size: int = option(8, ge=1, help="Requests per forward pass.")
-
-    def check(self) -> None:
-        if not self.fractions or not all(0 <= f <= 1 for f in self.fractions):
-            raise ConfigError("fractions", f"must be fractions in [0, 1] (0.05 = 5% of the heads), got {self.fractions}")
-
-
-def run_sweep_stage(cfg: SweepConfig, loaded: Any, scores: Any, out: Path, *, model_id: str,
-                    overwrite: bool = False) -> Any:
-    """Evaluate every (score, fraction) pair and write sweep.json/.csv, table.md/.csv and sweep.png."""
-    from prune_heads.evaluation import make_evaluator
-    from prune_heads.selection.sweep import run_sweep
-
-    scores.check(loaded.model)
-    ev = make_evaluator(loaded.model, loaded.tokenizer, cfg.task, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
-                        data_dir=cfg.data_dir, batch_size=cfg.batch_size)
-    result = run_sweep(loaded.model, scores, ev, score_ids=[s for s in cfg.scores if s != "random"],
-                       fractions=cfg.fractions, dynamic=cfg.dynamic, random_seeds=cfg.random_seeds,
-                       max_drop=cfg.max_drop)
-    result.meta.update({"model": model_id})
-    result.save(out, overwrite=overwrite)
-    return result
+    return plot(plan, path)
