@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from prune_heads.cli.options import (
@@ -30,8 +28,7 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     """Choose heads to remove from MODEL using the scores in SCORES, keeping TASK within --max-drop."""
     from prune_heads.schema import from_cli
     from prune_heads.scoring.head_scores import HeadScores
-    from prune_heads.selection.stage import run_select
-    from prune_heads.selection.trace_plot import plot_search
+    from prune_heads.selection.stage import plan_line, plot_search, run_select
 
     mc = model_config(model_spec, kw)
     cfg = from_cli(SelectConfig, kw)
@@ -45,25 +42,3 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     click.echo(plan_line(plan, output))
     if plot_path and (written := plot_search(plan, plot_path)):
         click.echo("search plots -> " + ", ".join(str(f) for f in written))
-
-
-def plan_line(plan: Any, out: Any) -> str:
-    """The one line ``select`` prints."""
-    s = plan.selection
-    fixed = getattr(s.details, "fixed", False)
-    msg = f"{s.method}{' (fixed count, no budget)' if fixed else ''}: removing {len(plan.removed_heads)} of " \
-          f"{s.heads_total} heads"
-    if s.baseline and s.result:
-        msg += f"; {s.baseline['metric']} {s.baseline['value']:.4f} -> {s.result['value']:.4f} on the search split"
-    if s.compensated:
-        msg += f" (compensated: {s.compensation['mode']}{', sequential' if s.compensation.get('sequential') else ''})"
-    v = s.verification
-    if v is not None:
-        verdict = v.verdict or ("within" if v.within_budget else "OUTSIDE")
-        msg += f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f} " + \
-            ("(measured)" if fixed else f"({verdict} budget)")
-        if s.accepted_unverified:
-            msg += ", ACCEPTED UNVERIFIED"
-    if s.cost.evaluations:
-        msg += f"; {s.cost.evaluations} evaluations"
-    return f"{msg} -> {out}"

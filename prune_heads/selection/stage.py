@@ -5,7 +5,7 @@ The method is a typed variant of the config (``StaticMethod``, ``IterativeMethod
 a new selector is one ``register_selector`` call, with no ``if method == ...`` anywhere.
 
 The sweep's stage is in ``selection.sweep_stage``, the plots of a search in ``selection.trace_plot`` and the
-line ``select`` prints in ``cli.select_cmd``.
+line ``select`` prints in ``cli.messages``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prune_heads.cli.messages import plan_line  # noqa: F401  (moved; re-exported)
 from prune_heads.errors import PruneHeadsError
 from prune_heads.schema import Config, ConfigError, option
 from prune_heads.scoring.stage import check_score_ids
