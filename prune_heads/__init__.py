@@ -19,8 +19,26 @@ from typing import Any
 from prune_heads.__about__ import __version__
 from prune_heads.lazy import lazy_exports
 
-#: public name -> module that defines it
+#: public name -> module that defines it.
+#: The stage API is the typed configs and one function per stage over the ``run_*`` functions the CLI and
+#: the recipe runner call (``prune_heads.api``), so Python gets the front ends' defaults. The low-level
+#: keyword functions those stages are built on (``selection.static.select_static``, ``select_iterative``,
+#: ``select_gates``, ``export.checkpoint.export_checkpoint``, ``export.verify.verify_export``) default to none
+#: of those policies (no compensation, confidence 0, no held-out check), so they are imported from their
+#: modules, not from here, by whoever means to take every choice by hand.
 _EXPORTS: dict[str, str] = {
+    "ModelConfig": "prune_heads.api",
+    "CalibrateConfig": "prune_heads.api",
+    "SelectConfig": "prune_heads.api",
+    "ExportConfig": "prune_heads.api",
+    "VerifyConfig": "prune_heads.api",
+    "EvaluateConfig": "prune_heads.api",
+    "EvalTask": "prune_heads.api",
+    "calibrate_model": "prune_heads.api",
+    "select_heads": "prune_heads.api",
+    "export_model": "prune_heads.api",
+    "verify_model": "prune_heads.api",
+    "evaluate_model": "prune_heads.api",
     "HeadControl": "prune_heads.model.attention",
     "attach": "prune_heads.model.attention",
     "get_adapter": "prune_heads.model.adapters",
@@ -41,12 +59,9 @@ _EXPORTS: dict[str, str] = {
     "Plan": "prune_heads.plan",
     "make_evaluator": "prune_heads.evaluation",
     "compare_speed": "prune_heads.evaluation.speed",
-    "select_static": "prune_heads.selection.static",
-    "select_iterative": "prune_heads.selection.iterative",
-    "select_gates": "prune_heads.selection.gates",
-    "export_checkpoint": "prune_heads.export.checkpoint",
-    "verify_export": "prune_heads.export.verify",
     "refresh_card": "prune_heads.export.model_card",
+    "ExportRecord": "prune_heads.export.record",
+    "VerificationRecord": "prune_heads.export.record",
     "push": "prune_heads.publish.hub",
     "write_report": "prune_heads.report",
     "plot_selection_search": "prune_heads.report",

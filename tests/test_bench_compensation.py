@@ -47,12 +47,50 @@ def quick_run(tmp_path_factory):
     return bench, tmp, out
 
 
-def test_quick_writes_every_section(quick_run):
-    _, _, out = quick_run
+def _table(text: str, title: str) -> list[list[str]]:
+    block = text[text.index(title):]
+    block = block[:block.index("\n### ", 1)] if "\n### " in block[1:] else block
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines() if line.startswith("| `")]
+    assert rows, title
+    return rows
+
+
+def test_quick_tables_report_the_plans_removed_heads(quick_run):
+    """Each cell of the budget tables is read back from the plan it reports: the count and fraction from the plan's
+    removed heads (KV groups: the distinct (layer, group) pairs, each holding both of its query heads), the
+    perplexity from the plan's measured value; the other sections are there."""
+    import re
+
+    bench, _, out = quick_run
     text = out.read_text()
-    for title in ("### Heads (`--gqa free`)", "### Whole KV groups", "### Sequential compensation",
-                  "### Design choices", "### Cost of the statistics", "### Export of the compensated", "### Iterative",
-                  "### Other rankings for `lsq` compensation"):
+    parts = out.parent / "compensation_quick"
+    cell = re.compile(r"\*\*([\d.]+)%\*\* \((\d+)\) ([\d.]+)(?:, KV cache ([\d.]+)%)?")
+    checked = 0
+    for policy, title in (("free", "### Heads (`--gqa free`)"), ("kv-groups", "### Whole KV groups")):
+        for row in _table(text, title):
+            ranking = row[0].strip("`")
+            for (budget, mode), got in zip([(b, m) for b in (0.05, 0.10) for m in bench.MODES], row[1:]):
+                path = parts / f"budget_{policy}_{mode}_{ranking}.json"
+                if got == "–":
+                    assert not path.exists(), path
+                    continue
+                plan = json.loads(path.read_text())[f"{budget:g}"]
+                m = cell.fullmatch(got)
+                assert m, got
+                removed = {tuple(h) for h in plan["removed"]}
+                if policy == "free":
+                    count, total = len(removed), 8
+                else:
+                    groups = {(layer, head // 2) for layer, head in removed}
+                    assert len(removed) == 2 * len(groups)  # whole groups only
+                    count, total = len(groups), 4
+                    assert float(m[4]) == pytest.approx(100 * (1 - count / total), abs=0.05)
+                assert int(m[2]) == count and float(m[1]) == pytest.approx(100 * count / total, abs=0.05)
+                assert m[3] == f"{plan['ppl']:.2f}"
+                checked += 1
+    assert checked >= 2 * 3 * 2  # both budgets, three modes, both policies at least
+    for title in ("### Sequential compensation", "### Design choices", "### Cost of the statistics",
+                  "### Export of the compensated", "### Iterative", "### Other rankings for `lsq` compensation"):
         assert title in text, title
 
 

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,8 +43,15 @@ def test_bench_attention_quick(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick", "--out", str(out)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = [line for line in out.read_text().splitlines() if line.startswith(("| prefill", "| decode"))]
-    assert len(rows) == 3  # prefill and two decode contexts, each checked against the gather path
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.read_text().splitlines()
+            if line.startswith(("| prefill", "| decode"))]
+    assert [r[0] for r in rows] == ["prefill 32 tokens", "decode 1 token at 16", "decode 1 token at 64"]
+    for _, gather_ms, new_ms, ratio, stock_ms, ratio_stock in rows:  # the ratios are those of the reported times
+        for got, num, den in ((ratio, new_ms, gather_ms), (ratio_stock, new_ms, stock_ms)):
+            lo, hi = _ratio_range(num, den)
+            half = 0.5 * 10 ** -_decimals(got)  # the ratio is rounded too
+            assert lo - half <= float(got) <= hi + half, (got, num, den)
+
 
 
 def test_bench_export_long_context_quick(tmp_path):
@@ -61,3 +71,50 @@ def test_bench_export_long_context_quick(tmp_path):
         assert 0.5 < flops < 1 and 0.5 < bytes_ratio < 1
     # the longer the cache, the more of a decode step's reads is the KV cache, which shrinks by 1/3
     assert float(rows[1][9]) < float(rows[0][9])
+
+
+def _decimals(text: str) -> int:
+    return len(text.partition(".")[2])
+
+
+def _ratio_range(num: str, den: str) -> tuple[float, float]:
+    """The range of ``num / den`` for the unrounded times behind two printed, rounded ones."""
+    a, b = 0.5 * 10 ** -_decimals(num), 0.5 * 10 ** -_decimals(den)
+    return (float(num) - a) / (float(den) + b), (float(num) + a) / max(float(den) - b, 1e-12)
+
+
+def naive_attention(q, k, v, kv_map, causal):
+    """Per query head: softmax(q k^T / sqrt(d)) v with its KV head, a Python loop over heads and positions."""
+    import math
+
+    out = torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=torch.float64)
+    for h, g in enumerate(kv_map):
+        s = q[0, h].double() @ k[0, g].double().T / math.sqrt(q.shape[-1])
+        if causal:
+            offset = k.shape[2] - q.shape[2]
+            for i in range(q.shape[2]):
+                s[i, i + offset + 1:] = -math.inf
+        out[0, :, h] = torch.softmax(s, -1) @ v[0, g].double()
+    return out
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(12, 12), (1, 20)])
+def test_bench_attention_paths_equal_a_naive_reference(q_len, kv_len):
+    """What the benchmark times is attention: both its paths (the old K/V gather and ``pruned_attention``) equal
+    a naive per-head loop on the benchmark's uneven groups, for a prompt and for one decoding token."""
+    import importlib.util
+
+    from prune_heads.export.remote.modeling_pruned import pruned_attention
+
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    kv_map = [0, 0, 0, 1, 1, 1, 2, 2]
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, len(kv_map), q_len, 16, generator=g)
+    k, v = torch.randn(1, 3, kv_len, 16, generator=g), torch.randn(1, 3, kv_len, 16, generator=g)
+    causal = q_len > 1
+    want = naive_attention(q, k, v, kv_map, causal)
+    torch.testing.assert_close(bench.gather(q, k, v, torch.tensor(kv_map), causal).double(), want, atol=1e-5, rtol=1e-5)
+    got, _ = pruned_attention(bench.Layer(kv_map), q, k, v, None, scaling=16 ** -0.5)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

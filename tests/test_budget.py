@@ -200,17 +200,45 @@ def test_iterative_and_gates_use_the_same_rule():
     assert t[1].drop.estimate == pytest.approx(task.result(0).value - task.result(len(gated.removed_heads)).value)
 
 
-def test_selection_plot_shows_the_trace(model, scores, tmp_path):
-    from prune_heads.selection.trace_plot import plot_selection, trace_points
+def test_selection_plot_draws_the_paired_drops_of_the_task(model, scores, tmp_path, monkeypatch):
+    """What the plot draws, read back from the figure, against the simulated task itself: a point at every
+    probed k whose height is the paired drop of k removed heads on the search documents and whose error bar
+    reaches its one-sided 90% bound (``paired_drop`` on ``task.result(0)`` and ``task.result(k)``), coloured
+    by that bound against the budget; the budget line; the held-out diamond at the held-out task's drop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prune_heads.evaluation.paired import paired_drop
+    from prune_heads.selection.trace_plot import plot_selection
 
     search, held = SimulatedTask(300, UNITS, 8), SimulatedTask(300, UNITS, 9)
     held.ids = tuple(f"held:{i}" for i in range(300))
     plan = _select(model, scores, search, 0.05, 0.9, verify_evaluator=Shifted(held, 1.0))
-    pts = trace_points(plan)
-    assert [(p.heads_removed, p.estimate, p.bound, p.within_budget) for p in pts] == [
-        (t.heads_removed, t.drop.estimate, t.drop.bound, t.within_budget) for t in plan.selection.trace]
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))  # keep the figure to read it
     out = plot_selection(plan, tmp_path / "trace.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+    ax = figures[0].axes[0]
+    drawn = {}  # k -> (height, top of the error bar, colour)
+    for container in ax.containers:
+        line, _, (bars,) = container.lines  # the points, their caps, their vertical bars
+        for (x, y), seg in zip(line.get_xydata(), bars.get_segments()):
+            drawn.setdefault((line.get_marker(), int(x)), (y, max(seg[:, 1]), line.get_color()))
+    probes = {k: v for (marker, k), v in drawn.items() if marker == "o"}
+    probed = {p.heads_removed for p in plan.selection.trace if p.drop is not None}
+    assert set(probes) == probed and len(probed) >= 3
+    base = search.result(0)
+    for k, (y, top, color) in probes.items():
+        d = paired_drop(base, search.result(k), confidence=0.9)
+        assert y == pytest.approx(d.estimate) and top == pytest.approx(d.upper)
+        assert color == ("tab:green" if d.upper <= 0.05 else "tab:red")
+    k = len(plan.removed_heads)
+    y, top, _ = drawn[("D", k)]
+    d = paired_drop(held.result(0), held.result(k), confidence=0.9)
+    assert y == pytest.approx(d.estimate) and top == pytest.approx(d.upper)
+    assert 0.05 in {line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"}
 
 
 def test_sweep_rows_carry_the_paired_band(model, scores, tmp_path):

@@ -235,11 +235,15 @@ def test_bfloat16_export_verifies_through_the_same_rounding(tmp_path):
 def test_provenance_records_plan_source_hash_and_verification(tmp_path):
     _, src = make_source(tmp_path, "qwen2", heads=4, kv_heads=2)
     plan = Plan([(0, 1), (1, 1)], {"score_id": "awft"})
-    res = export(str(src), plan, tmp_path / "s", progress=False, eval_results={"arc_easy": {"acc": 0.5}},
-                 scores_summary={"score_id": "awft"})
+    res = export(str(src), plan, tmp_path / "s", progress=False, scores_summary={"score_id": "awft"})
     prov = json.loads((tmp_path / "s" / "prune_heads.json").read_text())
     assert prov["plan"]["removed_heads"] == [[0, 1], [1, 1]]
-    assert prov["eval_results"] == {"arc_easy": {"acc": 0.5}} and prov["scores_summary"] == {"score_id": "awft"}
+    assert prov["scores_summary"] == {"score_id": "awft"}
+    from prune_heads.export.record import ExportRecord
+
+    rec = ExportRecord.load(tmp_path / "s")  # the typed record reads back what was written, field by field
+    assert rec.to_dict() == prov and rec.verification.to_dict() == res.verification
+    assert (rec.heads_removed, rec.params_after) == (2, res.params_after)
     import hashlib
 
     assert prov["source"]["sha256"]["config.json"] == hashlib.sha256((src / "config.json").read_bytes()).hexdigest()

@@ -425,3 +425,23 @@ def test_no_local_path_is_published(hub_env, hub, export_dir, tmp_path):
                                                           "kl:hub:org/corpus?split=test"]
     assert info["scores_summary"]["calibration"]["data"] == "calib.jsonl#body"
     assert secret in (folder / "prune_heads.json").read_text()  # the local export is the user's: untouched
+@pytest.mark.filterwarnings("ignore:plan has no model fingerprint")
+def test_cli_push_names_the_repository_in_the_card(hub_env, hub, tmp_path, monkeypatch):
+    """The card's loading snippet names the repository it is pushed to, from the CLI as from `run --push`
+    (both go through the push stage); the pushed record says so too."""
+    from prune_heads.cli.main import cli
+    from prune_heads.export import export_checkpoint
+    from prune_heads.plan import Plan
+
+    tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8).save_pretrained(tmp_path / "src")
+    out = tmp_path / "export"
+    export_checkpoint(str(tmp_path / "src"), Plan([(0, 1)]), out, progress=False, verify_num_sequences=1,
+                      verify_seq_len=8)  # push sends verified exports only
+    assert "path/to/this/model" in (out / "README.md").read_text()
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    r = CliRunner().invoke(cli, ["push", str(out), "tester/named", "--token", TOKEN])
+    assert r.exit_code == 0, r.output
+    card = hub.files("tester/named")["README.md"].decode()
+    assert 'from_pretrained("tester/named"' in card and "path/to/this/model" not in card
+    assert json.loads(hub.files("tester/named")["prune_heads.json"])["repo_id"] == "tester/named"
+    assert _remote_files(hub, "tester/named") == _local_files(out)  # what was pushed is what the folder holds

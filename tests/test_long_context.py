@@ -522,7 +522,7 @@ def test_recipe_lengths_beyond_the_context_are_refused_before_loading(tmp_path, 
     from test_pipeline import tiny_recipe
     from tiny_models import tiny_config
 
-    from prune_heads.pipeline.preflight import check_lengths
+    from prune_heads.pipeline.preflight import _lengths, check_lengths
     from prune_heads.pipeline.recipe import validate
 
     tiny_config("llama").save_pretrained(tmp_path)  # config only: nothing is loaded
@@ -531,4 +531,4 @@ def test_recipe_lengths_beyond_the_context_are_refused_before_loading(tmp_path, 
         extra["guard_max_drop"] = 0.1
     recipe = validate(tiny_recipe(tmp_path, **{key: value, **extra}))
     with pytest.raises(PruneHeadsError, match=f"{field}: {str(value).split(':')[-1]} tokens is beyond the model's context of 256"):
-        check_lengths(recipe)
+        check_lengths(recipe.model, _lengths(recipe))

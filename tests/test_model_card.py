@@ -9,7 +9,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune_heads.export.model_card import render_model_card, write_model_card
+from prune_heads.evaluation.stage import EvaluationResult, TaskOutcome
+from prune_heads.export.model_card import render_model_card, result_rows, write_model_card
+from prune_heads.export.record import EvaluationRow, VerificationRecord
 
 
 def _result(metric, value, stderr, n=200):
@@ -30,8 +32,9 @@ def make_info(**over):
         "heads_removed": 3,
         "params_before": 134_515_008,
         "params_after": 134_301_504,
-        "eval_results": {"arc_easy": {"baseline": _result("acc", 0.6, 0.02), "pruned": _result("acc", 0.595, 0.021)}},
-        "verification": {"passed": True, "max_abs_diff": 2.5e-6, "tol": 1e-4, "num_sequences": 4},
+        "evaluation": [EvaluationRow.of("arc_easy", _result("acc", 0.6, 0.02), _result("acc", 0.595, 0.021),
+                                        "exported model")],
+        "verification": VerificationRecord(max_abs_logit_diff=2.5e-6, tolerance=1e-4, passed=True, num_sequences=4),
         "license": "apache-2.0",
         "tool_version": "0.1.0",
         "trust_remote_code": True,
@@ -137,46 +140,37 @@ def test_numbers_match_for_random_exports(heads_and_counts, params_before, kept_
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
+def results(*tasks, evaluated_as="exported model") -> EvaluationResult:
+    """An ``EvaluationResult`` as ``run_evaluate`` makes it, from ``(task, split, baseline, pruned)``."""
+    return EvaluationResult("m", 27, {"type": "export"}, 0.1, evaluated_as,
+                            [TaskOutcome({"task": t, "split": split}, b, p) for t, split, b, p in tasks])
+
+
 def test_eval_table_pairs_per_task():
-    ev = {"mmlu": {"baseline": _result("acc", 0.30, 0.004, 14042), "pruned": _result("acc", 0.2975, 0.0041, 14042)},
-          "arc_easy": {"baseline": _result("acc_norm", 0.6, 0.02), "pruned": _result("acc_norm", 0.61, None)}}
-    rows = table_rows(section(render_model_card(make_info(eval_results=ev)), "Evaluation"))
+    """Every number of the evaluate stage's result lands in its cell: values, stderrs, change, n, where measured."""
+    res = results(("mmlu", "all", _result("acc", 0.30, 0.004, 14042), _result("acc", 0.2975, 0.0041, 14042)),
+                  ("arc_easy", "verify", _result("acc_norm", 0.6, 0.02), _result("acc_norm", 0.61, None)))
+    rows = table_rows(section(render_model_card(make_info(evaluation=result_rows(res))), "Evaluation"))
     assert rows == [
-        ["arc_easy", "acc_norm", "0.6000 ± 0.0200", "0.6100", "+0.0100", "200", "as recorded"],
-        ["mmlu", "acc", "0.3000 ± 0.0040", "0.2975 ± 0.0041", "-0.0025", "14042", "as recorded"],
+        ["arc_easy (verify split)", "acc_norm", "0.6000 ± 0.0200", "0.6100", "+0.0100", "200", "exported model"],
+        ["mmlu", "acc", "0.3000 ± 0.0040", "0.2975 ± 0.0041", "-0.0025", "14042", "exported model"],
     ]
+    masked = results(("piqa", "all", _result("acc", 0.7, 0.01), None), evaluated_as="masked original (...)")
+    rows = table_rows(section(render_model_card(make_info(evaluation=result_rows(masked))), "Evaluation"))
+    assert rows == [["piqa", "acc", "0.7000 ± 0.0100", "not measured", "not measured", "200", "masked base model"]]
 
 
-def test_eval_table_other_shapes():
-    # a bare before/after pair, named by the task in the result details
-    pair = {"baseline": {**_result("perplexity", 20.0, None), "details": {"task": "ppl:wikitext2"}},
-            "pruned": _result("perplexity", 20.5, None)}
-    rows = table_rows(section(render_model_card(make_info(eval_results=pair)), "Evaluation"))
-    assert rows == [["ppl:wikitext2", "perplexity", "20.0000", "20.5000", "+0.5000", "200", "as recorded"]]
-    # task -> single result (only the pruned model was measured)
-    rows = table_rows(section(render_model_card(make_info(eval_results={"piqa": _result("acc", 0.7, 0.01)})),
-                              "Evaluation"))
-    assert rows == [["piqa", "acc", "not measured", "0.7000 ± 0.0100", "not measured", "200", "as recorded"]]
+def test_untyped_evaluation_is_refused():
+    """The shapes the card once guessed at (task -> {baseline, pruned} dicts) are refused, with what to pass."""
+    from prune_heads.errors import PruneHeadsError
+
+    with pytest.raises(PruneHeadsError, match="EvaluationResult"):
+        result_rows({"arc_easy": {"baseline": _result("acc", 0.6, 0.02), "pruned": _result("acc", 0.59, 0.02)}})
 
 
-def test_eval_results_as_objects():
-    """EvalResult objects (with to_dict) render like their dicts."""
-
-    class Result:
-        def __init__(self, d):
-            self.d = d
-
-        def to_dict(self):
-            return self.d
-
-    as_dicts = {"arc_easy": {"baseline": _result("acc", 0.6, 0.02), "pruned": _result("acc", 0.59, 0.02)}}
-    as_objects = {"arc_easy": {"baseline": Result(_result("acc", 0.6, 0.02)), "pruned": Result(_result("acc", 0.59, 0.02))}}
-    assert render_model_card(make_info(eval_results=as_objects)) == render_model_card(make_info(eval_results=as_dicts))
-
-
-@pytest.mark.parametrize("ev", [None, {}])
+@pytest.mark.parametrize("ev", [None, []])
 def test_no_eval_results(ev):
-    body = section(render_model_card(make_info(eval_results=ev)), "Evaluation")
+    body = section(render_model_card(make_info(evaluation=ev)), "Evaluation")
     assert "No evaluation results" in body and "|" not in body
 
 
@@ -184,8 +178,8 @@ def test_no_eval_results(ev):
 def test_verification_states():
     ok = section(render_model_card(make_info()), "Verification")
     assert "**passed**" in ok and "2.50e-06" in ok and "1.00e-04" in ok and "num_sequences | 4" in ok
-    bad = section(render_model_card(make_info(verification={"passed": False, "max_abs_diff": 0.3, "tol": 1e-4})),
-                  "Verification")
+    bad = section(render_model_card(make_info(verification=VerificationRecord(max_abs_logit_diff=0.3, tolerance=1e-4,
+                                                                               passed=False))), "Verification")
     assert "**FAILED**" in bad and "3.00e-01" in bad
     assert "No verification is recorded" in section(render_model_card(make_info(verification=None)), "Verification")
 
@@ -222,8 +216,9 @@ def test_citation():
 
 # ---- determinism and writing ----------------------------------------------------------------------
 def test_deterministic_and_order_independent():
-    info = make_info(eval_results={"b": _result("acc", 0.5, 0.01), "a": _result("acc", 0.4, 0.01)})
-    reordered = make_info(eval_results={"a": _result("acc", 0.4, 0.01), "b": _result("acc", 0.5, 0.01)})
+    a, b = ("a", "all", _result("acc", 0.4, 0.01), None), ("b", "all", _result("acc", 0.5, 0.01), None)
+    info = make_info(evaluation=result_rows(results(b, a)))
+    reordered = make_info(evaluation=result_rows(results(a, b)))
     text = render_model_card(info)
     assert text == render_model_card(info) == render_model_card(reordered)
     assert not re.search(r"\b20\d\d-\d\d-\d\d\b|\d\d:\d\d:\d\d", text)  # no dates or times

@@ -17,7 +17,6 @@ from tiny_tokenizer import tiny_tokenizer
 from prune_heads.export import export_checkpoint, verify_export
 from prune_heads.export.model_card import (
     MEASURED_ON,
-    evaluation_rows,
     gguf_quantization,
     refresh_card,
     render_model_card,
@@ -74,27 +73,31 @@ def test_selection_rows_are_labelled_by_what_they_are(export):
     assert not any(r[0] in ("baseline", "result", "verification") for r in rows)
 
 
-def test_runner_style_eval_results_do_not_become_rows_named_baseline(tmp_path):
-    meta = static_meta(tmp_path)
-    runner_style = {k: meta[k] for k in ("baseline", "result", "verification")}
-    names = [r["task"] for r in evaluation_rows(runner_style)]
-    assert names == ["selection task", "arc_easy"]  # the search task's name is in the plan, not in these keys
-    _, src = make_source(tmp_path, "llama", heads=4, kv_heads=2)
-    export_checkpoint(str(src), Plan([(0, 1)], meta), tmp_path / "o", verify=False, progress=False,
-                      eval_results=runner_style)
-    rows = table_rows(section((tmp_path / "o" / "README.md").read_text(), "Evaluation"))
-    assert [r[0] for r in rows] == ["arc_easy", "arc_easy"]  # once each, not duplicated
+def test_selection_rows_are_the_plans_numbers(export):
+    """The record's rows are the plan's typed selection record, field by field (search split, then held out)."""
+    from prune_heads.export.record import ExportRecord
+
+    _, plan, out = export
+    rows = ExportRecord.load(out).evaluation
+    sel = plan.selection
+    assert [(r.before, r.after, r.n) for r in rows] == [
+        (sel.baseline["value"], sel.result["value"], sel.result["n"]),
+        (sel.verification.baseline["value"], sel.verification.result["value"], sel.verification.result["n"])]
 
 
 def test_refresh_card_after_a_separate_verification_and_evaluation(export):
     src, plan, out = export
     assert "No verification is recorded" in section((out / "README.md").read_text(), "Verification")
+    from prune_heads.evaluation.stage import EvaluationResult, TaskOutcome
+
+    def evaluated(*tasks):
+        return EvaluationResult("m", 8, {"type": "export"}, 0.25, "exported model",
+                                [TaskOutcome({"task": t, "split": "all"}, b, p) for t, b, p in tasks])
+
     v = verify_export(str(src), str(out), plan)
-    evaluation = {"metrics": [{"task": "arc_easy", "split": "all", "baseline": result(0.62, n=500),
-                               "pruned": result(0.60, n=500)},
-                              {"task": "ppl:wikitext2", "baseline": result(20.0, "perplexity", None, 2040),
-                               "pruned": result(20.5, "perplexity", None, 2040)}],
-                  "pruned_evaluated_as": "exported model"}
+    evaluation = evaluated(("arc_easy", result(0.62, n=500), result(0.60, n=500)),
+                           ("ppl:wikitext2", result(20.0, "perplexity", None, 2040),
+                            result(20.5, "perplexity", None, 2040)))
     card = refresh_card(out, verification=v, evaluation=evaluation, repo_id="me/tiny-pruned")
     text = card.read_text()
     assert "**passed**" in section(text, "Verification")
@@ -106,7 +109,7 @@ def test_refresh_card_after_a_separate_verification_and_evaluation(export):
     assert prov["verification"]["passed"] is True and len(prov["evaluation"]) == 4
     assert 'from_pretrained("me/tiny-pruned", trust_remote_code=True)' in text
     # a second evaluation replaces the first one's rows, the selection rows stay
-    refresh_card(out, evaluation={"metrics": [{"task": "piqa", "baseline": result(0.7), "pruned": result(0.69)}]})
+    refresh_card(out, evaluation=evaluated(("piqa", result(0.7), result(0.69))))
     rows = table_rows(section((out / "README.md").read_text(), "Evaluation"))
     assert [r[0] for r in rows] == ["arc_easy", "arc_easy", "piqa"]
     assert "**passed**" in (out / "README.md").read_text()  # kept

@@ -7,8 +7,10 @@ to keep them small on a CPU:
 - the model ``smollm2`` is a tiny random Llama with the word-level test tokenizer (the real one is
   exercised by the slow tests and by CI's run of the first command);
 - ``--limit``, ``--num-samples``, ``--seq-len`` and ``--score-last`` are capped, and ``eval``/``select``/``sweep``
-  commands without ``--limit`` get a small one, and ``select`` gets ``--allow-underpowered`` (4 documents
-  resolve no accuracy budget at the default ``--confidence 0.9``); MMLU (57 subtasks) becomes ARC-Easy;
+  commands without ``--limit`` get a small one, and ``select``/``compare-selectors`` get ``--allow-underpowered`` (4 documents
+  resolve no accuracy budget at the default ``--confidence 0.9``; not beside a fixed ``--heads``/``--fraction``,
+  which refuses it), and so does the Python API's ``SelectConfig(limit=16, ...)`` (``limit=4``); MMLU (57
+  subtasks) becomes ARC-Easy;
 - placeholders (``base_scores/``, ``instruct_scores/``) are scores folders made here;
 - ``hf auth login`` is replaced by a token in the environment, and ``push`` talks to an in-process
   fake Hub; recipes run with ``--set`` overrides that point them at the tiny model and small sizes;
@@ -99,7 +101,8 @@ def shrink(argv: list[str], model: Path) -> list[str]:
             out[i + 1] = str(min(int(float(out[i + 1])), CAPS[a]))
     if out[0] in NEEDS_LIMIT and "--limit" not in out:
         out += ["--limit", "4"]
-    if out[0] == "select" and "--allow-underpowered" not in out:
+    if out[0] in ("select", "compare-selectors") and "--allow-underpowered" not in out \
+            and not {"--heads", "--fraction"} & set(out) and "gates" not in out:  # (gates runs no power check)
         out.append("--allow-underpowered")  # 4 documents resolve no accuracy budget at --confidence 0.9
     if out[0] in ("select", "compare-selectors", "eval", "sweep") and "--num-fewshot" in out:
         j = out.index("--num-fewshot")
@@ -164,5 +167,12 @@ def test_every_readme_command_runs(tiny, tmp_path, monkeypatch):
     for code in blocks("python"):
         code = code.replace('load_model("smollm2")', f'load_model({str(tiny)!r})')
         code = code.replace("num_samples=32, seq_len=256", "num_samples=6, seq_len=24")
+        code = code.replace("limit=16,", "limit=4, allow_underpowered=True,")
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    # the Python API's plan has the command line's defaults, and its export was verified
+    py_plan = json.loads(Path("plan-py.json").read_text())
+    assert py_plan["compensation"]["mode"] == "lsq" and py_plan["budget"]["confidence"] == 0.9
+    assert py_plan["verification"] is not None
+    assert json.loads(Path("smollm2-pruned-py/prune_heads.json").read_text())["verification"]["passed"]
+    assert json.loads(Path("plan-fixed.json").read_text())["details"]["search"] == "fixed"
     assert os.environ["HF_TOKEN"] == TOKEN

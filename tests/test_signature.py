@@ -11,7 +11,7 @@ import pytest
 from tiny_models import tiny_model
 
 from prune_heads.errors import PruneHeadsError
-from prune_heads.io_utils import SignatureCache, content_signature, hub_revision
+from prune_heads.pipeline.signatures import SignatureCache, content_signature, hub_revision
 
 
 def _edit_keeping_mtime(path, offset: int, n: int = 1) -> None:

@@ -154,10 +154,42 @@ def test_spread_of_one_pair():
     assert r.ratio == 0.5 and r.spread == (0.5, 0.5) and r.tokens_per_s == (4.0, 8.0)
 
 
-def test_cpu_clock():
-    base = tiny_model("llama")
-    res = compare_speed(base, base, tokens=4, repeats=2, warmup=0, clock="cpu")
-    assert res.clock == "cpu" and all(t > 0 for t in res.original_s + res.pruned_s)
+class Sleeping(nn.Module):
+    """A model that waits ``delay`` seconds per forward pass without using the CPU."""
+
+    def __init__(self, model, delay: float):
+        super().__init__()
+        self.inner, self.delay, self.config = model, delay, model.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    @property
+    def model(self):
+        return self.inner.model
+
+    def forward(self, **kw):
+        import time
+
+        time.sleep(self.delay)
+        return self.inner(**kw)
+
+
+def test_cpu_clock_counts_the_process_cpu_time_not_waiting():
+    """The OS is the reference: a forward pass that sleeps half a second costs that much wall time and no CPU
+    time. The wall clock sees the sleep; the cpu clock sees only the tiny model's compute, and never more
+    CPU time than the whole call used (``time.process_time`` around it)."""
+    import time
+
+    base = tiny_model("llama", layers=2, heads=4, kv_heads=2, hidden=32)
+    slow = Sleeping(base, 0.5)
+    wall = compare_speed(base, slow, tokens=4, repeats=1, warmup=0, clock="wall")
+    t0 = time.process_time()
+    cpu = compare_speed(base, slow, tokens=4, repeats=1, warmup=0, clock="cpu")
+    spent = time.process_time() - t0
+    assert wall.clock == "wall" and cpu.clock == "cpu"
+    assert wall.pruned_s[0] >= 0.5
+    assert 0 < cpu.pruned_s[0] < 0.5 and cpu.original_s[0] + cpu.pruned_s[0] <= spent
     with pytest.raises(ValueError, match="clock"):
         compare_speed(base, base, clock="sundial")
 

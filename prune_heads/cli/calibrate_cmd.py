@@ -30,7 +30,7 @@ def calibrate(model, output, overwrite, **kw):
     mc = model_config(model, kw)
     cfg = from_cli(CalibrateConfig, kw)
     check_output(output, overwrite, inputs=(model, local_path(cfg.data)))
-    check_sources(data=(cfg.data_now(),))
+    check_sources(mc, lengths=(("--seq-len", cfg.seq_len),), data=(cfg.data_now(),))
     join_process_group(mc)  # under torchrun / accelerate launch each process scores every world-th sample
     from prune_heads.scoring.stage import calibrate_engine, run_calibrate_sequential
 

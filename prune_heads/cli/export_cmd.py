@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from prune_heads.cli.options import check_output, model_config, output_option
+from prune_heads.cli.options import check_output, check_sources, model_config, output_option
 from prune_heads.export.stage import ExportConfig, VerifyConfig
 from prune_heads.model.config import ModelConfig
 from prune_heads.schema import click_options
@@ -36,6 +36,7 @@ def export(model, plan_path, scores_dir, output, overwrite, **kw):
     verify = from_cli(VerifyConfig, {k: kw.pop(k) for k in ("enabled", "tol", "num_sequences", "seq_len", "engine")})
     cfg = from_cli(ExportConfig, kw)
     check_output(output, overwrite, inputs=(model, plan_path, scores_dir))
+    check_sources(mc, lengths=(("--verify-seq-len", verify.seq_len if verify.enabled else None),))
     plan = Plan.load(plan_path)
     result = run_export(cfg, mc, plan, output, verify=verify, overwrite=overwrite, scores=scores_dir)
     removed = 1 - result.params_after / result.params_before

@@ -50,14 +50,11 @@ def check_output(output: Any, overwrite: bool, inputs: tuple[Any, ...] = (), *, 
     check_output_dir(output, overwrite, inputs=[i for i in inputs if i], kind=kind)
 
 
-def check_sources(*, data: tuple[str | None, ...] = (), tasks: tuple[str | None, ...] = ()) -> None:
-    """Before loading the model: every data spec yields a document and every task exists (the recipe
-    runner's preflight, so a typo or a binary file is found in seconds, not after a model load)."""
-    from prune_heads.pipeline.preflight import check_data, check_task
+def check_sources(model: ModelConfig | None = None, *, lengths: tuple[tuple[str, int | None], ...] = (),
+                  data: tuple[str | None, ...] = (), tasks: tuple[str | None, ...] = ()) -> None:
+    """Before loading the model: the recipe runner's preflight (``pipeline.preflight.check_sources``): the
+    model resolves, ``lengths`` (``(option, tokens)``) fit its context, every data spec yields a document and
+    every task exists, so a typo or a binary file is found in seconds, not after a model load."""
+    from prune_heads.pipeline.preflight import check_sources as preflight
 
-    for spec in data:
-        if spec:
-            check_data(spec, "--data")
-    for task in tasks:
-        if task:
-            check_task(task, "--task")
+    preflight(model, lengths=lengths, data=[("--data", d) for d in data], tasks=[("--task", t) for t in tasks])

@@ -13,7 +13,7 @@ from prune_heads.cli.options import (
     output_option,
 )
 from prune_heads.schema import click_options
-from prune_heads.selection.stage import SweepConfig
+from prune_heads.selection.sweep_stage import SweepConfig
 
 
 @click.command()
@@ -26,12 +26,12 @@ def sweep(scores_dir, model_spec, output, overwrite, **kw):
     """Evaluate TASK with 0-30% of heads zeroed by each score (and at random); plot and tabulate it."""
     from prune_heads.schema import from_cli
     from prune_heads.scoring.head_scores import HeadScores
-    from prune_heads.selection.stage import run_sweep_stage
+    from prune_heads.selection.sweep_stage import run_sweep_stage
 
     mc = model_config(model_spec, kw)
     cfg = from_cli(SweepConfig, kw)
     check_output(output, overwrite, inputs=(scores_dir, model_spec, local_path(cfg.task)))
-    check_sources(tasks=(cfg.task,))
+    check_sources(mc, tasks=(cfg.task,))
     result = run_sweep_stage(cfg, mc.load(), HeadScores.load(scores_dir), output, model_id=model_spec,
                              overwrite=overwrite)
     click.echo(result.table_markdown())

@@ -7,6 +7,7 @@ running model, the export folds it into the weights, and verification compares t
 """
 
 from prune_heads.compensation.apply import CompensationHooks, apply_compensation, fold_into_model
+from prune_heads.compensation.compensator import Compensator, compute_compensation
 from prune_heads.compensation.greedy import LSQ_SCORES, GreedyResult, greedy_removal, lsq_error_scores
 from prune_heads.compensation.moments import (
     MOMENTS_FILE,
@@ -16,15 +17,8 @@ from prune_heads.compensation.moments import (
     moments_cost,
 )
 from prune_heads.compensation.plans import compensation_for_plan, compensator_for
-from prune_heads.compensation.solve import (
-    Compensation,
-    Compensator,
-    LayerCompensation,
-    compute_compensation,
-    precision,
-    residual_error,
-    solve_layer,
-)
+from prune_heads.compensation.record import Compensation, LayerCompensation
+from prune_heads.compensation.solve import precision, residual_error, solve_layer
 from prune_heads.compensation.spec import DEFAULT_RIDGE, MODES, CompensationSpec, as_spec
 
 __all__ = [

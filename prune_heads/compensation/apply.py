@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from prune_heads.compensation.solve import Compensation, LayerCompensation
+from prune_heads.compensation.record import Compensation, LayerCompensation
 from prune_heads.errors import PruneHeadsError
 
 

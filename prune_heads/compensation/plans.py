@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prune_heads.compensation.compensator import Compensator
 from prune_heads.compensation.moments import MOMENTS_FILE, Moments
-from prune_heads.compensation.solve import Compensation, Compensator
+from prune_heads.compensation.record import Compensation
 from prune_heads.compensation.spec import CompensationSpec, as_spec
 from prune_heads.errors import ModelMismatchError, PruneHeadsError
 from prune_heads.io_utils import COMPANION_SUFFIX

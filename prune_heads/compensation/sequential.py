@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from prune_heads.compensation.apply import CompensationHooks
 from prune_heads.compensation.moments import Moments, MomentsCollector, model_meta
-from prune_heads.compensation.solve import Compensation, _sequences_sha
+from prune_heads.compensation.record import Compensation, sequences_sha
 from prune_heads.compensation.spec import CompensationSpec
 from prune_heads.errors import PruneHeadsError
 
@@ -44,13 +44,13 @@ def _strip(captured: tuple[tuple, dict]) -> tuple[tuple, dict]:
 def _capture(model: nn.Module, layers: nn.ModuleList, seqs: list[list[int]], batch_size: int, pad_id: int
              ) -> list[tuple[torch.Tensor, dict[int, tuple[tuple, dict]], torch.Tensor]]:
     from prune_heads.data import batches
-    from prune_heads.scoring.ablation import _Capture, _layer_call
+    from prune_heads.model.replay import Capture, layer_call
 
     device = next(model.parameters()).device
     cached = []
     for b, (_, ids, mask) in enumerate(batches(seqs, batch_size, pad_id)):
         ids, mask = ids.to(device), mask.to(device)
-        cap = _Capture(layers)
+        cap = Capture(layers)
         try:
             model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
         finally:
@@ -59,7 +59,7 @@ def _capture(model: nn.Module, layers: nn.ModuleList, seqs: list[list[int]], bat
             raise PruneHeadsError("sequential compensation could not capture every decoder layer's input")
         if b == 0:  # the replay must reproduce the model: check one layer step per layer on this batch
             for j in range(len(layers) - 1):
-                got = _layer_call(layers[j], cap.inputs[j], _hidden_of(cap.inputs[j]), ids.shape[0], 1)
+                got = layer_call(layers[j], cap.inputs[j], _hidden_of(cap.inputs[j]), ids.shape[0], 1)
                 want = _hidden_of(cap.inputs[j + 1])
                 keep = mask.bool()
                 err = float((got[keep] - want[keep]).abs().max())
@@ -79,7 +79,7 @@ def sequential_compensation(model: nn.Module, seqs: Sequence[Sequence[int]], rem
     """The sequential ``Compensation`` of ``removed`` (``(L, H)`` bool) and the statistics it used (each
     layer solved with the same ``solve_layer`` as the non-sequential mode)."""
     from prune_heads.model.adapters import get_adapter
-    from prune_heads.scoring.ablation import _layer_call
+    from prune_heads.model.replay import layer_call
 
     adapter = get_adapter(model)
     layout = adapter.layout(model.config)
@@ -105,7 +105,7 @@ def sequential_compensation(model: nn.Module, seqs: Sequence[Sequence[int]], rem
             if heads:
                 for (mask, caps, _), h in zip(cached, hidden):
                     collector.set_mask(mask)
-                    _layer_call(layers[j], caps[j], h, mask.shape[0], 1)
+                    layer_call(layers[j], caps[j], h, mask.shape[0], 1)
                 collector.enabled = False
                 stats = _layer_moments(collector, j)
                 comps[j] = _solve(spec, stats, j, heads, layout)
@@ -113,7 +113,7 @@ def sequential_compensation(model: nn.Module, seqs: Sequence[Sequence[int]], rem
             new_hidden = []
             for (mask, caps, _), h in zip(cached, hidden):
                 collector.set_mask(mask)
-                new_hidden.append(_layer_call(layers[j], caps[j], h, mask.shape[0], 1))
+                new_hidden.append(layer_call(layers[j], caps[j], h, mask.shape[0], 1))
             collector.enabled = True
             hidden = new_hidden
             bar.update(1)
@@ -123,7 +123,7 @@ def sequential_compensation(model: nn.Module, seqs: Sequence[Sequence[int]], rem
         hooks.remove()
     moments = collector.result({**model_meta(model), "sequential": True, "removed": removed.nonzero().tolist(),
                                 "data": {"source": "pre-tokenised", "num_samples": len(seqs)}}, reduce=False)
-    stats = {**moments.summary(), "sequential": True, "num_sequences": len(seqs), "sequences_sha256": _sequences_sha(seqs)}
+    stats = {**moments.summary(), "sequential": True, "num_sequences": len(seqs), "sequences_sha256": sequences_sha(seqs)}
     comp = Compensation(spec, comps, layout.num_layers, layout.num_heads, layout.head_dim, stats)
     return comp, moments
 

@@ -39,6 +39,10 @@ class EvalTask(Config):
     score_last: int | None = option(None, ge=1, help="ppl:/kl: score only the last N tokens of each window, cut "
                                                      "from the joined documents so that every --seq-len scores the "
                                                      "same tokens (long-context comparisons).")
+    seed: int | None = option(None, ge=0, cli=False,
+                              help="seed of the search/verify split (default: evaluate.seed); a recipe's held-out task "
+                                   "takes select.seed, so its verify half is the one selection never saw")
+    data_dir: str | None = option(None, cli=False, help="offline task data folder (default: evaluate.data_dir)")
 
     def window(self) -> dict[str, Any]:
         """``make_evaluator``'s window options, only when set (they apply to ``ppl:``/``kl:`` tasks)."""
@@ -83,19 +87,26 @@ class EvaluateConfig(Config):
     dynamic_mode: str = option("exact", choices=("exact", "cached"),
                                help="exact: the paper's decisions (generation reruns the sequence without the KV "
                                     "cache); cached: running statistics in the cache, faster, ~1% of decisions differ.")
-    speed_seq_len: int = option(128, ge=0, cli=False, help="prefill length of the speed check; 0 skips it")
-    speed_repeats: int = option(5, ge=1, cli=False, help="interleaved repeats of the speed check")
+    speed_seq_len: int = option(128, ge=0, help="Prefill length of the speed check of an export against its original "
+                                                "(decode: an eighth of it); 0 skips it.")
+    speed_repeats: int = option(5, ge=1, help="Interleaved repeats of the speed check.")
+    speed_placements: int = option(1, ge=1,
+                                   help="Rounds of the speed check, each with both models' CPU weights moved to fresh "
+                                        "memory (batch-1 CPU decode speed follows where the weights sit).")
     engine: str = option("auto", choices=("auto", "memory", "sequential"),
                          help="memory: load the whole model; sequential: ppl:/kl: tasks in one pass over the documents "
                               "per side, one decoder layer at a time read from the shards (the same numbers); auto: "
                               "memory when the model fits with headroom.")
-    speed_placements: int = option(1, ge=1, cli=False,
-                                   help="rounds of the speed check, each with both models' CPU weights moved to fresh "
-                                        "memory (batch-1 CPU decode speed follows where the weights sit)")
 
     def check(self) -> None:
         if self.dynamic is not None and self.dynamic_fraction is not None:
             raise ConfigError("dynamic", "give at most one of --dynamic and --dynamic-fraction")
+        # options of the per-input mode do nothing without it: refuse them rather than ignore them
+        if self.dynamic_mode != "exact" and self.dynamic is None and self.dynamic_fraction is None:
+            raise ConfigError("dynamic_mode", "applies to the per-input mode only: add --dynamic or --dynamic-fraction")
+        if self.threshold_method != "quantile" and self.dynamic_fraction is None:
+            raise ConfigError("threshold_method", "applies to --dynamic-fraction only (it turns the fraction into a "
+                                                  "threshold)")
 
 
 def evaluate_memory(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -152,6 +163,37 @@ class EvaluationResult:
     wall_seconds: float = 0.0
     fingerprint: dict[str, Any] | None = None
 
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "results.json") -> EvaluationResult:
+        """Parse ``results.json`` strictly: every field present with its type (``to_dict``'s own keys)."""
+        from prune_heads.export.record import RecordError
+
+        if not isinstance(raw, dict) or raw.get("tool") != "prune-heads":
+            raise RecordError(f"{where} is not a prune-heads results.json")
+        try:
+            tasks = [TaskOutcome(dict(t["task"]), dict(t["baseline"]), None if t["pruned"] is None else dict(t["pruned"]))
+                     for t in raw["tasks"]]
+            return cls(model=str(raw["model"]), heads_total=int(raw["heads_total"]), mask=dict(raw["mask"]),
+                       fraction_heads_zeroed=float(raw["fraction_heads_zeroed"]),
+                       pruned_evaluated_as=raw["pruned_evaluated_as"], tasks=tasks, speed=raw["speed"],
+                       evaluations=int(raw["evaluations"]), wall_seconds=float(raw["wall_seconds"]),
+                       fingerprint=raw["fingerprint"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordError(f"{where}: a field is missing or of the wrong type ({e!r}); evaluate again") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvaluationResult:
+        """The ``results.json`` that ``prune-heads eval`` and the runner's evaluate stage write."""
+        import json
+
+        from prune_heads.export.record import RecordError
+
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise RecordError(f"cannot read {path} ({e})") from e
+        return cls.from_dict(raw, str(path))
+
     def to_dict(self) -> dict[str, Any]:
         from prune_heads.__about__ import __version__
 
@@ -187,6 +229,39 @@ class PrunedSide:
         if self.plan is not None:
             return "masked original (the plan's heads removed, compensated as the plan says)"
         return None
+
+
+def export_side(export_dir: str | Path, plan: Any = None, scores: Any = None) -> PrunedSide:
+    """The pruned side of an export: the checkpoint, and the plan it was made from (``plan``, which must
+    remove the heads the export records, else the plan in its ``prune_heads.json``). The plan's fingerprint
+    then checks that the model evaluated beside it is the export's original."""
+    from prune_heads.export.record import ExportRecord, RecordError
+    from prune_heads.export.source import PROVENANCE_FILE
+    from prune_heads.plan import Plan
+
+    folder = Path(export_dir)
+    try:
+        recorded = Plan.from_dict(ExportRecord.load(folder).plan, f"{folder / PROVENANCE_FILE}")
+    except (RecordError, ValueError, KeyError, TypeError) as e:
+        raise PruneHeadsError(f"{folder} is not an export (no readable {PROVENANCE_FILE} with its plan: {e}); pass the "
+                              "output folder of `prune-heads export`") from None
+    if plan is not None and sorted(map(tuple, plan.removed_heads)) != sorted(map(tuple, recorded.removed_heads)):
+        raise PruneHeadsError(f"the plan removes other heads than the export {folder} records; pass the plan it was "
+                              "exported from, or none")
+    return PrunedSide(plan=plan if plan is not None else recorded, export_dir=folder, scores=scores)
+
+
+def evaluate_export(cfg: EvaluateConfig, loaded: Any, model_id: str, export_dir: str | Path, out: Path | None, *,
+                    plan: Any = None, scores: Any = None, overwrite: bool = False) -> EvaluationResult:
+    """An export against its original (``loaded``), every task and the speed check, recorded in the export's
+    ``prune_heads.json`` and model card: the runner's evaluate stage and ``prune-heads eval MODEL --export DIR``."""
+    from prune_heads.export.model_card import refresh_card
+
+    if cfg.dynamic or cfg.dynamic_fraction:
+        raise PruneHeadsError("an export is evaluated as it is: give --export or --dynamic/--dynamic-fraction, not both")
+    res = run_evaluate(cfg, loaded, model_id, export_side(export_dir, plan, scores), out, overwrite=overwrite)
+    refresh_card(export_dir, evaluation=res)  # the card reports what was measured on this export
+    return res
 
 
 def _split(value: str) -> tuple[str, float]:
@@ -258,13 +333,15 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
 
     outcomes, calls = [], 0
     for t in cfg.tasks:
+        seed = cfg.seed if t.seed is None else t.seed
+        data_dir = t.data_dir or cfg.data_dir
         ev = make_evaluator(model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot, split=t.split,
-                            data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed, metric=t.metric,
+                            data_dir=data_dir, batch_size=cfg.batch_size, seed=seed, metric=t.metric,
                             compensation=compensation, exclude_docs=exclude_docs, **t.window())
         baseline = ev(None)
         if pruned_model is not None:
             pev = make_evaluator(pruned_model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot,
-                                 split=t.split, data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
+                                 split=t.split, data_dir=data_dir, batch_size=cfg.batch_size, seed=seed,
                                  metric=t.metric, exclude_docs=exclude_docs, **t.window())
             pruned = pev(None)
             calls += pev.calls

@@ -12,10 +12,13 @@ from prune_heads.lazy import lazy_exports
 
 _EXPORTS = {
     "FORMATS": "prune_heads.export.checkpoint",
-    "PROVENANCE_FILE": "prune_heads.export.checkpoint",
+    "PROVENANCE_FILE": "prune_heads.export.source",
+    "ExportRecord": "prune_heads.export.record",
+    "VerificationRecord": "prune_heads.export.record",
+    "EvaluationRow": "prune_heads.export.record",
     "ExportResult": "prune_heads.export.checkpoint",
     "export_checkpoint": "prune_heads.export.checkpoint",
-    "resolve_source": "prune_heads.export.checkpoint",
+    "resolve_source": "prune_heads.export.source",
     "source_license": "prune_heads.export.checkpoint",
     "register_auto_classes": "prune_heads.export.registration",
     "verify_export": "prune_heads.export.verify",

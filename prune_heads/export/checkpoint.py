@@ -8,19 +8,20 @@ that land. A plan selected with compensation has it folded into the weights as t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_heads.__about__ import __version__
 from prune_heads.errors import PruneHeadsError
 from prune_heads.export import masked, model_card, sliced, uniform
 from prune_heads.export.folding import CompensationFold
 from prune_heads.export.folding import provenance as compensation_provenance
 from prune_heads.export.registration import register_auto_classes
 from prune_heads.export.slicing import layer_heads, predicted_removed_params, slicing_rules
+from prune_heads.export.source import PROVENANCE_FILE, as_model_config, resolve_source
 from prune_heads.export.streaming import copy_aux_files, iter_tensors, open_source, parse_size
 from prune_heads.export.verify import verify_export
 from prune_heads.io_utils import atomic_dir, check_output_dir, file_record, write_json_atomic
@@ -31,7 +32,6 @@ from prune_heads.plan import Plan
 log = logging.getLogger(__name__)
 
 FORMATS = {"sliced": sliced, "uniform": uniform, "masked": masked}
-PROVENANCE_FILE = "prune_heads.json"
 
 
 @dataclass
@@ -65,34 +65,15 @@ def _finite_cast(name: str, t: Any, dtype: Any) -> Any:
     return out
 
 
-def resolve_source(model: str, gguf_file: str | None = None) -> Path:
-    """A local checkpoint directory for ``model`` (directory, Hub id, GGUF, or ``smollm2``)."""
-    from prune_heads.model.loading import gguf_to_plain, resolve_model_spec
-
-    location, gguf = resolve_model_spec(model, gguf_file)
-    if gguf:
-        return Path(gguf_to_plain(location, gguf))
-    p = Path(location)
-    if p.is_dir():
-        return p
-    if p.exists() or location.startswith((".", "/")):
-        raise PruneHeadsError(f"{location} is not a model directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                                 "*.tiktoken", "*.jinja", "LICENSE*", "NOTICE*"]))
-    except Exception as e:
-        raise PruneHeadsError(f"cannot fetch {location!r} from the Hub ({e}); pass a local checkpoint directory") from e
-
-
-def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
+def export_checkpoint(model: Any, plan: Plan, out_dir: str | os.PathLike, *, format: str = "sliced", dtype: str | None = None,
            shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False, approximate_norms: bool = False,
-           eval_results: dict | None = None, scores_summary: dict | None = None, gguf_file: str | None = None,
+           scores_summary: dict | None = None, gguf_file: str | None = None,
            progress: bool = True, verify_tol: float = 1e-4, verify_num_sequences: int = 4, verify_seq_len: int = 64,
-           verify_engine: str = "auto", compensation: Any = None, moments: Any = None,
-           trust_remote_code: bool = False) -> ExportResult:
+           verify_engine: str = "auto", compensation: Any = None, moments: Any = None) -> ExportResult:
     """Write ``plan`` applied to ``model`` as a checkpoint in ``out_dir``; see the module docstring.
+
+    ``model``: a ``ModelConfig`` (its revision, GGUF file and trust flag are honoured) or a model spec
+    string (a directory, Hub id, GGUF file or ``smollm2``; ``gguf_file`` then names the GGUF file).
 
     A plan whose ``compensation`` is ``mean``/``lsq`` needs either ``compensation`` (a ``Compensation``, or
     a file saved with one: required for sequential plans) or ``moments`` (a scores directory, a
@@ -106,19 +87,24 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
     max_bytes = parse_size(shard_size)
     torch_dtype = parse_dtype(dtype)
     dtype_name = str(torch_dtype).removeprefix("torch.") if torch_dtype is not None else None
-    src = open_source(resolve_source(model, gguf_file))
-    check_output_dir(out_dir, overwrite, inputs=[src.path, model if Path(model).exists() else None])
+    model = as_model_config(model)
+    if gguf_file is not None:
+        if model.gguf_file not in (None, gguf_file):
+            raise PruneHeadsError(f"two GGUF files given: {model.gguf_file!r} (the model's) and {gguf_file!r}")
+        model = dataclasses.replace(model, gguf_file=gguf_file)
+    src = open_source(resolve_source(model))
+    check_output_dir(out_dir, overwrite, inputs=[src.path, model.id if Path(model.id).exists() else None])
     out = Path(out_dir)
 
     from prune_heads.model.remote_code import pretrained
 
     register_auto_classes()
-    config = pretrained("config", src.path, trust_remote_code=trust_remote_code)
+    config = pretrained("config", src.path, trust_remote_code=model.trust_remote_code)
     from prune_heads.model.attention import is_sliced_export
 
     if is_sliced_export(config):
-        raise PruneHeadsError(f"{model} is already a sliced prune-heads export ({config.model_type}): exporting from "
-                              "a sliced model is not supported; apply the plans to the original model")
+        raise PruneHeadsError(f"{model.id} is already a sliced prune-heads export ({config.model_type}): exporting "
+                              "from a sliced model is not supported; apply the plans to the original model")
     adapter = get_adapter(config)
     layout = plan.validate(config)
     heads = layer_heads(plan, layout)
@@ -171,46 +157,43 @@ def export_checkpoint(model: str, plan: Plan, out_dir: str | os.PathLike, *, for
 
         verification = None
         if verify:
-            verification = verify_export(src.path, tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate,
+            verification = verify_export(dataclasses.replace(model, id=str(src.path), gguf_file=None, revision=None),
+                                         tmp, plan, tol=verify_tol, dtype=dtype_name, approximate=approximate,
                                          num_sequences=verify_num_sequences, seq_len=verify_seq_len,
-                                         compensation=comp, engine=verify_engine, progress=progress,
-                                         trust_remote_code=trust_remote_code)
+                                         compensation=comp, engine=verify_engine, progress=progress)
         predicted = params_before - (predicted_removed_params(layout, adapter, heads, approximate_norms=approximate)
                                      if fmt.MODE == "slice" else 0) + (fold.added_params if fold is not None else 0)
         removed_per_layer = [layout.num_heads - len(h.kept) for h in heads]
-        provenance = {
-            "tool": "prune-heads",
-            "tool_version": __version__,
-            "format": format,
-            "source": model_card.source_info(str(model), gguf_file, src.fingerprint()),
-            "family": adapter.name,
-            "plan": plan.to_dict(),
-            "removed_per_layer": removed_per_layer,
-            "heads_total": layout.total_heads,
-            "heads_removed": len(plan.removed_heads),
-            "kv_heads_removed": sum(layout.num_kv_heads - len(h.kept_kv) for h in heads),
-            "params_before": params_before,
-            "params_after": writer.total_params,
-            "params_after_predicted": predicted,
-            "dtype": dtype_name or "source",
-            "approximate_norms": approximate,
-            "compensation": compensation_provenance(comp),
-            "scores_summary": scores_summary,
-            "eval_results": eval_results,
-            # the plan's own record of the selection wins over a copy of it passed as eval_results
-            "evaluation": model_card.merge_evaluation(model_card.evaluation_rows(eval_results),
-                                                     model_card.evaluation_rows(plan.to_dict())),
-            "verification": verification,
-            "license": source_license(src.path),
-        }
-        provenance = model_card.scrub_local_paths(provenance)  # never a local path in what gets published
-        files.append(model_card.write_model_card(tmp, model_card.card_info(provenance)).name)
+        from prune_heads.export.record import ExportRecord, VerificationRecord
+
+        record = ExportRecord(
+            format=format,
+            source=model_card.source_info(model.id, model.gguf_file, src.fingerprint(), revision=model.revision),
+            family=adapter.name,
+            plan=plan.to_dict(),
+            removed_per_layer=removed_per_layer,
+            heads_total=layout.total_heads,
+            heads_removed=len(plan.removed_heads),
+            kv_heads_removed=sum(layout.num_kv_heads - len(h.kept_kv) for h in heads),
+            params_before=params_before,
+            params_after=writer.total_params,
+            params_after_predicted=predicted,
+            dtype=dtype_name or "source",
+            approximate_norms=approximate,
+            compensation=compensation_provenance(comp),
+            scores_summary=scores_summary,
+            evaluation=model_card.selection_rows(plan.selection),
+            verification=VerificationRecord.from_dict(verification) if verification is not None else None,
+            license=source_license(src.path),
+        )
+        # never a local path in what gets published
+        record = ExportRecord.from_dict(model_card.scrub_local_paths(record.to_dict()))
+        files.append(model_card.write_model_card(tmp, model_card.card_info(record)).name)
         files.append(PROVENANCE_FILE)
         # the export's own files, so `push` uploads exactly these (the card and this record change later)
         # with their content hashes: push refuses a file changed since, whatever its size
-        provenance["files"] = {f: None if f in ("README.md", PROVENANCE_FILE) else file_record(tmp / f)
-                               for f in sorted(files)}
-        write_json_atomic(tmp / PROVENANCE_FILE, provenance)
+        record.files = {f: None if f in ("README.md", PROVENANCE_FILE) else file_record(tmp / f) for f in sorted(files)}
+        record.save(tmp)
 
     return ExportResult(out, params_before, writer.total_params, verification, sorted(files), predicted,
                         writer.total_bytes, writer.peak_buffer_bytes, compensated=o_bias)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from prune_heads.compensation.solve import Compensation
+from prune_heads.compensation.record import Compensation
 from prune_heads.export.streaming import SourceCheckpoint
 from prune_heads.model.adapters import FamilyAdapter, HeadLayout
 

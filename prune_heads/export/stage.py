@@ -49,7 +49,8 @@ class VerifyConfig(Config):
 
 def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify: VerifyConfig | None = None,
                overwrite: bool = False, progress: bool = True, scores: Any = None) -> Any:
-    """Write ``plan`` applied to the model (a ``ModelConfig``) as a checkpoint in ``out``; verify it inline
+    """Write ``plan`` applied to the model (a ``ModelConfig``, whole: its revision, GGUF file and trust flag
+    choose the source) as a checkpoint in ``out``; verify it inline
     when ``verify`` is given and enabled. Returns ``ExportResult``.
 
     A compensated plan brings its compensation file along (written beside it by ``select``); ``scores``
@@ -58,13 +59,13 @@ def run_export(config: ExportConfig, model: Any, plan: Any, out: Path, *, verify
     from prune_heads.export import export_checkpoint
 
     v = verify if verify is not None and verify.enabled else None
-    return export_checkpoint(model.id, plan, out, format=config.format, dtype=config.dtype,
+    return export_checkpoint(model, plan, out, format=config.format, dtype=config.dtype,
                              shard_size=config.shard_size, verify=v is not None, overwrite=overwrite,
                              approximate_norms=config.approximate_norms,
-                             scores_summary=plan.selection.scores, gguf_file=model.gguf_file, progress=progress,
+                             scores_summary=plan.selection.scores, progress=progress,
                              verify_tol=v.tol if v else 1e-4, verify_num_sequences=v.num_sequences if v else 4,
                              verify_seq_len=v.seq_len if v else 64, verify_engine=v.engine if v else "auto",
-                             moments=scores, trust_remote_code=getattr(model, "trust_remote_code", False))
+                             moments=scores)
 
 
 @dataclass
@@ -89,16 +90,14 @@ class VerificationResult:
 
 def run_verify(config: VerifyConfig, model: Any, export_dir: Path, plan: Any, *, scores: Any = None) -> VerificationResult:
     """Largest |logit difference| between the export and the (compensated) masked original (``verify_export``)."""
-    import json
-
+    from prune_heads.export.record import ExportRecord
     from prune_heads.export.verify import verify_export
 
-    prov = json.loads((Path(export_dir) / "prune_heads.json").read_text())
-    rec = verify_export(model.id, export_dir, plan, num_sequences=config.num_sequences, seq_len=config.seq_len,
-                        tol=config.tol, dtype=None if prov.get("dtype") == "source" else prov.get("dtype"),
-                        approximate=bool(prov.get("approximate_norms")),
-                        compensation=plan_compensation(plan, model, scores), engine=config.engine,
-                        trust_remote_code=getattr(model, "trust_remote_code", False))
+    exported = ExportRecord.load(export_dir)  # the dtype and norms the export was written with
+    rec = verify_export(model, export_dir, plan, num_sequences=config.num_sequences, seq_len=config.seq_len,
+                        tol=config.tol, dtype=None if exported.dtype in (None, "source") else exported.dtype,
+                        approximate=bool(exported.approximate_norms),
+                        compensation=plan_compensation(plan, model, scores), engine=config.engine)
     return VerificationResult.from_record(rec)
 
 
@@ -107,10 +106,6 @@ def plan_compensation(plan: Any, model: Any, scores: Any = None) -> Any:
     if not plan.selection.compensated:
         return None
     from prune_heads.compensation.plans import compensation_for_plan
-    from prune_heads.export import register_auto_classes, resolve_source
-    from prune_heads.model.remote_code import pretrained
+    from prune_heads.export.source import source_config
 
-    register_auto_classes()
-    config = pretrained("config", resolve_source(model.id, model.gguf_file),
-                        trust_remote_code=getattr(model, "trust_remote_code", False))
-    return compensation_for_plan(plan, scores=scores, config=config)
+    return compensation_for_plan(plan, scores=scores, config=source_config(model))

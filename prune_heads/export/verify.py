@@ -93,28 +93,31 @@ def _compensated_reference(path: str, compensation: Any, torch_dtype: torch.dtyp
     return ref.to(compute)
 
 
-def verify_export(original: str | os.PathLike, exported: str | os.PathLike, plan: Plan, *, num_sequences: int = 4,
+def verify_export(original: Any, exported: str | os.PathLike, plan: Plan, *, num_sequences: int = 4,
                   seq_len: int = 64, tol: float = 1e-4, dtype: str | None = None,
                   approximate: bool = False, compute_dtype: str = "float64",
                   also_float32: bool = True, compensation: Any = None, engine: str = "auto",
                   progress: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """Largest |logit difference| between ``exported`` and ``original`` under ``static_mask(plan)``.
 
-    ``dtype`` is the dtype the export was written in: the original's weights are rounded through it
+    ``original``: the source's ``ModelConfig`` (its revision, GGUF file and trust flag honoured) or a model
+    spec / local checkpoint directory. ``dtype`` is the dtype the export was written in: the original's weights are rounded through it
     first, so a bfloat16 export is still compared exactly (in float32 arithmetic). ``compensation``: the
     ``Compensation`` the export folded; the reference is then the compensated masked model. ``engine``:
     ``auto``, ``memory`` or ``sequential`` (see the module docstring).
     """
     torch_dtype = parse_dtype(dtype)
     compute = {"float64": torch.float64, "float32": torch.float32}[compute_dtype]
-    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.export.source import as_model_config, resolve_source
 
-    source = str(resolve_source(str(original)))
+    original = as_model_config(original)
+    source = str(resolve_source(original))
+    trust = trust_remote_code or original.trust_remote_code
     compensation = compensation if compensation is not None and compensation.layers else None
     chosen = _choose(engine, source, str(exported), compute, num_sequences * seq_len)
     run = _diffs_sequential if chosen == "sequential" else _diffs_in_memory
     diff, diff32 = run(source, str(exported), plan, torch_dtype, compute, num_sequences, seq_len,
-                       also_float32 and compute != torch.float32, compensation, progress, trust_remote_code)
+                       also_float32 and compute != torch.float32, compensation, progress, trust)
     passed = bool(diff <= tol)
     return {
         "max_abs_logit_diff": diff,

@@ -37,6 +37,8 @@ class LoadedModel:
     source: str
     revision: str | None = None
     gguf_file: str | None = None
+    #: what it was loaded with, so a stage given this model reads its source files the same way
+    trust_remote_code: bool = False
 
 
 def cache_dir() -> Path:
@@ -213,7 +215,7 @@ def load_model(
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, spec, revision, gguf)
+    return LoadedModel(model, tokenizer, spec, revision, gguf, trust_remote_code)
 
 
 # ---- load errors: one line that says what to do --------------------------------------------------------

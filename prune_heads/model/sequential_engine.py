@@ -395,18 +395,17 @@ def load_streamed(model: Any) -> Any:
     Stages that only run forward passes (``ppl:``/``kl:`` evaluation, static selection, the fingerprint
     checks) take it where they take a model loaded whole; they find the shards through ``streamed_of``.
     """
-    from transformers import AutoTokenizer
-
     from prune_heads.export.checkpoint import resolve_source
     from prune_heads.model.loading import LoadedModel, parse_dtype
+    from prune_heads.model.remote_code import pretrained
 
     if model.device_map is not None:
         raise PruneHeadsError("--device-map spreads a whole model over devices; layer by layer needs none: drop it "
                               "or use --engine memory")
-    source = resolve_source(model.id, model.gguf_file)
+    source = resolve_source(model)
     dtype = parse_dtype(model.dtype) or checkpoint_dtype(source)
     sm = StreamedModel(source, load_dtype=dtype, compute=dtype, device=model.resolved_device() or "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=model.trust_remote_code)
+    tokenizer = pretrained("tokenizer", str(source), trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(sm.model, tokenizer, model.id, model.revision, model.gguf_file)
@@ -577,7 +576,7 @@ def engine_for(engine: str, model: Any, *, what: str, batch_tokens: int, all_tok
     from prune_heads.model.loading import parse_dtype
 
     try:
-        fp = Footprint(resolve_source(model.id, model.gguf_file), parse_dtype(model.dtype))
+        fp = Footprint(resolve_source(model), parse_dtype(model.dtype))
     except (PruneHeadsError, OSError, ValueError, KeyError):
         if engine == "sequential":
             raise

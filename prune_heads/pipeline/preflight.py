@@ -3,6 +3,7 @@ five-minute model conversion, or a task name misspelt and found after calibratio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -133,15 +134,38 @@ def task_length(task: str | None) -> int | None:
     return None
 
 
-def check_lengths(recipe: Any) -> None:
-    """Sequence lengths within the model's context, read from its config (no weights are loaded)."""
-    check_context(recipe.model, _lengths(recipe))
+def check_lengths(model: Any, lengths: Iterable[tuple[str, int | None]]) -> None:
+    """Sequence lengths (``(name, tokens)``) within the model's context (its config is read only when one is given)."""
+    lengths = [(k, v) for k, v in lengths if v]
+    if lengths:
+        check_context(model, lengths)
+
+
+def check_sources(model: Any = None, *, lengths: Iterable[tuple[str, int | None]] = (),
+                  data: Iterable[tuple[str, str | None]] = (), tasks: Iterable[tuple[str, str | None]] = ()) -> None:
+    """The one preflight of every front end: the model resolves, lengths fit its context, every data spec
+    yields a document, every task exists and a ``passkey:LEN`` prompt can be built with the model's tokenizer.
+    Each input is ``(name, value)``: the name (a recipe key or a CLI option) is what an error names; a None
+    value is skipped."""
+    tasks = list(tasks)
+    if model is not None:
+        check_model(model)
+        check_lengths(model, [*lengths, *((what, task_length(t)) for what, t in tasks)])
+    for what, spec in data:
+        if spec:
+            check_data(spec, what)
+    for what, task in tasks:
+        if task:
+            check_task(task, what)
+            if model is not None:
+                check_passkey_fits(model, task, what)
 
 
 def _lengths(recipe: Any) -> list[tuple[str, int | None]]:
     """Every sequence length a recipe names: calibration, export check, windows, and ``passkey:LEN`` prompts."""
     s = recipe.select
-    out = [("calibration.seq_len", recipe.calibration.seq_len), ("verify.seq_len", recipe.verify.seq_len),
+    v = recipe.verify
+    out = [("calibration.seq_len", recipe.calibration.seq_len), ("verify.seq_len", v.seq_len if v.enabled else None),
            ("select.seq_len", s.seq_len), ("select.guard_seq_len", s.guard_seq_len)]
     out += [(f"evaluate.tasks.{i}.seq_len", t.seq_len) for i, t in enumerate(recipe.evaluate.tasks)]
     for key, task in (("select.task", s.task), ("select.verify_task", s.verify_task), ("select.guard_task", s.guard_task),
@@ -152,18 +176,13 @@ def _lengths(recipe: Any) -> list[tuple[str, int | None]]:
 
 
 def check_inputs(recipe: Any) -> None:
-    """Model, calibration data, sequence lengths and every task of a recipe, in seconds."""
-    check_model(recipe.model)
-    check_lengths(recipe)
-    check_data(recipe.calibration.data_now(), "calibration.data")
-    for key, task in (("select.task", recipe.select.task), ("select.verify_task", recipe.select.verify_task),
-                      ("select.guard_task", recipe.select.guard_task)):
-        if task:
-            check_task(task, key)
-            check_passkey_fits(recipe.model, task, key)
-    for i, t in enumerate(recipe.eval_tasks()):
-        check_task(t.task, f"evaluate.tasks.{i}.task")
-        check_passkey_fits(recipe.model, t.task, f"evaluate.tasks.{i}.task")
+    """Model, sequence lengths, calibration and selection data and every task of a recipe, in seconds."""
+    s = recipe.select
+    check_sources(recipe.model, lengths=_lengths(recipe),
+                  data=[("calibration.data", recipe.calibration.data_now()), ("select.data", s.data)],
+                  tasks=[("select.task", s.task), ("select.verify_task", s.verify_task),
+                         ("select.guard_task", s.guard_task),
+                         *((f"evaluate.tasks.{i}.task", t.task) for i, t in enumerate(recipe.eval_tasks()))])
 
 
 def check_memory(recipe: Any, echo: Any = print) -> None:
@@ -181,7 +200,7 @@ def check_memory(recipe: Any, echo: Any = print) -> None:
     if recipe.model.device_map is not None:
         return
     try:
-        fp = Footprint(resolve_source(recipe.model.id, recipe.model.gguf_file), parse_dtype(recipe.model.dtype))
+        fp = Footprint(resolve_source(recipe.model), parse_dtype(recipe.model.dtype))
     except (PruneHeadsError, OSError, ValueError, KeyError):
         return  # no safetensors shards to size: loading reports any problem, with the reason
     device = recipe.model.resolved_device() or "cpu"

@@ -64,6 +64,11 @@ class Recipe(Config):
         if self.export.format == "uniform" and self.select.policy != "uniform":
             raise ConfigError("export.format", "'uniform' needs select.policy: uniform (the same number of heads in "
                                                "every KV group)")
+        for key in ("dynamic", "dynamic_fraction", "dynamic_mode", "threshold_method"):
+            if getattr(self.evaluate, key) != EvaluateConfig.__dataclass_fields__[key].default:
+                raise ConfigError(f"evaluate.{key}", "the recipe's evaluate stage measures the export against the "
+                                  "original; the paper's per-input mode is `prune-heads eval MODEL --dynamic SCORE:T` "
+                                  "(or --dynamic-fraction SCORE:F --scores DIR)")
         if self.hub.push and not self.hub.repo_id:
             raise ConfigError("hub.repo_id", "hub.push is true but no repo_id is given")
 
@@ -74,11 +79,13 @@ class Recipe(Config):
         s = self.select
         if not s.task:
             return []
-        if s.verify_task:
-            return [EvalTask(task=s.verify_task, num_fewshot=s.num_fewshot, limit=s.verify_limit, split="all",
-                             **window_options(s.verify_task, s.seq_len, s.score_last))]
-        return [EvalTask(task=s.task, num_fewshot=s.num_fewshot, limit=s.verify_limit or s.limit,
-                         split="verify" if s.verify else "all", **window_options(s.task, s.seq_len, s.score_last))]
+        # the documents selection verified on: task, split, limit, seed and data folder as select's verify evaluator
+        limit = s.verify_limit or s.limit
+        if s.verify_task and s.verify_task != s.task:
+            return [EvalTask(task=s.verify_task, num_fewshot=s.num_fewshot, limit=limit, split="all", seed=s.seed,
+                             data_dir=s.data_dir, **window_options(s.verify_task, s.seq_len, s.score_last))]
+        return [EvalTask(task=s.task, num_fewshot=s.num_fewshot, limit=limit, split="verify" if s.verify else "all",
+                         seed=s.seed, data_dir=s.data_dir, **window_options(s.task, s.seq_len, s.score_last))]
 
 
 def validate(raw: Mapping[str, Any]) -> Recipe:
@@ -180,12 +187,6 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any] | Recipe,
         return validate(raw)
     except RecipeError as e:
         raise RecipeError(f"{origin}: {e}") from None
-
-
-def hub_offline() -> bool:
-    from prune_heads.data.documents import offline_requested
-
-    return offline_requested()
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -7,7 +7,6 @@ reads (``needs``); the generic ``Runner`` does the rest.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prune_heads.pipeline.recipe import Recipe, dump_recipe, load_recipe
-from prune_heads.pipeline.runner import Runner, Stage, StageOutcome, locked_workdir
+from prune_heads.pipeline.runner import Runner, Stage, locked_workdir
 from prune_heads.pipeline.signatures import (
     data_signature,
     local_data_path,
@@ -106,10 +105,7 @@ def _export(ctx: RunContext, out: Path) -> dict[str, Any]:
     from prune_heads.export.stage import run_export
 
     res = run_export(ctx.recipe.export, ctx.recipe.model, ctx.plan(), out / "model", verify=None, progress=ctx.progress)
-    if ctx.recipe.hub.repo_id:  # the card's loading snippet names the repository it will be pushed to
-        from prune_heads.export.model_card import refresh_card
-
-        refresh_card(out / "model", repo_id=ctx.recipe.hub.repo_id)
+    # the card names its Hub repository when it is pushed (``run_push``), whichever front end pushes it
     return {"model": "model", "format": ctx.recipe.export.format, "params_before": int(res.params_before),
             "params_after": int(res.params_after), "files": sorted(Path(f).name for f in res.files)}
 
@@ -133,17 +129,15 @@ def _verify(ctx: RunContext, out: Path) -> dict[str, Any]:
 def _evaluate(ctx: RunContext, out: Path) -> dict[str, Any]:
     import dataclasses
 
-    from prune_heads.evaluation.stage import PrunedSide, run_evaluate
+    from prune_heads.evaluation.stage import evaluate_export
 
     cfg = dataclasses.replace(ctx.recipe.evaluate, tasks=ctx.recipe.eval_tasks())
     # ppl:/kl: tasks leave out the calibration documents the plan records (as `eval --plan` does)
     from prune_heads.evaluation.stage import evaluate_engine
-    from prune_heads.export.model_card import refresh_card
 
     engine = "memory" if ctx._loaded is not None else evaluate_engine(cfg, ctx.recipe.model)
-    res = run_evaluate(cfg, ctx.model_for(engine), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
-                       out / "results.json")
-    refresh_card(ctx.export_dir(), evaluation=res.to_dict())
+    res = evaluate_export(cfg, ctx.model_for(engine), ctx.recipe.model.id, ctx.export_dir(), out / "results.json",
+                          plan=ctx.plan())
     return {"results": "results.json", "tasks": len(res.tasks)}
 
 
@@ -260,11 +254,3 @@ def run(recipe_or_path: Recipe | str | os.PathLike | Mapping[str, Any], workdir:
                 (wd / "summary.md").write_text(summary.to_markdown())
                 write_json_atomic(wd / "summary.json", summary.to_dict())
             return summary
-
-
-def outcome_statuses(outcomes: Mapping[str, StageOutcome]) -> dict[str, str]:
-    return {k: v.status for k, v in outcomes.items()}
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())

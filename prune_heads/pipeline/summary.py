@@ -123,6 +123,8 @@ def selection_brief(plan: Any) -> dict[str, Any]:
     s = plan.selection
     budget = None if s.budget is None else {"max_drop": s.budget.max_drop, "relative": s.budget.relative,
                                             "confidence": s.budget.confidence}
+    if getattr(s.details, "fixed", False):  # a fixed count: no budget was searched or claimed
+        budget = "none (fixed count)"
     return {"method": s.method, "score": s.score_id, "policy": s.policy, "budget": budget,
             "task": (s.task or {}).get("task"), "seq_len": (s.task or {}).get("seq_len"),
             "compensation": (s.compensation or {}).get("mode", "none"), "guard": guard_brief(s.guard)}
@@ -151,17 +153,22 @@ def build_summary(recipe: Any, wd: Path, outcomes: dict[str, Any], complete: boo
         s.heads_total, s.heads_removed = plan.selection.heads_total, len(plan.removed_heads)
         s.selection, s.plan = selection_brief(plan), str(wd / "select" / "plan.json")
     if "export" in done:
-        prov = _read(wd / "export" / "model" / "prune_heads.json") or {}
-        s.params_before, s.params_after = prov.get("params_before"), prov.get("params_after")
-        s.kv_heads_removed = prov.get("kv_heads_removed")
+        from prune_heads.export.record import ExportRecord
+
+        rec = ExportRecord.load(wd / "export" / "model")
+        s.params_before, s.params_after, s.kv_heads_removed = rec.params_before, rec.params_after, rec.kv_heads_removed
         s.export_dir = str(wd / "export" / "model")
     if "verify" in done:
-        s.verification = _read(wd / "verify" / "verification.json")
+        from prune_heads.export.record import VerificationRecord
+
+        s.verification = VerificationRecord.load(wd / "verify" / "verification.json").to_dict()
     if "evaluate" in done:
-        res = _read(wd / "evaluate" / "results.json") or {}
-        s.metrics = [{"task": t["task"]["task"], "split": t["task"].get("split", "all"), "baseline": t["baseline"],
-                      "pruned": t["pruned"], "seq_len": t["task"].get("seq_len")} for t in res.get("tasks", [])]
-        s.speed = res.get("speed")
+        from prune_heads.evaluation.stage import EvaluationResult
+
+        res = EvaluationResult.load(wd / "evaluate" / "results.json")
+        s.metrics = [{"task": t.task["task"], "split": t.task.get("split", "all"), "baseline": t.baseline,
+                      "pruned": t.pruned, "seq_len": t.task.get("seq_len")} for t in res.tasks]
+        s.speed = res.speed
     if "report" in done:
         s.report = str(wd / "report" / "plots" / "report.md")
     if "push" in done:

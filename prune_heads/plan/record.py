@@ -48,7 +48,8 @@ class DropStats:
 
     ``estimate``/``stderr`` in budget units (metric units, or a fraction of the baseline when the budget
     is relative); ``bound`` is the one-sided upper ``confidence`` bound (the estimate at confidence 0)
-    and ``lower`` the matching lower one; ``allowed`` is the budget in the same units.
+    and ``lower`` the matching lower one; ``allowed`` is the budget in the same units. A fixed-count
+    selection claims no budget: its drops are measured only (``allowed`` and ``within_budget`` None).
     """
 
     estimate: float
@@ -56,8 +57,8 @@ class DropStats:
     bound: float
     lower: float
     confidence: float
-    allowed: float
-    within_budget: bool
+    allowed: float | None
+    within_budget: bool | None
     n: int = 0
     #: ``paired`` (per-document differences), ``unpaired`` (standard errors combined), ``point``
     method: str = "paired"
@@ -88,13 +89,15 @@ class Verification:
     """The chosen plan judged on data the search never saw (held-out documents or another task).
 
     ``verdict``: ``within`` (the upper bound is within budget), ``over`` (the lower bound is above it:
-    the held-out data show the budget broken) or ``inconclusive`` (the interval straddles it).
+    the held-out data show the budget broken), ``inconclusive`` (the interval straddles it) or
+    ``measured`` (a fixed-count plan: no budget, the held-out drop is its measured cost; ``within_budget``
+    is then None).
     """
 
     task: dict[str, Any] | None
     baseline: dict[str, Any]
     result: dict[str, Any]
-    within_budget: bool
+    within_budget: bool | None
     drop: DropStats | None = None
     verdict: str | None = None
 
@@ -142,10 +145,20 @@ class StaticDetails:
     k: int = 0
     num_units: int = 0
     seed: int | None = None
-    #: ``bisect`` (gallop + bisection) or ``ascend`` (increasing k, stop at the first failure)
+    #: ``bisect`` (gallop + bisection), ``ascend`` (increasing k, stop at the first failure), or ``fixed``:
+    #: no search and no budget, the first ``k`` units of the ranking for a requested count (``heads`` or
+    #: ``fraction``, as asked; the plan's ``heads_removed`` is what was removed)
     search: str = "bisect"
     #: the surrogate that sized the ascending search's steps, if any
     surrogate: str | None = None
+    #: the requested count of a ``fixed`` selection: heads, or a fraction of all heads
+    heads: int | None = None
+    fraction: float | None = None
+
+    @property
+    def fixed(self) -> bool:
+        """A fixed-count selection: no budget was searched or claimed."""
+        return self.search == "fixed"
 
 
 @dataclass

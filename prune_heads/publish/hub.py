@@ -281,20 +281,19 @@ def _is_transport_error(e: BaseException) -> bool:
 
 
 def _default_message(folder: Path) -> str:
-    try:
-        info = json.loads((folder / "prune_heads.json").read_text())
-        base = info.get("base_model") or info.get("source", {}).get("model")
-        removed = info.get("heads_removed")
-        if removed is None:
-            removed = len((info.get("plan") or {}).get("removed_heads", []))
-        if base:
-            from prune_heads.export.model_card import hub_base_model
+    from prune_heads.export.record import ExportRecord, RecordError
 
-            name = hub_base_model(base) or Path(str(base)).name
-            return f"Upload {name} with {removed} attention heads removed (prune-heads)"
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
-    return "Upload pruned model (prune-heads)"
+    try:
+        rec = ExportRecord.load(folder)
+    except RecordError:
+        return "Upload pruned model (prune-heads)"
+    base = rec.source.get("hub_id") or rec.source.get("model")
+    if not base:
+        return "Upload pruned model (prune-heads)"
+    from prune_heads.export.model_card import hub_base_model
+
+    name = hub_base_model(base) or Path(str(base)).name
+    return f"Upload {name} with {rec.heads_removed} attention heads removed (prune-heads)"
 
 
 UNVERIFIED_MARK = ("> **Unverified export.** This checkpoint was pushed with `--allow-unverified`: {why}. Its "
@@ -344,10 +343,13 @@ def _insert_after_front_matter(text: str, block: str) -> str:
 
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
          token: str | None = None, commit_message: str | None = None, endpoint: str | None = None,
-         allow_unverified: bool = False) -> str:
+         allow_unverified: bool = False, before_upload: Any = None) -> str:
     """Create ``repo_id`` if needed (and the branch ``revision``), upload the export's own files of ``folder``
     (``check_export_folder``: only a verified export whose files still have their recorded content hashes, unless
-    ``allow_unverified``; skipped files are logged; card and record scrubbed of local paths); return the URL."""
+    ``allow_unverified``; skipped files are logged; card and record scrubbed of local paths); return the URL.
+
+    ``before_upload(full_repo_id)`` runs once every check has passed and the repository exists, just before
+    the files are read for upload (the push stage names the repository in the model card there)."""
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.utils import validate_repo_id
 
@@ -368,6 +370,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         full_id = getattr(url, "repo_id", None) or repo_id
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(full_id, branch=revision, exist_ok=True, repo_type="model")
+        if before_upload is not None:
+            before_upload(full_id)
         copies = published_copies(export)
         operations = [CommitOperationAdd(path_in_repo=f.as_posix(),
                                          path_or_fileobj=copies.get(f.as_posix(), str(export.path / f)))

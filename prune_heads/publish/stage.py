@@ -40,6 +40,22 @@ def run_push(cfg: PushConfig, export_dir: Path, *, repo_id: str | None = None, t
     if not target:
         raise PruneHeadsError("no Hub repository given: set hub.repo_id in the recipe or --set hub.repo_id=NAME/REPO")
     url = push(export_dir, target, private=cfg.private, revision=cfg.revision, token=token, commit_message=cfg.message,
-               allow_unverified=cfg.allow_unverified)
+               allow_unverified=cfg.allow_unverified, before_upload=lambda full_id: name_repository(export_dir, full_id))
     folder = check_export_folder(export_dir, warn=False, allow_unverified=cfg.allow_unverified)
     return PushResult(url, target, len(folder.files), folder.num_bytes)
+
+
+def name_repository(export_dir: Path, repo_id: str) -> None:
+    """Make the model card's loading snippet name ``repo_id`` (where the export is going), re-rendering the
+    card from the export's record; a folder whose record prune-heads did not write is left as it is."""
+    import json
+
+    from prune_heads.export.model_card import refresh_card
+    from prune_heads.export.source import PROVENANCE_FILE
+
+    try:
+        prov = json.loads((Path(export_dir) / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(prov, dict) and prov.get("tool") == "prune-heads" and prov.get("repo_id") != repo_id:
+        refresh_card(export_dir, repo_id=repo_id)

@@ -42,6 +42,7 @@ from prune_heads.data import batches
 from prune_heads.errors import PruneHeadsError
 from prune_heads.model.adapters import get_adapter
 from prune_heads.model.attention import HeadControl, attach
+from prune_heads.model.replay import Capture, layer_call
 from prune_heads.scoring.head_scores import HeadScores
 from prune_heads.scoring.logit_shift import LinearHeadReference
 from prune_heads.scoring.score_defs import ABLATION
@@ -87,24 +88,6 @@ def _per_seq(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * valid).sum(-1) / valid.sum(-1).clamp_min(1)
 
 
-def _replicate(x: Any, batch: int, copies: int) -> Any:
-    """Tile batch-shaped tensors ``copies`` times (copy-major), recursing into tuples/lists/dicts.
-
-    Tensors whose leading axis is 1 broadcast and are left alone (rotary tables, shared masks).
-    """
-    if isinstance(x, torch.Tensor):
-        if batch > 1 and x.dim() >= 2 and x.shape[0] == batch:
-            return x.repeat(copies, *([1] * (x.dim() - 1)))
-        return x
-    if isinstance(x, tuple):
-        return tuple(_replicate(v, batch, copies) for v in x)
-    if isinstance(x, list):
-        return [_replicate(v, batch, copies) for v in x]
-    if isinstance(x, dict):
-        return {k: _replicate(v, batch, copies) for k, v in x.items()}
-    return x
-
-
 def _is_oom(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
@@ -134,37 +117,6 @@ def _memory_budget(device: torch.device) -> int:
 
 
 # ---- the measurement --------------------------------------------------------------------------
-
-class _Capture:
-    """Forward pre-hooks that keep every decoder layer's input (args and kwargs) of one forward."""
-
-    def __init__(self, layers: nn.ModuleList) -> None:
-        self.inputs: dict[int, tuple[tuple, dict]] = {}
-        self.handles = [
-            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)
-        ]
-
-    def _hook(self, i: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.inputs[i] = (args, dict(kwargs))
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _layer_call(layer: nn.Module, captured: tuple[tuple, dict], hidden: torch.Tensor, batch: int, copies: int) -> torch.Tensor:
-    args, kwargs = captured
-    kwargs = _replicate(kwargs, batch, copies)
-    if args:
-        args = (hidden, *_replicate(args[1:], batch, copies))
-    else:
-        kwargs["hidden_states"] = hidden
-    out = layer(*args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
 
 class _Measurer:
     """One batch's reference, captured prefix, and the passes that measure units on it."""
@@ -235,7 +187,7 @@ class _Measurer:
         self.valid = (mask[:, 1:] * mask[:, :-1]).float()
         target = ids[:, 1:]
         self._pruned(False)
-        cap = _Capture(self.layers) if not self.removed.any() else None
+        cap = Capture(self.layers) if not self.removed.any() else None
         normed: list[torch.Tensor] = []
         grab = self.norm.register_forward_hook(lambda _m, _a, out: normed.append(out))
         try:
@@ -258,7 +210,7 @@ class _Measurer:
             self.ref_lp, self.ref_p = ref_lp, ref_lp.exp()
         self.start_logits = logits
         if cap is None:  # the pruned model's prefix differs from the reference's
-            cap = _Capture(self.layers)
+            cap = Capture(self.layers)
             self._pruned(True)
             try:
                 self.start_logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
@@ -290,7 +242,7 @@ class _Measurer:
             self._pruned(True)
             hidden = self.captured[0][0][0] if self.captured[0][0] else self.captured[0][1]["hidden_states"]
             for j in range(len(self.layers)):
-                hidden = _layer_call(self.layers[j], self.captured[j], hidden, self.batch, 1)
+                hidden = layer_call(self.layers[j], self.captured[j], hidden, self.batch, 1)
             logits = _final_logits(self.model, self.norm(hidden)[:, :-1])
             tol = 1e-4 * max(1.0, float(self.start_logits.abs().max()))
             self.prefix_ok = bool(((logits - self.start_logits).abs() * self.valid[..., None]).max() <= tol)
@@ -330,7 +282,7 @@ class _Measurer:
             args, kwargs = self.captured[start]
             hidden = (args[0] if args else kwargs["hidden_states"]).repeat(k, 1, 1)
             for j in range(start, len(self.layers)):
-                hidden = _layer_call(self.layers[j], self.captured[j], hidden, B, k)
+                hidden = layer_call(self.layers[j], self.captured[j], hidden, B, k)
             hidden = self.norm(hidden)
         cost.passes += 1
         cost.layer_rows += k * B * (len(self.layers) - start)

@@ -146,7 +146,7 @@ def run_calibrate_sequential(config: CalibrateConfig, model: Any, model_id: str,
     if model.device_map is not None:
         raise PruneHeadsError("--device-map spreads a whole model over devices; layer by layer needs none: drop it "
                               "or use --engine memory")
-    source = resolve_source(model.id, model.gguf_file)
+    source = resolve_source(model)
     tokenizer = pretrained("tokenizer", str(source), trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

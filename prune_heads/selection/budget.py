@@ -29,6 +29,8 @@ __all__ = ["Assessment", "BudgetJudge", "assess_plan", "UnderpoweredBudget", "Ve
 
 #: verdicts of a verification
 WITHIN, INCONCLUSIVE, OVER = "within", "inconclusive", "over"
+#: the verdict of a fixed-count plan's held-out check: a measured cost, judged against no budget
+MEASURED = "measured"
 
 
 class UnderpoweredBudget(BudgetError):
@@ -175,6 +177,18 @@ def verify(verify_evaluator: Any, removed: Any, budget: Budget, *, any_removed: 
                         result=result_dict(vr), within_budget=stats.within_budget, drop=stats, verdict=verdict)
 
 
+def measure(verify_evaluator: Any, removed: Any, *, confidence: float, any_removed: bool = True) -> Verification:
+    """The held-out cost of a plan chosen without a budget (fixed count): the paired drop in metric units with
+    its one-sided ``confidence`` bounds, verdict ``measured`` (no budget is claimed, so none is judged)."""
+    vb = verify_evaluator(None)
+    vr = verify_evaluator(removed) if any_removed else vb
+    d = paired_drop(vb, vr, relative=False, confidence=check_confidence(confidence))
+    stats = DropStats(estimate=float(d.estimate), stderr=d.stderr, bound=float(d.upper), lower=float(d.lower),
+                      confidence=float(d.confidence), allowed=None, within_budget=None, n=int(d.n), method=d.method)
+    return Verification(task=getattr(verify_evaluator, "task_config", None), baseline=result_dict(vb),
+                        result=result_dict(vr), within_budget=None, drop=stats, verdict=MEASURED)
+
+
 @dataclass
 class Assessment:
     """A fixed plan (no search) judged on the search data and, optionally, on held-out data."""
@@ -224,6 +238,8 @@ def describe_drop(stats: DropStats | None, *, metric: str | None = None, relativ
     else:
         se = f", stderr {f(stats.stderr)}" if stats.stderr is not None else ""
         body = f"{what} {f(stats.estimate)} (point estimate{se}, {stats.n} documents)"
+    if stats.allowed is None:
+        return f"{body}; no budget (fixed count)"
     return f"{body}; budget {f(stats.allowed)}: {'within' if stats.within_budget else 'NOT within'}"
 
 
@@ -240,7 +256,7 @@ def raise_if_unverified(plan: Any, *, accept_unverified: bool = False, strict: b
         g = sel.guard
         checks.append((f"guard {(g.task or {}).get('task', '')} ", g.verification, g.budget, None))
     for what, v, budget, chosen in checks:
-        if v is None or v.verdict == WITHIN:
+        if v is None or v.verdict in (WITHIN, MEASURED):
             continue
         rel = bool(budget.relative) if budget else False
         held = describe_drop(v.drop, metric=v.result.get("metric"), relative=rel)

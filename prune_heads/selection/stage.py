@@ -3,6 +3,9 @@
 The method is a typed variant of the config (``StaticMethod``, ``IterativeMethod``, ``GatesMethod``) and
 ``run_select`` dispatches on its type through ``SELECTORS`` (torchao's ``quantize_(model, config)`` pattern):
 a new selector is one ``register_selector`` call, with no ``if method == ...`` anywhere.
+
+The sweep's stage is in ``selection.sweep_stage``, the plots of a search in ``selection.trace_plot`` and the
+line ``select`` prints in ``cli.messages``.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prune_heads.cli.messages import plan_line  # noqa: F401  (moved; re-exported)
 from prune_heads.errors import PruneHeadsError
 from prune_heads.schema import Config, ConfigError, option
 from prune_heads.scoring.stage import check_score_ids
+from prune_heads.selection.sweep_stage import SweepConfig, run_sweep_stage  # noqa: F401  (moved; re-exported)
 
 POLICY_CHOICES = ("free", "kv-groups", "uniform")
 
@@ -128,10 +133,40 @@ class SelectConfig(Config):
                          help="memory: load the whole model; sequential: every probe is one pass over the documents "
                               "with one decoder layer at a time read from the shards (the static method on ppl:/kl: "
                               "tasks; the same plan and numbers); auto: memory when the model fits with headroom.")
+    heads: int | None = option(None, ge=1, help="static: remove exactly this many query heads, the first of the "
+                                                "ranking the search would walk (kv-groups: a multiple of a group's "
+                                                "heads; uniform: of layers x KV groups); no budget, the held-out "
+                                                "check reports the measured cost.")
+    fraction: float | None = option(None, gt=0, lt=1, help="static: remove this fraction of all heads (rounded to "
+                                                           "the nearest whole --gqa unit) instead of searching; no "
+                                                           "budget.")
+
+    @property
+    def fixed(self) -> bool:
+        """A fixed-count selection (``heads`` or ``fraction``): no search, no budget."""
+        return self.heads is not None or self.fraction is not None
+
+    def _check_fixed(self) -> None:
+        if self.heads is not None and self.fraction is not None:
+            raise ConfigError("heads", "give at most one of heads (--heads) and fraction (--fraction)")
+        if not isinstance(self.method, StaticMethod):
+            raise ConfigError("heads", "a fixed count (--heads/--fraction) ranks like the static method: use --method "
+                                       "static (gates: --target-fraction; iterative searches within a budget)")
+        search_only = {"max_drop": self.max_drop is not None, "relative": self.relative,
+                       "surrogate": self.surrogate is not None, "search": self.search is not None,
+                       "allow_underpowered": self.allow_underpowered, "accept_unverified": self.accept_unverified,
+                       "strict_verification": self.strict_verification}
+        for name, given in search_only.items():
+            if given:
+                raise ConfigError(name, "applies to a search within a budget, and a fixed count (heads/fraction, "
+                                        "--heads/--fraction) claims none: give one or the other")
 
     def check(self) -> None:
         if self.sequential and self.compensate == "none":
             raise ConfigError("sequential", "sequential compensation needs --compensate lsq or mean (none zeroes)")
+        if self.fixed:
+            self._check_fixed()
+            return
         needs_budget = not isinstance(self.method, GatesMethod)
         if needs_budget and not self.task:
             raise ConfigError("task", "this method needs a budget task (e.g. arc_easy, ppl:wikitext2)")
@@ -144,6 +179,8 @@ class SelectConfig(Config):
         if isinstance(self.method, IterativeMethod) and self.policy == "uniform":
             raise ConfigError("policy", "iterative selection supports free and kv-groups (select a uniform plan with "
                                         "the static method)")
+        for key, why in _unused_options(self):  # an option the chosen method would ignore is refused
+            raise ConfigError(key, f"has no effect {why}; remove it")
 
     def _check_guard(self) -> None:
         if self.guard_task is None:
@@ -210,6 +247,19 @@ def select_engine(cfg: SelectConfig, model: Any, notify: Any = None) -> str:
     return engine_for(cfg.engine, model, what="select", notify=notify, **select_memory(cfg))
 
 
+def _unused_options(cfg: SelectConfig) -> list[tuple[str, str]]:
+    """(option, why) for each option set away from its default that the chosen method never reads."""
+    static, gates = isinstance(cfg.method, StaticMethod), isinstance(cfg.method, GatesMethod)
+    out = [(k, "outside the static method") for k in ("surrogate", "search") if getattr(cfg, k) is not None and not static]
+    if gates and cfg.policy != "free":
+        out.append(("policy", "with the gates method (it removes single heads)"))
+    if gates and cfg.allow_underpowered:
+        out.append(("allow_underpowered", "with the gates method (it runs no power check)"))
+    if static and cfg.data and not cfg.sequential:
+        out.append(("data", "with the static method without sequential compensation (it reads no calibration data)"))
+    return out
+
+
 # ---- what a selector gets -------------------------------------------------------------------
 @dataclass
 class SelectContext:
@@ -251,8 +301,13 @@ Selector = Callable[[SelectConfig, SelectContext], Any]
 
 
 def _static(cfg: SelectConfig, ctx: SelectContext) -> Any:
-    from prune_heads.selection.static import select_static
+    from prune_heads.selection.static import select_fixed, select_static
 
+    if cfg.fixed:
+        return select_fixed(ctx.model, ctx.scores, ctx.search, score_id=cfg.ranking, heads=cfg.heads,
+                            fraction=cfg.fraction, policy=cfg.policy, min_heads_per_layer=cfg.min_heads_per_layer,
+                            allow_empty_layers=cfg.allow_empty_layers, verify_evaluator=ctx.verify,
+                            confidence=cfg.confidence, seed=cfg.seed, compensation=ctx.compensation)
     return select_static(ctx.model, ctx.scores, ctx.search, score_id=cfg.ranking, max_drop=cfg.max_drop,
                          relative=cfg.relative, policy=cfg.policy, min_heads_per_layer=cfg.min_heads_per_layer,
                          allow_empty_layers=cfg.allow_empty_layers, verify_evaluator=ctx.verify,
@@ -462,82 +517,7 @@ def _compensate(cfg: SelectConfig, ctx: SelectContext) -> None:
 
 
 def plot_search(plan: Any, path: Path) -> list[Path]:
-    """The search's probes against heads removed, when the method searched (static, iterative): ``path``
-    shows the metric, and ``PATH-drop.png`` beside it each probe's paired drop with its confidence band,
-    the budget line and the chosen k (what the budget rule decided on). Returns the files written."""
-    if not plan.selection.trace:
-        return []
-    from prune_heads.report.search import plot_selection_search
-    from prune_heads.selection.trace_plot import plot_selection
+    """``selection.trace_plot.plot_search`` (it moved there; this name stays for its callers)."""
+    from prune_heads.selection.trace_plot import plot_search as plot
 
-    out = [plot_selection_search(plan, path)]
-    if any(p.drop is not None for p in plan.selection.trace):
-        path = Path(path)
-        out.append(plot_selection(plan, path.with_name(f"{path.stem}-drop{path.suffix}")))
-    return out
-
-
-def plan_line(plan: Any, out: Any) -> str:
-    """The one line ``select`` prints."""
-    s = plan.selection
-    msg = f"{s.method}: removing {len(plan.removed_heads)} of {s.heads_total} heads"
-    if s.baseline and s.result:
-        msg += f"; {s.baseline['metric']} {s.baseline['value']:.4f} -> {s.result['value']:.4f} on the search split"
-    if s.compensated:
-        msg += f" (compensated: {s.compensation['mode']}{', sequential' if s.compensation.get('sequential') else ''})"
-    v = s.verification
-    if v is not None:
-        verdict = v.verdict or ("within" if v.within_budget else "OUTSIDE")
-        msg += f"; held out {v.baseline['value']:.4f} -> {v.result['value']:.4f} ({verdict} budget)"
-        if s.accepted_unverified:
-            msg += ", ACCEPTED UNVERIFIED"
-    g = s.guard
-    if g is not None and g.result:
-        where = f" at {g.seq_len} tokens" if g.seq_len else ""
-        msg += (f"; guard {(g.task or {}).get('task')}{where} {g.baseline['value']:.4f} -> {g.result['value']:.4f} "
-                f"({'within' if g.within_budget else 'OUTSIDE'} budget"
-                f"{f', refused {len(g.refused)} probe(s)' if g.refused else ''})")
-    if s.cost.evaluations:
-        msg += f"; {s.cost.evaluations} evaluations"
-    return f"{msg} -> {out}"
-
-
-# ---- the sweep (the paper's curves) ------------------------------------------------------------
-@dataclass
-class SweepConfig(Config):
-    task: str = option("", required=True, help="lm-eval task name, mc:FILE.jsonl, ppl:DATA or kl:DATA.")
-    scores: list[str] = option(default_factory=lambda: ["ahon_ln", "awft", "lthon_ln"], check=check_score_ids,
-                               help="Score ids to sweep (a random baseline is always added).")
-    dynamic: bool = option(False, help="Zero heads per input as in the paper (default: static, the same heads "
-                                       "for every input).")
-    fractions: list[float] = option(default_factory=lambda: [0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30],
-                                    help="Fractions of all heads to zero (0.05 = 5%).")
-    random_seeds: list[int] = option(default_factory=lambda: [0], check=lambda v: None if all(s >= 0 for s in v)
-                                     else f"seeds must be integers >= 0, got {v}",
-                                     help="Seeds of the random baseline (empty: none).")
-    max_drop: float = option(0.01, ge=0, help="Budget of the summary table (0.01 = one point).")
-    limit: int | None = option(None, ge=1, help="Documents per (sub)task.")
-    num_fewshot: int | None = option(None, ge=0, help="Few-shot examples (default: the task's own).")
-    data_dir: str | None = option(None, help="Folder of offline task data (default: found automatically).")
-    batch_size: int = option(8, ge=1, help="Requests per forward pass.")
-
-    def check(self) -> None:
-        if not self.fractions or not all(0 <= f <= 1 for f in self.fractions):
-            raise ConfigError("fractions", f"must be fractions in [0, 1] (0.05 = 5% of the heads), got {self.fractions}")
-
-
-def run_sweep_stage(cfg: SweepConfig, loaded: Any, scores: Any, out: Path, *, model_id: str,
-                    overwrite: bool = False) -> Any:
-    """Evaluate every (score, fraction) pair and write sweep.json/.csv, table.md/.csv and sweep.png."""
-    from prune_heads.evaluation import make_evaluator
-    from prune_heads.selection.sweep import run_sweep
-
-    scores.check(loaded.model)
-    ev = make_evaluator(loaded.model, loaded.tokenizer, cfg.task, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
-                        data_dir=cfg.data_dir, batch_size=cfg.batch_size)
-    result = run_sweep(loaded.model, scores, ev, score_ids=[s for s in cfg.scores if s != "random"],
-                       fractions=cfg.fractions, dynamic=cfg.dynamic, random_seeds=cfg.random_seeds,
-                       max_drop=cfg.max_drop)
-    result.meta.update({"model": model_id})
-    result.save(out, overwrite=overwrite)
-    return result
+    return plot(plan, path)

@@ -33,6 +33,7 @@ from prune_heads.selection.budget import (
     check_disjoint,
     judge,
     make_budget,
+    measure,
     raise_if_unverified,
     verify,
 )
@@ -179,6 +180,93 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
     )
     return raise_if_unverified(Plan(removed, selection), accept_unverified=accept_unverified,
                                strict=strict_verification)
+
+
+def unit_size(layout: HeadLayout, policy: str) -> int:
+    """Heads in one removal unit of ``policy``: 1 (free), a KV group's query heads (kv-groups), or one head of
+    every KV group of every layer (uniform)."""
+    if policy == "kv-groups":
+        return layout.group_size
+    if policy == "uniform":
+        return layout.num_layers * layout.num_kv_heads
+    return 1
+
+
+def fixed_units(layout: HeadLayout, policy: str, available: int, *, heads: int | None = None,
+                fraction: float | None = None) -> int:
+    """How many removal units a fixed count asks for: ``heads`` query heads (for every policy; under kv-groups and
+    uniform a whole number of units, else refused with the nearest counts that are), or ``fraction`` of all heads
+    rounded to the nearest whole unit. Refuses (one line) zero units and more than ``available``."""
+    if (heads is None) == (fraction is None):
+        raise PruneHeadsError("a fixed count needs exactly one of heads (--heads N) and fraction (--fraction F)")
+    size = unit_size(layout, policy)
+    what = {"free": "head", "kv-groups": f"KV group ({size} query heads)",
+            "uniform": f"round of one head from each of the {size} KV groups of the model"}[policy]
+    if heads is not None:
+        if heads < 1 or heads % size:
+            lo, hi = (heads // size) * size, (heads // size + 1) * size
+            near = " or ".join(str(n) for n in (lo, hi) if n >= size)
+            raise PruneHeadsError(f"--heads {heads} is not a whole number of removal units under --gqa {policy} (a "
+                                  f"unit is one {what}): use {near}, or --fraction")
+        k, asked = heads // size, f"--heads {heads}"
+    else:
+        k = round(float(fraction) * layout.total_heads / size)
+        asked = f"--fraction {fraction:g} ({fraction * layout.total_heads:g} of {layout.total_heads} heads)"
+        if k < 1:
+            raise PruneHeadsError(f"{asked} is less than half a removal unit under --gqa {policy} (one {what}): ask "
+                                  f"for at least {size / layout.total_heads:.3g}")
+    if k > available:
+        raise PruneHeadsError(f"{asked} asks for {k * size} heads, but --gqa {policy} with the layers' floor "
+                              f"(--min-heads-per-layer, --allow-empty-layers) lets at most {available * size} go")
+    return k
+
+
+def select_fixed(model: nn.Module, scores: HeadScores | None, evaluator: Any = None, *, score_id: str,
+                 heads: int | None = None, fraction: float | None = None, policy: str = "free",
+                 min_heads_per_layer: int = 1, allow_empty_layers: bool = False, verify_evaluator: Any = None,
+                 confidence: float = 0.9, seed: int = 0, compensation: Any = None) -> Plan:
+    """A fixed number of heads (``heads``, or ``fraction`` of all heads; see ``fixed_units``), the first units of
+    the ranking the search would walk (same score, policy, floor and compensation): no search, no budget.
+
+    With ``evaluator`` (search split) the plan records the baseline and the result; with ``verify_evaluator``
+    (held-out documents, disjoint from the search's) its verification is the measured cost, the paired drop
+    with one-sided ``confidence`` bounds, verdict ``measured``. Nothing is judged against a budget, so no plan
+    is refused for its cost: the caller asked for this count. ``compensation`` (a ``Compensator``; default the
+    evaluator's own) is what the plan records and every evaluation applies.
+    """
+    from prune_heads.compensation.plans import evaluator_with, record_of
+
+    t0 = time.time()
+    compensation = compensation if compensation is not None else getattr(evaluator, "compensation", None)
+    evaluator = evaluator_with(evaluator, compensation)
+    layout = get_adapter(model).layout(model.config)
+    if scores is not None:
+        scores.check(model)
+    from prune_heads.compensation.greedy import ensure_lsq_scores
+
+    scores = ensure_lsq_scores(scores, model, score_id)
+    check_disjoint(evaluator, verify_evaluator)
+    units = candidate_units(ranking(scores, score_id, layout, seed), layout, policy, min_heads_per_layer,
+                            allow_empty_layers)
+    k = fixed_units(layout, policy, len(units), heads=heads, fraction=fraction)
+    mask = removal_mask(units, k, layout)
+    baseline = result = None
+    if evaluator is not None:
+        baseline = evaluator(None)
+        result = evaluator(mask)
+    verification = None
+    if verify_evaluator is not None:  # held-out data judge the same (compensated) model
+        verification = measure(evaluator_with(verify_evaluator, compensation), mask, confidence=confidence)
+    selection = SelectionResult.for_removal(
+        model, mask, method="static", score_id=score_id, policy=policy, min_heads_per_layer=min_heads_per_layer,
+        allow_empty_layers=bool(allow_empty_layers), budget=None, task=_task_config(evaluator),
+        baseline=result_dict(baseline), result=result_dict(result), verification=verification,
+        cost=Cost(evaluations=2 if evaluator is not None else 0, wall_seconds=round(time.time() - t0, 2)),
+        scores=scores.summary() if scores is not None else None, compensation=record_of(compensation),
+        details=StaticDetails(k=k, num_units=len(units), seed=seed if score_id == RANDOM_SCORE else None,
+                              search="fixed", heads=heads, fraction=fraction),
+    )
+    return Plan(heads_of(units, k), selection)
 
 
 STRATEGIES = ("ascend", "bisect")

@@ -15,7 +15,7 @@ from typing import Any
 
 from prune_heads.plan.record import SelectionResult
 
-__all__ = ["TracePoint", "plot_selection", "trace_points"]
+__all__ = ["TracePoint", "plot_search", "plot_selection", "trace_points"]
 
 
 @dataclass
@@ -93,3 +93,18 @@ def _gap(a: float, b: float) -> float:
     """``a - b`` for an error bar; an infinite bound (fewer than two documents) draws no bar."""
     d = a - b
     return d if math.isfinite(d) and d >= 0 else 0.0
+
+
+def plot_search(plan: Any, path: Path) -> list[Path]:
+    """The search's probes against heads removed, when the method searched (static, iterative): ``path``
+    shows the metric, and ``PATH-drop.png`` beside it each probe's paired drop with its confidence band,
+    the budget line and the chosen k (what the budget rule decided on). Returns the files written."""
+    if not plan.selection.trace:
+        return []
+    from prune_heads.report.search import plot_selection_search
+
+    out = [plot_selection_search(plan, path)]
+    if any(p.drop is not None for p in plan.selection.trace):
+        path = Path(path)
+        out.append(plot_selection(plan, path.with_name(f"{path.stem}-drop{path.suffix}")))
+    return out
