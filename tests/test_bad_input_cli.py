@@ -131,7 +131,7 @@ def _add(cmd: str, option: str, values: list[str], pre: list[str] = ()) -> None:
 _add("calibrate", "--num-samples", ["0", "-3"])            # 0 said "128 were asked for"
 _add("calibrate", "--seq-len", ["0", "1", "-5"])
 _add("calibrate", "--batch-size", ["0", "-2"])            # 0 was a traceback
-_add("calibrate", "--seed", ["-1"])
+_add("calibrate", "--seed", ["-1", "999999999999999999999999999999"])
 _add("calibrate", "--block-size", ["0", "-4"])
 _add("calibrate", "--dtype", ["float8", "int4"])
 _add("calibrate", "--ablation-compensate", ["lsq"])                     # no ablation score: it would do nothing
@@ -160,12 +160,12 @@ _add("select", "--steps", ["0"], pre=["--method", "gates", "--target-fraction", 
 _add("select", "--lr", ["0", "nan"], pre=["--method", "gates", "--target-fraction", "0.2"])
 _add("select", "--gate-batch-size", ["0"], pre=["--method", "gates", "--target-fraction", "0.2"])
 _add("select", "--confidence", ["1", "-0.1", "nan"])
-_add("select", "--seed", ["-1"])
+_add("select", "--seed", ["-1", "999999999999999999999999999999"])  # 30 digits: a traceback in torch (issue 21 class 5)
 _add("select", "--dtype", ["float8"])
 _add("eval", "--num-fewshot", ["-1"])
 _add("eval", "--limit", ["0", "-1"])
 _add("eval", "--batch-size", ["0"])
-_add("eval", "--seed", ["-1"])
+_add("eval", "--seed", ["-1", "999999999999999999999999999999"])
 _add("eval", "--dynamic", ["awft:nan", "awft", "awft:x", "awft:inf", "awft:-inf"])  # inf: issue 21 class 3
 _add("eval", "--dynamic-fraction", ["awft:1.5", "awft:-0.1", "awft:nan"], pre=["--scores", "SCORES"])
 _add("eval", "--dtype", ["float8"])
@@ -180,7 +180,7 @@ _add("sweep", "--limit", ["0"])
 _add("sweep", "--num-fewshot", ["-1"])
 _add("sweep", "--batch-size", ["0"])
 _add("sweep", "--fractions", ["0,1.5", "0,nan", "0,x"])
-_add("sweep", "--random-seeds", ["a", "-1"])
+_add("sweep", "--random-seeds", ["a", "-1", "999999999999999999999999999999"])
 _add("sweep", "--dtype", ["float8"])
 _add("compare-selectors", "--max-drop", ["-1", "nan", "x"])
 _add("compare-selectors", "--limit", ["0"])
