@@ -410,6 +410,9 @@ HOSTILE = [  # (label, command, args with placeholders (OUT: a fresh output), na
     ("export from a sliced export", "export", ["SLICED", "--plan", "PLAN", "-o", "OUT"], ("sliced",)),
     ("eval --plan on a sliced export", "eval", ["SLICED", "--task", "MC", "--plan", "BARE", "-o", "OUT"], ("sliced",)),
     ("push an unverified export", "push", ["SLICED", "org/name"], ("--allow-unverified",)),
+    ("-o name too long", "calibrate", ["MODEL", "--data", "DATA", "-o", "LONG"], ("File name too long",)),
+    ("--data name too long", "calibrate", ["MODEL", "--data", "LONG.txt", "-o", "OUT"], ("File name too long",)),
+    ("eval -o name too long", "eval", ["MODEL", "--task", "MC", "-o", "LONG.json"], ("File name too long",)),
     # config.json claiming 100000 layers (or a 10^6 hidden size) built modules for minutes before any weight
     ("config claims 100000 layers: calibrate", "calibrate", ["LYING-LAYERS", "--data", "DATA", "-o", "OUT"],
      ("num_hidden_layers",)),
@@ -439,6 +442,8 @@ def test_hostile_input_is_one_line(env, hostile, tmp_path, case):
              **{f"BOMB-{k.upper()}": hostile[f"bomb-{k}"] for k in ("name", "description", "notes")}}
     subst.update({"LYING-LAYERS": hostile["root"] / "lying-layers", "LYING-WIDE": hostile["root"] / "lying-wide"})
     subst.update({f"MCFILE-{k}": f"mc:{hostile['root'] / f'mc-{k}.jsonl'}" for k in ("list", "deep", "binary")})
+    long = str(tmp_path / ("a" * 300))  # over NAME_MAX: ENAMETOOLONG was a traceback
+    subst.update({"LONG": long, "LONG.txt": long + ".txt", "LONG.json": long + ".json"})
     argv = [str(subst.get(a, a)) for a in args]
     if cmd == "calibrate":
         argv += ["--num-samples", "2", "--seq-len", "8"]
