@@ -86,6 +86,8 @@ def _as_int(value: Any, name: str) -> int:
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(name, f"must be an integer, not {shown(value)}")
+    if not -(2**63) <= value < 2**63:  # every int option ends in torch/numpy (seeds, sizes): 64 bits at most
+        raise ConfigError(name, f"must fit in 64 bits, got an integer of {len(str(abs(value)))} digits")
     return value
 
 

@@ -131,7 +131,7 @@ def _add(cmd: str, option: str, values: list[str], pre: list[str] = ()) -> None:
 _add("calibrate", "--num-samples", ["0", "-3"])            # 0 said "128 were asked for"
 _add("calibrate", "--seq-len", ["0", "1", "-5"])
 _add("calibrate", "--batch-size", ["0", "-2"])            # 0 was a traceback
-_add("calibrate", "--seed", ["-1"])
+_add("calibrate", "--seed", ["-1", "999999999999999999999999999999"])
 _add("calibrate", "--block-size", ["0", "-4"])
 _add("calibrate", "--dtype", ["float8", "int4"])
 _add("calibrate", "--ablation-compensate", ["lsq"])                     # no ablation score: it would do nothing
@@ -160,7 +160,7 @@ _add("select", "--steps", ["0"], pre=["--method", "gates", "--target-fraction", 
 _add("select", "--lr", ["0", "nan"], pre=["--method", "gates", "--target-fraction", "0.2"])
 _add("select", "--gate-batch-size", ["0"], pre=["--method", "gates", "--target-fraction", "0.2"])
 _add("select", "--confidence", ["1", "-0.1", "nan"])
-_add("select", "--seed", ["-1"])
+_add("select", "--seed", ["-1", "999999999999999999999999999999"])  # 30 digits: a traceback in torch (issue 21 class 5)
 _add("select", "--dtype", ["float8"])
 _add("select", "--seq-len", ["1", "300"], pre=["--task", "PPL"])
 _add("select", "--score-last", ["0"], pre=["--task", "PPL"])
@@ -173,7 +173,7 @@ _add("select", "--guard-task", ["passkey:300", "passkey:20"], pre=["--guard-max-
 _add("eval", "--num-fewshot", ["-1"])
 _add("eval", "--limit", ["0", "-1"])
 _add("eval", "--batch-size", ["0"])
-_add("eval", "--seed", ["-1"])
+_add("eval", "--seed", ["-1", "999999999999999999999999999999"])
 _add("eval", "--dynamic", ["awft:nan", "awft", "awft:x", "awft:inf", "awft:-inf"])  # inf: issue 21 class 3
 _add("eval", "--dynamic-fraction", ["awft:1.5", "awft:-0.1", "awft:nan"], pre=["--scores", "SCORES"])
 _add("eval", "--dtype", ["float8"])
@@ -193,7 +193,7 @@ _add("sweep", "--limit", ["0"])
 _add("sweep", "--num-fewshot", ["-1"])
 _add("sweep", "--batch-size", ["0"])
 _add("sweep", "--fractions", ["0,1.5", "0,nan", "0,x"])
-_add("sweep", "--random-seeds", ["a", "-1"])
+_add("sweep", "--random-seeds", ["a", "-1", "999999999999999999999999999999"])
 _add("sweep", "--dtype", ["float8"])
 _add("compare-selectors", "--max-drop", ["-1", "nan", "x"])
 _add("compare-selectors", "--limit", ["0"])
@@ -435,6 +435,9 @@ HOSTILE = [  # (label, command, args with placeholders (OUT: a fresh output), na
     ("export from a sliced export", "export", ["SLICED", "--plan", "PLAN", "-o", "OUT"], ("sliced",)),
     ("eval --plan on a sliced export", "eval", ["SLICED", "--task", "MC", "--plan", "BARE", "-o", "OUT"], ("sliced",)),
     ("push an unverified export", "push", ["SLICED", "org/name"], ("--allow-unverified",)),
+    ("-o name too long", "calibrate", ["MODEL", "--data", "DATA", "-o", "LONG"], ("File name too long",)),
+    ("--data name too long", "calibrate", ["MODEL", "--data", "LONG.txt", "-o", "OUT"], ("File name too long",)),
+    ("eval -o name too long", "eval", ["MODEL", "--task", "MC", "-o", "LONG.json"], ("File name too long",)),
     # config.json claiming 100000 layers (or a 10^6 hidden size) built modules for minutes before any weight
     ("config claims 100000 layers: calibrate", "calibrate", ["LYING-LAYERS", "--data", "DATA", "-o", "OUT"],
      ("num_hidden_layers",)),
@@ -464,6 +467,8 @@ def test_hostile_input_is_one_line(env, hostile, tmp_path, case):
              **{f"BOMB-{k.upper()}": hostile[f"bomb-{k}"] for k in ("name", "description", "notes")}}
     subst.update({"LYING-LAYERS": hostile["root"] / "lying-layers", "LYING-WIDE": hostile["root"] / "lying-wide"})
     subst.update({f"MCFILE-{k}": f"mc:{hostile['root'] / f'mc-{k}.jsonl'}" for k in ("list", "deep", "binary")})
+    long = str(tmp_path / ("a" * 300))  # over NAME_MAX: ENAMETOOLONG was a traceback
+    subst.update({"LONG": long, "LONG.txt": long + ".txt", "LONG.json": long + ".json"})
     argv = [str(subst.get(a, a)) for a in args]
     if cmd == "calibrate":
         argv += ["--num-samples", "2", "--seq-len", "8"]

@@ -61,7 +61,16 @@ class LazyGroup(click.Group):
         except OSError as e:
             if e.errno == 28:  # ENOSPC
                 _fail(f"no space left on the device ({e.filename or 'output'}); free some space and run again")
+            if e.errno in _PATH_ERRNOS and e.filename is not None:  # a path the user gave: too long, not allowed...
+                from prune_heads.errors import shown
+
+                _fail(f"{e.strerror}: {shown(os.fsdecode(e.filename), 300)}; check the path (its length, its folders "
+                      "and their permissions) and run again")
             raise
+
+
+#: errors of a path the user chose, not of prune-heads: ENAMETOOLONG, EACCES, EPERM, EROFS, ELOOP, ENOTDIR, EISDIR
+_PATH_ERRNOS = (36, 13, 1, 30, 40, 20, 21)
 
 
 #: the longest error line printed: a message that quotes a hostile value is cut, never printed whole
