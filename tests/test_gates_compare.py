@@ -208,3 +208,20 @@ def test_measured_plans_export_exactly(tmp_path):
         with torch.no_grad():
             got = pruned(input_ids=ids).logits
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_options_only_some_methods_read_apply_to_those_rows():
+    """``select --allow-underpowered --surrogate margin`` in a comparison: the static rows take them, the
+    iterative and gates rows (which ``select`` would refuse them for) get the defaults instead of failing."""
+    from prune_heads.selection.compare import _config_of, _Setup, method_configs
+    from prune_heads.selection.stage import GatesMethod, SelectConfig
+
+    select = SelectConfig(task="ppl:x", max_drop=0.1, allow_underpowered=True, surrogate="margin")
+    setup = _Setup(select, None, None, method_configs(gates=GatesMethod(target_fraction=0.25)), None, None, False)
+    static, iterative, gates = (_config_of(setup, name, 0.05) for name in ("static:ahon_ln", "iterative", "gates"))
+    assert (static.allow_underpowered, static.surrogate, static.max_drop) == (True, "margin", 0.05)
+    assert (iterative.allow_underpowered, iterative.surrogate) == (True, None)
+    assert (gates.allow_underpowered, gates.surrogate, gates.method) == (False, None, GatesMethod(target_fraction=0.25))
+    # and each is what `select` accepts with that method
+    with pytest.raises(Exception, match="allow_underpowered"):
+        SelectConfig(task="ppl:x", max_drop=0.1, allow_underpowered=True, method=GatesMethod(target_fraction=0.25))

@@ -136,7 +136,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(env, tmp_path, cmd, ki
 # ---- statistics that come out non-finite anyway -------------------------------------------------------
 def test_non_finite_statistics_are_refused_at_their_chokepoints():
     """Overflowing statistics (simulated by poisoning what each chokepoint receives) name the layer."""
-    from prune_heads.compensation.solve import Compensator
+    from prune_heads.compensation.compensator import Compensator
     from prune_heads.scoring.calibrate import calibrate
 
     model = tiny_model("llama", layers=2, vocab=len(SPECIAL) + len(WORDS))

@@ -187,16 +187,6 @@ def save_plan(plan: Any, plan_path: str | os.PathLike, *, compensation: Compensa
     return plan.path
 
 
-def save_beside_plan(plan: Any, compensation: Compensation, plan_path: str | os.PathLike) -> Path:
-    """Write ``compensation`` beside ``plan_path`` and record its file and fingerprint in the plan (the plan
-    must then be written by the caller; ``save_plan`` writes both as one unit and is what selection uses)."""
-    path = compensation.save(sidecar_path(plan_path))
-    entry = dict(plan.selection.compensation or compensation.record())
-    entry.update(file=path.name, fingerprint=compensation.fingerprint())
-    plan.selection.compensation = entry
-    return path
-
-
 def _sidecar(plan: Any, entry: dict[str, Any]) -> Compensation | None:
     """The compensation file that travels with a loaded plan, checked against the plan's record; None if none."""
     name, where = entry.get("file"), getattr(plan, "path", None)
