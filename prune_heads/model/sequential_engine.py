@@ -108,6 +108,12 @@ class ShardReader:
         with self._open(self._shard(name)) as h:
             return h.get_slice(name)[start:stop]
 
+    def gather_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` (in that order) of a 2-D tensor, the shard opened once, nothing else read."""
+        with self._open(self._shard(name)) as h:
+            s = h.get_slice(name)
+            return torch.cat([s[r:r + 1] for r in rows])
+
     def shape(self, name: str) -> list[int]:
         with self._open(self._shard(name)) as h:
             return list(h.get_slice(name).get_shape())
@@ -248,7 +254,7 @@ class StreamedModel:
         embed = self.model.get_submodule(self.adapter.embed_name)
         name = f"{self.adapter.embed_name}.weight"
         used, local = torch.unique(ids, return_inverse=True)
-        rows = torch.cat([self.reader.rows(name, int(i), int(i) + 1) for i in used.tolist()])
+        rows = self.reader.gather_rows(name, used.tolist())
         rows = self._hooked(name, self._cast(rows)).to(dtype)
         keep_pad, meta_weight = embed.padding_idx, embed._parameters["weight"]
         embed.padding_idx = None  # the compact table has fewer rows than the pad id; padding_idx only shapes grads
