@@ -14,6 +14,15 @@ no family's masking or rotary code is re-implemented here. Running layer ``j`` o
 computes what the whole model computes, kernel for kernel (``tests/test_sequential_engine.py`` checks it
 bit for bit in float64 against ``model(...)`` on every family).
 
+Evaluation (``batch_logits``): a ``ppl:``/``kl:`` probe is one pass in which each layer runs every batch's hidden
+states, then each batch goes through the final norm and the chunked LM head in turn. The static mask and the
+compensation hooks sit on the skeleton's own modules, so they act as on the model loaded whole. Fingerprint
+checks read the shards through ``StreamedModel.tensors`` (``fingerprint.model_tensors``), once per record.
+
+Choosing the engine (``engine_for``, called by each stage's ``*_engine``): ``Footprint.peaks`` estimates a stage's
+peak both ways from the shards' headers and the config, and ``auto`` keeps the whole model when it fits within
+``HEADROOM`` of the free memory.
+
 Tensor names come from the family adapter (``layer_prefix``, ``embed_name``, ``final_norm_prefix``,
 ``lm_head_name``); the shards are opened per layer and closed again, so file pages do not pile up in memory.
 """
