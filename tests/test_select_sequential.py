@@ -127,6 +127,25 @@ def test_eval_of_an_export_layer_by_layer_equals_the_whole_models(calibrated, tm
     assert whole.pruned["value"] == layered.pruned["value"] != whole.baseline["value"]
 
 
+def test_kl_of_an_export_is_measured_against_the_original(calibrated, tmp_path):
+    """``kl:`` on an export compares it with the original (it compared the export with itself: always 0); an
+    exact export's KL is the masked original's, whole model or layer by layer."""
+    from prune_heads.evaluation.stage import EvalTask, EvaluateConfig, PrunedSide, run_evaluate
+    from prune_heads.export import export_checkpoint
+    from prune_heads.plan import Plan
+
+    root, src, docs = calibrated
+    plan = Plan([(0, 1), (1, 2), (2, 0)])
+    export_checkpoint(str(src), plan, tmp_path / "out", verify=False, progress=False, dtype="float32")
+    cfg = EvaluateConfig(tasks=[EvalTask(task=f"kl:{docs}", limit=4)], speed_seq_len=0)
+    mc = ModelConfig(id=str(src), device="cpu", dtype="float32")
+    masked = run_evaluate(cfg, mc.load(), str(src), PrunedSide(plan=plan)).tasks[0].pruned["value"]
+    for loaded in (mc.load(), load_streamed(mc)):
+        got = run_evaluate(cfg, loaded, str(src), PrunedSide(plan=plan, export_dir=tmp_path / "out")).tasks[0]
+        assert got.baseline["value"] == 0
+        assert got.pruned["value"] > 0 and got.pruned["value"] == pytest.approx(masked, rel=1e-4, abs=1e-7)
+
+
 # ---- choosing the engine with a faked memory size ------------------------------------------------------
 GiB = 2**30
 

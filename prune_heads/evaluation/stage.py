@@ -343,7 +343,7 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
             pev = make_evaluator(pruned_model, loaded.tokenizer, t.task, limit=t.limit, num_fewshot=t.num_fewshot,
                                  split=t.split, data_dir=data_dir, batch_size=cfg.batch_size, seed=seed,
                                  metric=t.metric, exclude_docs=exclude_docs, **t.window())
-            pruned = pev(None)
+            pruned = _against_original(pev, ev)
             calls += pev.calls
         elif removed is not None:
             pruned = ev(removed)
@@ -389,6 +389,14 @@ def _plan_compensation(side: PrunedSide, model: Any, tokenizer: Any, batch_size:
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     return compensation_for_plan(side.plan, scores=side.scores, model=model, seqs=seqs, batch_size=batch_size,
                                  pad_id=int(pad))
+
+
+def _against_original(pev: Any, ev: Any) -> Any:
+    """The export's evaluation; a ``kl:`` task measures it against the original's distribution (the reference
+    ``ev`` computed), not against the export's own, which would always give 0."""
+    if getattr(ev.backend, "reference", None) is not None:
+        pev.backend.reference = ev.backend.reference
+    return pev(None)
 
 
 def _load_export(path: Path, original: Any) -> Any:
