@@ -50,6 +50,8 @@ class VerificationRecord:
     num_sequences: int | None = None
     seq_len: int | None = None
     compute_dtype: str | None = None
+    #: ``memory`` (both models whole) or ``sequential`` (streamed layer by layer): the same numbers either way
+    engine: str | None = None
     weights_dtype: str | None = None
     approximate_norms: bool = False
     reference: str | None = None
