@@ -10,6 +10,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
+
+# `pytest --hypothesis-profile=noshrink`: report a failing example at once instead of shrinking it for minutes
+# (a whole-suite run on a loaded machine); the default profile is unchanged
+settings.register_profile("noshrink", phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
 
 
 @pytest.fixture(scope="session")
