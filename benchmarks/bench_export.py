@@ -322,9 +322,9 @@ def render_long(args, layout, load, rows) -> str:
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) when the measurement started.  ",
         f"Source: {layout.num_layers} layers x {layout.num_heads} heads ({layout.num_kv_heads} KV heads). Prefill: one "
         f"forward over `context` tokens; decode: {args.decode_tokens} one-token steps on a `context`-token cache. "
-        f"Time ratio = median export time / median original time over {args.placements} placements x "
-        f"{args.repeats} interleaved runs (`compare_speed`), IQR of the per-pair ratios; **slow** as in the export "
-        "table. FLOPs ratio: multiply-adds per token at that context (attention included). Bytes-read ratio: "
+        + (f"Time ratio = median export time / median original time over {args.placements} placements x "
+           f"{args.repeats} interleaved runs (`compare_speed`), IQR of the per-pair ratios; **slow** as in the export "
+           "table. " if not args.skip_prefill else "") + "FLOPs ratio: multiply-adds per token at that context (attention included). Bytes-read ratio: "
         "(weights + KV cache at `context`) of the export over the original's, what a memory-bound decode step "
         "reads." + (f" With `--skip-prefill`, decode is timed on one prompt cache per model, deep-copied for each of "
                     f"{args.repeats} interleaved runs after a warm-up pair; the parentheses give the lowest and highest "

@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--passkey-docs", type=int, default=6)
     ap.add_argument("--why", type=int, default=0, help="calibrate on windows of this length too and cross them")
     ap.add_argument("--why-passkey", type=int, default=1, help="0: --why compares the rankings only (no pass keys)")
+    ap.add_argument("--why-combos", default="", help="only these ranking:moments pairs, e.g. r2048:m2048,r256:m2048 "
+                                                      "(r256:m256 is the free-lsq plan's own cell)")
     ap.add_argument("--render", action="store_true", help="only write the table from the cached cells")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cells", type=Path, default=SCRATCH)
@@ -203,8 +205,11 @@ def why(lm, s256, exclude, args) -> None:
     print(f"why {L}: {info}", flush=True)
     if not args.why_passkey:
         return
+    combos = set(args.why_combos.split(",")) if args.why_combos else None
     for rtag, m in masks.items():
         for mtag, s in (("m256", s256), (f"m{L}", long)):
+            if combos is not None and f"{rtag}:{mtag}" not in combos:
+                continue
             c = compensation(lm, s, "lsq")
             ev = make_evaluator(lm.model, lm.tokenizer, f"passkey:{L}", split="verify", limit=args.passkey_docs,
                                 batch_size=1, compensation=c)
@@ -278,6 +283,8 @@ def render(args, meta: dict) -> str:
         for r in ("r256", f"r{L}"):
             for m in ("m256", f"m{L}"):
                 c = cells.get(f"why_{r}_{m}_key_{L}_k{args.passkey_docs}")
+                if c is None and (r, m) == ("r256", "m256") and info.get("same_as_plan") == info["k"]:
+                    c = cells.get(f"free-lsq_key_{L}_k{args.passkey_docs}")  # the same heads and compensation
                 why_lines.append(f"| {r[1:]} tokens | {m[1:]} tokens | {acc(c['result']) if c else '—'} |")
         why_lines.append("")
     text = "\n".join([
