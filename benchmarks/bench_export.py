@@ -167,7 +167,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
                     help="a random-weight model with these real shapes instead of SmolLM2 (speed only)")
     ap.add_argument("--skip-prefill", action="store_true",
-                    help="--contexts: measure only decode on the long cache (a long prefill per run is slow on a CPU)")
+                    help="--contexts: no prefill comparison, and decode timed on one prompt cache per model, "
+                         "deep-copied for each of --repeats interleaved runs (a long prefill per run is slow on a CPU)")
     ap.add_argument("--contexts", default=None,
                     help="comma-separated context lengths of a long-context table (e.g. 2048,4096,8192)")
     ap.add_argument("--out", type=Path, default=None, help=f"markdown output (default {RESULTS})")
@@ -228,6 +229,49 @@ def weights_in_memory(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+@torch.no_grad()
+def decode_on_cache(original, exported, context: int, steps: int, repeats: int, threads: int):
+    """Per-token decode on a ``context``-token cache, side by side: each model's prompt cache is built once
+    (the long prefill is the slow part on a CPU) and deep-copied before every timed run; runs interleave the
+    two models, the first pair is a warm-up. Returns ``(ms/token original, ms/token export, median ratio,
+    (lowest, highest) per-pair ratio)``."""
+    import copy
+    import statistics
+
+    from prune_heads.evaluation.speed import _cache_of
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        vocab = original.config.vocab_size
+        prompt = torch.randint(0, vocab, (1, context), generator=gen)
+        tokens = torch.randint(0, vocab, (1, steps), generator=gen)
+        caches = {}
+        for key, m in (("o", original), ("p", exported)):
+            caches[key] = _cache_of(m(input_ids=prompt, use_cache=True, logits_to_keep=1))
+
+        def run(key, m):
+            name, cache = caches[key]
+            cache = copy.deepcopy(cache)
+            t = time.perf_counter()
+            for i in range(steps):
+                cache = m(input_ids=tokens[:, i:i + 1], use_cache=True, **{name: cache})[name]
+            return time.perf_counter() - t
+
+        times = {"o": [], "p": []}
+        for r in range(repeats + 1):
+            to, tp = run("o", original), run("p", exported)
+            if r:
+                times["o"].append(to)
+                times["p"].append(tp)
+    finally:
+        torch.set_num_threads(before)
+    ratios = [b / a for a, b in zip(times["o"], times["p"])]
+    mo, mp = statistics.median(times["o"]), statistics.median(times["p"])
+    return 1e3 * mo / steps, 1e3 * mp / steps, mp / mo, (min(ratios), max(ratios))
+
+
 def long_context_rows(case: Case, fmt: str, original, exported, layout, args) -> list[str]:
     """One row per context: prefill and decode time ratios beside the FLOPs and bytes-read predictions."""
     from prune_heads.evaluation.speed import compare_speed, kv_cache_bytes
@@ -242,11 +286,20 @@ def long_context_rows(case: Case, fmt: str, original, exported, layout, args) ->
             pre = None if args.skip_prefill else compare_speed(
                 original, exported, mode="prefill", tokens=c, repeats=args.repeats, threads=n, clock=args.clock,
                 placements=args.placements)
-            dec = compare_speed(original, exported, mode="decode", tokens=args.decode_tokens, context=c,
-                                repeats=args.repeats, threads=n, clock=args.clock, placements=args.placements)
             bytes_ratio = (w_p + kv_p) / (w_o + kv_o)
             cells += ([f"{pre.tokens_per_s[0]:.0f} / {pre.tokens_per_s[1]:.0f}", fmt_ratio(pre), f"{pre.flops_ratio:.3f}"]
                       if pre is not None else ["not measured"] * 3)
+            if args.skip_prefill:  # one prompt cache per model, copied for every run
+                from prune_heads.evaluation.speed import flops_per_token
+
+                ms_o, ms_p, ratio, (lo, hi) = decode_on_cache(original, exported, c, args.decode_tokens, args.repeats, n)
+                avg = c + (args.decode_tokens + 1) / 2
+                flops = flops_per_token(exported, avg) / flops_per_token(original, avg)
+                cells += [f"{ms_o:.1f} / {ms_p:.1f}", f"{ratio:.3f} ({lo:.2f}–{hi:.2f})", f"{flops:.3f}",
+                          f"{bytes_ratio:.3f}"]
+                continue
+            dec = compare_speed(original, exported, mode="decode", tokens=args.decode_tokens, context=c,
+                                repeats=args.repeats, threads=n, clock=args.clock, placements=args.placements)
             cells += [f"{1e3 * dec.original_median / dec.tokens:.1f} / {1e3 * dec.pruned_median / dec.tokens:.1f}",
                       fmt_ratio(dec), f"{dec.flops_ratio:.3f}", f"{bytes_ratio:.3f}"]
         rows.append(f"| {case.policy} {removed / layout.total_heads:.0%} ({removed}) `{fmt}` | {c} | "
@@ -269,11 +322,13 @@ def render_long(args, layout, load, rows) -> str:
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) when the measurement started.  ",
         f"Source: {layout.num_layers} layers x {layout.num_heads} heads ({layout.num_kv_heads} KV heads). Prefill: one "
         f"forward over `context` tokens; decode: {args.decode_tokens} one-token steps on a `context`-token cache. "
-        f"Time ratio = median export time / median original time over {args.placements} placements x "
-        f"{args.repeats} interleaved runs (`compare_speed`), IQR of the per-pair ratios; **slow** as in the export "
-        "table. FLOPs ratio: multiply-adds per token at that context (attention included). Bytes-read ratio: "
+        + (f"Time ratio = median export time / median original time over {args.placements} placements x "
+           f"{args.repeats} interleaved runs (`compare_speed`), IQR of the per-pair ratios; **slow** as in the export "
+           "table. " if not args.skip_prefill else "") + "FLOPs ratio: multiply-adds per token at that context (attention included). Bytes-read ratio: "
         "(weights + KV cache at `context`) of the export over the original's, what a memory-bound decode step "
-        "reads.",
+        "reads." + (f" With `--skip-prefill`, decode is timed on one prompt cache per model, deep-copied for each of "
+                    f"{args.repeats} interleaved runs after a warm-up pair; the parentheses give the lowest and highest "
+                    "per-pair ratio." if args.skip_prefill else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -60,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--score-last", type=int, default=128)
     ap.add_argument("--passkey-docs", type=int, default=6)
     ap.add_argument("--why", type=int, default=0, help="calibrate on windows of this length too and cross them")
+    ap.add_argument("--why-passkey", type=int, default=1, help="0: --why compares the rankings only (no pass keys)")
+    ap.add_argument("--why-combos", default="", help="only these ranking:moments pairs, e.g. r2048:m2048,r256:m2048 "
+                                                      "(r256:m256 is the free-lsq plan's own cell)")
     ap.add_argument("--render", action="store_true", help="only write the table from the cached cells")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cells", type=Path, default=SCRATCH)
@@ -196,9 +199,17 @@ def why(lm, s256, exclude, args) -> None:
     a, b = masks["r256"], masks[f"r{L}"]
     info["overlap"] = int((a & b).sum())
     info["same_as_plan"] = int((a & mask_of(lm, base.removed_heads)).sum())
+    info["layers_256"] = [int(x) for x in a.sum(1)]
+    info[f"layers_{L}"] = [int(x) for x in b.sum(1)]
     (args.cells / f"why{L}.json").write_text(json.dumps(info))
+    print(f"why {L}: {info}", flush=True)
+    if not args.why_passkey:
+        return
+    combos = set(args.why_combos.split(",")) if args.why_combos else None
     for rtag, m in masks.items():
         for mtag, s in (("m256", s256), (f"m{L}", long)):
+            if combos is not None and f"{rtag}:{mtag}" not in combos:
+                continue
             c = compensation(lm, s, "lsq")
             ev = make_evaluator(lm.model, lm.tokenizer, f"passkey:{L}", split="verify", limit=args.passkey_docs,
                                 batch_size=1, compensation=c)
@@ -265,10 +276,15 @@ def render(args, meta: dict) -> str:
                          f"same number of tokens), free policy, the {info['k']} heads `lsq_error` ranks first: the two "
                          f"rankings share {info['overlap']} of {info['k']} heads. Pass-key accuracy at {L} tokens "
                          f"({args.passkey_docs} held-out keys), original {acc(cells[f'original_key_{L}_k{args.passkey_docs}']['result']) if f'original_key_{L}_k{args.passkey_docs}' in cells else '—'}:")
+        if "layers_256" in info:
+            why_lines += ["", f"Heads removed per layer (layer 0 first): 256-token ranking {info['layers_256']}; "
+                              f"{L}-token ranking {info[f'layers_{L}']}."]
         why_lines += ["", "| ranking from | lsq moments from | passkey |", "|---|---|---:|"]
         for r in ("r256", f"r{L}"):
             for m in ("m256", f"m{L}"):
                 c = cells.get(f"why_{r}_{m}_key_{L}_k{args.passkey_docs}")
+                if c is None and (r, m) == ("r256", "m256") and info.get("same_as_plan") == info["k"]:
+                    c = cells.get(f"free-lsq_key_{L}_k{args.passkey_docs}")  # the same heads and compensation
                 why_lines.append(f"| {r[1:]} tokens | {m[1:]} tokens | {acc(c['result']) if c else '—'} |")
         why_lines.append("")
     text = "\n".join([
