@@ -124,3 +124,40 @@ def test_cli_engine_sequential_writes_the_scores_directory_of_engine_memory(tmp_
     assert ma.fingerprint() == mb.fingerprint()
     meta = json.loads((tmp_path / "scores-sequential" / "scores.json").read_text())
     assert meta["moments"]["fingerprint"] == ma.fingerprint()
+
+
+def test_calibrate_engine_from_a_faked_memory_size(tmp_path, monkeypatch):
+    import prune_heads.model.sequential_engine as eng
+    from prune_heads.model.config import ModelConfig
+    from prune_heads.scoring.stage import CalibrateConfig, calibrate_engine
+
+    _, src = make_source(tmp_path, "llama")
+    mc = ModelConfig(id=str(src), device="cpu")
+    gib = 2**30
+
+    def memory(free, whole, streamed):
+        monkeypatch.setattr(eng, "available_memory", lambda device="cpu": free * gib)
+        monkeypatch.setattr(eng.Footprint, "peaks", lambda self, **kw: (whole * gib, streamed * gib))
+
+    lines: list[str] = []
+    memory(24, 16, 2)
+    assert calibrate_engine(CalibrateConfig(data="x"), mc, lines.append) == "memory" and not lines
+    memory(24, 20, 2)  # the 8B shape on this machine: 16 GB of weights and 4 GB of moments
+    assert calibrate_engine(CalibrateConfig(data="x"), mc, lines.append) == "sequential"
+    assert len(lines) == 1 and "20.0 GiB" in lines[0] and "--engine memory" in lines[0]
+    assert calibrate_engine(CalibrateConfig(data="x", engine="memory"), mc) == "memory"
+    with pytest.raises(PruneHeadsError, match="the grad score needs the whole model, about 20.0 GiB"):
+        calibrate_engine(CalibrateConfig(data="x", scores=["awft", "grad"]), mc)
+    memory(24, 40, 30)
+    with pytest.raises(PruneHeadsError, match="even layer by layer needs about 30.0 GiB"):
+        calibrate_engine(CalibrateConfig(data="x", engine="sequential"), mc)
+
+
+def test_bfloat16_weights_layer_by_layer_equal_the_whole_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, src = make_source(tmp_path, "llama", layers=2)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)  # rotary tables stay float32
+    want = calibrate(model, SEQS, batch_size=2, progress=False)
+    got = calibrate_sequential(src, SEQS, tmp_path / "work", batch_size=2, dtype=torch.bfloat16, progress=False)
+    assert_same(want, got, Moments.load(got.moments.save(tmp_path / "m.safetensors")))

@@ -41,7 +41,10 @@ def eval_(model, plan_path, scores_dir, output, overwrite, **kw):
     check_sources(tasks=(task.task,))
     side = PrunedSide(plan=Plan.load(plan_path) if plan_path else None,
                       scores=HeadScores.load(scores_dir) if scores_dir else None)
-    res = run_evaluate(cfg, mc.load(), model, side, output, overwrite=overwrite)
+    from prune_heads.evaluation.stage import evaluate_engine
+    from prune_heads.model.sequential_engine import load_for
+
+    res = run_evaluate(cfg, load_for(evaluate_engine(cfg, mc), mc), model, side, output, overwrite=overwrite)
     t = res.tasks[0]
 
     def fmt(r):

@@ -38,7 +38,11 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     if plot_path:
         check_output(plot_path, overwrite, inputs=(*inputs, output), kind="file")
     scores = HeadScores.load(scores_dir)
-    plan = run_select(cfg, mc.load(), scores, output, model_id=model_spec, overwrite=overwrite)
+    from prune_heads.model.sequential_engine import load_for
+    from prune_heads.selection.stage import select_engine
+
+    loaded = load_for(select_engine(cfg, mc), mc)
+    plan = run_select(cfg, loaded, scores, output, model_id=model_spec, overwrite=overwrite)
     click.echo(plan_line(plan, output))
     if plot_path and (written := plot_search(plan, plot_path)):
         click.echo("search plots -> " + ", ".join(str(f) for f in written))

@@ -131,8 +131,12 @@ def lsq_error_scores(model: nn.Module, moments: Moments, *, ridge: float = DEFAU
     per_group = torch.zeros(L, H)
     record: dict[str, Any] = {"ridge": ridge, "normalisation": normalisation, "order": [], "group_order": [],
                               "cumulative": [], "group_cumulative": []}
+    from prune_heads.model.sequential_engine import streamed_of
+
+    streamed = streamed_of(model)  # a layer-by-layer skeleton: each o_proj weight is read from the shards
     for i, layer in enumerate(adapter.layers(model)):
-        weight = adapter.o_proj(adapter.attention(layer)).weight.detach()
+        weight = (streamed.o_proj_weight(i) if streamed is not None
+                  else adapter.o_proj(adapter.attention(layer)).weight.detach())
         raw = layer_covariance(moments, i, normalisation)
         cov = regularised(raw.to(weight.device), ridge)
         precision(raw, ridge, layer=i)  # conditioning check and warning, as the solve does

@@ -144,13 +144,21 @@ def make_evaluator(model: Any, tokenizer: Any, task: str, *, limit: int | None =
         raise PruneHeadsError(f"limit must be at least 1, got {limit}")
     kind, rest = parse_task(task)
     backend: Any
+    from prune_heads.model.sequential_engine import streamed_of
+
+    streamed = streamed_of(model)
     if kind in ("ppl", "kl"):
-        from prune_heads.evaluation.perplexity import TextBackend
+        from prune_heads.evaluation.perplexity import StreamedTextBackend, TextBackend
 
         if num_fewshot:
             raise PruneHeadsError(f"--num-fewshot does not apply to {kind}: tasks")
-        backend = TextBackend(model, tokenizer, kind, rest, limit=limit, split=split, seed=seed, batch_size=batch_size,
-                              exclude=exclude_docs)
+        kw = dict(limit=limit, split=split, seed=seed, batch_size=batch_size, exclude=exclude_docs)
+        backend = (StreamedTextBackend(streamed, tokenizer, kind, rest, **kw) if streamed is not None
+                   else TextBackend(model, tokenizer, kind, rest, **kw))
+    elif streamed is not None:
+        from prune_heads.model.sequential_engine import refuse_whole_model_task
+
+        refuse_whole_model_task(streamed, task)
     else:
         from prune_heads.evaluation.lmeval import LMEvalBackend
 

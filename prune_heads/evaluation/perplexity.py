@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +141,16 @@ class TextBackend:
             yield idx, ids.to(dev), mask.to(dev)
 
     @torch.no_grad()
-    def _logprobs(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logit_batches(self) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(idx, ids, mask, logits)`` of each batch under whatever mask is active (a model loaded whole)."""
+        for idx, ids, mask in self._batches():
+            yield idx, ids, mask, self.model(input_ids=ids, attention_mask=mask).logits
+
+    @staticmethod
+    @torch.no_grad()
+    def _logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log-probs ``(P, V)`` at valid positions (row-major) and the row of each position."""
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logits = logits[:, :-1].float()
         valid = mask[:, 1:].bool()
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(valid)[valid]
         return torch.log_softmax(logits[valid], dim=-1), rows
@@ -154,8 +161,8 @@ class TextBackend:
             return
         budget = int(float(os.environ.get("PRUNE_HEADS_KL_MEMORY_MB", "1024")) * 2**20)
         ref = _Reference(budget)
-        for _, ids, mask in self._batches():
-            ref.add(self._logprobs(ids, mask)[0].cpu())
+        for _, ids, mask, logits in self._logit_batches():
+            ref.add(self._logprobs(logits, ids, mask)[0].cpu())
         self.reference = ref
         self.task_config["reference_storage"] = "disk" if ref.spilled else "memory"
 
@@ -166,8 +173,9 @@ class TextBackend:
         num = torch.zeros(n_docs, dtype=torch.float64)
         den = torch.zeros(n_docs, dtype=torch.float64)
         with enter():
-            for b, (idx, ids, mask) in enumerate(self._batches()):
-                logp, rows = self._logprobs(ids, mask)
+            for b, (idx, ids, mask, logits) in enumerate(self._logit_batches()):
+                logp, rows = self._logprobs(logits, ids, mask)
+                del logits
                 if self.kind == "ppl":
                     targets = ids[:, 1:][mask[:, 1:].bool()]
                     per_pos = -logp.gather(1, targets[:, None]).squeeze(1)
@@ -190,3 +198,22 @@ class TextBackend:
         docs = DocScores(tuple(self.doc_ids), num.numpy(), "exp_ratio" if self.kind == "ppl" else "ratio",
                          weights=den.numpy())
         return value, stderr, int(den.sum()), False, details, docs
+
+
+class StreamedTextBackend(TextBackend):
+    """``TextBackend`` on a layer-sequential skeleton (``model.sequential_engine``): each evaluation (the KL
+    reference included) is one streamed pass over the documents, every decoder layer read once from the shards.
+
+    The mask and compensation the evaluator enters act on the skeleton's modules, so each probe computes what
+    the model loaded whole computes (``tests/test_select_sequential.py``)."""
+
+    def __init__(self, streamed: Any, tokenizer: Any, kind: str, spec: str, **kwargs: Any) -> None:
+        self.streamed = streamed
+        super().__init__(streamed.model, tokenizer, kind, spec, **kwargs)
+        self.task_config["engine"] = "sequential"
+
+    def _device(self) -> torch.device:
+        return self.streamed.device
+
+    def _logit_batches(self) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        yield from self.streamed.batch_logits(list(self._batches()))

@@ -74,6 +74,10 @@ class EvaluateConfig(Config):
                                     "cache); cached: running statistics in the cache, faster, ~1% of decisions differ.")
     speed_seq_len: int = option(128, ge=0, cli=False, help="prefill length of the speed check; 0 skips it")
     speed_repeats: int = option(5, ge=1, cli=False, help="interleaved repeats of the speed check")
+    engine: str = option("auto", choices=("auto", "memory", "sequential"),
+                         help="memory: load the whole model; sequential: ppl:/kl: tasks in one pass over the documents "
+                              "per side, one decoder layer at a time read from the shards (the same numbers); auto: "
+                              "memory when the model fits with headroom.")
     speed_placements: int = option(1, ge=1, cli=False,
                                    help="rounds of the speed check, each with both models' CPU weights moved to fresh "
                                         "memory (batch-1 CPU decode speed follows where the weights sit)")
@@ -81,6 +85,33 @@ class EvaluateConfig(Config):
     def check(self) -> None:
         if self.dynamic is not None and self.dynamic_fraction is not None:
             raise ConfigError("dynamic", "give at most one of --dynamic and --dynamic-fraction")
+
+
+def evaluate_memory(cfg: EvaluateConfig) -> dict[str, Any]:
+    """What sets eval's peak memory (``sequential_engine.engine_for``'s keywords).
+
+    Layer by layer evaluates ``ppl:``/``kl:`` tasks of the unmasked model, a plan or an export; lm-eval and
+    ``mc:`` tasks and the dynamic mode need the whole model.
+    """
+    from prune_heads.evaluation.perplexity import DEFAULT_DOCS, DEFAULT_SEQ_LEN
+
+    other = [t.task for t in cfg.tasks if not t.task.startswith(("ppl:", "kl:"))]
+    whole_only = None
+    if other:
+        whole_only = f"the task {other[0]}"
+    elif cfg.dynamic or cfg.dynamic_fraction:
+        whole_only = "the dynamic per-input mode"
+    docs = max([t.limit or max(DEFAULT_DOCS.values()) for t in cfg.tasks] or [max(DEFAULT_DOCS.values())])
+    return {"batch_tokens": cfg.batch_size * DEFAULT_SEQ_LEN, "all_tokens": docs * DEFAULT_SEQ_LEN,
+            "moments": "none", "whole_only": whole_only, "instead": "ppl:DATA and kl:DATA tasks run layer by layer"}
+
+
+def evaluate_engine(cfg: EvaluateConfig, model: Any, notify: Any = None) -> str:
+    """``memory`` or ``sequential`` for ``cfg.engine`` and ``model`` (a ``ModelConfig``), before loading it;
+    what needs the whole model is refused, with the memory it needs, when the model does not fit."""
+    from prune_heads.model.sequential_engine import engine_for
+
+    return engine_for(cfg.engine, model, what="eval", notify=notify, **evaluate_memory(cfg))
 
 
 @dataclass
@@ -245,7 +276,11 @@ def run_evaluate(cfg: EvaluateConfig, loaded: Any, model_id: str, side: PrunedSi
     else:
         fraction = 0.0
     speed = None
-    if pruned_model is not None and cfg.speed_seq_len:
+    from prune_heads.model.sequential_engine import streamed_of
+
+    if streamed_of(model) is not None and pruned_model is not None and cfg.speed_seq_len:
+        speed = {"skipped": "the models ran layer by layer (--engine sequential): no whole-model speed to measure"}
+    elif pruned_model is not None and cfg.speed_seq_len:
         speed = measure_speed(model, pruned_model, cfg.speed_seq_len, cfg.speed_repeats, cfg.speed_placements)
     result = EvaluationResult(model_id, layout.total_heads, mask_info, fraction,
                               side.describe() or ("dynamic per-input mode" if context else None), outcomes, speed,
@@ -273,6 +308,12 @@ def _load_export(path: Path, original: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     from prune_heads.export import register_auto_classes
+    from prune_heads.model.sequential_engine import StreamedModel, streamed_of
+
+    streamed = streamed_of(original)
+    if streamed is not None:  # the original runs layer by layer: so does its export
+        return StreamedModel(path, load_dtype=streamed.load_dtype, compute=streamed.compute,
+                             device=streamed.device).model
 
     register_auto_classes()
     dtype = next(original.parameters()).dtype

@@ -174,7 +174,14 @@ def tensor_matches(recorded: dict[str, Any], t: torch.Tensor, exact: str | None 
 # ---- whole models ----------------------------------------------------------------------------------
 def model_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor, bool]]:
     """``(name, tensor, is_parameter)`` of every parameter and persistent buffer, each storage once
-    (a tied ``lm_head`` shares the embedding's and is skipped, as checkpoints skip it)."""
+    (a tied ``lm_head`` shares the embedding's and is skipped, as checkpoints skip it).
+
+    A layer-sequential skeleton (``model.sequential_engine``) has its weights on ``meta``: its tensors are read
+    from the shards one at a time instead, as the model loaded whole would hold them."""
+    streamed = model.__dict__.get("_prune_heads_streamed")
+    if streamed is not None:
+        yield from streamed.tensors()
+        return
     seen: set[tuple[int, tuple[int, ...], torch.dtype]] = set()
     params = {id(p) for p in model.parameters()}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -315,7 +322,13 @@ def check_fingerprint(recorded: dict[str, Any] | None, model: nn.Module, what: s
     if not recorded:
         return
     check_config(recorded, model, what)
+    streamed = model.__dict__.get("_prune_heads_streamed")
+    digest = fingerprint_digest(recorded) if streamed is not None else None
+    if streamed is not None and digest in streamed.checked:
+        return  # this checkpoint was read against this record already: reading every shard again finds the same
     check = FingerprintCheck(recorded, what)
     for name, t, _ in model_tensors(model):
         check.add(name, t)
     check.finish()
+    if streamed is not None:
+        streamed.checked.add(digest)

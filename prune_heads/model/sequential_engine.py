@@ -130,6 +130,16 @@ class ShardReader:
                     bytes_total += numel * _DTYPE_BYTES.get(s.get_dtype(), 4)
         return numel_total, bytes_total
 
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the checkpoint, one at a time (each shard opened once, nothing held after use)."""
+        by_shard: dict[Path, list[str]] = {}
+        for n in self.src.weight_map:
+            by_shard.setdefault(self._shard(n), []).append(n)
+        for shard, ns in by_shard.items():
+            with self._open(shard) as h:
+                for n in ns:
+                    yield n, h.get_tensor(n)
+
     def largest_layer(self, adapter: Any, num_layers: int) -> int:
         """Elements of the largest decoder layer."""
         return max(self.sizes(adapter.layer_prefix(j))[0] for j in range(num_layers))
@@ -164,15 +174,19 @@ class StreamedModel:
         self.path = Path(path)
         self.reader = ShardReader(path)
         self.load_dtype, self.compute, self.device = load_dtype, compute, torch.device(device)
-        self.model = skeleton(path, load_dtype).to(compute)
-        if self.device.type != "cpu":
-            self.model.to(self.device)  # buffers only: parameters stay on meta
+        self.model = skeleton(path, load_dtype)
+        if compute != load_dtype:  # as the whole model's .to(compute); otherwise from_pretrained's own dtypes
+            self.model.to(compute)  # (a float32 rotary table stays float32 in a bfloat16 model)
+        _buffers_to(self.model, self.device)
         self.adapter = get_adapter(self.model)
         self.layout = self.adapter.layout(self.model.config)
         self.layers = self.adapter.layers(self.model)
         self.layer_hook, self.tensor_hook = layer_hook, tensor_hook
         self._meta = [{n: p for n, p in layer.named_parameters()} for layer in self.layers]
-        self._head_cache: dict[str, torch.Tensor] = {}
+        #: digests of recorded fingerprints this checkpoint matched (each check reads every shard once)
+        self.checked: set[str] = set()
+        # the skeleton knows its streamed self: fingerprints and evaluators of a skeleton read the shards
+        self.model.__dict__["_prune_heads_streamed"] = self
 
     # ---- weights -------------------------------------------------------------------------------
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
@@ -274,6 +288,40 @@ class StreamedModel:
         hidden = _hidden_of(recorded[0])
         return hidden, [_strip(recorded[i]) for i in range(len(layers))]
 
+    def o_proj_weight(self, j: int) -> torch.Tensor:
+        """Layer ``j``'s ``o_proj`` weight as the model loaded whole holds it (read alone from its shard)."""
+        name = self.adapter.attn_prefix(j) + self.adapter.o_name + ".weight"
+        return self._cast(self.reader.read([name])[name])
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        """``fingerprint.model_tensors`` of the model this checkpoint loads as (in ``load_dtype``, on the CPU)."""
+        for name, t in self.reader.iter_tensors():
+            yield name, (t.to(self.load_dtype) if t.is_floating_point() else t), True
+
+    @torch.no_grad()
+    def batch_logits(self, plan: list[tuple[Any, torch.Tensor, torch.Tensor]], progress: bool = False
+                     ) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(idx, ids, mask, logits)`` of every batch of ``plan``, as ``model(ids, mask).logits`` gives them.
+
+        One streamed pass: each decoder layer is read once and runs every batch's hidden states (all held),
+        then each batch goes through the final norm and the LM head (chunked) in turn, so only one batch's
+        logits are in memory at a time. Whatever hooks the caller attached (a static mask, compensation) act
+        as in the whole model, because the layers are the skeleton's own modules.
+        """
+        from tqdm.auto import tqdm
+
+        started = [self.start(ids.to(self.device), mask.to(self.device)) for _, ids, mask in plan]
+        hidden = [h for h, _ in started]
+        for j in tqdm(range(self.layout.num_layers), desc="layers", unit="layer", disable=not progress, leave=False):
+            with self.layer(j) as layer:
+                for b in range(len(plan)):
+                    hidden[b] = self.run_layer(layer, hidden[b], started[b][1][j])
+        for b, (idx, ids, mask) in enumerate(plan):
+            normed = self.final_norm(hidden[b])
+            hidden[b] = None  # type: ignore[call-overload]
+            logits = torch.cat([chunk for _, chunk in self.logit_chunks(normed)], -1)
+            yield idx, ids, mask, logits
+
     @staticmethod
     def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: tuple[tuple, dict]) -> torch.Tensor:
         args, kwargs = inputs
@@ -322,6 +370,54 @@ class StreamedModel:
                  if bias else None)
             logits = torch.nn.functional.linear(normed, w, b)
             yield slice(r0, r1), transform(logits) if transform is not None else logits
+
+
+def streamed_of(model: Any) -> StreamedModel | None:
+    """The ``StreamedModel`` whose skeleton ``model`` is (None for a model loaded whole)."""
+    return getattr(model, "__dict__", {}).get("_prune_heads_streamed")
+
+
+def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The checkpoint's own dtype (``config.json``), as ``from_pretrained(dtype="auto")`` picks it."""
+    import json
+
+    from prune_heads.model.loading import parse_dtype
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") or "float32"
+    return parse_dtype(str(name)) or torch.float32
+
+
+def load_streamed(model: Any) -> Any:
+    """A ``LoadedModel`` of ``model`` (a ``ModelConfig``) whose ``.model`` is a streamed skeleton.
+
+    Stages that only run forward passes (``ppl:``/``kl:`` evaluation, static selection, the fingerprint
+    checks) take it where they take a model loaded whole; they find the shards through ``streamed_of``.
+    """
+    from transformers import AutoTokenizer
+
+    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.model.loading import LoadedModel, parse_dtype
+
+    if model.device_map is not None:
+        raise PruneHeadsError("--device-map spreads a whole model over devices; layer by layer needs none: drop it "
+                              "or use --engine memory")
+    source = resolve_source(model.id, model.gguf_file)
+    dtype = parse_dtype(model.dtype) or checkpoint_dtype(source)
+    sm = StreamedModel(source, load_dtype=dtype, compute=dtype, device=model.resolved_device() or "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(sm.model, tokenizer, model.id, model.revision, model.gguf_file)
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move the skeleton's real buffers (rotary tables, scales) to ``device``; its ``meta`` parameters stay
+    (``Module.to(device)`` would try to copy them and fail)."""
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None and not b.is_meta and b.device != device:
+                module._buffers[name] = b.to(device)
 
 
 def _pass_through(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -407,3 +503,108 @@ def _notice(line: str) -> None:
     import sys
 
     print(line, file=sys.stderr)
+
+
+# ---- the memory model ------------------------------------------------------------------------------
+class Footprint:
+    """Sizes of a checkpoint that set the peak memory of each engine, read from its headers and config.
+
+    ``weights``: every tensor in the run dtype; ``layer``: the largest decoder layer in it; ``moments_layer``:
+    one layer's float64 ``o_proj``-input statistics (mean, Gram matrix, and their relative twins).
+    """
+
+    def __init__(self, source: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        from prune_heads.model.adapters import get_adapter
+
+        reader = ShardReader(source)
+        sk = skeleton(source)
+        adapter = get_adapter(sk)
+        layout = adapter.layout(sk.config)
+        self.dtype = dtype or checkpoint_dtype(source)
+        self.width = torch.finfo(self.dtype).bits // 8
+        self.num_layers, self.hidden = layout.num_layers, layout.hidden_size
+        self.vocab = int(getattr(adapter.text_config(sk.config), "vocab_size", 0) or 0)
+        self.weights = reader.sizes()[0] * self.width
+        self.layer = reader.largest_layer(adapter, layout.num_layers) * self.width
+        n = layout.num_heads * layout.head_dim
+        self.moments_layer = 2 * 8 * (n * n + n)
+        self.head_chunk = min(HEAD_CHUNK_ROWS, self.vocab or HEAD_CHUNK_ROWS) * self.hidden * self.width
+
+    def activations(self, batch_tokens: int, logits: bool) -> int:
+        """One batch in flight: a layer's intermediates, and (``logits``) its logits, their float32 copy and
+        log-probs."""
+        return batch_tokens * (self.hidden * 16 + (self.vocab * (self.width + 8) if logits else 4 * self.vocab))
+
+    def peaks(self, *, batch_tokens: int, all_tokens: int, moments: str = "none", logits: bool = True
+              ) -> tuple[int, int]:
+        """``(whole model, layer by layer)`` peak bytes of a stage.
+
+        ``moments``: ``all`` when the stage holds every layer's statistics (compensated select/eval, a
+        whole-model calibration), ``stream`` when a layer-by-layer calibration holds one layer's at a time.
+        """
+        act = self.activations(batch_tokens, logits)
+        every = self.num_layers * self.moments_layer if moments != "none" else 0
+        whole = self.weights + every + act
+        held = self.moments_layer if moments == "stream" else every
+        # two layers (the one running and the next being read), every sequence's hidden states, one LM-head chunk
+        streamed = 2 * self.layer + held + 2 * all_tokens * self.hidden * self.width + act
+        if logits:
+            streamed += self.head_chunk
+        return whole, streamed
+
+
+def engine_for(engine: str, model: Any, *, what: str, batch_tokens: int, all_tokens: int, moments: str = "none",
+               logits: bool = True, whole_only: str | None = None, instead: str = "",
+               notify: Callable[[str], None] | None = None) -> str:
+    """``memory`` or ``sequential`` for a stage on ``model`` (a ``ModelConfig``), judged before anything loads.
+
+    ``auto``: the whole model when its estimated peak fits the free memory with ``HEADROOM``, else layer by
+    layer with a one-line notice. A run that cannot fit even layer by layer is refused with the number; so is
+    one that must hold the whole model (``whole_only`` says why, ``instead`` what runs layer by layer) when
+    the model does not fit. ``memory`` is honoured as given (the user knows their machine).
+    """
+    if engine not in ENGINES:
+        raise PruneHeadsError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "memory" or (engine == "auto" and model.device_map is not None):
+        return "memory"
+    if whole_only and engine == "sequential":
+        raise PruneHeadsError(f"{what}: {whole_only} needs the whole model; {instead or 'use --engine memory'}")
+    if model.device_map is not None:
+        raise PruneHeadsError("--device-map spreads a whole model over devices; layer by layer needs none: drop it "
+                              "or use --engine memory")
+    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.model.loading import parse_dtype
+
+    fp = Footprint(resolve_source(model.id, model.gguf_file), parse_dtype(model.dtype))
+    whole, streamed = fp.peaks(batch_tokens=batch_tokens, all_tokens=all_tokens, moments=moments, logits=logits)
+    device = model.resolved_device() or "cpu"
+    free = available_memory(device)
+    if engine == "auto":
+        if whole <= HEADROOM * free:
+            return "memory"
+        if whole_only:
+            raise PruneHeadsError(
+                f"{what}: {whole_only} needs the whole model, about {gib(whole)}, and {gib(free)} is free on {device}; "
+                f"{instead + ', or ' if instead else ''}--engine memory to try anyway")
+    if streamed > free:
+        raise PruneHeadsError(
+            f"{what}: even layer by layer needs about {gib(streamed)} ({gib(fp.layer)} a layer) and only "
+            f"{gib(free)} is free on {device}; lower --batch-size, free memory, or use a device with more")
+    if engine == "auto":
+        (notify or _notice)(f"{what}: the whole model needs about {gib(whole)} and {gib(free)} is free, so it runs "
+                            f"layer by layer (about {gib(streamed)}); --engine memory forces the whole-model path")
+    return "sequential"
+
+
+def load_for(engine: str, model: Any) -> Any:
+    """``model`` (a ``ModelConfig``) loaded whole (``memory``) or as a streamed skeleton (``sequential``)."""
+    return load_streamed(model) if engine == "sequential" else model.load()
+
+
+def refuse_whole_model_task(streamed: StreamedModel, task: str) -> None:
+    """lm-eval and ``mc:`` tasks run the model whole: refuse one on a layer-by-layer model with what to do."""
+    fp = Footprint(streamed.path, streamed.load_dtype)
+    raise PruneHeadsError(
+        f"{task} runs through lm-eval on the whole model, which needs about {gib(fp.weights)} and does not fit "
+        f"here; evaluate a ppl:DATA or kl:DATA task instead (they run layer by layer), or use --engine memory "
+        "on a machine with that much memory")

@@ -91,3 +91,38 @@ def check_inputs(recipe: Any) -> None:
             check_task(task, key)
     for i, t in enumerate(recipe.eval_tasks()):
         check_task(t.task, f"evaluate.tasks.{i}.task")
+
+
+def check_memory(recipe: Any, echo: Any = print) -> None:
+    """The estimated peak memory of each stage, whole and layer by layer, printed before any slow work; a stage
+    that cannot fit even layer by layer is refused now, with the number, instead of after the stages before it."""
+    import dataclasses
+
+    from prune_heads.evaluation.stage import evaluate_memory
+    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.model.loading import parse_dtype
+    from prune_heads.model.sequential_engine import Footprint, available_memory, gib
+    from prune_heads.scoring.stage import calibrate_memory
+    from prune_heads.selection.stage import select_memory
+
+    if recipe.model.device_map is not None:
+        return
+    try:
+        fp = Footprint(resolve_source(recipe.model.id, recipe.model.gguf_file), parse_dtype(recipe.model.dtype))
+    except (OSError, ValueError, KeyError):
+        return  # loading reports it, with the reason
+    device = recipe.model.resolved_device() or "cpu"
+    free = available_memory(device)
+    evaluate = dataclasses.replace(recipe.evaluate, tasks=recipe.eval_tasks())
+    stages = [("calibrate", "calibration", recipe.calibration.engine, calibrate_memory(recipe.calibration)),
+              ("select", "select", recipe.select.engine, select_memory(recipe.select)),
+              ("evaluate", "evaluate", evaluate.engine, evaluate_memory(evaluate))]
+    parts = []
+    for name, section, engine, kw in stages:
+        whole, streamed = fp.peaks(**{k: kw[k] for k in ("batch_tokens", "all_tokens", "moments", "logits") if k in kw})
+        parts.append(f"{name} {gib(whole)} whole / {gib(streamed)} layer by layer")
+        if engine != "memory" and not kw.get("whole_only") and streamed > free:
+            raise PruneHeadsError(f"{name}: even layer by layer needs about {gib(streamed)} and only {gib(free)} is "
+                                  f"free on {device}; lower {section}.batch_size, free memory, or use a device with more")
+    if echo is not None:
+        echo(f"memory (estimated peaks, {gib(free)} free on {device}): " + "; ".join(parts))

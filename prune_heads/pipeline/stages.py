@@ -37,12 +37,23 @@ class RunContext:
     progress: bool = True
     push: bool = False
     _loaded: Any = field(default=None, repr=False)
+    _streamed: Any = field(default=None, repr=False)
 
     def model(self) -> Any:
         """The original model and tokenizer, loaded once and only when a stage needs them."""
         if self._loaded is None:
             self._loaded = self.recipe.model.load()
         return self._loaded
+
+    def model_for(self, engine: str) -> Any:
+        """The original loaded for ``engine``: whole (shared with the other stages) or as a streamed skeleton."""
+        if engine != "sequential":
+            return self.model()
+        if self._streamed is None:
+            from prune_heads.model.sequential_engine import load_streamed
+
+            self._streamed = load_streamed(self.recipe.model)
+        return self._streamed
 
     def dir(self, stage: str) -> Path:
         return self.workdir / stage
@@ -79,9 +90,10 @@ def _calibrate(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def _select(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from prune_heads.selection.stage import plot_search, run_select
+    from prune_heads.selection.stage import plot_search, run_select, select_engine
 
-    plan = run_select(ctx.recipe.select, ctx.model(), ctx.scores(), out / "plan.json", model_id=ctx.recipe.model.id,
+    engine = "memory" if ctx._loaded is not None else select_engine(ctx.recipe.select, ctx.recipe.model)
+    plan = run_select(ctx.recipe.select, ctx.model_for(engine), ctx.scores(), out / "plan.json", model_id=ctx.recipe.model.id,
                       recipe=ctx.recipe.name, progress=ctx.progress,
                       keep_unverified=ctx.workdir / "plan.unverified.json")  # the stage's own folder is discarded
     plot_search(plan, out / "search.png")
@@ -124,9 +136,12 @@ def _evaluate(ctx: RunContext, out: Path) -> dict[str, Any]:
     from prune_heads.evaluation.stage import PrunedSide, run_evaluate
 
     cfg = dataclasses.replace(ctx.recipe.evaluate, tasks=ctx.recipe.eval_tasks())
-    from prune_heads.export.model_card import refresh_card
     # ppl:/kl: tasks leave out the calibration documents the plan records (as `eval --plan` does)
-    res = run_evaluate(cfg, ctx.model(), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
+    from prune_heads.evaluation.stage import evaluate_engine
+    from prune_heads.export.model_card import refresh_card
+
+    engine = "memory" if ctx._loaded is not None else evaluate_engine(cfg, ctx.recipe.model)
+    res = run_evaluate(cfg, ctx.model_for(engine), ctx.recipe.model.id, PrunedSide(plan=ctx.plan(), export_dir=ctx.export_dir()),
                        out / "results.json")
     refresh_card(ctx.export_dir(), evaluation=res.to_dict())
     return {"results": "results.json", "tasks": len(res.tasks)}
@@ -165,7 +180,7 @@ def stages() -> list[Stage]:
             "model": ctx.recipe.model.identity(), "model_files": model_signature(ctx.recipe.model),
             "calibration": _same_result(ctx.recipe.calibration.to_dict()), "data": data_signature(ctx.recipe.calibration.data_now())}),
         Stage("select", _select, lambda ctx: {
-            "select": ctx.recipe.select.to_dict(), "tasks": [task_signature(t) for t in _select_tasks(ctx.recipe)],
+            "select": _same_result(ctx.recipe.select.to_dict()), "tasks": [task_signature(t) for t in _select_tasks(ctx.recipe)],
             "data": data_signature(ctx.recipe.select.data) if ctx.recipe.select.data else None},
             needs=("calibrate",)),
         Stage("export", _export, lambda ctx: {"export": ctx.recipe.export.to_dict(),
@@ -173,7 +188,7 @@ def stages() -> list[Stage]:
         Stage("verify", _verify, _section("verify"), needs=("export",),
               skip=lambda ctx: None if ctx.recipe.verify.enabled else "verify.enabled is false"),
         Stage("evaluate", _evaluate, lambda ctx: {
-            "evaluate": ctx.recipe.evaluate.to_dict(), "tasks": [t.to_dict() for t in ctx.recipe.eval_tasks()],
+            "evaluate": _same_result(ctx.recipe.evaluate.to_dict()), "tasks": [t.to_dict() for t in ctx.recipe.eval_tasks()],
             "task_files": [task_signature(t.task) for t in ctx.recipe.eval_tasks()]}, needs=("export",)),
         Stage("report", _report, _section("report"), needs=("calibrate", "select"),
               skip=lambda ctx: None if ctx.recipe.report.enabled else "report.enabled is false"),
@@ -226,6 +241,9 @@ def run(recipe_or_path: Recipe | str | os.PathLike | Mapping[str, Any], workdir:
     runner = Runner(stages(), force=force, stop_after=stop_after, echo=echo)
     with share_calibration_decision() as decide:
         check_inputs(recipe)
+        from prune_heads.pipeline.preflight import check_memory
+
+        check_memory(recipe, echo)
         inputs = (local_model_path(recipe.model), local_data_path(recipe.calibration.data_now()),
                   recipe_or_path if isinstance(recipe_or_path, (str, os.PathLike)) else None)
         with locked_workdir(workdir or Path("runs") / recipe.name, inputs) as wd, signature_cache(wd):

@@ -313,12 +313,9 @@ def _layer_moments(stats: Any, j: int) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint_dtype(path: str | os.PathLike) -> torch.dtype:
-    """The checkpoint's own dtype (``config.json``), as ``from_pretrained(dtype="auto")`` picks it."""
-    from prune_heads.model.loading import parse_dtype
+    from prune_heads.model.sequential_engine import checkpoint_dtype
 
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype") or "float32"
-    return parse_dtype(str(name)) or torch.float32
+    return checkpoint_dtype(path)
 
 
 class _Fingerprint:
@@ -336,8 +333,8 @@ class _Fingerprint:
         return [n for n in self.sm.reader.src.weight_map if n.startswith(prefix)]
 
     def _add(self, names: list[str]) -> None:
-        for name, t in self.sm.reader.read(names).items():
-            self.builder.add(name, t)
+        for name, t in self.sm.reader.read(names).items():  # as the model loaded whole holds it (its dtype)
+            self.builder.add(name, t.to(self.sm.load_dtype) if t.is_floating_point() else t)
 
     def loaded(self, j: int) -> None:
         self._add(self._names(j))  # the shards' pages are warm: reading them again costs little

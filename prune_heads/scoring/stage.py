@@ -90,38 +90,30 @@ class CalibrateConfig(Config):
                         split=self.split)
 
 
-def calibrate_engine(config: CalibrateConfig, model: Any) -> str:
-    """``memory`` or ``sequential`` for ``config.engine`` and the model (a ``ModelConfig``), judged before loading.
+def calibrate_memory(config: CalibrateConfig) -> dict[str, Any]:
+    """What sets calibrate's peak memory (``sequential_engine.engine_for``'s keywords).
 
-    Whole model: its weights in the dtype it loads in, the float64 moments (two Gram matrices a layer with the
-    relative statistics) and the activations. Layer by layer: one layer, one layer's moments, the activations.
+    Whole model: its weights in the dtype it loads in, every layer's float64 moments and one batch's
+    activations. Layer by layer: two layers, one layer's moments, every sequence's hidden states and one
+    batch's activations (``sequential_engine.Footprint``). Gradient, measured ablation and lsq scores need
+    the whole model.
     """
-    if config.engine != "auto":
-        return config.engine
-    import torch
+    from prune_heads.scoring.score_defs import ABLATION, COMPENSATION, GRADIENT
 
-    from prune_heads.export.checkpoint import resolve_source
-    from prune_heads.model.adapters import get_adapter
-    from prune_heads.model.loading import parse_dtype
-    from prune_heads.model.sequential_engine import ShardReader, choose_engine, skeleton
-    from prune_heads.scoring.sequential import _checkpoint_dtype
+    whole_only = next((f"the {s} score" for s in config.scores or () if s in GRADIENT or s in ABLATION
+                       or s in COMPENSATION), None)
+    seq_len = config.seq_len or 512
+    return {"batch_tokens": config.batch_size * seq_len, "all_tokens": config.num_samples * seq_len,
+            "moments": "stream" if config.moments else "none", "logits": False, "whole_only": whole_only,
+            "instead": "the forward scores and moments run layer by layer (drop it)"}
 
-    source = resolve_source(model.id, model.gguf_file)
-    reader = ShardReader(source)
-    sk = skeleton(source)
-    adapter = get_adapter(sk)
-    layout = adapter.layout(sk.config)
-    dtype = parse_dtype(model.dtype) or _checkpoint_dtype(source)
-    width = torch.finfo(dtype).bits // 8
-    numel = reader.sizes()[0]
-    n = layout.num_heads * layout.head_dim
-    per_layer_moments = 2 * 8 * n * n if config.moments else 0
-    tokens = config.batch_size * (config.seq_len or 512)
-    act = tokens * (layout.hidden_size * 16 + 4 * adapter.text_config(sk.config).vocab_size)
-    whole = numel * width + layout.num_layers * per_layer_moments + act
-    streamed = 2 * reader.largest_layer(adapter, layout.num_layers) * width + per_layer_moments + act
-    device = model.resolved_device() or "cpu"
-    return choose_engine("auto", whole, streamed, what="calibrate", device=device)
+
+def calibrate_engine(config: CalibrateConfig, model: Any, notify: Any = None) -> str:
+    """``memory`` or ``sequential`` for ``config.engine`` and the model (a ``ModelConfig``), judged before loading;
+    what needs the whole model is refused, with the memory it needs, when the model does not fit."""
+    from prune_heads.model.sequential_engine import engine_for
+
+    return engine_for(config.engine, model, what="calibrate", notify=notify, **calibrate_memory(config))
 
 
 def layers_dir(out: Path) -> Path:

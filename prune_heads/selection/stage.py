@@ -109,6 +109,10 @@ class SelectConfig(Config):
     data_dir: str | None = option(None, help="Folder of offline task data (default: found automatically).")
     batch_size: int = option(8, ge=1, help="Batch size of evaluations and measurements.")
     seed: int = option(0, ge=0, help="Seed of the search/verify split and of the random ranking.")
+    engine: str = option("auto", choices=("auto", "memory", "sequential"),
+                         help="memory: load the whole model; sequential: every probe is one pass over the documents "
+                              "with one decoder layer at a time read from the shards (the static method on ppl:/kl: "
+                              "tasks; the same plan and numbers); auto: memory when the model fits with headroom.")
 
     def check(self) -> None:
         if self.sequential and self.compensate == "none":
@@ -145,6 +149,35 @@ class SelectConfig(Config):
         from prune_heads.compensation.spec import CompensationSpec
 
         return CompensationSpec(mode=self.compensate, sequential=self.sequential)
+
+
+def select_memory(cfg: SelectConfig) -> dict[str, Any]:
+    """What sets select's peak memory (``sequential_engine.engine_for``'s keywords).
+
+    Layer by layer runs the static method on ``ppl:``/``kl:`` tasks; anything else needs the whole model.
+    """
+    from prune_heads.evaluation.perplexity import DEFAULT_DOCS, DEFAULT_SEQ_LEN
+
+    tasks = [t for t in (cfg.task, cfg.verify_task) if t]
+    whole_only = None
+    if not isinstance(cfg.method, StaticMethod):
+        whole_only = f"the {cfg.method_name} method"
+    elif cfg.sequential:
+        whole_only = "sequential compensation (--sequential)"
+    elif not tasks or not all(t.startswith(("ppl:", "kl:")) for t in tasks):
+        whole_only = f"the task {next((t for t in tasks if not t.startswith(('ppl:', 'kl:'))), None)}"
+    docs = cfg.limit or max(DEFAULT_DOCS.values())
+    return {"batch_tokens": cfg.batch_size * DEFAULT_SEQ_LEN, "all_tokens": docs * DEFAULT_SEQ_LEN,
+            "moments": "all" if cfg.compensate != "none" else "none", "whole_only": whole_only,
+            "instead": "select with the static method on a ppl:DATA or kl:DATA task runs layer by layer"}
+
+
+def select_engine(cfg: SelectConfig, model: Any, notify: Any = None) -> str:
+    """``memory`` or ``sequential`` for ``cfg.engine`` and ``model`` (a ``ModelConfig``), before loading it;
+    what needs the whole model is refused, with the memory it needs, when the model does not fit."""
+    from prune_heads.model.sequential_engine import engine_for
+
+    return engine_for(cfg.engine, model, what="select", notify=notify, **select_memory(cfg))
 
 
 # ---- what a selector gets -------------------------------------------------------------------
