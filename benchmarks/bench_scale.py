@@ -13,7 +13,7 @@ Memory and time do not depend on the weights' values, so the checkpoints are ran
 by shard under ``--root``, default ``/tmp/scale``, never held whole, and deleted afterwards unless ``--keep``).
 ``smollm2`` uses the real model (the float32 checkpoint the GGUF converts to). Each command runs as the CLI
 runs it, in a child process; the peak RSS of the child and all its children is sampled from ``/proc`` every
-20 ms (file pages the process maps count, as the kernel counts them), and the kernel's own high-water mark
+50 ms (file pages the process maps count, as the kernel counts them), and the kernel's own high-water mark
 (``ru_maxrss``: exact, but of the largest single process of the tree, not summed) is kept beside it. Each figure is given in GiB and as a multiple of the largest shard
 and of one decoder layer, with the prediction of ``predict()`` and the target of ``target()`` beside it.
 
@@ -64,11 +64,15 @@ SHARD = {"llama-3.2-1b": "5GB", "llama-3.1-8b": "5GB", "llama-3.1-70b": "5GB", "
 DEFAULT_STAGES = {
     "tiny": "export_no_verify,export,calibrate",
     "smollm2": "export_no_verify,export_memory,export_sequential,calibrate_memory,calibrate_sequential",
-    "llama-3.2-1b": "export_no_verify,export,export_memory,calibrate_memory,calibrate_sequential",
+    "llama-3.2-1b": ("export_no_verify,export,calibrate_memory,calibrate_sequential,select_memory,select_sequential,"
+                     "eval_memory,eval_sequential"),
     "llama-3.1-8b": "export_no_verify,export,calibrate",
 }
 #: the calibration the benchmark runs: a few short sequences (all forward scores and the moments)
 CAL_SAMPLES, CAL_SEQ_LEN = 4, 64
+#: select/eval on ``ppl:`` (both engines): short documents keep each probe's pass cheap on 2 cores
+PPL_DOCS, PPL_WORDS, PPL_LIMIT = 16, 48, 8
+SELECT_ARGS = ["--limit", str(PPL_LIMIT), "--max-drop", "0.01", "--relative", "--gqa", "kv-groups"]
 #: the verification export runs by default (``export --verify-sequences 4 --verify-seq-len 64``)
 VERIFY_TOKENS = 4 * 64
 
@@ -188,7 +192,7 @@ def _tree_rss(pid: int) -> tuple[int, int]:
     return total, anon
 
 
-def measure(cmd: list[str], env: dict[str, str], interval: float = 0.02) -> dict:
+def measure(cmd: list[str], env: dict[str, str], interval: float = 0.05) -> dict:
     """Run ``cmd``; its wall time, exit status, and the peak RSS of its process tree (sampled), the peak of its
     anonymous part, and the kernel's high-water mark (``ru_maxrss`` of the child, which covers the descendants
     it waited for: the largest single process, exact but not summed)."""
@@ -281,6 +285,15 @@ def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, c
         if stage == "export" and auto_engine("verify", info, base) == "memory":
             verify = "verify_memory"
         return max(predict("export_no_verify", info, base), predict(verify, info, base, tokens=tokens))
+    if stage.startswith(("select_", "eval_")):
+        # every document's tokens; one batch of 8 in flight with its logits (the model's dtype, float32 and log-probs)
+        doc_tokens = PPL_LIMIT * (PPL_WORDS + 1)
+        batch = min(8, PPL_LIMIT) * (PPL_WORDS + 1)
+        act = activations(info, batch, w, batch=min(8, PPL_LIMIT), seq=PPL_WORDS + 1) + batch * info["vocab"] * (w + 8)
+        if stage.endswith("_memory"):
+            return base + w * info["params"] + act
+        read = 0 if gpu else 4 * big
+        return base + 2 * w * info["layer_params"] + read + 2 * doc_tokens * info["hidden"] * w + w * chunk * info["hidden"] + act
     act = activations(info, cal_tokens, 4, batch=CAL_SAMPLES, seq=CAL_SEQ_LEN)
     hidden = cal_tokens * info["hidden"] * 4
     if stage == "calibrate_sequential":
@@ -336,7 +349,72 @@ def stage_command(stage: str, src: Path, work: Path) -> tuple[list[str], Path]:
                  "calibrate_sequential": ["--engine", "sequential"]}[stage]
         return [*cli, "calibrate", str(src), "--data", "wikitext2", "--num-samples", str(CAL_SAMPLES), "--seq-len",
                 str(CAL_SEQ_LEN), "--device", "cpu", "-o", str(out), *extra], out
+    engine = stage.rpartition("_")[2]
+    task = ["--task", f"ppl:{work / 'docs.jsonl'}"]
+    if stage in ("select_memory", "select_sequential"):
+        out = work / f"{stage}.json"
+        return [*cli, "select", str(work / "calibrate_sequential"), "--model", str(src), *task, *SELECT_ARGS,
+                "--device", "cpu", "--engine", engine, "-o", str(out)], out
+    if stage in ("eval_memory", "eval_sequential"):
+        out = work / f"{stage}.json"
+        return [*cli, "eval", str(src), "--plan", str(work / "select_memory.json"), *task, "--limit", str(PPL_LIMIT),
+                "--device", "cpu", "--engine", engine, "-o", str(out)], out
     raise SystemExit(f"unknown stage {stage!r}")
+
+
+def write_docs(path: Path) -> None:
+    """``PPL_DOCS`` WikiText-2 paragraphs cut to ``PPL_WORDS`` words each, as the ``ppl:`` task's documents."""
+    from prune_heads.data.documents import iter_documents
+
+    docs = []
+    for text in iter_documents("wikitext2"):
+        words = text.split()
+        if len(words) >= PPL_WORDS:
+            docs.append(" ".join(words[:PPL_WORDS]))
+        if len(docs) == PPL_DOCS:
+            break
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+def same_outcome(a: dict, b: dict) -> str:
+    """Whether two engines' plans (or eval results) agree: every number and decision, but for timings, file
+    names (each run writes its own compensation file) and the engine tags (``tests/test_select_sequential.py``
+    compares the same way)."""
+    skip = {"seconds", "wall_seconds", "engine", "file"}
+
+    def diffs(x: Any, y: Any, where: str) -> list[str]:
+        if isinstance(x, dict) and isinstance(y, dict):
+            out = []
+            for k in sorted((set(x) | set(y)) - skip):
+                out += diffs(x.get(k), y.get(k), f"{where}.{k}" if where else k)
+            return out
+        if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            return [d for i, (u, v) in enumerate(zip(x, y, strict=True)) for d in diffs(u, v, f"{where}[{i}]")]
+        return [] if x == y else [where or "."]
+
+    found = diffs(a, b, "")
+    return "identical" if not found else "DIFFER at " + ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+
+
+def package_estimate(stage: str, src: Path) -> int | None:
+    """The package's own estimate of ``stage``'s peak (``sequential_engine.Footprint.peaks``, the numbers
+    ``--engine auto`` and the recipe preflight judge by), with the keywords its stage passes for this run;
+    without the interpreter. None for the export stages (their verification judges the fit apart)."""
+    try:
+        from prune_heads.evaluation.perplexity import DEFAULT_SEQ_LEN
+        from prune_heads.model.sequential_engine import Footprint
+    except ImportError:  # a package without the memory model
+        return None
+    kind, _, engine = stage.partition("_")
+    if kind == "calibrate":
+        kw = {"batch_tokens": 8 * CAL_SEQ_LEN, "all_tokens": CAL_SAMPLES * CAL_SEQ_LEN, "moments": "stream",
+              "logits": False}
+    elif kind in ("select", "eval"):
+        kw = {"batch_tokens": 8 * DEFAULT_SEQ_LEN, "all_tokens": PPL_LIMIT * DEFAULT_SEQ_LEN, "moments": "none"}
+    else:
+        return None
+    whole, streamed = Footprint(src).peaks(**kw)
+    return whole if engine == "memory" else streamed
 
 
 def run_stage(stage: str, src: Path, work: Path, env: dict[str, str]) -> dict:
@@ -348,6 +426,7 @@ def run_stage(stage: str, src: Path, work: Path, env: dict[str, str]) -> dict:
     res["when"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     res["cmd"] = " ".join(["prune-heads", *cmd[3:]]).replace(str(work), "$WORK").replace(str(src), "$MODEL")
     res["engine"] = stage.rpartition("_")[2] if stage.endswith(("_memory", "_sequential")) else None
+    res["package_estimate"] = package_estimate(stage if stage != "calibrate" else "calibrate_sequential", src)
     if stage.startswith("export") and res["rc"] in (0, 1) and (out / "prune_heads.json").is_file():
         prov = json.loads((out / "prune_heads.json").read_text())
         res["verification"] = prov.get("verification")
@@ -359,7 +438,22 @@ def run_stage(stage: str, src: Path, work: Path, env: dict[str, str]) -> dict:
         meta = json.loads((out / "scores.json").read_text()) if (out / "scores.json").is_file() else {}
         res["scores"] = meta.get("scores")
         res["moments"] = (out / "moments.safetensors").is_file()
-    shutil.rmtree(out, ignore_errors=True)  # 15 GB for the 8B export: gone before the next stage
+    if stage.startswith(("select", "eval")) and res["rc"] == 0:
+        res["result"] = json.loads(out.read_text())
+        if stage.endswith("_sequential") and (out.parent / out.name.replace("sequential", "memory")).is_file():
+            res["same_as_memory"] = same_outcome(json.loads((out.parent / out.name.replace("sequential", "memory"))
+                                                            .read_text()), res["result"])
+        if stage.startswith("select"):
+            res["removed"] = len(res["result"].get("removed_heads", []))
+        else:
+            task = res["result"]["tasks"][0]
+            res["values"] = [task["baseline"]["value"], task["pruned"]["value"]]
+        res.pop("result")
+    if stage == "calibrate_sequential" and res["rc"] == 0:
+        res["output"] = res["output"][-4000:]
+        return res  # its scores feed select_*: kept until the work directory goes
+    if not stage.startswith("select"):
+        shutil.rmtree(out, ignore_errors=True)  # 15 GB for the 8B export: gone before the next stage
     res["output"] = res["output"][-4000:]
     return res
 
@@ -676,10 +770,17 @@ def fmt_row(stage: str, res: dict, info: dict, base: int) -> str:
     tgt = "–"
     if tg is not None:
         tgt = f"{_g(tg[0])} ({tg[1]}): **{'met' if peak <= tg[0] else 'missed'}**"
+    if "removed" in res:
+        verdict = f"{res['removed']} heads removed"
+    if "values" in res:
+        verdict = f"ppl {res['values'][0]:.6g} -> {res['values'][1]:.6g}"
+    if "same_as_memory" in res:
+        verdict += f"; against `_memory`: **{res['same_as_memory']}**"
     status = "ok" if res["rc"] == 0 else f"exit {res['rc']}"
-    return (f"| `{stage}` | {res.get('engine') or '–'} | {_g(peak)} | {_g(res['peak_anon'])} | {_g(res['hwm'])} | "
-            f"{peak / shard:.2f}x | {peak / layer:.1f}x | {_g(pred)} | {tgt} | {res['wall_s']:.0f} | "
-            f"{res['load'][0]:.1f} | {status} | {verdict} |")
+    anon, hwm, load = res.get("peak_anon"), res.get("hwm"), res.get("load")
+    return (f"| `{stage}` | {res.get('engine') or '–'} | {_g(peak)} | {_g(anon) if anon else '–'} | "
+            f"{_g(hwm) if hwm else '–'} | {peak / shard:.2f}x | {peak / layer:.1f}x | {_g(pred)} | {tgt} | "
+            f"{res['wall_s']:.0f} | {f'{load[0]:.1f}' if load else '–'} | {status} | {verdict} |")
 
 
 def shape_section(shape: str, entry: dict) -> list[str]:
@@ -700,7 +801,8 @@ def shape_section(shape: str, entry: dict) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
         *[fmt_row(stage, res, info, base) for stage, res in rows.items()],
         "",
-        *[f"- `{stage}` ({res['when']}): `{res['cmd']}`" for stage, res in rows.items()],
+        *[f"- `{stage}` ({res.get('when', '?')}): `{res['cmd']}`" + (f" — {res['note']}" if res.get("note") else "")
+          for stage, res in rows.items()],
         "",
     ]
     return lines
@@ -708,15 +810,18 @@ def shape_section(shape: str, entry: dict) -> list[str]:
 
 def memory_model_table(data: dict) -> list[str]:
     """Predicted against measured peak per stage for every measured shape, and the predicted peaks of 70B."""
-    lines = ["| model | stage | predicted GiB | measured GiB | measured / predicted |", "|---|---|---:|---:|---:|"]
+    lines = ["| model | stage | predicted GiB (`predict`) | package estimate GiB (+ interpreter) | measured GiB | "
+             "measured / predicted |", "|---|---|---:|---:|---:|---:|"]
     for shape in ALL_SHAPES:
         entry = data["runs"].get(shape)
         if not entry or shape == "tiny":
             continue
         for stage, res in entry["stages"].items():
             pred = predict(stage, entry["info"], entry["base"])
-            lines.append(f"| {shape} | `{stage}` ({res.get('engine') or '–'}) | {_g(pred)} | {_g(res['peak_rss'])} | "
-                         f"{res['peak_rss'] / pred:.2f} |")
+            pkg = res.get("package_estimate")
+            pkg_s = f"{_g(pkg + entry['base'])}" if pkg else "–"
+            lines.append(f"| {shape} | `{stage}` ({res.get('engine') or '–'}) | {_g(pred)} | {pkg_s} | "
+                         f"{_g(res['peak_rss'])} | {res['peak_rss'] / pred:.2f} |")
     return lines
 
 
@@ -727,7 +832,8 @@ def gpu_70b_table(base: int) -> list[str]:
              f"one layer {2 * info['layer_params'] / GIB:.2f} GiB) on one 80 GB GPU (74.5 GiB), `--device cuda`: "
              "device memory by `predict(..., device='cuda')` (no interpreter; host-side read transients left out).",
              "", "| stage | predicted device GiB | fits 80 GB |", "|---|---:|---|"]
-    for stage in ("calibrate_memory", "calibrate_sequential", "verify_memory", "verify_sequential"):
+    for stage in ("calibrate_memory", "calibrate_sequential", "verify_memory", "verify_sequential", "select_memory",
+                  "select_sequential"):
         p = predict(stage, info, base, device="cuda")
         lines.append(f"| `{stage}` | {_g(p)} | {'yes' if p <= gpu else 'no'} |")
     p = predict("export_no_verify", info, base)
@@ -775,7 +881,7 @@ def write_report(out: Path, data: dict) -> None:
         "(its docstring says how each figure is taken); rows are kept in `benchmarks/results/scale.json` and each "
         "was measured in its own run, one big process at a time.",
         "",
-        "Peak RSS (tree) = the command's whole process tree, sampled every 20 ms from `/proc` (file pages it maps "
+        "Peak RSS (tree) = the command's whole process tree, sampled every 50 ms from `/proc` (file pages it maps "
         "count); anon = its anonymous part (the heap, without mapped shard pages); HWM = the kernel's exact "
         "high-water mark of the largest single process of the tree (`ru_maxrss`). Predicted = `predict()` (the memory model below); target = the "
         "issue's bound. Calibration: `--data wikitext2 --num-samples 4 --seq-len 64`, every forward score and the "
@@ -819,12 +925,21 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="--part cost: interleaved pairs")
     ap.add_argument("--cost-samples", type=int, default=8)
     ap.add_argument("--cost-seq-len", type=int, default=128)
+    ap.add_argument("--merge", nargs="*", default=[], help="results files (.json) of runs with another --out to take in")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     out = Path(args.out)
     store = out.with_suffix(".json")
     data = load_results(store)
-    if args.report:
+    for other in map(Path, args.merge):  # stage by stage: a shape measured in two runs keeps both
+        theirs = load_results(other)
+        for shape, entry in theirs.get("runs", {}).items():
+            mine = load_results(store)["runs"].get(shape, {"stages": {}})
+            entry["stages"] = {**mine.get("stages", {}), **entry["stages"]}
+            data = save_results(store, ("runs", shape), {**mine, **entry})
+        if "cost" in theirs:
+            data = save_results(store, ("cost",), theirs["cost"])
+    if args.report or args.merge:
         write_report(out, data)
         return 0
     if args.part in GPU_PARTS:
@@ -859,6 +974,7 @@ def main() -> int:
     try:
         work.mkdir(parents=True, exist_ok=True)
         removed = write_plan(info, work / "plan.json")
+        write_docs(work / "docs.jsonl")
         base = baseline(env)
         entry = data["runs"].get(shape, {"stages": {}})
         entry.update(info=info, base=base, removed=removed)

@@ -127,3 +127,15 @@ def test_bench_scale_quick(tmp_path):
     assert all(s["peak_rss"] > s["peak_anon"] > 0 for s in stages.values())
     assert "| `export` |" in out.read_text()
     assert not (tmp_path / "scale" / "tiny").exists()  # deleted without --keep
+
+
+def test_same_outcome_ignores_only_timings_file_names_and_engine_tags():
+    a = {"removed_heads": [[0, 1]], "trace": [{"k": 4, "value": 1.5, "seconds": 2.0}],
+         "compensation": {"file": "plan-memory.comp", "mode": "lsq"}, "engine": "memory"}
+    b = {"removed_heads": [[0, 1]], "trace": [{"k": 4, "value": 1.5, "seconds": 9.0}],
+         "compensation": {"file": "plan-seq.comp", "mode": "lsq"}, "engine": "sequential"}
+    assert bench_scale.same_outcome(a, b) == "identical"
+    b["trace"][0]["value"] = 1.5000001
+    assert bench_scale.same_outcome(a, b) == "DIFFER at trace[0].value"
+    b["trace"][0]["value"], b["removed_heads"] = 1.5, [[0, 2]]
+    assert bench_scale.same_outcome(a, b).startswith("DIFFER at removed_heads[0][1]")
