@@ -253,7 +253,7 @@ def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, c
     - ``export_no_verify``: one output shard buffered (at most the shard size) + the largest source tensor
       read and its sliced copy (``2 x w x largest``);
     - ``verify`` layer by layer (float64, then float32 again): one layer of each model in float64
-      (``2 x 8 L``), the cast's transients of the largest tensor (``w + 4 + 8`` bytes each), an LM-head chunk of
+      (``2 x 8 L``), the cast's transients of the layer's largest weight (``w + 4 + 8`` bytes each), an LM-head chunk of
       each model in float64 with its logits (``2 x 8 C (hidden + tokens)``), and both models' hidden states in
       float64 and float32 with one layer's activations;
     - ``verify`` in memory: both models whole in float64 (``2 x 8 P``) + the activations and full logits;
@@ -275,11 +275,14 @@ def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, c
     mapped = 0 if gpu else info["bytes"]
     w = info["dtype_bytes"]
     big = info["largest_tensor"]
+    # a decoder layer's largest weight (the MLP's or the attention's): layer by layer the embedding and LM head
+    # are read by rows, never whole
+    layer_big = info["hidden"] * max(info["intermediate"], info["heads"] * info["head_dim"])
     chunk = min(info["vocab"], HEAD_CHUNK_ROWS)
     if stage == "export_no_verify":
         return base + min(info["largest_shard"], info["bytes"]) + 2 * big * w
     if stage == "verify_sequential":
-        read = 0 if gpu else (w + 4 + 8) * big
+        read = 0 if gpu else (w + 4 + 8) * layer_big
         states = 2 * tokens * info["hidden"] * (8 + 4)
         return (base + 2 * 8 * info["layer_params"] + read + 2 * 8 * chunk * (info["hidden"] + tokens) + states
                 + activations(info, tokens, 8, batch=4, seq=tokens // 4))
@@ -298,12 +301,12 @@ def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, c
         act = activations(info, batch, w, batch=min(8, PPL_LIMIT), seq=PPL_WORDS + 1) + batch * info["vocab"] * (w + 8)
         if stage.endswith("_memory"):
             return base + w * info["params"] + mapped + act
-        read = 0 if gpu else 4 * big
+        read = 0 if gpu else 4 * layer_big
         return base + 2 * w * info["layer_params"] + read + 2 * doc_tokens * info["hidden"] * w + w * chunk * info["hidden"] + act
     act = activations(info, cal_tokens, 4, batch=CAL_SAMPLES, seq=CAL_SEQ_LEN)
     hidden = cal_tokens * info["hidden"] * 4
     if stage == "calibrate_sequential":
-        read = 0 if gpu else 4 * big
+        read = 0 if gpu else 4 * layer_big
         return base + w * info["layer_params"] + read + moments_bytes(info) + 2 * hidden + act
     if stage == "calibrate_memory":
         return base + w * info["params"] + mapped + info["layers"] * moments_bytes(info) + 2 * hidden + act
@@ -474,12 +477,11 @@ def source_for(shape: str, root: Path, keep: bool) -> tuple[Path, dict, float, b
         src = gguf_to_plain(*resolve_model_spec("smollm2"), progress=False)
         return src, sizes(src, shape), 0.0, False
     src = root / shape
+    if (src / "config.json").is_file():
+        return src, sizes(src, shape), 0.0, not keep
+    shutil.rmtree(src, ignore_errors=True)
     t0 = time.perf_counter()
-    if not (src / "config.json").is_file():
-        shutil.rmtree(src, ignore_errors=True)
-        info = write_checkpoint(shape, src)
-    else:
-        info = sizes(src, shape)
+    info = write_checkpoint(shape, src)
     return src, info, time.perf_counter() - t0, not keep
 
 
@@ -778,6 +780,8 @@ def fmt_row(stage: str, res: dict, info: dict, base: int) -> str:
     tgt = "–"
     if tg is not None:
         tgt = f"{_g(tg[0])} ({tg[1]}): **{'met' if peak <= tg[0] else 'missed'}**"
+    if res.get("scores"):
+        verdict = f"{len(res['scores'])} scores" + (" + moments" if res.get("moments") else "")
     if "removed" in res:
         verdict = f"{res['removed']} heads removed"
     if "values" in res:
@@ -805,7 +809,7 @@ def shape_section(shape: str, entry: dict) -> list[str]:
         f"baseline (torch, transformers and the CLI imported): {_g(base)} GiB.",
         "",
         "| stage | engine | peak RSS GiB (tree) | anon GiB | HWM GiB | x largest shard | x layer | predicted GiB "
-        "| target GiB | wall s | load | status | verification |",
+        "| target GiB | wall s | load | status | result |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
         *[fmt_row(stage, res, info, base) for stage, res in rows.items()],
         "",
@@ -947,6 +951,8 @@ def main() -> int:
     ap.add_argument("--stages", default=None, help="comma-separated (default: per shape, DEFAULT_STAGES)")
     ap.add_argument("--root", default="/tmp/scale")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint for another run")
+    ap.add_argument("--no-clean", action="store_true",
+                    help="keep the work directory (scores, plans) for stages run by another invocation beside this one")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="--part cost: interleaved pairs")
     ap.add_argument("--cost-samples", type=int, default=8)
@@ -1007,7 +1013,7 @@ def main() -> int:
         base = baseline(env)
         entry = data["runs"].get(shape, {"stages": {}})
         entry.update(info=info, base=base, removed=removed)
-        if write_s > 1:
+        if write_s:
             entry["write_s"] = write_s
         for stage in stages:
             res = run_stage(stage, src, work, env)
@@ -1019,7 +1025,8 @@ def main() -> int:
             entry["stages"] = {**load_results(store)["runs"].get(shape, {}).get("stages", {}), **entry["stages"]}
             write_report(out, save_results(store, ("runs", shape), entry))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.no_clean:
+            shutil.rmtree(work, ignore_errors=True)
         if delete:
             shutil.rmtree(src, ignore_errors=True)
     return 1 if failed else 0
