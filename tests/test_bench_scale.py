@@ -69,9 +69,8 @@ def test_predicted_peaks_order_as_the_engines_do():
     assert bench_scale.predict("calibrate_sequential", info, base, device="cuda") < gpu / 10
     assert bench_scale.predict("verify_sequential", info, base, device="cuda") < gpu / 2
     assert bench_scale.auto_engine("calibrate", info, base, free=24 << 30) == "sequential"
-    assert bench_scale.auto_engine("calibrate", bench_scale.predicted_info("llama-3.1-70b") | {"params": 10**6,
-                                                                                               "layers": 1},
-                                   base, free=24 << 30) == "memory"
+    small = info | {"params": 10**6, "bytes": 2 * 10**6, "layers": 1}
+    assert bench_scale.auto_engine("calibrate", small, base, free=24 << 30) == "memory"
 
 
 def test_gpu_check_is_valid_bash_and_refuses_without_cuda():
