@@ -260,6 +260,8 @@ def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, c
       every whole-model stage (``*_memory``) also counts the checkpoint's file pages, which ``from_pretrained``
       maps and reads (they count in RSS on the CPU);
     - ``export``: the larger of ``export_no_verify`` and the verification its ``auto`` engine chooses;
+    - layer by layer, on the CPU, the shard pages of the layer being read count too (``w L`` per model: the
+      shards are memory-mapped while a layer is read);
     - ``calibrate`` layer by layer: one layer in the checkpoint dtype (``w L``) + the largest tensor's read,
       one layer's float64 moments, every sequence's hidden states (float32) and one layer's activations
       (float32);
@@ -282,7 +284,7 @@ def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, c
     if stage == "export_no_verify":
         return base + min(info["largest_shard"], info["bytes"]) + 2 * big * w
     if stage == "verify_sequential":
-        read = 0 if gpu else (w + 4 + 8) * layer_big
+        read = 0 if gpu else (w + 4 + 8) * layer_big + 2 * w * info["layer_params"]  # + both layers' mapped pages
         states = 2 * tokens * info["hidden"] * (8 + 4)
         return (base + 2 * 8 * info["layer_params"] + read + 2 * 8 * chunk * (info["hidden"] + tokens) + states
                 + activations(info, tokens, 8, batch=4, seq=tokens // 4))
@@ -306,7 +308,7 @@ def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, c
     act = activations(info, cal_tokens, 4, batch=CAL_SAMPLES, seq=CAL_SEQ_LEN)
     hidden = cal_tokens * info["hidden"] * 4
     if stage == "calibrate_sequential":
-        read = 0 if gpu else 4 * layer_big
+        read = 0 if gpu else 4 * layer_big + w * info["layer_params"]  # + the layer's mapped file pages
         return base + w * info["layer_params"] + read + moments_bytes(info) + 2 * hidden + act
     if stage == "calibrate_memory":
         return base + w * info["params"] + mapped + info["layers"] * moments_bytes(info) + 2 * hidden + act
