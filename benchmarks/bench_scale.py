@@ -370,7 +370,9 @@ def stage_command(stage: str, src: Path, work: Path) -> tuple[list[str], Path]:
                 "--device", "cpu", "--engine", engine, "-o", str(out)], out
     if stage in ("eval_memory", "eval_sequential"):
         out = work / f"{stage}.json"
-        return [*cli, "eval", str(src), "--plan", str(work / "select_memory.json"), *task, "--limit", str(PPL_LIMIT),
+        plan = work / "select_memory.json"  # the plan select found, else the seeded random one
+        plan = plan if plan.is_file() else work / "plan.json"
+        return [*cli, "eval", str(src), "--plan", str(plan), *task, "--limit", str(PPL_LIMIT),
                 "--device", "cpu", "--engine", engine, "-o", str(out)], out
     raise SystemExit(f"unknown stage {stage!r}")
 
@@ -391,9 +393,9 @@ def write_docs(path: Path) -> None:
 
 def same_outcome(a: dict, b: dict) -> str:
     """Whether two engines' plans (or eval results) agree: every number and decision, but for timings, file
-    names (each run writes its own compensation file) and the engine tags (``tests/test_select_sequential.py``
+    names (each run writes its own compensation file), the date and the engine tags (``tests/test_select_sequential.py``
     compares the same way)."""
-    skip = {"seconds", "wall_seconds", "engine", "file"}
+    skip = {"seconds", "wall_seconds", "engine", "file", "date"}
 
     def diffs(x: Any, y: Any, where: str) -> list[str]:
         if isinstance(x, dict) and isinstance(y, dict):
