@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,58 @@ def test_bfloat16_weights_layer_by_layer_equal_the_whole_model(tmp_path):
     want = calibrate(model, SEQS, batch_size=2, progress=False)
     got = calibrate_sequential(src, SEQS, tmp_path / "work", batch_size=2, dtype=torch.bfloat16, progress=False)
     assert_same(want, got, Moments.load(got.moments.save(tmp_path / "m.safetensors")))
+
+
+KILLER = """
+import os, signal, sys
+from prune_heads.scoring import sequential
+from prune_heads.cli.main import cli
+
+real = sequential.LayerState.finish_layer
+
+def finish_then_die(self, j, *a, **k):
+    real(self, j, *a, **k)
+    if j == 1:  # layer 1 is on disk: the process dies now, with no cleanup of any kind
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sequential.LayerState.finish_layer = finish_then_die
+cli(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter (about 15 s here); the injected stop above is the default suite's check
+def test_calibrate_killed_in_the_middle_of_the_layers_resumes_to_the_same_scores(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    from prune_heads.cli.main import cli
+
+    model, src = make_source(tmp_path, "llama", layers=4, vocab=120)
+    tiny_tokenizer(src)
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(words(30, seed=i) for i in range(6)))
+    args = ["calibrate", str(src), "--data", str(data), "--num-samples", "4", "--seq-len", "16", "--batch-size", "2",
+            "--device", "cpu"]
+    out = tmp_path / "scores"
+    proc = subprocess.run([sys.executable, "-c", KILLER, *args, "--engine", "sequential", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(p) for p in (Path(__file__).parents[1],)] + [os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    work = tmp_path / ".scores.layers"
+    assert layer_file(work, 1).is_file() and not layer_file(work, 2).is_file() and not out.exists()
+    import prune_heads.model.sequential_engine as eng
+
+    ran: list[int] = []
+    real = eng.StreamedModel.load_layer
+    monkeypatch.setattr(eng.StreamedModel, "load_layer", lambda self, j: ran.append(j) or real(self, j))
+    res = CliRunner().invoke(cli, [*args, "--engine", "sequential", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert ran == [2, 3]  # the same command resumed after the last finished layer
+    res = CliRunner().invoke(cli, [*args, "--engine", "memory", "-o", str(tmp_path / "whole")])
+    assert res.exit_code == 0, res.output
+    a, b = HeadScores.load(tmp_path / "whole"), HeadScores.load(out)
+    for sid in a.score_ids:
+        assert torch.equal(a.per_sample(sid), b.per_sample(sid)), sid
+    assert Moments.load(tmp_path / "whole").fingerprint() == Moments.load(out).fingerprint()
+    assert not work.exists()

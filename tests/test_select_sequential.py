@@ -45,7 +45,7 @@ def _same(a, b) -> None:
     assert (a.docs.values == b.docs.values).all() and (a.docs.weights == b.docs.weights).all()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", *(pytest.param(f, marks=pytest.mark.slow) for f in ("gemma2", "qwen3"))])
 def test_streamed_ppl_and_kl_equal_the_whole_model(family, tmp_path):
     model, src, docs = _world(tmp_path, family)
     tok = tiny_tokenizer()
@@ -239,7 +239,7 @@ def test_a_recipe_that_cannot_fit_is_refused_before_any_stage(calibrated, tmp_pa
     assert not (tmp_path / "wd" / "calibrate").exists()
 
 
-@pytest.mark.parametrize("kind", ["ppl", "kl"])
+@pytest.mark.parametrize("kind", ["ppl", pytest.param("kl", marks=pytest.mark.slow)])
 def test_bfloat16_weights_layer_by_layer_equal_the_whole_model(kind, tmp_path):
     _, src, docs = _world(tmp_path, "qwen3", layers=2)
     mc = ModelConfig(id=str(src), device="cpu", dtype="bfloat16")

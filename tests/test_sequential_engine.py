@@ -90,8 +90,18 @@ def _same(mem: dict, seq: dict) -> None:
 CASES = [("sliced", "lsq"), ("masked", "none"), ("uniform", "none"), ("masked", "mean"), ("uniform", "lsq")]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("fmt,mode", CASES)
+def _matrix() -> list:
+    """Every (family, format, compensation); the default suite keeps every family once (sliced, lsq) and every
+    case on llama, the rest is slow (the whole matrix is ~60 verifications of two models)."""
+    out = []
+    for family in FAMILIES:
+        for fmt, mode in CASES:
+            quick = family == "llama" or (fmt, mode) == CASES[0]
+            out.append(pytest.param(family, fmt, mode, marks=() if quick else pytest.mark.slow))
+    return out
+
+
+@pytest.mark.parametrize("family,fmt,mode", _matrix())
 def test_sequential_verify_equals_in_memory_verify(family, fmt, mode, tmp_path):
     adapter = get_adapter(type("C", (), {"model_type": family})())
     if mode != "none" and fmt != "sliced" and family not in O_BIAS_FAMILIES:

@@ -116,6 +116,12 @@ def compensation_for_plan(plan: Any, *, scores: Any = None, moments: Any = None,
             comp.check_matches(mask)
         return comp
     if spec.sequential:
+        from prune_heads.model.sequential_engine import streamed_of
+
+        if model is not None and streamed_of(model) is not None:
+            raise PruneHeadsError("this plan's sequential compensation is solved on the whole model, which is run layer "
+                                  "by layer here: use the compensation file saved beside the plan (drop --scores), or "
+                                  "--engine memory")
         if model is None or not seqs:
             raise PruneHeadsError(
                 "this plan uses sequential compensation, which is solved on the model from its calibration data: pass "

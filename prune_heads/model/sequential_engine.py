@@ -14,6 +14,15 @@ no family's masking or rotary code is re-implemented here. Running layer ``j`` o
 computes what the whole model computes, kernel for kernel (``tests/test_sequential_engine.py`` checks it
 bit for bit in float64 against ``model(...)`` on every family).
 
+Evaluation (``batch_logits``): a ``ppl:``/``kl:`` probe is one pass in which each layer runs every batch's hidden
+states, then each batch goes through the final norm and the chunked LM head in turn. The static mask and the
+compensation hooks sit on the skeleton's own modules, so they act as on the model loaded whole. Fingerprint
+checks read the shards through ``StreamedModel.tensors`` (``fingerprint.model_tensors``), once per record.
+
+Choosing the engine (``engine_for``, called by each stage's ``*_engine``): ``Footprint.peaks`` estimates a stage's
+peak both ways from the shards' headers and the config, and ``auto`` keeps the whole model when it fits within
+``HEADROOM`` of the free memory.
+
 Tensor names come from the family adapter (``layer_prefix``, ``embed_name``, ``final_norm_prefix``,
 ``lm_head_name``); the shards are opened per layer and closed again, so file pages do not pile up in memory.
 """
@@ -107,6 +116,12 @@ class ShardReader:
         """Rows ``start:stop`` of a 2-D tensor, without reading the rest."""
         with self._open(self._shard(name)) as h:
             return h.get_slice(name)[start:stop]
+
+    def gather_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` (in that order) of a 2-D tensor, the shard opened once, nothing else read."""
+        with self._open(self._shard(name)) as h:
+            s = h.get_slice(name)
+            return torch.cat([s[r:r + 1] for r in rows])
 
     def shape(self, name: str) -> list[int]:
         with self._open(self._shard(name)) as h:
@@ -248,7 +263,7 @@ class StreamedModel:
         embed = self.model.get_submodule(self.adapter.embed_name)
         name = f"{self.adapter.embed_name}.weight"
         used, local = torch.unique(ids, return_inverse=True)
-        rows = torch.cat([self.reader.rows(name, int(i), int(i) + 1) for i in used.tolist()])
+        rows = self.reader.gather_rows(name, used.tolist())
         rows = self._hooked(name, self._cast(rows)).to(dtype)
         keep_pad, meta_weight = embed.padding_idx, embed._parameters["weight"]
         embed.padding_idx = None  # the compact table has fewer rows than the pad id; padding_idx only shapes grads
@@ -575,7 +590,12 @@ def engine_for(engine: str, model: Any, *, what: str, batch_tokens: int, all_tok
     from prune_heads.export.checkpoint import resolve_source
     from prune_heads.model.loading import parse_dtype
 
-    fp = Footprint(resolve_source(model.id, model.gguf_file), parse_dtype(model.dtype))
+    try:
+        fp = Footprint(resolve_source(model.id, model.gguf_file), parse_dtype(model.dtype))
+    except (PruneHeadsError, OSError, ValueError, KeyError):
+        if engine == "sequential":
+            raise
+        return "memory"  # no safetensors shards to size (or stream): the whole-model path, which reports any problem
     whole, streamed = fp.peaks(batch_tokens=batch_tokens, all_tokens=all_tokens, moments=moments, logits=logits)
     device = model.resolved_device() or "cpu"
     free = available_memory(device)

@@ -109,8 +109,8 @@ def check_memory(recipe: Any, echo: Any = print) -> None:
         return
     try:
         fp = Footprint(resolve_source(recipe.model.id, recipe.model.gguf_file), parse_dtype(recipe.model.dtype))
-    except (OSError, ValueError, KeyError):
-        return  # loading reports it, with the reason
+    except (PruneHeadsError, OSError, ValueError, KeyError):
+        return  # no safetensors shards to size: loading reports any problem, with the reason
     device = recipe.model.resolved_device() or "cpu"
     free = available_memory(device)
     evaluate = dataclasses.replace(recipe.evaluate, tasks=recipe.eval_tasks())

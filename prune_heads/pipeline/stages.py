@@ -241,12 +241,12 @@ def run(recipe_or_path: Recipe | str | os.PathLike | Mapping[str, Any], workdir:
     runner = Runner(stages(), force=force, stop_after=stop_after, echo=echo)
     with share_calibration_decision() as decide:
         check_inputs(recipe)
-        from prune_heads.pipeline.preflight import check_memory
-
-        check_memory(recipe, echo)
         inputs = (local_model_path(recipe.model), local_data_path(recipe.calibration.data_now()),
                   recipe_or_path if isinstance(recipe_or_path, (str, os.PathLike)) else None)
         with locked_workdir(workdir or Path("runs") / recipe.name, inputs) as wd, signature_cache(wd):
+            from prune_heads.pipeline.preflight import check_memory
+
+            check_memory(recipe, echo)  # before any stage: each one's estimated peak, and what cannot fit at all
             for stale in ("summary.md", "summary.json"):
                 (wd / stale).unlink(missing_ok=True)
             (wd / "recipe.yaml").write_text(dump_recipe(recipe))
