@@ -47,7 +47,9 @@ def loaded(world):
 
 
 def _strip(plan: dict) -> dict:
-    volatile = {"wall_seconds", "seconds", "date", "file"}
+    # "sha256": the compensation file's bytes (safetensors orders its metadata per process; the plan's numbers,
+    # and the compensation's fingerprint over its header and tensors, are compared)
+    volatile = {"wall_seconds", "seconds", "date", "file", "sha256"}
     if isinstance(plan, dict):
         return {k: _strip(v) for k, v in plan.items() if k not in volatile}
     if isinstance(plan, list):

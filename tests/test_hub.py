@@ -74,7 +74,7 @@ def _record_files(out: Path, **extra) -> None:
            for p in out.rglob("*") if p.is_file() and p.name != "prune_heads.json"
            and p.relative_to(out).as_posix() not in STRAYS}
     own["prune_heads.json"] = None  # written last, lists itself without a record
-    (out / "prune_heads.json").write_text(json.dumps({"base_model": "org/tiny", "heads_removed": 2, "files": own,
+    (out / "prune_heads.json").write_text(json.dumps({"source": {"model": "org/tiny", "hub_id": "org/tiny"}, "heads_removed": 2, "files": own,
                                                       "verification": VERIFIED, **extra}))
 
 

@@ -20,7 +20,7 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def smollm2_path():
-    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.export.source import resolve_source
 
     return resolve_source("smollm2")
 

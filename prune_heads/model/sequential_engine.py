@@ -410,7 +410,7 @@ def load_streamed(model: Any) -> Any:
     Stages that only run forward passes (``ppl:``/``kl:`` evaluation, static selection, the fingerprint
     checks) take it where they take a model loaded whole; they find the shards through ``streamed_of``.
     """
-    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.export.source import resolve_source
     from prune_heads.model.loading import LoadedModel, parse_dtype
     from prune_heads.model.remote_code import pretrained
 
@@ -587,7 +587,7 @@ def engine_for(engine: str, model: Any, *, what: str, batch_tokens: int, all_tok
     if model.device_map is not None:
         raise PruneHeadsError("--device-map spreads a whole model over devices; layer by layer needs none: drop it "
                               "or use --engine memory")
-    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.export.source import resolve_source
     from prune_heads.model.loading import parse_dtype
 
     try:

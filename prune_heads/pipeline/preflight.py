@@ -191,7 +191,7 @@ def check_memory(recipe: Any, echo: Any = print) -> None:
     import dataclasses
 
     from prune_heads.evaluation.stage import evaluate_memory
-    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.export.source import resolve_source
     from prune_heads.model.loading import parse_dtype
     from prune_heads.model.sequential_engine import Footprint, available_memory, gib
     from prune_heads.scoring.stage import calibrate_memory

@@ -133,7 +133,7 @@ def run_calibrate_sequential(config: CalibrateConfig, model: Any, model_id: str,
 
     from prune_heads.data import calibration_sequences
     from prune_heads.errors import PruneHeadsError
-    from prune_heads.export.checkpoint import resolve_source
+    from prune_heads.export.source import resolve_source
     from prune_heads.model.loading import parse_dtype
     from prune_heads.model.remote_code import pretrained
     from prune_heads.model.sequential_engine import skeleton
