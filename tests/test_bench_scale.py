@@ -48,7 +48,9 @@ def test_measure_sums_the_whole_process_tree(tmp_path):
     mib = 2**20
     assert res["peak_rss"] >= 400 * mib and res["peak_anon"] >= 400 * mib
     assert 300 * mib <= res["hwm"] < 400 * mib
-    assert res["peak_rss"] < 400 * mib + 100 * mib  # two bare interpreters beside the buffers
+    # not more than twice the buffers: a child forked before its exec shares its parent's pages, and a sample at
+    # that moment counts them twice (it was 613 MiB once, on an idle machine)
+    assert res["peak_rss"] < 2 * 400 * mib
 
 
 def test_results_file_keeps_what_another_run_wrote(tmp_path):
