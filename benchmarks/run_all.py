@@ -24,6 +24,8 @@ SCRIPTS = {
     # not in ORDER: the full table takes hours on a CPU (run it with --only budget, or see its docstring)
     "budget": "bench_budget.py",
     "compensation": "bench_compensation.py",  # parts, resumable; see its docstring
+    "long_context": "bench_long_context.py",  # SmolLM2 at 256-4096 tokens: hours on a CPU
+    "scale": "bench_scale.py",  # writes 1B/8B-shaped checkpoints (about 20 GB) and runs every stage on them
 }
 
 
