@@ -108,7 +108,7 @@ step "layer-sequential vs in-memory" 140 "$PY" benchmarks/bench_scale.py --part 
 step "export speed" 110 "$PY" benchmarks/bench_scale.py --part gpu-speed --device "$DEVICE" $QUICK --repeats 5 \
     --root "$ROOT" --out "$OUT"
 
-rm -rf "$ROOT/llama-3.2-1b" "$ROOT/tiny"  # the scratch checkpoints this script wrote, nothing else
+rm -rf "$ROOT/llama-3.2-1b" "$ROOT/tiny" "$ROOT/gpu-plan.json"  # the scratch this script wrote, nothing else
 rmdir "$ROOT" 2>/dev/null
 echo "Total: $(( $(date +%s) - START )) s." >>"$OUT"
 echo "wrote $OUT in $(( $(date +%s) - START )) s" >&2
