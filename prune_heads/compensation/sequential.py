@@ -23,14 +23,10 @@ from prune_heads.compensation.moments import Moments, MomentsCollector, model_me
 from prune_heads.compensation.record import Compensation, sequences_sha
 from prune_heads.compensation.spec import CompensationSpec
 from prune_heads.errors import PruneHeadsError
+from prune_heads.model.replay import hidden_of
 
 #: relative tolerance of the check that running layers one by one reproduces the model's forward
 REPLAY_TOL = 1e-4
-
-
-def _hidden_of(captured: tuple[tuple, dict]) -> torch.Tensor:
-    args, kwargs = captured
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _strip(captured: tuple[tuple, dict]) -> tuple[tuple, dict]:
@@ -59,15 +55,15 @@ def _capture(model: nn.Module, layers: nn.ModuleList, seqs: list[list[int]], bat
             raise PruneHeadsError("sequential compensation could not capture every decoder layer's input")
         if b == 0:  # the replay must reproduce the model: check one layer step per layer on this batch
             for j in range(len(layers) - 1):
-                got = layer_call(layers[j], cap.inputs[j], _hidden_of(cap.inputs[j]), ids.shape[0], 1)
-                want = _hidden_of(cap.inputs[j + 1])
+                got = layer_call(layers[j], cap.inputs[j], hidden_of(cap.inputs[j]), ids.shape[0], 1)
+                want = hidden_of(cap.inputs[j + 1])
                 keep = mask.bool()
                 err = float((got[keep] - want[keep]).abs().max())
                 if err > REPLAY_TOL * max(1.0, float(want[keep].abs().max())):
                     raise PruneHeadsError(
                         f"sequential compensation: running decoder layer {j} from its cached inputs does not "
                         f"reproduce this model's forward (max difference {err:.2e}); use non-sequential compensation")
-        hidden = _hidden_of(cap.inputs[0])
+        hidden = hidden_of(cap.inputs[0])
         cached.append((mask, {j: _strip(c) for j, c in cap.inputs.items()}, hidden))
     return cached
 

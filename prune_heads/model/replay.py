@@ -14,6 +14,12 @@ import torch
 from torch import nn
 
 
+def hidden_of(captured: tuple[tuple, dict]) -> torch.Tensor:
+    """The hidden states a decoder layer was called with (its first argument, or the ``hidden_states`` keyword)."""
+    args, kwargs = captured
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def replicate(x: Any, batch: int, copies: int) -> Any:
     """Tile batch-shaped tensors ``copies`` times (copy-major), recursing into tuples/lists/dicts.
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from prune_heads.errors import PruneHeadsError
+from prune_heads.model.replay import hidden_of
 
 #: rows of the LM head (or embedding) read and multiplied at a time: 16384 x 4096 float64 is 512 MiB
 HEAD_CHUNK_ROWS = 16384
@@ -301,7 +302,7 @@ class StreamedModel:
         if len(recorded) != len(layers):
             raise PruneHeadsError(f"the decoder of {self.path} did not run all {len(layers)} layers; "
                                   "its family cannot run layer by layer")
-        hidden = _hidden_of(recorded[0])
+        hidden = hidden_of(recorded[0])
         return hidden, [_strip(recorded[i]) for i in range(len(layers))]
 
     def o_proj_weight(self, j: int) -> torch.Tensor:
@@ -436,11 +437,6 @@ def _buffers_to(model: nn.Module, device: torch.device) -> None:
 
 
 def _pass_through(*args: Any, **kwargs: Any) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _hidden_of(captured: tuple[tuple, dict]) -> torch.Tensor:
-    args, kwargs = captured
     return args[0] if args else kwargs["hidden_states"]
 
 
