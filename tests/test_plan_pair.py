@@ -253,3 +253,29 @@ def test_a_plan_without_compensation_replaces_the_whole_pair(pair, tmp_path):
     out = _write(pair, "A", tmp_path / "p.json")
     save_plan(Plan([(0, 1)]), out, overwrite=True)
     assert not sidecar_path(out).exists() and Plan.load(out).selection.compensation is None
+
+
+def test_equal_compensations_are_equal_bytes_in_any_process(tmp_path):
+    """A plan records its compensation file's sha256, so equal compensations must be equal bytes: safetensors
+    writes its metadata map in a per-process hash order (six orders in thirty saves, measured), which the
+    writer sorts away. Two fresh interpreters write the same compensation; the bytes agree and load back."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from prune_heads.compensation.record import Compensation, LayerCompensation\n"
+            "from prune_heads.compensation.spec import CompensationSpec\n"
+            "lc = LayerCompensation((0,), (1,), 2, torch.arange(2.0, dtype=torch.float64), "
+            "torch.ones(2, 2, dtype=torch.float64))\n"
+            "c = Compensation(CompensationSpec('lsq'), {0: lc}, 1, 2, 2, {'b': 1, 'a': 'données/x.txt'})\n"
+            "[c.save(sys.argv[1] + f'-{i}.safetensors') for i in range(5)]\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for run in ("a", "b"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / run)], check=True, env=env, timeout=120)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 10 and len({hashlib.sha256(f.read_bytes()).hexdigest() for f in files}) == 1
+    from prune_heads.compensation.record import Compensation
+
+    back = Compensation.load(files[0])
+    assert back.statistics == {"b": 1, "a": "données/x.txt"} and torch.equal(back.layers[0].weight, torch.ones(2, 2,
+                                                                                                   dtype=torch.float64))

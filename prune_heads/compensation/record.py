@@ -159,7 +159,8 @@ class Compensation:
         from safetensors.torch import save
 
         tensors = self.tensors() or {"empty": torch.zeros(0, dtype=torch.float64)}
-        return save(tensors, metadata={"format": COMPENSATION_FORMAT, "header": json.dumps(self._header())})
+        data = save(tensors, metadata={"format": COMPENSATION_FORMAT, "header": json.dumps(self._header(), sort_keys=True)})
+        return _canonical_header(data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Compensation:
@@ -200,3 +201,18 @@ def sequences_sha(seqs: Sequence[Sequence[int]]) -> str:
 
 
 __all__ = ["COMPENSATION_FORMAT", "Compensation", "LayerCompensation", "head_dims", "sequences_sha"]
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header's keys sorted, so that equal compensations give equal
+    bytes and a plan's recorded sha256 names the content: safetensors writes its metadata map in a per-process
+    hash order. The header keeps its length (padded with spaces, as the format allows); the rare header that
+    would grow is left as it was."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps({k: dict(sorted(v.items())) if k == "__metadata__" else v for k, v in sorted(header.items())},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]
+
