@@ -570,16 +570,14 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out.parent, out.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-{owner_tag()}-", dir=out.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
+        tmp = _stage_bytes(out, data)  # removes its temporary itself when the write fails
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
         if isinstance(e, Exception) and is_disk_full(e):
             raise disk_full_error(out, e) from e
         raise
