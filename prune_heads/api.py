@@ -15,8 +15,10 @@ front ends cannot drift apart (``tests/test_front_ends.py``)::
 
 ``model`` is a ``ModelConfig``, a model spec (Hub id, folder, GGUF, ``smollm2``) or a ``LoadedModel``
 from ``load_model``; pass a ``LoadedModel`` to load the weights once for several stages (a spec or a
-``ModelConfig`` is loaded by each call). Export streams the source's files, so it reads the source the
-``LoadedModel`` was loaded from.
+``ModelConfig`` is loaded by each call). A spec or ``ModelConfig`` goes through the same engine choice as the
+CLI and the recipe runner (the config's ``engine``, ``auto`` by default): a model that does not fit in memory
+runs layer by layer, streamed from its shards, with the same results; a ``LoadedModel`` is already whole.
+Export streams the source's files, so it reads the source the ``LoadedModel`` was loaded from.
 
 The keyword-argument functions these stages are built on (``scoring.calibrate.calibrate``,
 ``selection.static.select_static``, ``export.checkpoint.export_checkpoint`` ...) stay in their modules as the
@@ -58,9 +60,17 @@ def _model(model: Any) -> tuple[ModelConfig, Any]:
                           f"{type(model).__name__}")
 
 
-def _loaded(model: Any) -> tuple[ModelConfig, Any]:
+def _loaded(model: Any, engine_of: Any) -> tuple[ModelConfig, Any]:
+    """``(ModelConfig, the model to run)``: a ``LoadedModel`` as given (it is already whole); a spec or a
+    ``ModelConfig`` loaded as the CLI and the recipe runner load it for this stage: ``engine_of(mc)`` (the stage's
+    ``*_engine``, which honours the config's ``engine`` and judges the fit before anything loads) says whole, or
+    a layer-by-layer skeleton streamed from the shards when the model does not fit."""
     mc, loaded = _model(model)
-    return mc, loaded if loaded is not None else mc.load()
+    if loaded is not None:
+        return mc, loaded
+    from prune_heads.model.sequential_engine import load_for
+
+    return mc, load_for(engine_of(mc), mc)
 
 
 def _scores(scores: Any) -> Any:
@@ -82,11 +92,25 @@ def _plan(plan: Any) -> Any:
 def calibrate_model(model: Any, config: CalibrateConfig, out: PathLike | None = None, *, overwrite: bool = False,
                     progress: bool = True) -> Any:
     """Score every head (``prune-heads calibrate``); returns the ``HeadScores`` (also written to ``out`` when given)."""
-    from prune_heads.scoring.stage import run_calibrate
+    from prune_heads.scoring.stage import calibrate_engine, run_calibrate, run_calibrate_sequential
 
-    mc, loaded = _loaded(model)
-    res = run_calibrate(config, loaded, mc.id, Path(out) if out is not None else None, revision=mc.revision,
-                        overwrite=overwrite, progress=progress)
+    mc, loaded = _model(model)
+    if loaded is None and calibrate_engine(config, mc) == "sequential":
+        from prune_heads.scoring.head_scores import HeadScores
+
+        # layer by layer, the moments go to disk layer by layer and are never held whole by the stage: read the
+        # scores back (moments included, as the whole-model path returns them) from where they were written
+        if out is not None:
+            run_calibrate_sequential(config, mc, mc.id, Path(out), overwrite=overwrite, progress=progress)
+            return HeadScores.load(out)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="prune-heads-calibrate-") as tmp:  # its per-layer files, then gone
+            run_calibrate_sequential(config, mc, mc.id, Path(tmp) / "scores", progress=progress)
+            return HeadScores.load(Path(tmp) / "scores")
+    res = run_calibrate(config, loaded if loaded is not None else mc.load(), mc.id,
+                        Path(out) if out is not None else None, revision=mc.revision, overwrite=overwrite,
+                        progress=progress)
     return res.scores
 
 
@@ -94,9 +118,9 @@ def select_heads(model: Any, scores: Any, config: SelectConfig, out: PathLike | 
                  overwrite: bool = False, progress: bool = True) -> Any:
     """Choose the heads to remove (``prune-heads select``); returns the ``Plan`` (written to ``out`` when given,
     with its compensation file beside it, which ``export_model`` then applies)."""
-    from prune_heads.selection.stage import run_select
+    from prune_heads.selection.stage import run_select, select_engine
 
-    mc, loaded = _loaded(model)
+    mc, loaded = _loaded(model, lambda mc: select_engine(config, mc))
     return run_select(config, loaded, _scores(scores), Path(out) if out is not None else None, model_id=mc.id,
                       overwrite=overwrite, progress=progress)
 
@@ -133,12 +157,12 @@ def evaluate_model(model: Any, config: EvaluateConfig, *, plan: Any = None, expo
     ``prune_heads.json`` and card), else the original with ``plan``'s heads removed (compensated as the plan
     says), else the dynamic mode of ``config``. Returns ``EvaluationResult`` (``results.json`` in ``out``)."""
     from prune_heads.errors import PruneHeadsError
-    from prune_heads.evaluation.stage import PrunedSide, evaluate_export, run_evaluate
+    from prune_heads.evaluation.stage import PrunedSide, evaluate_engine, evaluate_export, run_evaluate
 
     if not config.tasks:
         raise PruneHeadsError("EvaluateConfig.tasks is empty: name the tasks, e.g. "
                               "EvaluateConfig(tasks=[EvalTask(task='arc_easy')])")
-    mc, loaded = _loaded(model)
+    mc, loaded = _loaded(model, lambda mc: evaluate_engine(config, mc))
     if export_dir is not None:
         return evaluate_export(config, loaded, mc.id, export_dir, Path(out) if out is not None else None,
                                plan=_plan(plan), scores=_scores(scores), overwrite=overwrite)

@@ -211,6 +211,26 @@ def test_what_cannot_run_is_refused_with_one_line(calibrated, tmp_path, fake_mem
                 "--engine", "sequential", *base)
     assert r.exit_code == 2 and "the task arc_easy needs the whole model" in r.output
     assert not (tmp_path / "x.json").exists()
+    # a pass-key guard runs the whole model: refused by the engine choice (before loading), not by the evaluator
+    from prune_heads.selection.stage import SelectConfig, select_engine
+
+    guarded = SelectConfig(task=f"ppl:{docs}", max_drop=0.1, guard_task="passkey:48", guard_max_drop=0.1)
+    with pytest.raises(PruneHeadsError, match="the guard task passkey:48 needs the whole model, about 20.0 GiB"):
+        select_engine(guarded, ModelConfig(id=str(src), device="cpu"))
+
+
+def test_the_memory_estimate_counts_the_longest_window():
+    """A pass-key guard or a long ppl: window sets the activations the engine choice must hold, not 256 tokens."""
+    from prune_heads.evaluation.stage import EvalTask, EvaluateConfig, evaluate_memory
+    from prune_heads.selection.stage import SelectConfig, select_memory
+
+    short = select_memory(SelectConfig(task="ppl:wikitext2", max_drop=0.1, batch_size=4))
+    guarded = select_memory(SelectConfig(task="ppl:wikitext2", max_drop=0.1, batch_size=4, guard_task="passkey:2048",
+                                         guard_max_drop=0.1))
+    assert short["batch_tokens"] == 4 * 256 and guarded["batch_tokens"] == 4 * 2048
+    assert guarded["whole_only"] == "the guard task passkey:2048" and short["whole_only"] is None
+    ev = evaluate_memory(EvaluateConfig(tasks=[EvalTask(task="ppl:wikitext2", seq_len=4096, limit=3)], batch_size=2))
+    assert ev["batch_tokens"] == 2 * 4096 and ev["all_tokens"] == 3 * 4096 and ev["whole_only"] is None
 
 
 def test_an_lm_eval_task_on_a_streamed_model_is_refused(calibrated):
@@ -277,3 +297,68 @@ def test_bfloat16_weights_layer_by_layer_equal_the_whole_model(kind, tmp_path):
     b = make_evaluator(layered.model, layered.tokenizer, f"{kind}:{docs}", limit=5, batch_size=2)
     for removed in (None, mask):
         _same(a(removed), b(removed))
+
+
+def test_python_api_chooses_the_engine_as_the_cli_does(calibrated, tmp_path, fake_memory, capsys):
+    """``calibrate_model``/``select_heads``/``evaluate_model`` given a ``ModelConfig`` go through the stage's engine
+    choice: a model that fits runs whole, one that does not runs layer by layer (with the CLI's one line) and
+    gives the same scores, plan and results; a ``LoadedModel`` is used as given."""
+    import prune_heads as ph
+    from prune_heads.model.sequential_engine import StreamedModel
+
+    root, src, docs = calibrated
+    mc = ModelConfig(id=str(src), device="cpu")
+    cal = ph.CalibrateConfig(data=str(docs), num_samples=8, seq_len=24, batch_size=4, scores=["ahon_ln"])
+    ev = ph.EvaluateConfig(tasks=[ph.EvalTask(task=f"ppl:{docs}", limit=8)], speed_seq_len=0)
+
+    def run(tag):
+        scores = ph.calibrate_model(mc, cal, progress=False)
+        saved = ph.calibrate_model(mc, cal, tmp_path / f"scores-{tag}", progress=False)
+        plan = ph.select_heads(mc, scores, ph.SelectConfig(task=f"kl:{docs}", limit=8, max_drop=0.05),
+                               tmp_path / f"plan-{tag}.json", progress=False)
+        res = ph.evaluate_model(mc, ev, plan=plan).tasks[0]
+        return scores, saved, plan, res
+
+    fake_memory(free=24, whole=1, streamed=1)
+    s_mem, saved_mem, p_mem, r_mem = run("memory")
+    assert "layer by layer" not in capsys.readouterr().err
+    fake_memory(free=24, whole=20, streamed=0.001)
+    s_seq, saved_seq, p_seq, r_seq = run("sequential")
+    assert capsys.readouterr().err.count("runs layer by layer") == 4  # two calibrations, select, eval
+    assert s_mem.meta.get("engine") != "sequential" and s_seq.meta["engine"] == saved_seq.meta["engine"] == "sequential"
+    assert HeadScoresOnDisk(tmp_path / "scores-sequential").meta["engine"] == "sequential"
+    assert torch.equal(s_mem.per_sample("ahon_ln"), s_seq.per_sample("ahon_ln"))
+    assert s_seq.moments.fingerprint() == s_mem.moments.fingerprint() == saved_mem.moments.fingerprint()
+    assert p_seq.selection.task["engine"] == "sequential" and r_seq.task["engine"] == "sequential"
+    assert p_mem.removed_heads == p_seq.removed_heads and p_mem.removed_heads
+    assert r_mem.pruned["value"] == r_seq.pruned["value"] != r_mem.baseline["value"]
+    # a LoadedModel is whole already: used as given, whatever the memory
+    loaded = mc.load()
+    assert not isinstance(loaded.model, StreamedModel)
+    assert ph.evaluate_model(loaded, ev, plan=p_mem).tasks[0].task.get("engine") != "sequential"
+    assert "layer by layer" not in capsys.readouterr().err
+
+
+def HeadScoresOnDisk(path):  # noqa: N802 - reads back what calibrate_model wrote
+    from prune_heads.scoring.head_scores import HeadScores
+
+    return HeadScores.load(path)
+
+
+@pytest.mark.parametrize("engine", ["auto", "memory", "sequential"])
+def test_single_commands_print_the_estimated_peak(calibrated, tmp_path, fake_memory, engine):
+    """calibrate, select and eval each print, on stderr, the estimated peak of both engines and the free memory
+    (``prune-heads run`` prints the same for every stage), whichever engine then runs."""
+    root, src, docs = calibrated
+    fake_memory(free=24, whole=3, streamed=1.5)
+    common = ("--device", "cpu", "--engine", engine)
+    runs = [("calibrate", src, "--data", docs, "--num-samples", 4, "--seq-len", 24, "--scores", "ahon_ln", *common,
+             "-o", tmp_path / "s"),
+            ("select", root / "scores", "--model", src, "--task", f"ppl:{docs}", "--limit", 4, "--max-drop", 0.5,
+             "--compensate", "none", *common, "-o", tmp_path / "p.json"),
+            ("eval", src, "--task", f"ppl:{docs}", "--limit", 4, *common, "-o", tmp_path / "r.json")]
+    for args in runs:
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        line = f"{args[0]}: estimated peak memory 3.0 GiB whole / 1.5 GiB layer by layer (24.0 GiB free on cpu)"
+        assert r.stderr.count(line) == 1 and line not in r.stdout, r.stderr

@@ -11,6 +11,7 @@ from prune_heads.cli.options import (
     model_config,
     model_options,
     output_option,
+    preflight_line,
 )
 from prune_heads.schema import click_options
 from prune_heads.scoring.stage import CalibrateConfig
@@ -34,7 +35,7 @@ def calibrate(model, output, overwrite, **kw):
     join_process_group(mc)  # under torchrun / accelerate launch each process scores every world-th sample
     from prune_heads.scoring.stage import calibrate_engine, run_calibrate_sequential
 
-    if calibrate_engine(cfg, mc) == "sequential":
+    if calibrate_engine(cfg, mc, estimate=preflight_line) == "sequential":
         res = run_calibrate_sequential(cfg, mc, model, output, overwrite=overwrite)
     else:
         res = run_calibrate(cfg, mc.load(), model, output, revision=mc.revision, overwrite=overwrite)

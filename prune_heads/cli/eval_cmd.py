@@ -12,6 +12,7 @@ from prune_heads.cli.options import (
     model_config,
     model_options,
     output_option,
+    preflight_line,
 )
 from prune_heads.evaluation.stage import EvalTask, EvaluateConfig
 from prune_heads.schema import click_options
@@ -51,7 +52,7 @@ def eval_(model, export_dir, plan_path, scores_dir, output, overwrite, **kw):
     check_sources(mc, tasks=(task.task,))
     plan = Plan.load(plan_path) if plan_path else None
     scores = HeadScores.load(scores_dir) if scores_dir else None
-    loaded = load_for(evaluate_engine(cfg, mc), mc)
+    loaded = load_for(evaluate_engine(cfg, mc, estimate=preflight_line), mc)
     if export_dir:
         res = evaluate_export(cfg, loaded, model, export_dir, output, plan=plan, scores=scores, overwrite=overwrite)
     else:

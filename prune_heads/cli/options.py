@@ -24,6 +24,12 @@ def model_config(model_id: str, kw: dict[str, Any], fields: tuple[str, ...] = MO
     return from_cli(ModelConfig, {k: kw.pop(k) for k in fields if k in kw}, id=model_id)
 
 
+def preflight_line(line: str) -> None:
+    """A command's estimated peak memory (``sequential_engine.engine_for``'s ``estimate``), on stderr before any
+    slow work, as ``prune-heads run`` prints one for every stage; stdout keeps the command's result lines."""
+    click.echo(line, err=True)
+
+
 def output_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def apply(f: Callable[..., Any]) -> Callable[..., Any]:
         f = click.option("--overwrite", is_flag=True, help="Replace an existing output.")(f)

@@ -11,6 +11,7 @@ from prune_heads.cli.options import (
     model_config,
     model_options,
     output_option,
+    preflight_line,
 )
 from prune_heads.schema import click_options
 from prune_heads.selection.stage import SelectConfig
@@ -50,7 +51,7 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
     from prune_heads.model.sequential_engine import load_for
     from prune_heads.selection.stage import select_engine
 
-    loaded = load_for(select_engine(cfg, mc), mc)
+    loaded = load_for(select_engine(cfg, mc, estimate=preflight_line), mc)
     plan = run_select(cfg, loaded, scores, output, model_id=model_spec, overwrite=overwrite)
     click.echo(plan_line(plan, output))
     if plot_path and (written := plot_search(plan, plot_path)):

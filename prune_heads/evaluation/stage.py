@@ -116,6 +116,7 @@ def evaluate_memory(cfg: EvaluateConfig) -> dict[str, Any]:
     ``mc:`` tasks and the dynamic mode need the whole model.
     """
     from prune_heads.evaluation.perplexity import DEFAULT_DOCS, DEFAULT_SEQ_LEN
+    from prune_heads.pipeline.preflight import task_length
 
     other = [t.task for t in cfg.tasks if not t.task.startswith(("ppl:", "kl:"))]
     whole_only = None
@@ -124,16 +125,17 @@ def evaluate_memory(cfg: EvaluateConfig) -> dict[str, Any]:
     elif cfg.dynamic or cfg.dynamic_fraction:
         whole_only = "the dynamic per-input mode"
     docs = max([t.limit or max(DEFAULT_DOCS.values()) for t in cfg.tasks] or [max(DEFAULT_DOCS.values())])
-    return {"batch_tokens": cfg.batch_size * DEFAULT_SEQ_LEN, "all_tokens": docs * DEFAULT_SEQ_LEN,
+    length = max(DEFAULT_SEQ_LEN, *(t.seq_len or task_length(t.task) or 0 for t in cfg.tasks))  # the longest window
+    return {"batch_tokens": cfg.batch_size * length, "all_tokens": docs * length,
             "moments": "none", "whole_only": whole_only, "instead": "ppl:DATA and kl:DATA tasks run layer by layer"}
 
 
-def evaluate_engine(cfg: EvaluateConfig, model: Any, notify: Any = None) -> str:
+def evaluate_engine(cfg: EvaluateConfig, model: Any, notify: Any = None, estimate: Any = None) -> str:
     """``memory`` or ``sequential`` for ``cfg.engine`` and ``model`` (a ``ModelConfig``), before loading it;
     what needs the whole model is refused, with the memory it needs, when the model does not fit."""
     from prune_heads.model.sequential_engine import engine_for
 
-    return engine_for(cfg.engine, model, what="eval", notify=notify, **evaluate_memory(cfg))
+    return engine_for(cfg.engine, model, what="eval", notify=notify, estimate=estimate, **evaluate_memory(cfg))
 
 
 @dataclass

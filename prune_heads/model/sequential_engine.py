@@ -566,17 +566,22 @@ class Footprint:
 
 def engine_for(engine: str, model: Any, *, what: str, batch_tokens: int, all_tokens: int, moments: str = "none",
                logits: bool = True, whole_only: str | None = None, instead: str = "",
-               notify: Callable[[str], None] | None = None) -> str:
+               notify: Callable[[str], None] | None = None, estimate: Callable[[str], None] | None = None) -> str:
     """``memory`` or ``sequential`` for a stage on ``model`` (a ``ModelConfig``), judged before anything loads.
 
     ``auto``: the whole model when its estimated peak fits the free memory with ``HEADROOM``, else layer by
     layer with a one-line notice. A run that cannot fit even layer by layer is refused with the number; so is
     one that must hold the whole model (``whole_only`` says why, ``instead`` what runs layer by layer) when
-    the model does not fit. ``memory`` is honoured as given (the user knows their machine).
+    the model does not fit. ``memory`` is honoured as given (the user knows their machine). ``estimate``
+    (a single CLI command's preflight, as ``prune-heads run`` prints one for every stage) gets one line with
+    both estimated peaks and the free memory, before any slow work, whichever engine runs.
     """
     if engine not in ENGINES:
         raise PruneHeadsError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "memory" or (engine == "auto" and model.device_map is not None):
+        if estimate is not None and model.device_map is None:
+            _estimate(estimate, model, what, dict(batch_tokens=batch_tokens, all_tokens=all_tokens, moments=moments,
+                                                  logits=logits))
         return "memory"
     if whole_only and engine == "sequential":
         raise PruneHeadsError(f"{what}: {whole_only} needs the whole model; {instead or 'use --engine memory'}")
@@ -595,6 +600,8 @@ def engine_for(engine: str, model: Any, *, what: str, batch_tokens: int, all_tok
     whole, streamed = fp.peaks(batch_tokens=batch_tokens, all_tokens=all_tokens, moments=moments, logits=logits)
     device = model.resolved_device() or "cpu"
     free = available_memory(device)
+    if estimate is not None:
+        estimate(estimate_line(what, whole, streamed, free, device))
     if engine == "auto":
         if whole <= HEADROOM * free:
             return "memory"
@@ -612,15 +619,35 @@ def engine_for(engine: str, model: Any, *, what: str, batch_tokens: int, all_tok
     return "sequential"
 
 
+def estimate_line(what: str, whole: int, streamed: int, free: int, device: Any) -> str:
+    """The preflight's line for one stage: both estimated peaks and what is free."""
+    return (f"{what}: estimated peak memory {gib(whole)} whole / {gib(streamed)} layer by layer ({gib(free)} free "
+            f"on {device})")
+
+
+def _estimate(estimate: Callable[[str], None], model: Any, what: str, kw: dict[str, Any]) -> None:
+    """``estimate_line`` for a forced whole-model run, when the checkpoint can be sized (else nothing)."""
+    from prune_heads.export.source import resolve_source
+    from prune_heads.model.loading import parse_dtype
+
+    try:
+        fp = Footprint(resolve_source(model), parse_dtype(model.dtype))
+    except (PruneHeadsError, OSError, ValueError, KeyError):
+        return
+    device = model.resolved_device() or "cpu"
+    estimate(estimate_line(what, *fp.peaks(**kw), available_memory(device), device))
+
+
 def load_for(engine: str, model: Any) -> Any:
     """``model`` (a ``ModelConfig``) loaded whole (``memory``) or as a streamed skeleton (``sequential``)."""
     return load_streamed(model) if engine == "sequential" else model.load()
 
 
 def refuse_whole_model_task(streamed: StreamedModel, task: str) -> None:
-    """lm-eval and ``mc:`` tasks run the model whole: refuse one on a layer-by-layer model with what to do."""
+    """lm-eval, ``mc:`` and ``passkey:`` tasks run the model whole: refuse one on a layer-by-layer model with what
+    to do."""
     fp = Footprint(streamed.path, streamed.load_dtype)
+    how = "runs on the whole model" if task.startswith("passkey:") else "runs through lm-eval on the whole model"
     raise PruneHeadsError(
-        f"{task} runs through lm-eval on the whole model, which needs about {gib(fp.weights)} and does not fit "
-        f"here; evaluate a ppl:DATA or kl:DATA task instead (they run layer by layer), or use --engine memory "
-        "on a machine with that much memory")
+        f"{task} {how}, which needs about {gib(fp.weights)} and does not fit here; evaluate a ppl:DATA or kl:DATA "
+        f"task instead (they run layer by layer), or use --engine memory on a machine with that much memory")

@@ -108,12 +108,12 @@ def calibrate_memory(config: CalibrateConfig) -> dict[str, Any]:
             "instead": "the forward scores and moments run layer by layer (drop it)"}
 
 
-def calibrate_engine(config: CalibrateConfig, model: Any, notify: Any = None) -> str:
+def calibrate_engine(config: CalibrateConfig, model: Any, notify: Any = None, estimate: Any = None) -> str:
     """``memory`` or ``sequential`` for ``config.engine`` and the model (a ``ModelConfig``), judged before loading;
     what needs the whole model is refused, with the memory it needs, when the model does not fit."""
     from prune_heads.model.sequential_engine import engine_for
 
-    return engine_for(config.engine, model, what="calibrate", notify=notify, **calibrate_memory(config))
+    return engine_for(config.engine, model, what="calibrate", notify=notify, estimate=estimate, **calibrate_memory(config))
 
 
 def layers_dir(out: Path) -> Path:
@@ -127,7 +127,9 @@ def run_calibrate_sequential(config: CalibrateConfig, model: Any, model_id: str,
     """``run_calibrate`` one decoder layer at a time from the checkpoint's shards (``scoring.sequential``).
 
     Finished layers are kept beside ``out`` (``layers_dir``) until the scores directory is written, so a
-    killed run, started again with the same command, resumes from the last finished layer.
+    killed run, started again with the same command, resumes from the last finished layer. The result's
+    ``scores`` are for its summary only: their moments were streamed to ``out`` and are never held whole here
+    (4 GiB for an 8B), so whoever needs them reads the directory back (``HeadScores.load(out)``).
     """
     import shutil
 

@@ -224,6 +224,7 @@ def select_memory(cfg: SelectConfig) -> dict[str, Any]:
     Layer by layer runs the static method on ``ppl:``/``kl:`` tasks; anything else needs the whole model.
     """
     from prune_heads.evaluation.perplexity import DEFAULT_DOCS, DEFAULT_SEQ_LEN
+    from prune_heads.pipeline.preflight import task_length
 
     tasks = [t for t in (cfg.task, cfg.verify_task) if t]
     whole_only = None
@@ -233,18 +234,22 @@ def select_memory(cfg: SelectConfig) -> dict[str, Any]:
         whole_only = "sequential compensation (--sequential)"
     elif not tasks or not all(t.startswith(("ppl:", "kl:")) for t in tasks):
         whole_only = f"the task {next((t for t in tasks if not t.startswith(('ppl:', 'kl:'))), None)}"
+    elif cfg.guard_task and not cfg.guard_task.startswith(("ppl:", "kl:")):
+        whole_only = f"the guard task {cfg.guard_task}"
     docs = cfg.limit or max(DEFAULT_DOCS.values())
-    return {"batch_tokens": cfg.batch_size * DEFAULT_SEQ_LEN, "all_tokens": docs * DEFAULT_SEQ_LEN,
+    # the longest window any evaluation runs (a guard at the serving length is the long one)
+    length = max(DEFAULT_SEQ_LEN, cfg.guard_seq_len or 0, *(task_length(t) or 0 for t in (*tasks, cfg.guard_task)))
+    return {"batch_tokens": cfg.batch_size * length, "all_tokens": docs * length,
             "moments": "all" if cfg.compensate != "none" else "none", "whole_only": whole_only,
             "instead": "select with the static method on a ppl:DATA or kl:DATA task runs layer by layer"}
 
 
-def select_engine(cfg: SelectConfig, model: Any, notify: Any = None) -> str:
+def select_engine(cfg: SelectConfig, model: Any, notify: Any = None, estimate: Any = None) -> str:
     """``memory`` or ``sequential`` for ``cfg.engine`` and ``model`` (a ``ModelConfig``), before loading it;
     what needs the whole model is refused, with the memory it needs, when the model does not fit."""
     from prune_heads.model.sequential_engine import engine_for
 
-    return engine_for(cfg.engine, model, what="select", notify=notify, **select_memory(cfg))
+    return engine_for(cfg.engine, model, what="select", notify=notify, estimate=estimate, **select_memory(cfg))
 
 
 def _unused_options(cfg: SelectConfig) -> list[tuple[str, str]]:
