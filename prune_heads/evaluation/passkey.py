@@ -60,6 +60,15 @@ def parse_passkey(spec: str) -> tuple[int, int]:
     return length, needles
 
 
+def task_length(task: str | None) -> int | None:
+    """The prompt length a ``passkey:LEN[:NEEDLES]`` task names (None for other tasks, or one ``parse_passkey``
+    will refuse: the checks that read it run before the task is parsed)."""
+    if task and task.startswith("passkey:"):
+        head = task.split(":")[1]
+        return int(head) if head.isdigit() else None
+    return None
+
+
 @dataclass
 class PasskeyDoc:
     """One prompt: its tokens (exactly the requested length), the answer's tokens, and where the needles sit."""

@@ -115,8 +115,8 @@ def evaluate_memory(cfg: EvaluateConfig) -> dict[str, Any]:
     Layer by layer evaluates ``ppl:``/``kl:`` tasks of the unmasked model, a plan or an export; lm-eval and
     ``mc:`` tasks and the dynamic mode need the whole model.
     """
+    from prune_heads.evaluation.passkey import task_length
     from prune_heads.evaluation.perplexity import DEFAULT_DOCS, DEFAULT_SEQ_LEN
-    from prune_heads.pipeline.preflight import task_length
 
     other = [t.task for t in cfg.tasks if not t.task.startswith(("ppl:", "kl:"))]
     whole_only = None

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prune_heads.errors import PruneHeadsError
+from prune_heads.evaluation.passkey import task_length
 
 
 def check_model(model: Any) -> None:
@@ -124,14 +125,6 @@ def check_passkey_fits(model: Any, task: str | None, what: str) -> None:
         build_document(tokenizer, length, needles, 0, 0, spec)
     except PruneHeadsError as e:
         raise PruneHeadsError(f"{what}: {e}") from None
-
-
-def task_length(task: str | None) -> int | None:
-    """The prompt length a ``passkey:LEN[:NEEDLES]`` task names (None for other tasks)."""
-    if task and task.startswith("passkey:"):
-        head = task.split(":")[1]
-        return int(head) if head.isdigit() else None
-    return None
 
 
 def check_lengths(model: Any, lengths: Iterable[tuple[str, int | None]]) -> None:

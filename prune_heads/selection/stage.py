@@ -223,8 +223,8 @@ def select_memory(cfg: SelectConfig) -> dict[str, Any]:
 
     Layer by layer runs the static method on ``ppl:``/``kl:`` tasks; anything else needs the whole model.
     """
+    from prune_heads.evaluation.passkey import task_length
     from prune_heads.evaluation.perplexity import DEFAULT_DOCS, DEFAULT_SEQ_LEN
-    from prune_heads.pipeline.preflight import task_length
 
     tasks = [t for t in (cfg.task, cfg.verify_task) if t]
     whole_only = None
