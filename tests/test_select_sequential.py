@@ -231,6 +231,7 @@ def test_the_memory_estimate_counts_the_longest_window():
     assert guarded["whole_only"] == "the guard task passkey:2048" and short["whole_only"] is None
     ev = evaluate_memory(EvaluateConfig(tasks=[EvalTask(task="ppl:wikitext2", seq_len=4096, limit=3)], batch_size=2))
     assert ev["batch_tokens"] == 2 * 4096 and ev["all_tokens"] == 3 * 4096 and ev["whole_only"] is None
+    assert evaluate_memory(EvaluateConfig(batch_size=2))["batch_tokens"] == 2 * 256  # no task yet (a recipe's preflight)
 
 
 def test_an_lm_eval_task_on_a_streamed_model_is_refused(calibrated):

@@ -125,7 +125,7 @@ def evaluate_memory(cfg: EvaluateConfig) -> dict[str, Any]:
     elif cfg.dynamic or cfg.dynamic_fraction:
         whole_only = "the dynamic per-input mode"
     docs = max([t.limit or max(DEFAULT_DOCS.values()) for t in cfg.tasks] or [max(DEFAULT_DOCS.values())])
-    length = max(DEFAULT_SEQ_LEN, *(t.seq_len or task_length(t.task) or 0 for t in cfg.tasks))  # the longest window
+    length = max([DEFAULT_SEQ_LEN, *(t.seq_len or task_length(t.task) or 0 for t in cfg.tasks)])  # the longest window
     return {"batch_tokens": cfg.batch_size * length, "all_tokens": docs * length,
             "moments": "none", "whole_only": whole_only, "instead": "ppl:DATA and kl:DATA tasks run layer by layer"}
 
