@@ -56,10 +56,10 @@ def _normal_equations_close(x_kept: torch.Tensor):
     """``assert_close`` with the error bound of a least-squares fit solved from accumulated moments (the normal
     equations) against ``lstsq`` (QR): about ``cond([X, 1])^2 * N * eps`` of the coefficients' scale, ``N`` the
     rows summed into the moments. A fixed 1e-6 held for well-conditioned draws only (a tiny gemma2 layer with
-    cond 3.4e3 differed by 1.3e-7 where the bound is 3.7e-7)."""
+    cond 3.4e3 differed by 1.3e-7 where the bound is 3.7e-7; another draw reached 1.6 times the bare bound, hence 10x)."""
     ones = torch.ones(x_kept.shape[0], 1, dtype=x_kept.dtype)
     kappa = torch.linalg.cond(torch.cat([x_kept, ones], 1)).item()
-    bound = kappa**2 * x_kept.shape[0] * torch.finfo(x_kept.dtype).eps
+    bound = 10 * kappa**2 * x_kept.shape[0] * torch.finfo(x_kept.dtype).eps  # the bound's constant is not sharp
 
     def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
         scale = float(expected.abs().max()) or 1.0
@@ -70,6 +70,7 @@ def _normal_equations_close(x_kept: torch.Tensor):
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(setup=setups())
 @example(setup=("gemma2", 3, 1, 2, 0, [1]))  # cond 3.4e3: over a fixed 1e-7, within the normal equations' bound
+@example(setup=("gemma2", 4, 2, 2, 0, [0]))  # 1.6x the bare bound cond^2 N eps
 def test_lsq_equals_lstsq_on_stacked_activations(setup):
     family, heads, kv, head_dim, layer, removed = setup
     if len(removed) == heads:
