@@ -459,25 +459,30 @@ def _stage_bytes(out: Path, data: bytes) -> Path:
     return Path(tmp)
 
 
+def _flock_within(fd: int, deadline: float | None) -> bool:
+    """Take an exclusive ``flock`` on ``fd``, polling until ``deadline`` (``time.monotonic()``; None: one try);
+    False when another process still holds it then. Other errors (a filesystem without locks) are raised."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            if deadline is None or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def directory_lock(directory: PathLike, *, what: str = "another prune-heads process", timeout: float = 120.0
                    ) -> Iterator[None]:
     """An exclusive ``flock`` on the directory itself (no lock file is left in a user's folder), waiting up to
     ``timeout`` seconds: writers of the same outputs take turns instead of interleaving their files."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise LockedError(f"{what} is writing into {directory}; wait for it to finish or choose "
-                                      "another output") from None
-                time.sleep(0.05)
+        if not _flock_within(fd, time.monotonic() + timeout):
+            raise LockedError(f"{what} is writing into {directory}; wait for it to finish or choose another output")
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -630,21 +635,16 @@ class DirLock:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())  # no truncation before the lock
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if deadline is None or time.monotonic() >= deadline:
-                    holder = _read_holder(fd)
-                    os.close(fd)
-                    raise LockedError(f"{self.what} is using {self.directory}{holder}; wait for it to finish or "
-                                      "choose another directory") from None
-                time.sleep(0.05)
+        try:
+            locked = _flock_within(fd, None if timeout is None else time.monotonic() + timeout)
+        except OSError:
+            os.close(fd)
+            raise
+        if not locked:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise LockedError(f"{self.what} is using {self.directory}{holder}; wait for it to finish or choose "
+                              "another directory")
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
