@@ -10,7 +10,9 @@ Plans are chosen exactly as the demo recipe chooses them (``run_select``: static
 confidence 0.9, +10% perplexity on 8 WikiText-2 articles of 256 tokens, the demo's calibration of 24 articles x
 256 tokens), one per ``POLICY-COMPENSATION`` (``free``/``kv-groups`` x ``lsq``/``none``; the default ranking
 score of each: ``lsq_error``, ``lsq_error_group``, ``ahon_ln``); ``@LEN`` adds the guard ``passkey:LEN`` (6
-search keys, at most 0.10 lost at the 90% bound: no key of 6 lost), as the demo recipe does at 2048. The
+search keys, at most 0.10 lost at the 90% bound: no key of 6 lost), as the demo recipe does at 2048, and
+``@LEN+ppl`` also the perplexity guard at that length (``--guard-ppl-max-drop 0.10``: 6 WikiText-2 windows of
+LEN tokens of the search half, scored on their last LEN/4, +10% at the 90% bound). The
 search's own held-out verification is skipped (the table below is the held-out check).
 
 Each plan is then measured at each length against the original on held-out data, both sides on the same
@@ -73,7 +75,7 @@ def parse_args() -> argparse.Namespace:
 def parse_plan(name: str) -> tuple[str, str, int | None]:
     base, _, guard = name.partition("@")
     policy, comp = base.split("-")
-    return {"free": "free", "kv": "kv-groups"}[policy], comp, int(guard) if guard else None
+    return {"free": "free", "kv": "kv-groups"}[policy], comp, int(guard.removesuffix("+ppl")) if guard else None
 
 
 # ---- cached pieces ---------------------------------------------------------------------------------------
@@ -111,6 +113,8 @@ def choose(lm, scores, name: str, cells: Path):
                        max_drop=0.10, relative=True, compensate=comp, policy=policy, verify=False)
     if guard:
         cfg.guard_task, cfg.guard_max_drop, cfg.guard_limit = f"passkey:{guard}", 0.10, 6
+        if name.endswith("+ppl"):  # and perplexity at the guard's length: +10%, as the search's budget
+            cfg.guard_ppl_max_drop = 0.10
     cfg.check()
     tic = time.time()
     plan = run_select(cfg, lm, scores, None, model_id="smollm2", progress=False)
@@ -245,7 +249,7 @@ def render(args, meta: dict) -> str:
     for name, plan in plans.items():
         policy, comp, guard = parse_plan(name)
         heads = len(plan.removed_heads)
-        g = plan.selection.guard
+        gs = plan.selection.guards
         for key, v in cells.items():
             if not key.startswith(f"{name}_ppl_"):
                 continue
@@ -265,7 +269,8 @@ def render(args, meta: dict) -> str:
                 kp, kb = acc(kr), acc(ob["result"])
                 d = paired_drop(ob["result"], kr, confidence=0.9)
                 drop = f"{d.estimate:+.2f} (90% upper {d.upper:.2f})"
-            chosen = f"guard passkey:{guard} ({len(g.refused)} probe(s) refused)" if guard and g else "256 only"
+            chosen = " + ".join(f"guard {g.task['task'].split('/')[-1]} ({len(g.refused)} probe(s) refused)"
+                                for g in gs) if guard and gs else "256 only"
             rows.append((name, L, f"| {policy} | {comp} | {chosen} | {heads} | {L} | {ratio} | {kb} | {kp} | {drop} |"))
     rows.sort(key=lambda r: (r[0], r[1]))
     why_lines = []

@@ -51,6 +51,36 @@ def test_layer_by_layer_equals_the_whole_model(family, tmp_path):
     assert_same(want, got, Moments.load(path))
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_the_embedding_and_lm_head_are_fingerprinted_in_row_blocks(tmp_path, monkeypatch, dtype):
+    """Non-layer tensors over ``FINGERPRINT_BLOCK_BYTES`` are read in row blocks (they set the 1B's calibrate
+    peak when read whole); the model fingerprint still equals the whole model's, and no block the reader
+    returns is larger than the bound."""
+    from transformers import AutoModelForCausalLM
+
+    from prune_heads.model.sequential_engine import ShardReader
+    from prune_heads.scoring import sequential
+
+    monkeypatch.setattr(sequential, "FINGERPRINT_BLOCK_BYTES", 1000)
+    _, src = make_source(tmp_path, "llama", layers=2)  # untied: embedding and LM head both over the bound
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype or torch.float32)
+    want = calibrate(model, SEQS, batch_size=2, progress=False)
+    blocks = []
+    real = ShardReader.rows
+
+    def rows(self, name, start, stop):
+        out = real(self, name, start, stop)
+        blocks.append((name, out.numel() * 4))
+        return out
+
+    monkeypatch.setattr(ShardReader, "rows", rows)
+    got = calibrate_sequential(src, SEQS, tmp_path / "work", batch_size=2, dtype=dtype, progress=False)
+    assert got.meta["fingerprint"] == want.meta["fingerprint"]
+    read = {n for n, _ in blocks}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= read
+    assert sum(1 for n, _ in blocks if n == "lm_head.weight") > 2 and max(b for _, b in blocks) <= 1000
+
+
 def test_resume_after_a_kill_in_the_middle_of_the_layers(tmp_path, monkeypatch):
     model, src = make_source(tmp_path, "qwen3", layers=4)
     want = calibrate(model, SEQS, batch_size=2, progress=False)

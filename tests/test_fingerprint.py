@@ -215,3 +215,34 @@ def test_numpy_rounding_is_torch_rounding_bit_for_bit(bits, src):
     for to in ("bfloat16", "float16"):
         if to != src:
             assert rounded_hash(t, to) == tensor_hash(t.to(getattr(torch, to)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+       rows=st.integers(1, 40), cols=st.integers(1, 9), cuts=st.lists(st.integers(0, 40), max_size=5),
+       seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 1e-3, 7e4]))
+def test_a_record_from_row_blocks_equals_the_whole_tensors(dtype, rows, cols, cuts, seed, scale):
+    """``tensor_record_chunks`` (the layer-by-layer engine's embedding and LM head, read in row blocks) gives
+    ``tensor_record``'s hashes of the whole tensor, exact and at every coarser rounding (float32 -> float16
+    overflows to inf above 65504 on both paths), wherever the blocks are cut."""
+    from prune_heads.model.fingerprint import tensor_record, tensor_record_chunks
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(rows, cols, generator=g, dtype=torch.float64) * scale
+    t = (t.clamp(-6e4, 6e4) if dtype == torch.float16 else t).to(dtype)  # a finite source
+    edges = sorted({0, rows, *(c for c in cuts if c <= rows)})
+    blocks = [t[a:b] for a, b in zip(edges, edges[1:])]
+    assert tensor_record_chunks(dtype, [rows, cols], iter(blocks)) == tensor_record(t)
+
+
+def test_a_non_finite_row_block_is_refused_as_the_whole_tensor_is():
+    from prune_heads.errors import NonFiniteError
+    from prune_heads.model.fingerprint import FingerprintBuilder, tensor_record_chunks
+
+    t = torch.zeros(6, 3)
+    t[4, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="tensor lm_head.weight") as whole:
+        FingerprintBuilder(tiny_model("llama").config).add("lm_head.weight", t)
+    with pytest.raises(NonFiniteError, match="tensor lm_head.weight") as blocks:
+        tensor_record_chunks(t.dtype, [6, 3], iter([t[:3], t[3:]]), "lm_head.weight")
+    assert "NaN" in str(whole.value) and "NaN" in str(blocks.value)

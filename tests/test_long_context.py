@@ -447,12 +447,12 @@ def test_guard_refuses_a_plan_that_breaks_retrieval(retrieval):
     pos = [u[0] for u in units].index(HEAD)  # the retrieval head is the (pos + 1)-th unit removed
 
     free = _select(model, tok, data, None, seed)
-    assert HEAD in free.removed_heads and free.selection.guard is None
+    assert HEAD in free.removed_heads and free.selection.guards == []
 
     guard = GuardCheck(followable_passkey(model, tok, "search"), make_budget(0.1, False, 0.9),
                        verify_evaluator=followable_passkey(model, tok, "verify"))
     plan = _select(model, tok, data, guard, seed)
-    g = plan.selection.guard
+    [g] = plan.selection.guards
     assert HEAD not in plan.removed_heads and 0 < len(plan.removed_heads) <= pos
     assert g.seq_len == 200 and g.task["task"] == "passkey:200" and g.baseline["value"] == 1.0
     assert g.within_budget and g.result["value"] == 1.0 and g.verification.verdict == "within"
@@ -462,7 +462,7 @@ def test_guard_refuses_a_plan_that_breaks_retrieval(retrieval):
     # the record survives the plan file
     from prune_heads.plan import Plan
 
-    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).selection.guard
+    [again] = Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).selection.guards
     assert again.seq_len == 200 and again.refused == g.refused and again.verification.verdict == "within"
     assert again.trace[-1].drop.bound == pytest.approx(g.trace[-1].drop.bound)
     # the card and select's line say at which lengths the budget was shown to hold, and the guard's verdict
@@ -477,6 +477,112 @@ def test_guard_refuses_a_plan_that_breaks_retrieval(retrieval):
     assert "longer contexts were not checked" in budget_section(free.selection.to_dict())
 
 
+def test_a_perplexity_guard_at_the_serving_length_stops_the_search_too(tiny, tmp_path):
+    """``--guard-ppl-max-drop`` beside a ``passkey:`` guard: perplexity in windows of the pass key's length, cut
+    from the search task's data and scored on their last quarter, must hold too. On a random tiny model the
+    pass key never binds (its baseline is 0), so the perplexity guard alone stops the search: the plan keeps
+    fewer heads than without it, every probe it refused has a bound over its budget, and its values are those
+    of an independent evaluator of the same windows under the same masks."""
+    from prune_heads.model.adapters import get_adapter
+    from prune_heads.plan import Plan
+    from prune_heads.selection.policies import removal_mask
+    from prune_heads.selection.stage import SelectConfig, StaticMethod, guard_check, plan_line
+    from prune_heads.selection.static import select_static
+
+    model, tok = tiny
+    data = write_text(tmp_path / "t.txt", n=60)
+    layout = get_adapter(model).layout(model.config)
+
+    def plan_with(ppl_budget):
+        cfg = SelectConfig(method=StaticMethod(score="random"), task=f"ppl:{data}", max_drop=10.0, relative=True,
+                           confidence=0.9, guard_task="passkey:200", guard_max_drop=0.1, guard_limit=4,
+                           guard_ppl_max_drop=ppl_budget)
+        cfg.check()
+        assert cfg.guard_tasks() == ["passkey:200"] + ([f"ppl:{data}"] if ppl_budget else [])
+
+        def ppl(split):
+            return make_evaluator(model, tok, f"ppl:{data}", split=split, limit=4, seq_len=64)
+
+        return select_static(model, None, ppl("search"), score_id="random", seed=1, max_drop=10.0, relative=True,
+                             confidence=0.9, verify_evaluator=ppl("verify"), guard=guard_check(cfg, model, tok),
+                             progress=False)
+
+    loose, tight = plan_with(None), plan_with(0.002)
+    assert [g.task["task"] for g in loose.selection.guards] == ["passkey:200"]
+    key, ppl_guard = tight.selection.guards
+    assert key.task["task"] == "passkey:200" and not key.refused
+    assert ppl_guard.task["task"] == f"ppl:{data}" and ppl_guard.seq_len == 200
+    assert ppl_guard.task["score_last"] == 50 and ppl_guard.task["split"] == "search"
+    assert ppl_guard.budget.relative and ppl_guard.budget.max_drop == 0.002 and ppl_guard.budget.confidence == 0.9
+    assert ppl_guard.refused and len(tight.removed_heads) < min(ppl_guard.refused) <= len(loose.removed_heads)
+    assert ppl_guard.within_budget and ppl_guard.verification is not None
+    assert ppl_guard.verification.drop.n == 4  # --guard-limit windows of the verify split
+    reference = make_evaluator(model, tok, f"ppl:{data}", split="search", limit=4, seq_len=200, score_last=50)
+    base = reference(None).value
+    assert ppl_guard.trace[0].value == pytest.approx(base, rel=1e-9)
+    for p in ppl_guard.trace[1:]:
+        mask = removal_mask(_units_of(tight, layout), p.k, layout)
+        assert p.value == pytest.approx(reference(mask).value, rel=1e-9)
+        assert p.drop.estimate == pytest.approx(p.value / base - 1, abs=1e-9)
+        assert p.within_budget == (p.drop.bound <= 0.002) == (p.k not in ppl_guard.refused)
+    # both guards survive the plan file, and the card and select's line name both
+    again = Plan.from_dict(json.loads(json.dumps(tight.to_dict()))).selection.guards
+    assert [g.task["task"] for g in again] == ["passkey:200", f"ppl:{data}"] and again[1].refused == ppl_guard.refused
+    from prune_heads.export.model_card import budget_section
+
+    card = budget_section(tight.selection.to_dict())
+    assert "Guard at 200 tokens (`passkey:200`)" in card and f"Guard at 200 tokens (`ppl:{data}`)" in card
+    assert f"guard ppl:{data} at 200 tokens" in plan_line(tight, "p.json")
+
+
+@pytest.mark.parametrize("guard_bound, step", [(None, 16), (0.0, 16), (0.024, 16), (0.026, 10), (0.09, 10)])
+def test_a_guard_near_its_bound_stops_the_doubling(guard_bound, step):
+    """The ascending search doubles after a pass whose bound is under a quarter of the budget; a guard whose own
+    bound at that k is not (budget 0.1: over 0.025) makes it grow by GROWTH instead (8 -> 10, not 16), since
+    the search stops at the first refusal and a jump past the guard's limit loses every k in between."""
+    from types import SimpleNamespace
+
+    from prune_heads.plan.record import DropStats, Probe
+    from prune_heads.selection.budget import make_budget
+    from prune_heads.selection.guard import GuardCheck, Guards
+    from prune_heads.selection.search import geometric_step
+    from prune_heads.selection.static import _ascending_step
+
+    def probe(k, bound):
+        return Probe(k=k, heads_removed=k, metric="m", value=0.0, within_budget=True,
+                     drop=DropStats(estimate=bound, stderr=0.0, bound=bound, lower=bound, confidence=0.9,
+                                    allowed=0.1, within_budget=True))
+
+    budget = make_budget(0.1, True, 0.9)
+    search = SimpleNamespace(trace=[probe(4, 0.001), probe(8, 0.001)])  # the budget's own: far from 0.1
+    guard = GuardCheck(None, budget)
+    guard.judge = SimpleNamespace(trace=[probe(4, 0.0)] + ([probe(8, guard_bound)] if guard_bound is not None else []))
+    assert geometric_step(8) == 10
+    assert _ascending_step(search, budget, 100, guided=False, guard=Guards([guard]))(8) == step
+    assert _ascending_step(search, budget, 100, guided=False)(8) == 16
+
+
+def _units_of(plan, layout):
+    """The units the static search walked, in order (its ranking is seeded: rebuilt from the plan's seed)."""
+    from prune_heads.selection.policies import candidate_units
+    from prune_heads.selection.static import ranking
+
+    d = plan.selection.details
+    return candidate_units(ranking(None, "random", layout, d.seed), layout, plan.selection.policy, 1, False)
+
+
+def test_plans_written_with_one_guard_still_load():
+    """Plans of 0.x wrote ``selection.guard`` (one record or null); they load as ``guards``."""
+    from prune_heads.plan.record import SelectionResult
+
+    g = {"task": {"task": "passkey:2048"}, "budget": {"max_drop": 0.1, "relative": False, "confidence": 0.9},
+         "seq_len": 2048, "refused": [4]}
+    base = {"heads_total": 8, "heads_removed": 0, "per_layer_counts": [0, 0]}
+    assert SelectionResult.from_dict({**base, "guard": None}).guards == []
+    [old] = SelectionResult.from_dict({**base, "guard": g}).guards
+    assert old.seq_len == 2048 and old.refused == [4] and old.budget.max_drop == 0.1
+
+
 def test_guard_options_are_checked():
     from prune_heads.schema import ConfigError
     from prune_heads.selection.stage import SelectConfig
@@ -489,6 +595,14 @@ def test_guard_options_are_checked():
     with pytest.raises(ConfigError, match="below 1 for an accuracy task"):
         SelectConfig(**base, guard_task="passkey:2048", guard_max_drop=5).check()
     SelectConfig(**base, guard_task="passkey:2048", guard_max_drop=0.1).check()
+    with pytest.raises(ConfigError, match="--guard-ppl-max-drop needs --guard-task"):
+        SelectConfig(**base, guard_ppl_max_drop=0.1).check()
+    with pytest.raises(ConfigError, match="already guards perplexity"):
+        SelectConfig(**base, guard_task="ppl:wikitext2", guard_seq_len=2048, guard_max_drop=0.1,
+                     guard_ppl_max_drop=0.1).check()
+    with pytest.raises(ConfigError, match="give --guard-seq-len"):
+        SelectConfig(**base, guard_task="arc_easy", guard_max_drop=0.1, guard_ppl_max_drop=0.1).check()
+    SelectConfig(**base, guard_task="arc_easy", guard_max_drop=0.1, guard_seq_len=1024, guard_ppl_max_drop=0.1).check()
 
 
 @pytest.mark.slow  # a whole tiny pipeline run (~20 s on the shared CPU)
@@ -507,12 +621,12 @@ def test_recipe_guard_reaches_plan_and_summary(tmp_path):
     recipe = tiny_recipe(d, text, guard_task="passkey:128", guard_max_drop=0.5, guard_limit=3)
     recipe["evaluate"]["tasks"].append({"task": "passkey:128", "split": "verify", "limit": 3})
     s = quiet_run(recipe, tmp_path / "run")
-    g = Plan.load(tmp_path / "run" / "select" / "plan.json").selection.guard
+    [g] = Plan.load(tmp_path / "run" / "select" / "plan.json").selection.guards
     assert g.seq_len == 128 and g.task["task"] == "passkey:128" and g.budget.max_drop == 0.5 and len(g.trace) >= 1
     md = (tmp_path / "run" / "summary.md").read_text()
     assert "Guard at 128 tokens: `passkey:128`" in md
     assert "| passkey:128 at 128 tokens exact_match (verify, 3 documents) |" in md
-    assert f"| ppl:{text} at 256 tokens perplexity" in md and s.selection["guard"]["seq_len"] == 128
+    assert f"| ppl:{text} at 256 tokens perplexity" in md and s.selection["guards"][0]["seq_len"] == 128
 
 
 @pytest.mark.parametrize("key, value, field", [

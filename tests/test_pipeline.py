@@ -372,7 +372,7 @@ def test_offline_demo_recipe_end_to_end(tmp_path):
     assert arc["pruned"]["value"] == pytest.approx(ev(plan_obj).value)
     plan = json.loads((wd / "select" / "plan.json").read_text())
     assert plan["budget"]["max_drop"] == 0.05 and plan["budget"]["relative"] and len(plan["removed_heads"]) == s.heads_removed
-    assert plan["guard"]["seq_len"] == 512 and plan["guard"]["budget"]["max_drop"] == 0.1 and plan["guard"]["trace"]
+    assert plan["guards"][0]["seq_len"] == 512 and plan["guards"][0]["budget"]["max_drop"] == 0.1 and plan["guards"][0]["trace"]
     per_head = 2 * 64 * 576  # q_proj rows + o_proj columns of one head (no biases in SmolLM2)
     prov = json.loads((wd / "export" / "model" / "prune_heads.json").read_text())
     # compensation gives every layer an o_proj bias (one architecture for all layers), 576 values each

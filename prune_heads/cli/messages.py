@@ -22,8 +22,9 @@ def plan_line(plan: Any, out: Any) -> str:
             ("(measured)" if fixed else f"({verdict} budget)")
         if s.accepted_unverified:
             msg += ", ACCEPTED UNVERIFIED"
-    g = s.guard
-    if g is not None and g.result:
+    for g in s.guards:
+        if not g.result:
+            continue
         where = f" at {g.seq_len} tokens" if g.seq_len else ""
         msg += (f"; guard {(g.task or {}).get('task')}{where} {g.baseline['value']:.4f} -> {g.result['value']:.4f} "
                 f"({'within' if g.within_budget else 'OUTSIDE'} budget"

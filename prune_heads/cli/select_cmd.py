@@ -44,7 +44,7 @@ def select(scores_dir, model_spec, plot_path, output, overwrite, **kw):
         check_passkey_fits(mc, t, option_name)
     check_output(output, overwrite, inputs=inputs, kind="file")
     check_plan_output(output, overwrite, inputs)  # and the compensation file written with it
-    check_sources(mc, data=(cfg.data,), tasks=(cfg.task, cfg.verify_task, cfg.guard_task))
+    check_sources(mc, data=(cfg.data,), tasks=(cfg.task, cfg.verify_task, *cfg.guard_tasks()))
     if plot_path:
         check_output(plot_path, overwrite, inputs=(*inputs, output), kind="file")
     scores = HeadScores.load(scores_dir)

@@ -217,8 +217,16 @@ def budget_section(plan: Any) -> str:
     task = plan.get("task") if isinstance(plan.get("task"), Mapping) else {}
     if task.get("seq_len"):
         lines += [f"The budget was shown to hold at {_int(task['seq_len'])} tokens of context (`{task.get('task')}`)"
-                  f"{'' if plan.get('guard') else '; longer contexts were not checked'}.", ""]
-    return "\n".join(lines + guard_lines(plan.get("guard")))
+                  f"{'' if guard_records(plan) else '; longer contexts were not checked'}.", ""]
+    return "\n".join(lines + [line for g in guard_records(plan) for line in guard_lines(g)])
+
+
+def guard_records(plan: Mapping[str, Any]) -> list[Any]:
+    """The plan's guards: ``guards`` (a list), or the single ``guard`` of plans written before several guards."""
+    guards = plan.get("guards")
+    if guards is None:
+        guards = [plan["guard"]] if plan.get("guard") else []
+    return list(guards) if isinstance(guards, list) else []
 
 
 def guard_lines(guard: Any) -> list[str]:

@@ -174,7 +174,7 @@ def check_inputs(recipe: Any) -> None:
     check_sources(recipe.model, lengths=_lengths(recipe),
                   data=[("calibration.data", recipe.calibration.data_now()), ("select.data", s.data)],
                   tasks=[("select.task", s.task), ("select.verify_task", s.verify_task),
-                         ("select.guard_task", s.guard_task),
+                         *(("select.guard_task", t) for t in s.guard_tasks()),
                          *((f"evaluate.tasks.{i}.task", t.task) for i, t in enumerate(recipe.eval_tasks()))])
 
 

@@ -195,7 +195,7 @@ STAGES: tuple[str, ...] = tuple(s.name for s in stages())
 
 
 def _select_tasks(recipe: Recipe) -> list[str]:
-    return [t for t in (recipe.select.task, recipe.select.verify_task, recipe.select.guard_task) if t]
+    return [t for t in (recipe.select.task, recipe.select.verify_task, *recipe.select.guard_tasks()) if t]
 
 
 # ---- entry point ------------------------------------------------------------------------------

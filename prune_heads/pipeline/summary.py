@@ -63,8 +63,7 @@ class Summary:
             out.append(f"Selection: method `{s['method']}`, score `{s['score']}`, policy `{s['policy']}`, "
                        f"compensation `{s['compensation']}`, budget {s['budget']}, task `{s['task']}`"
                        f"{' at ' + str(s['seq_len']) + ' tokens' if s.get('seq_len') else ''}.")
-            g = s.get("guard")
-            if g:
+            for g in s.get("guards") or []:
                 out.append(f"Guard at {g['seq_len']} tokens: `{g['task']}` within {g['budget']}; {g['metric']} "
                            f"{g['baseline']:.4f} -> {g['result']:.4f} on the guard's search documents "
                            f"({'within' if g['within_budget'] else 'NOT within'} budget; {g['refused']} probe(s) "
@@ -127,7 +126,8 @@ def selection_brief(plan: Any) -> dict[str, Any]:
         budget = "none (fixed count)"
     return {"method": s.method, "score": s.score_id, "policy": s.policy, "budget": budget,
             "task": (s.task or {}).get("task"), "seq_len": (s.task or {}).get("seq_len"),
-            "compensation": (s.compensation or {}).get("mode", "none"), "guard": guard_brief(s.guard)}
+            "compensation": (s.compensation or {}).get("mode", "none"),
+            "guards": [b for b in map(guard_brief, s.guards) if b is not None]}
 
 
 def guard_brief(g: Any) -> dict[str, Any] | None:

@@ -209,8 +209,8 @@ class SelectionResult:
     baseline: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     verification: Verification | None = None
-    #: the second constraint at the serving length (``--guard-task``), when the selection had one
-    guard: Guard | None = None
+    #: the constraints at the serving length (``--guard-task``, ``--guard-ppl-max-drop``), when the selection had any
+    guards: list[Guard] = field(default_factory=list)
     #: the plan failed its verification and was written anyway (``--accept-unverified``)
     accepted_unverified: bool = False
     trace: list[Probe] = field(default_factory=list)
@@ -223,7 +223,7 @@ class SelectionResult:
     details: Any = field(default_factory=ManualDetails)
     tool_version: str = __version__
 
-    NESTED: ClassVar[dict[str, type]] = {"budget": Budget, "verification": Verification, "cost": Cost, "guard": Guard}
+    NESTED: ClassVar[dict[str, type]] = {"budget": Budget, "verification": Verification, "cost": Cost}
 
     @classmethod
     def for_removal(cls, model: Any, mask: Any, **fields: Any) -> SelectionResult:
@@ -271,6 +271,10 @@ class SelectionResult:
         method = raw.get("method", "manual")
         if method not in DETAILS:
             raise PlanFormatError(f"{where}: unknown selection method {method!r} (known: {', '.join(DETAILS)})")
+        raw = dict(raw)
+        if "guard" in raw and "guards" not in raw:  # plans of 0.x before several guards: one record or null
+            old = raw.pop("guard")
+            raw["guards"] = [old] if old else []
         kwargs = _typed_fields(cls, {k: v for k, v in raw.items() if k != "details"}, where)
         kwargs["details"] = DETAILS[method](**_typed_fields(DETAILS[method], raw.get("details") or {},
                                                             f"{where}: details"))

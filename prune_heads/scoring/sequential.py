@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -318,6 +319,10 @@ def _checkpoint_dtype(path: str | os.PathLike) -> torch.dtype:
     return checkpoint_dtype(path)
 
 
+#: the largest block (as float32) of a non-layer tensor the fingerprint reads at once
+FINGERPRINT_BLOCK_BYTES = 64 << 20
+
+
 class _Fingerprint:
     """The model fingerprint ``calibrate()`` records, built from the tensors as the layers stream by."""
 
@@ -336,6 +341,14 @@ class _Fingerprint:
         for name, t in self.sm.reader.read(names).items():  # as the model loaded whole holds it (its dtype)
             self.builder.add(name, t.to(self.sm.load_dtype) if t.is_floating_point() else t)
 
+    def _add_rows(self, name: str) -> None:
+        """A large 2-D tensor (the embedding, the LM head) fingerprinted in row blocks, never read whole."""
+        reader, dtype = self.sm.reader, self.sm.load_dtype
+        rows, cols = reader.shape(name)
+        step = max(1, FINGERPRINT_BLOCK_BYTES // max(1, cols * 4))
+        blocks = (reader.rows(name, a, min(rows, a + step)).to(dtype) for a in range(0, rows, step))
+        self.builder.add_chunks(name, dtype, [rows, cols], blocks)
+
     def loaded(self, j: int) -> None:
         self._add(self._names(j))  # the shards' pages are warm: reading them again costs little
 
@@ -343,7 +356,13 @@ class _Fingerprint:
 
     def result(self) -> dict[str, Any]:
         for name in self.sm.reader.src.weight_map:
-            if name not in self.layer_names:
+            if name in self.layer_names:
+                continue
+            shape = self.sm.reader.shape(name)
+            big = len(shape) == 2 and math.prod(shape) * 4 > FINGERPRINT_BLOCK_BYTES
+            if big and self.sm.reader.rows(name, 0, 1).is_floating_point():
+                self._add_rows(name)
+            else:
                 self._add([name])
         return self.builder.result()
 

@@ -252,9 +252,8 @@ def raise_if_unverified(plan: Any, *, accept_unverified: bool = False, strict: b
     """
     sel = plan.selection
     checks = [("", sel.verification, sel.budget, sel.chosen_probe)]
-    if sel.guard is not None and sel.guard.verification is not None:
-        g = sel.guard
-        checks.append((f"guard {(g.task or {}).get('task', '')} ", g.verification, g.budget, None))
+    checks += [(f"guard {(g.task or {}).get('task', '')} ", g.verification, g.budget, None)
+               for g in sel.guards if g.verification is not None]
     for what, v, budget, chosen in checks:
         if v is None or v.verdict in (WITHIN, MEASURED):
             continue

@@ -13,7 +13,12 @@ for the returned ``k`` as it does without a guard (the search tests k in a fixed
 at the first failure). The chosen plan is then judged on the guard task's held-out documents (disjoint
 keys, depths and fillers for ``passkey:``); an over-budget verdict fails the selection like the search
 task's own verification (``--accept-unverified`` writes it marked, ``--strict-verification`` also refuses
-an inconclusive one). The plan records it all under ``selection.guard`` (``plan.record.Guard``).
+an inconclusive one). The plan records it all under ``selection.guards`` (``plan.record.Guard``, one each).
+
+Several guards (``Guards``): ``--guard-ppl-max-drop`` adds perplexity at the guard's length beside a
+``passkey:`` guard. A probe passes only when every guard passes it, judged in order and stopping at the
+first refusal (the later guards are not evaluated on a probe already refused), so each guard's trace holds
+the probes it judged and its ``refused`` list the probes it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from prune_heads.errors import BudgetError
 from prune_heads.plan.record import Budget
 from prune_heads.plan.record import Guard as GuardRecord
 
-__all__ = ["GuardCheck"]
+__all__ = ["GuardCheck", "Guards"]
 
 
 class GuardCheck:
@@ -76,6 +81,12 @@ class GuardCheck:
             self.refused.append(int(k))
         return ok
 
+    def far(self, k: int) -> bool:
+        """Whether the guard's bound at ``k`` (when it judged ``k``) is below a quarter of its budget (the
+        ascending search's test for doubling its step)."""
+        probes = [p for p in (self.judge.trace if self.judge is not None else []) if p.k == k and p.drop is not None]
+        return not probes or probes[-1].drop.bound <= self.budget.max_drop / 4
+
     def record(self, removed: Any, *, k: int, heads_removed: int) -> GuardRecord:
         """The guard's verdict on the chosen plan (evaluated now if the search never did), and its held-out check."""
         from prune_heads.plan.record import result_dict
@@ -94,3 +105,39 @@ class GuardCheck:
                            baseline=result_dict(baseline), result=result_dict(result), drop=drop,
                            within_budget=bool(drop.within_budget), trace=list(self.judge.trace),
                            refused=list(self.refused), verification=verification)
+
+
+class Guards:
+    """Several guards judged together: a probe passes only when each passes it (in order, stopping at the first
+    refusal); ``record()`` is one ``Guard`` record per guard."""
+
+    def __init__(self, checks: list[GuardCheck]) -> None:
+        self.checks = list(checks)
+
+    @property
+    def task(self) -> str:
+        return " and ".join(c.task for c in self.checks)
+
+    def with_compensation(self, compensation: Any) -> Guards:
+        return Guards([c.with_compensation(compensation) for c in self.checks])
+
+    def start(self) -> Guards:
+        for c in self.checks:
+            c.start()
+        return self
+
+    def passes(self, removed: Any, *, k: int, heads_removed: int) -> bool:
+        return all(c.passes(removed, k=k, heads_removed=heads_removed) for c in self.checks)
+
+    def far(self, k: int) -> bool:
+        return all(c.far(k) for c in self.checks)
+
+    def record(self, removed: Any, *, k: int, heads_removed: int) -> list[GuardRecord]:
+        return [c.record(removed, k=k, heads_removed=heads_removed) for c in self.checks]
+
+
+def as_guards(guard: Any) -> Guards | None:
+    """``select_static``'s ``guard``: None, one ``GuardCheck`` or ``Guards``, as ``Guards``."""
+    if guard is None or isinstance(guard, Guards):
+        return guard
+    return Guards([guard])

@@ -113,8 +113,13 @@ class SelectConfig(Config):
     guard_relative: bool = option(False, help="--guard-max-drop is a fraction of the guard's baseline value.")
     guard_limit: int | None = option(None, ge=1, help="Documents of --guard-task per split (search and held out).")
     guard_seq_len: int | None = option(None, ge=2, help="ppl:/kl: guard tasks: tokens per window.")
-    guard_score_last: int | None = option(None, ge=1, help="ppl:/kl: guard tasks: score the last N tokens of each "
-                                                           "window.")
+    guard_score_last: int | None = option(None, ge=1, help="ppl:/kl: guard tasks (and --guard-ppl-max-drop): score "
+                                                           "the last N tokens of each window (default for "
+                                                           "--guard-ppl-max-drop: a quarter of the window).")
+    guard_ppl_max_drop: float | None = option(None, gt=0, help="A second guard beside --guard-task: perplexity in "
+                                                               "windows of the guard's length (of the search task's "
+                                                               "ppl:/kl: data, else wikitext2) may rise at most this "
+                                                               "fraction (0.1 = +10%), by the same paired rule.")
     policy: str = option("free", choices=POLICY_CHOICES, cli="gqa",
                          help="free: any head; kv-groups: whole KV groups (the KV cache shrinks); uniform: the same "
                               "number of heads from every group (stock architecture on export).")
@@ -184,8 +189,9 @@ class SelectConfig(Config):
 
     def _check_guard(self) -> None:
         if self.guard_task is None:
-            if self.guard_max_drop is not None:
-                raise ConfigError("guard_max_drop", "--guard-max-drop needs --guard-task (e.g. passkey:2048)")
+            for name in ("guard_max_drop", "guard_ppl_max_drop"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, f"--{name.replace('_', '-')} needs --guard-task (e.g. passkey:2048)")
             return
         if self.guard_max_drop is None:
             raise ConfigError("guard_max_drop", "--guard-task needs --guard-max-drop (0.1 = ten accuracy points)")
@@ -195,6 +201,20 @@ class SelectConfig(Config):
         if not label_free and not self.guard_relative and self.guard_max_drop >= 1:
             raise ConfigError("guard_max_drop", f"must be below 1 for an accuracy task (0.1 = ten points), got "
                                                 f"{self.guard_max_drop}")
+        from prune_heads.evaluation.passkey import task_length
+
+        if self.guard_ppl_max_drop is not None and not (task_length(self.guard_task) or self.guard_seq_len):
+            raise ConfigError("guard_ppl_max_drop", f"the length of --guard-task {self.guard_task} is unknown: give "
+                                                    "--guard-seq-len for the perplexity guard's windows")
+        if self.guard_ppl_max_drop is not None and label_free:
+            raise ConfigError("guard_ppl_max_drop", f"--guard-task {self.guard_task} already guards perplexity at "
+                                                    "its length; give --guard-ppl-max-drop with a passkey: or "
+                                                    "accuracy guard")
+
+    def guard_tasks(self) -> list[str]:
+        """The tasks the guards evaluate: ``--guard-task``, and the perplexity guard at its length."""
+        ppl = ppl_guard(self)
+        return [t for t in (self.guard_task, ppl and ppl["task"]) if t]
 
     @property
     def method_name(self) -> str:
@@ -280,7 +300,7 @@ class SelectContext:
     data: str | None = None
     #: the ``Compensator`` every evaluation applies (None: removed heads are zeroed)
     compensation: Any = None
-    #: the second constraint at the serving length (``selection.guard.GuardCheck``), when configured
+    #: the constraints at the serving length (``selection.guard.Guards``), when configured
     guard: Any = None
 
     @property
@@ -401,23 +421,55 @@ def evaluators(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None
     return search, verify
 
 
+#: windows of the perplexity guard when --guard-limit does not say (each is one forward at the guard's length)
+PPL_GUARD_WINDOWS = 8
+
+
+def ppl_guard(cfg: SelectConfig) -> dict[str, Any] | None:
+    """The perplexity guard of ``--guard-ppl-max-drop``: ``ppl:DATA`` in windows of the guard task's length.
+
+    Why: a pass-key guard keeps retrieval at the serving length but says nothing of perplexity there (issue 18:
+    a kv-groups/lsq plan guarded by ``passkey:2048`` alone kept every key and lost 16% perplexity at 2048
+    tokens). The windows are cut from the joined documents and scored on their last tokens only, so every
+    scored token has most of the window as context; DATA is the search task's (a ``ppl:``/``kl:`` task) so the
+    guard's split leaves out the calibration documents as the search does.
+    """
+    from prune_heads.evaluation.passkey import task_length
+
+    if cfg.guard_ppl_max_drop is None or not cfg.guard_task:
+        return None
+    length = int(task_length(cfg.guard_task) or cfg.guard_seq_len or 0)  # SelectConfig.check refuses 0
+    data = cfg.task.split(":", 1)[1] if cfg.task and cfg.task.startswith(("ppl:", "kl:")) else "wikitext2"
+    return {"task": f"ppl:{data}", "seq_len": length, "score_last": cfg.guard_score_last or max(1, length // 4),
+            "limit": cfg.guard_limit or PPL_GUARD_WINDOWS}
+
+
 def guard_check(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = None) -> Any:
-    """The ``GuardCheck`` of ``--guard-task`` (its search split, and its held-out split when verifying), or None."""
+    """The ``Guards`` of ``--guard-task`` and ``--guard-ppl-max-drop`` (each with its search split, and its
+    held-out split when verifying), or None without a guard."""
     if not cfg.guard_task:
         return None
     from prune_heads.evaluation import make_evaluator
     from prune_heads.selection.budget import make_budget
-    from prune_heads.selection.guard import GuardCheck
+    from prune_heads.selection.guard import GuardCheck, Guards
 
-    def make(split: str) -> Any:
-        return make_evaluator(model, tokenizer, cfg.guard_task, limit=cfg.guard_limit, split=split,
-                              data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
-                              exclude_docs=calibration_documents(scores),
-                              **window_options(cfg.guard_task, cfg.guard_seq_len, cfg.guard_score_last))
+    def make(task: str, split: str, limit: int | None, window: dict[str, Any]) -> Any:
+        return make_evaluator(model, tokenizer, task, limit=limit, split=split, data_dir=cfg.data_dir,
+                              batch_size=cfg.batch_size, seed=cfg.seed, exclude_docs=calibration_documents(scores),
+                              **window)
 
-    budget = make_budget(cfg.guard_max_drop, cfg.guard_relative, cfg.confidence)
-    return GuardCheck(make("search"), budget, verify_evaluator=make("verify") if cfg.verify else None,
-                      allow_underpowered=cfg.allow_underpowered)
+    def check(task: str, limit: int | None, window: dict[str, Any], budget: Any) -> GuardCheck:
+        return GuardCheck(make(task, "search", limit, window), budget, allow_underpowered=cfg.allow_underpowered,
+                          verify_evaluator=make(task, "verify", limit, window) if cfg.verify else None)
+
+    checks = [check(cfg.guard_task, cfg.guard_limit,
+                    window_options(cfg.guard_task, cfg.guard_seq_len, cfg.guard_score_last),
+                    make_budget(cfg.guard_max_drop, cfg.guard_relative, cfg.confidence))]
+    ppl = ppl_guard(cfg)
+    if ppl is not None:
+        checks.append(check(ppl["task"], ppl["limit"], {"seq_len": ppl["seq_len"], "score_last": ppl["score_last"]},
+                            make_budget(cfg.guard_ppl_max_drop, True, cfg.confidence)))
+    return Guards(checks)
 
 
 def run_select(cfg: SelectConfig, loaded: Any, scores: Any, out: Path | None, *, model_id: str | None = None,

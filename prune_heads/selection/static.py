@@ -108,9 +108,13 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         search: ``ascend`` (test increasing k, stop at the first failure: the bound's confidence holds for
             the returned k) or ``bisect`` (gallop + bisection: fewest evaluations, exact for a noiseless
             metric); default ``bisect`` at confidence 0 without a surrogate, else ``ascend``.
-        guard: a ``selection.guard.GuardCheck`` (a second task, e.g. ``passkey:2048``): a probe passes only when
-            the guard passes it too, and the plan records the guard's verdict and its held-out check.
+        guard: a ``selection.guard.GuardCheck`` (a second task, e.g. ``passkey:2048``) or ``Guards`` (several):
+            a probe passes only when every guard passes it too, and the plan records each guard's verdict and
+            its held-out check (``selection.guards``).
     """
+    from prune_heads.selection.guard import as_guards
+
+    guard = as_guards(guard)
     t0 = time.time()
     layout = get_adapter(model).layout(model.config)
     if scores is not None:
@@ -141,7 +145,7 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
     if strategy == "bisect":
         result = search_largest_k(len(units), probe.passes, first=first_probe, progress=bar)
     else:
-        step = _ascending_step(probe.judge, budget, len(units), guided=surrogate is not None)
+        step = _ascending_step(probe.judge, budget, len(units), guided=surrogate is not None, guard=guard)
         result = search_ascending(len(units), probe.passes, first=first_probe, next_k=step, progress=bar,
                                   max_evaluations=n_max - 1)
     bar.close()
@@ -156,7 +160,7 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         # held-out data judge the same (compensated) model the search evaluated
         verify_evaluator = evaluator_with(verify_evaluator, getattr(evaluator, "compensation", None))
         verification = verify(verify_evaluator, mask, budget, any_removed=bool(k))
-    guard_record = guard.record(mask if k else None, k=k, heads_removed=int(mask.sum())) if guard is not None else None
+    guard_records = guard.record(mask if k else None, k=k, heads_removed=int(mask.sum())) if guard is not None else []
 
     selection = SelectionResult.for_removal(
         model, mask,
@@ -170,7 +174,7 @@ def select_static(model: nn.Module, scores: HeadScores | None, evaluator: Any, *
         baseline=result_dict(baseline),
         result=result_dict(chosen),
         verification=verification,
-        guard=guard_record,
+        guards=guard_records,
         trace=probe.judge.trace,
         cost=Cost(evaluations=len(probe.judge.trace), max_evaluations=n_max, wall_seconds=round(time.time() - t0, 2)),
         scores=scores.summary() if scores is not None else None,
@@ -332,23 +336,28 @@ def ascending_first_probe(n: int) -> int:
     return max(1, n // 64)
 
 
-def _ascending_step(judge: BudgetJudge, budget: Budget, n: int, *, guided: bool, gain: float = 0.5) -> Any:
+def _ascending_step(judge: BudgetJudge, budget: Budget, n: int, *, guided: bool, gain: float = 0.5,
+                    guard: Any = None) -> Any:
     """Next ``k`` after a pass at ``lo``: double while the bound is far below the budget, then close in.
 
     Without a surrogate: double while the last bound is below a quarter of the budget, else grow by
     ``GROWTH``. With one: double while the predicted bound at ``2 lo`` is within budget, else go
-    ``gain`` of the way to the predicted crossing (``predict_crossing``), at least 5%.
+    ``gain`` of the way to the predicted crossing (``predict_crossing``), at least 5%. A guard (``Guards``)
+    that is not far from its own budget at ``lo`` also stops the doubling: the search stops at the first
+    refusal, so a jump past the guard's limit would lose every ``k`` in between (issue 18: a perplexity
+    guard at 2048 tokens near its bound while the 256-token budget was far from its own).
     """
 
     def step(lo: int) -> int:
         passed = sorted((p for p in judge.trace if 0 < p.k <= lo and p.within_budget and p.drop is not None),
                         key=lambda p: p.k)
         last = passed[-1].drop if passed and passed[-1].k == lo else None
+        guard_far = guard is None or guard.far(lo)
         if not guided:
-            far = last is not None and last.bound <= budget.max_drop / 4
+            far = last is not None and last.bound <= budget.max_drop / 4 and guard_far
             return min(n, 2 * lo if far else geometric_step(lo))
         k_pred = predict_crossing(passed, budget.max_drop, lo)
-        if k_pred >= 2 * lo:
+        if k_pred >= 2 * lo and guard_far:
             return min(n, 2 * lo)
         min_step = max(1, math.ceil(lo / 20))
         return int(min(n, max(lo + min_step, math.floor(lo + gain * (k_pred - lo)))))
