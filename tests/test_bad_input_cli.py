@@ -170,6 +170,9 @@ _add("select", "--guard-limit", ["0"], pre=_GUARD)
 _add("select", "--guard-seq-len", ["1", "300"], pre=["--guard-task", "PPL", "--guard-max-drop", "0.1"])
 _add("select", "--guard-score-last", ["0"], pre=["--guard-task", "PPL", "--guard-max-drop", "0.1"])
 _add("select", "--guard-task", ["passkey:300", "passkey:20"], pre=["--guard-max-drop", "0.1"])
+_add("select", "--guard-ppl-max-drop", ["0", "-1", "nan"], pre=_GUARD)
+_add("select", "--guard-ppl-max-drop", ["0.1"])                                  # no --guard-task
+_add("select", "--guard-ppl-max-drop", ["0.1"], pre=["--guard-task", "PPL", "--guard-max-drop", "0.1"])  # one already
 _add("eval", "--num-fewshot", ["-1"])
 _add("eval", "--limit", ["0", "-1"])
 _add("eval", "--batch-size", ["0"])
@@ -208,6 +211,7 @@ _add("compare-selectors", "--guard-max-drop", ["-1", "nan"], pre=["--guard-task"
 _add("compare-selectors", "--guard-limit", ["0"], pre=_GUARD)
 _add("compare-selectors", "--guard-seq-len", ["1"], pre=["--guard-task", "PPL", "--guard-max-drop", "0.1"])
 _add("compare-selectors", "--guard-score-last", ["0"], pre=["--guard-task", "PPL", "--guard-max-drop", "0.1"])
+_add("compare-selectors", "--guard-ppl-max-drop", ["0", "nan"], pre=_GUARD)
 _add("compare-selectors", "--target-fraction", ["0", "1", "nan"])
 _add("compare-selectors", "--steps", ["0"])
 _add("compare-selectors", "--lr", ["0", "-1"])
