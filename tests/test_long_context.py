@@ -68,6 +68,24 @@ def test_windows_score_the_same_tokens_at_every_length(tiny, tmp_path):
     assert len(set(ids[17])) == 5 and all(e > 0 for e in ends)
 
 
+@pytest.mark.parametrize("seq_len, score_last, batch", [(None, None, 3), (64, None, 4), (96, 20, 2), (40, 39, 5)])
+def test_perplexity_per_sequence_equals_the_whole_batch_log_softmax(tiny, tmp_path, seq_len, score_last, batch):
+    """``ppl:`` scores each sequence's rows alone (``_nll``: no batch x vocab float32 copies); the per-position
+    NLL and rows are bit for bit those of the whole batch's ``log_softmax`` (``_logprobs``, which ``kl:`` keeps),
+    with padding (documents of different lengths) and with windows scored on their last tokens."""
+    model, tok = tiny
+    data = write_text(tmp_path / "t.txt", n=30)
+    window = {k: v for k, v in (("seq_len", seq_len), ("score_last", score_last)) if v is not None}
+    ev = make_evaluator(model, tok, f"ppl:{data}", limit=7, batch_size=batch, **window)
+    backend, n = ev.backend, 0
+    for idx, ids, mask, logits in backend._logit_batches():
+        logp, rows, targets = backend._logprobs(idx, ids, mask, logits)
+        nll, rows2 = backend._nll(idx, ids, mask, logits)
+        assert torch.equal(nll, -logp.gather(1, targets[:, None]).squeeze(1)) and torch.equal(rows, rows2)
+        n += len(nll)
+    assert n == ev(None).n > 0
+
+
 @pytest.mark.parametrize("L", [24, 128, 256])
 def test_window_loss_matches_naive_reference(tiny, tmp_path, L):
     model, tok = tiny

@@ -259,6 +259,28 @@ class TextBackend:
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(scored)[scored]
         return torch.log_softmax(logits[scored], dim=-1), rows, targets[scored]
 
+    @torch.no_grad()
+    def _nll(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(per-position NLL, row)`` at scored positions, in ``_logprobs``'s order and with its values, one
+        sequence at a time.
+
+        Why: ``_logprobs`` holds the float32 log-probs of every scored position of the batch at once, with a
+        float32 copy of the logits beside them: three ``positions x vocab`` tensors, 3 GiB for 8 x 256 tokens of
+        a 128k vocabulary (Llama-3), more than a decoder layer of a 1B. Perplexity needs only the target's
+        log-prob, so each sequence's rows go through ``log_softmax`` alone (a row-wise op: the same values).
+        """
+        scored = self._scored(idx, mask)
+        logits = logits[:, logits.shape[1] - self._keep(idx, ids):][:, :-1]
+        scored = scored[:, scored.shape[1] - logits.shape[1]:]
+        targets = ids[:, 1:][:, ids.shape[1] - 1 - logits.shape[1]:]
+        out, rows = [], []
+        for b in range(ids.shape[0]):
+            lp = torch.log_softmax(logits[b][scored[b]].float(), dim=-1)
+            out.append(-lp.gather(1, targets[b][scored[b]][:, None]).squeeze(1))
+            rows.append(torch.full((len(out[-1]),), b, dtype=torch.long, device=ids.device))
+        return torch.cat(out), torch.cat(rows)
+
     def prepare(self) -> None:
         """Compute the unmasked log-probs once (KL only), before any mask is entered."""
         if self.kind != "kl" or self.reference is not None:
@@ -278,11 +300,12 @@ class TextBackend:
         den = torch.zeros(n_docs, dtype=torch.float64)
         with enter():
             for b, (idx, ids, mask, logits) in enumerate(self._logit_batches()):
-                logp, rows, targets = self._logprobs(idx, ids, mask, logits)
-                del logits
                 if self.kind == "ppl":
-                    per_pos = -logp.gather(1, targets[:, None]).squeeze(1)
+                    per_pos, rows = self._nll(idx, ids, mask, logits)
+                    del logits
                 else:
+                    logp, rows, _ = self._logprobs(idx, ids, mask, logits)
+                    del logits
                     assert self.reference is not None
                     ref = self.reference.get(b).to(logp.device)
                     per_pos = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
