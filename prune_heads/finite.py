@@ -18,16 +18,29 @@ STATS_ADVICE = ("the model produced NaN/Inf (NaN weights, or an overflow in floa
                 "or run with --dtype float32")
 
 
+#: elements checked at once: ``isfinite`` of a whole 128k-vocabulary embedding allocated more than the tensor
+#: (bfloat16 in, a float32 temporary and a bool mask out) and set the peak of layer-by-layer select and eval
+FINITE_CHUNK = 1 << 24
+
+
 def first_bad(t: Any) -> tuple[int, ...] | None:
-    """Index of the first NaN/Inf element of tensor ``t`` (None when all are finite or it is not a float)."""
+    """Index of the first NaN/Inf element of tensor ``t`` (None when all are finite or it is not a float),
+    checked ``FINITE_CHUNK`` elements at a time in row-major order."""
     import torch
 
     if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return None
-    ok = torch.isfinite(t)
-    if bool(ok.all()):
-        return None
-    return tuple(int(i) for i in (~ok).nonzero()[0].tolist())
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        ok = torch.isfinite(flat[start:start + FINITE_CHUNK])
+        if not bool(ok.all()):
+            i = start + int((~ok).nonzero()[0, 0])
+            index = []
+            for size in reversed(t.shape):
+                index.append(i % size)
+                i //= size
+            return tuple(reversed(index))
+    return None
 
 
 def require_finite(t: Any, what: str, advice: str, *, axis_names: tuple[str, ...] = ()) -> None:

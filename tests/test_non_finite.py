@@ -210,3 +210,26 @@ def test_non_finite_scores_and_compensation_files_are_refused_on_read(env, tmp_p
     comp.save(tmp_path / "c.safetensors")
     with pytest.raises(NonFiniteError, match="layers.0.offset.*Inf"):
         Compensation.load(tmp_path / "c.safetensors")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 24])
+@pytest.mark.parametrize("shape", [(), (5,), (4, 6), (2, 3, 5)])
+def test_the_first_bad_element_is_found_chunk_by_chunk(monkeypatch, chunk, shape):
+    """``first_bad`` checks ``FINITE_CHUNK`` elements at a time (a whole embedding's ``isfinite`` set the peak
+    of layer-by-layer eval); it names the same element as the independent reference, the first non-finite
+    element of ``t.flatten()`` in row-major order, for every chunk size, shape and position."""
+    from prune_heads import finite
+
+    monkeypatch.setattr(finite, "FINITE_CHUNK", chunk)
+    n = math.prod(shape)
+    assert finite.first_bad(torch.ones(shape, dtype=torch.bfloat16)) is None
+    for pos in range(n):
+        for bad in (float("nan"), float("inf")):
+            t = torch.zeros(n)
+            t[pos] = bad
+            later = (pos + 1 + n // 2) % n
+            if later > pos:  # a second bad element after the first: the first is still the one named
+                t[later] = -math.inf
+            want = next(i for i, v in enumerate(t.tolist()) if not math.isfinite(v))
+            got = finite.first_bad(t.reshape(shape))
+            assert got == tuple(int(x) for x in torch.unravel_index(torch.tensor(want), shape)), (pos, got)
