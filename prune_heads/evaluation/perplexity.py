@@ -248,16 +248,23 @@ class TextBackend:
         first = torch.tensor([self.score_from[i] for i in idx], device=mask.device)
         return valid & (pos[None, :] >= first[:, None])
 
+    def _aligned(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, scored, targets)``, each ``(B, K)`` over the ``K`` positions whose next token the kept
+        logits predict (views of the inputs: nothing is copied)."""
+        scored = self._scored(idx, mask)
+        logits = logits[:, logits.shape[1] - self._keep(idx, ids):][:, :-1]
+        scored = scored[:, scored.shape[1] - logits.shape[1]:]
+        targets = ids[:, 1:][:, ids.shape[1] - 1 - logits.shape[1]:]
+        return logits, scored, targets
+
     @torch.no_grad()
     def _logprobs(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """log-probs ``(P, V)`` at scored positions (row-major), the row of each position and its target."""
-        scored = self._scored(idx, mask)
-        logits = logits[:, logits.shape[1] - self._keep(idx, ids):][:, :-1].float()
-        scored = scored[:, scored.shape[1] - logits.shape[1]:]
-        targets = ids[:, 1:][:, ids.shape[1] - 1 - logits.shape[1]:]
+        logits, scored, targets = self._aligned(idx, ids, mask, logits)
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(scored)[scored]
-        return torch.log_softmax(logits[scored], dim=-1), rows, targets[scored]
+        return torch.log_softmax(logits.float()[scored], dim=-1), rows, targets[scored]
 
     @torch.no_grad()
     def _nll(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor
@@ -270,10 +277,7 @@ class TextBackend:
         a 128k vocabulary (Llama-3), more than a decoder layer of a 1B. Perplexity needs only the target's
         log-prob, so each sequence's rows go through ``log_softmax`` alone (a row-wise op: the same values).
         """
-        scored = self._scored(idx, mask)
-        logits = logits[:, logits.shape[1] - self._keep(idx, ids):][:, :-1]
-        scored = scored[:, scored.shape[1] - logits.shape[1]:]
-        targets = ids[:, 1:][:, ids.shape[1] - 1 - logits.shape[1]:]
+        logits, scored, targets = self._aligned(idx, ids, mask, logits)
         out, rows = [], []
         for b in range(ids.shape[0]):
             lp = torch.log_softmax(logits[b][scored[b]].float(), dim=-1)
