@@ -114,10 +114,6 @@ class Guards:
     def __init__(self, checks: list[GuardCheck]) -> None:
         self.checks = list(checks)
 
-    @property
-    def task(self) -> str:
-        return " and ".join(c.task for c in self.checks)
-
     def with_compensation(self, compensation: Any) -> Guards:
         return Guards([c.with_compensation(compensation) for c in self.checks])
 
