@@ -169,10 +169,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-prefill", action="store_true",
                     help="--contexts: no prefill comparison, and decode timed on one prompt cache per model, "
                          "deep-copied for each of --repeats interleaved runs (a long prefill per run is slow on a CPU)")
+    ap.add_argument("--skip-decode", action="store_true",
+                    help="--contexts: prefill only (decode on a long cache is measured apart, with --skip-prefill)")
     ap.add_argument("--contexts", default=None,
                     help="comma-separated context lengths of a long-context table (e.g. 2048,4096,8192)")
     ap.add_argument("--out", type=Path, default=None, help=f"markdown output (default {RESULTS})")
     args = ap.parse_args()
+    if args.skip_prefill and args.skip_decode:
+        ap.error("--skip-prefill with --skip-decode measures nothing; drop one")
     if args.quick:
         args.prefill_tokens, args.decode_tokens, args.decode_context, args.kv_tokens = 32, 4, 8, 64
         args.repeats, args.placements, args.no_rss = 1, 2, True
@@ -279,28 +283,35 @@ def long_context_rows(case: Case, fmt: str, original, exported, layout, args) ->
     rows = []
     w_o, w_p = weights_in_memory(original), weights_in_memory(exported)
     removed = len(case.plan.removed_heads)
+    limit = int(getattr(original.config, "max_position_embeddings", 0) or 0)
     for c in args.contexts:
         kv_o, kv_p = kv_cache_bytes(original, c), kv_cache_bytes(exported, c)
         cells = []
+        # decode needs room for its tokens: at the model's full context it runs on a cache that many tokens shorter
+        dc = min(c, limit - args.decode_tokens) if limit else c
+        on = f" (on {dc})" if dc != c else ""
         for n in args.threads:
             pre = None if args.skip_prefill else compare_speed(
                 original, exported, mode="prefill", tokens=c, repeats=args.repeats, threads=n, clock=args.clock,
                 placements=args.placements)
-            bytes_ratio = (w_p + kv_p) / (w_o + kv_o)
+            bytes_ratio = (w_p + kv_cache_bytes(exported, dc)) / (w_o + kv_cache_bytes(original, dc))  # decode's cache
             cells += ([f"{pre.tokens_per_s[0]:.0f} / {pre.tokens_per_s[1]:.0f}", fmt_ratio(pre), f"{pre.flops_ratio:.3f}"]
                       if pre is not None else ["not measured"] * 3)
+            if args.skip_decode:
+                cells += ["not measured"] * 4
+                continue
             if args.skip_prefill:  # one prompt cache per model, copied for every run
                 from prune_heads.evaluation.speed import flops_per_token
 
-                ms_o, ms_p, ratio, (lo, hi) = decode_on_cache(original, exported, c, args.decode_tokens, args.repeats, n)
-                avg = c + (args.decode_tokens + 1) / 2
+                ms_o, ms_p, ratio, (lo, hi) = decode_on_cache(original, exported, dc, args.decode_tokens, args.repeats, n)
+                avg = dc + (args.decode_tokens + 1) / 2
                 flops = flops_per_token(exported, avg) / flops_per_token(original, avg)
-                cells += [f"{ms_o:.1f} / {ms_p:.1f}", f"{ratio:.3f} ({lo:.2f}–{hi:.2f})", f"{flops:.3f}",
+                cells += [f"{ms_o:.1f} / {ms_p:.1f}{on}", f"{ratio:.3f} ({lo:.2f}–{hi:.2f})", f"{flops:.3f}",
                           f"{bytes_ratio:.3f}"]
                 continue
-            dec = compare_speed(original, exported, mode="decode", tokens=args.decode_tokens, context=c,
+            dec = compare_speed(original, exported, mode="decode", tokens=args.decode_tokens, context=dc,
                                 repeats=args.repeats, threads=n, clock=args.clock, placements=args.placements)
-            cells += [f"{1e3 * dec.original_median / dec.tokens:.1f} / {1e3 * dec.pruned_median / dec.tokens:.1f}",
+            cells += [f"{1e3 * dec.original_median / dec.tokens:.1f} / {1e3 * dec.pruned_median / dec.tokens:.1f}{on}",
                       fmt_ratio(dec), f"{dec.flops_ratio:.3f}", f"{bytes_ratio:.3f}"]
         rows.append(f"| {case.policy} {removed / layout.total_heads:.0%} ({removed}) `{fmt}` | {c} | "
                     f"{kv_o / 2**20:.1f} / {kv_p / 2**20:.1f} ({kv_p / kv_o:.3f}) | " + " | ".join(cells) + " |")

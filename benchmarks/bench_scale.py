@@ -241,6 +241,19 @@ def moments_bytes(info: dict) -> int:
     return 8 * (2 * n * n + 6 * n)
 
 
+def solve_bytes(info: dict) -> int:
+    """What solving compensation holds: one layer's moments read from the file, the precisions the compensator
+    keeps (at most ``PRECISION_CACHE_BYTES``) and the solved layers it keeps (at most ``LAYER_CACHE_BYTES``, with
+    their copies in the run dtype: up to half as much again), and one probe's compensation of every layer (at most
+    ``(n / 2)^2`` float64 values a layer, ``n = H D``)."""
+    from prune_heads.compensation.compensator import LAYER_CACHE_BYTES, PRECISION_CACHE_BYTES
+
+    n = info["heads"] * info["head_dim"]
+    probe = info["layers"] * 8 * (n // 2) ** 2 * 3 // 2  # one probe's compensation, every layer, + run-dtype copy
+    return (moments_bytes(info) + min(PRECISION_CACHE_BYTES, info["layers"] * 8 * n * n) + LAYER_CACHE_BYTES * 3 // 2
+            + probe)
+
+
 def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, cal_tokens: int = CAL_SAMPLES * CAL_SEQ_LEN,
             device: str = "cpu") -> int:
     """Predicted peak memory of ``stage`` (bytes): what the code holds at its fullest moment.
@@ -267,7 +280,8 @@ def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, c
       (float32);
     - ``calibrate`` in memory: the model whole (``w P``) + every layer's float64 moments + the activations;
     - ``select``/``eval`` on ``ppl:``: in memory the model whole + one batch with its logits; layer by layer two
-      layers, every document's hidden states, one LM-head chunk and one batch with its logits.
+      layers, every document's hidden states, one LM-head chunk and one batch with its logits; ``select`` with
+      compensation also ``solve_bytes()`` (one layer's moments, the compensator's bounded caches).
     """
     from prune_heads.model.sequential_engine import HEAD_CHUNK_ROWS
 
@@ -301,6 +315,8 @@ def predict(stage: str, info: dict, base: int, *, tokens: int = VERIFY_TOKENS, c
         doc_tokens = PPL_LIMIT * (PPL_WORDS + 1)
         batch = min(8, PPL_LIMIT) * (PPL_WORDS + 1)
         act = activations(info, batch, w, batch=min(8, PPL_LIMIT), seq=PPL_WORDS + 1) + batch * info["vocab"] * (w + 8)
+        if stage.startswith("select_") and not gpu:  # compensation is solved on the host, from the moments file
+            act += solve_bytes(info)
         if stage.endswith("_memory"):
             return base + w * info["params"] + mapped + act
         read = 0 if gpu else 4 * layer_big
@@ -432,8 +448,9 @@ def package_estimate(stage: str, src: Path) -> int | None:
     if kind == "calibrate":
         kw = {"batch_tokens": 8 * CAL_SEQ_LEN, "all_tokens": CAL_SAMPLES * CAL_SEQ_LEN, "moments": "stream",
               "logits": False}
-    elif kind in ("select", "eval"):
-        kw = {"batch_tokens": 8 * DEFAULT_SEQ_LEN, "all_tokens": PPL_LIMIT * DEFAULT_SEQ_LEN, "moments": "none"}
+    elif kind in ("select", "eval"):  # select solves lsq compensation from the moments; eval applies a plan's
+        kw = {"batch_tokens": 8 * DEFAULT_SEQ_LEN, "all_tokens": PPL_LIMIT * DEFAULT_SEQ_LEN,
+              "moments": "solve" if kind == "select" else "none"}
     else:
         return None
     whole, streamed = Footprint(src).peaks(**kw)
@@ -878,7 +895,11 @@ def gpu_70b_table(base: int) -> list[str]:
         lines.append(f"| `{stage}` | {_g(p)} | {'yes' if p <= gpu else 'no'} |")
     p = predict("export_no_verify", info, base)
     lines += ["", f"`export --no-verify` itself runs on the host: predicted RSS {_g(p)} GiB "
-                  f"({p / info['largest_shard']:.2f}x the largest shard)."]
+                  f"({p / info['largest_shard']:.2f}x the largest shard). `select` solves compensation on the host: "
+                  f"at most {_g(solve_bytes(info))} GiB there (`solve_bytes`: one layer's moments read from the "
+                  f"{info['layers'] * moments_bytes(info) / GIB:.0f} GiB file, the compensator's bounded caches, and "
+                  "one probe's compensation of every layer, most of it, at its largest when half of each layer's "
+                  "heads go)."]
     return lines
 
 

@@ -107,7 +107,7 @@ def calibrate_model(model: Any, config: CalibrateConfig, out: PathLike | None = 
 
         with tempfile.TemporaryDirectory(prefix="prune-heads-calibrate-") as tmp:  # its per-layer files, then gone
             run_calibrate_sequential(config, mc, mc.id, Path(tmp) / "scores", progress=progress)
-            return HeadScores.load(Path(tmp) / "scores")
+            return HeadScores.load(Path(tmp) / "scores", lazy_moments=False)  # the file goes with the directory
     res = run_calibrate(config, loaded if loaded is not None else mc.load(), mc.id,
                         Path(out) if out is not None else None, revision=mc.revision, overwrite=overwrite,
                         progress=progress)

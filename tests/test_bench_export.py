@@ -55,22 +55,42 @@ def test_bench_attention_quick(tmp_path):
 
 
 def test_bench_export_long_context_quick(tmp_path):
-    """``--contexts``: one row per context with the KV cache measured at that context and both predictions."""
+    """``--contexts``: one row per context with the KV cache measured at that context and both predictions. At the
+    model's full context (256 for the quick model) prefill runs over all of it and decode on a cache short enough
+    to leave room for its 4 tokens, and says so."""
     out = tmp_path / "long.md"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_export.py"), "--quick", "--contexts", "16,48",
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_export.py"), "--quick", "--contexts", "16,48,256",
                         "--plans", "kv-groups@0.33", "--out", str(out)], env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
             if line.startswith("| kv-groups")]
-    assert [r[1] for r in rows] == ["16", "48"]
+    assert [r[1] for r in rows] == ["16", "48", "256"]
+    assert [r[6].endswith("(on 252)") for r in rows] == [False, False, True]  # decode ms/token cell
     for r in rows:
         assert r[2].endswith("(0.667)")  # a third of the KV groups gone, at every context
         flops, bytes_ratio = float(r[8]), float(r[9])
         assert 0.5 < flops < 1 and 0.5 < bytes_ratio < 1
     # the longer the cache, the more of a decode step's reads is the KV cache, which shrinks by 1/3
     assert float(rows[1][9]) < float(rows[0][9])
+
+
+def test_bench_export_long_context_prefill_only(tmp_path):
+    """``--skip-decode``: the prefill columns are measured, the decode ones say they were not; with
+    ``--skip-prefill`` too nothing would be measured, which is refused."""
+    out = tmp_path / "long.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_export.py"), "--quick", "--contexts", "32", "--plans",
+           "kv-groups@0.33", "--skip-decode", "--out", str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    [row] = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
+             if line.startswith("| kv-groups")]
+    assert 0.5 < float(row[5]) < 1 and float(row[4].split()[0]) > 0  # prefill FLOPs ratio and time ratio
+    assert row[6:10] == ["not measured"] * 4
+    p = subprocess.run([*cmd, "--skip-prefill"], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "measures nothing" in p.stderr
 
 
 def _decimals(text: str) -> int:

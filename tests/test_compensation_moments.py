@@ -56,7 +56,8 @@ def test_calibrate_collects_the_same_moments_and_saves_them(tmp_path):
     assert (tmp_path / "s" / MOMENTS_FILE).is_file()
     back = HeadScores.load(tmp_path / "s")
     assert back.moments.fingerprint() == hs.moments.fingerprint()
-    for a, b in zip(back.moments.grams + back.moments.grams_rel, hs.moments.grams + hs.moments.grams_rel):
+    assert back.moments.lazy and not hs.moments.lazy  # read back, the layers stay in the file until used
+    for a, b in zip([*back.moments.grams, *back.moments.grams_rel], [*hs.moments.grams, *hs.moments.grams_rel]):
         assert torch.equal(a, b)
     assert back.meta["moments"]["fingerprint"] == hs.moments.fingerprint()
     assert set(back.score_ids) == {"ahon", "lsq_error"}
@@ -97,6 +98,71 @@ def test_cost_formula():
     assert c["values"] == 32 * (4096 * 4096 + 4096 + 3)
     assert c["bytes"] == 8 * c["values"]  # Llama-3.1-8B: 4.3 GB
     assert moments_cost(32, 4096)["values"] == 32 * (2 * (4096 * 4096 + 4096) + 3)
+
+
+def test_moments_read_a_layer_at_a_time_equal_the_ones_loaded_whole(tmp_path):
+    """``Moments.load`` keeps no layer in memory: every access reads that layer from the file. What it reads,
+    what compensation is solved from it and the file it saves again equal the moments loaded whole, bit for bit."""
+    from prune_heads.compensation import compute_compensation
+
+    model = tiny_model("qwen2", layers=3)
+    made = collect_moments(model, SEQS, batch_size=2, progress=False)
+    made.save(tmp_path / "m.safetensors")
+    whole = Moments.load(tmp_path / "m.safetensors", lazy=False)
+    lazy = Moments.load(tmp_path / "m.safetensors")
+    assert lazy.lazy and not whole.lazy and lazy.num_layers == 3
+    assert lazy.fingerprint() == whole.fingerprint() == made.fingerprint()
+    for kind in ("sums", "grams", "sums_rel", "grams_rel"):
+        for a, b, c in zip(getattr(lazy, kind), getattr(whole, kind), getattr(made, kind)):
+            assert torch.equal(a, b) and torch.equal(a, c)
+    assert lazy.grams[-1].data_ptr() != lazy.grams[-1].data_ptr()  # read again, not kept
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, 1] = mask[2, 0] = mask[2, 3] = True
+    for mode in ("lsq", "mean"):
+        a = compute_compensation(mask, mode, moments=lazy)
+        b = compute_compensation(mask, mode, moments=whole)
+        assert a.layers.keys() == b.layers.keys() == {0, 2}
+        for i in a.layers:
+            assert torch.equal(a.layers[i].offset, b.layers[i].offset)
+            assert (a.layers[i].weight is None) == (mode == "mean") or torch.equal(a.layers[i].weight, b.layers[i].weight)
+    # saved again one tensor at a time: the same statistics, fingerprint recomputed from the tensors
+    lazy.save(tmp_path / "again.safetensors")
+    again = Moments.load(tmp_path / "again.safetensors", lazy=False)
+    again._fingerprint = None
+    assert again.fingerprint() == made.fingerprint() and again.meta == made.meta
+    with pytest.raises(IndexError):
+        lazy.grams[3]
+
+
+def test_moments_replaced_while_in_use_are_refused(tmp_path):
+    """A recalibration that replaces the file mid-run must not be mixed in with the statistics already used."""
+    model = tiny_model("llama", layers=2)
+    collect_moments(model, SEQS, progress=False).save(tmp_path / "m.safetensors")
+    lazy = Moments.load(tmp_path / "m.safetensors")
+    lazy.covariance(0)
+    collect_moments(model, SEQS[:2], progress=False).save(tmp_path / "new.safetensors")
+    (tmp_path / "new.safetensors").replace(tmp_path / "m.safetensors")
+    with pytest.raises(PruneHeadsError, match="changed while in use"):
+        lazy.covariance(1)
+    (tmp_path / "m.safetensors").unlink()
+    with pytest.raises(PruneHeadsError, match="is gone"):
+        lazy.mean(0)
+
+
+def test_a_truncated_moments_file_is_refused_on_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama", layers=2)
+    collect_moments(model, SEQS, progress=False).save(tmp_path / "m.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(tmp_path / "m.safetensors")
+    del tensors["layers.1.gram"]
+    save_file(tensors, tmp_path / "m.safetensors", metadata=meta)
+    with pytest.raises(PruneHeadsError, match="lacks layers.1.gram"):
+        Moments.load(tmp_path / "m.safetensors")
 
 
 def test_corrupt_moments_file_is_a_clear_error(tmp_path):

@@ -221,3 +221,41 @@ def test_spec_validation():
         CompensationSpec.from_dict({"mode": "lsq", "ridgee": 1})
     with pytest.raises(PruneHeadsError, match="sequential"):
         CompensationSpec("none", sequential=True)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(masks=st.lists(st.lists(st.sets(st.integers(0, 3), max_size=3), min_size=3, max_size=3), min_size=1,
+                      max_size=5),
+       budget=st.integers(0, 3))
+def test_a_compensator_with_bounded_caches_solves_what_an_unbounded_one_does(masks, budget):
+    """The caches only save time: with room for ``budget`` precisions and solved layers (0: none), a run of
+    probes gets exactly the compensations a compensator that keeps everything gives, and keeps no more."""
+    from unittest import mock
+
+    import prune_heads.compensation.compensator as comp_mod
+
+    model = tiny_model("llama", layers=3)
+    moments = collect_moments(model, seqs_for(6), progress=False)
+    n = moments.width
+    free = Compensator("lsq", moments=moments)
+    with (mock.patch.object(comp_mod, "PRECISION_CACHE_BYTES", budget * n * n * 8),
+          mock.patch.object(comp_mod, "LAYER_CACHE_BYTES", budget * n * n * 8 // 4)):
+        bounded = Compensator("lsq", moments=moments)
+        probes = [free_and(bounded, free, layers) for layers in masks]
+    for a, b in probes:
+        assert a.layers.keys() == b.layers.keys()
+        for i in a.layers:
+            assert torch.equal(a.layers[i].offset, b.layers[i].offset)
+            assert torch.equal(a.layers[i].weight, b.layers[i].weight)
+    assert len(bounded._prec) <= budget and bounded._cached_bytes["precision"] <= budget * n * n * 8
+    assert bounded._cached_bytes["layer"] <= budget * n * n * 8 // 4
+    assert sum(t.numel() * 8 for t in bounded._prec.values()) == bounded._cached_bytes["precision"]
+    assert len(free._prec) == len({i for layers in masks for i, h in enumerate(layers) if h})
+
+
+def free_and(bounded, free, layers):
+    """One probe: the mask of ``layers`` (removed heads per layer) through both compensators."""
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    for i, heads in enumerate(layers):
+        mask[i, sorted(heads)] = True
+    return free(mask), bounded(mask)

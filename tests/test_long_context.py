@@ -580,6 +580,27 @@ def test_a_guard_near_its_bound_stops_the_doubling(guard_bound, step):
     assert _ascending_step(search, budget, 100, guided=False)(8) == 16
 
 
+def test_a_guards_errors_name_its_own_options():
+    """A guard that cannot start says which option to change: ``--guard-max-drop`` for the task guard,
+    ``--guard-ppl-max-drop`` for the perplexity guard (not the search's ``--max-drop``), ``--guard-limit``."""
+    from types import SimpleNamespace
+
+    from prune_heads.errors import BudgetError
+    from prune_heads.selection.budget import make_budget
+    from prune_heads.selection.guard import GuardCheck
+
+    def zero(_mask):  # a baseline of 0: a relative budget allows nothing
+        return SimpleNamespace(metric="ppl", value=0.0, higher_is_better=False)
+
+    zero.task_config = {"task": "ppl:wikitext2"}
+    for flag in ("--guard-max-drop", "--guard-ppl-max-drop"):
+        guard = GuardCheck(zero, make_budget(0.1, True, 0.9), budget_flag=flag)
+        with pytest.raises(BudgetError) as e:
+            guard.start()
+        assert str(e.value).startswith("guard ppl:wikitext2: ") and f"absolute {flag}" in str(e.value)
+        assert guard.with_compensation(None).budget_flag == flag
+
+
 def _units_of(plan, layout):
     """The units the static search walked, in order (its ranking is seeded: rebuilt from the plan's seed)."""
     from prune_heads.selection.policies import candidate_units

@@ -19,12 +19,24 @@ from prune_heads.compensation.solve import precision, solve_layer
 from prune_heads.compensation.spec import CompensationSpec, as_spec
 from prune_heads.errors import PruneHeadsError
 
+#: bytes of precision matrices a compensator keeps between probes; past it, the rest are solved again when
+#: needed (a 70B's 80 precisions are 43 GB, more than the host may have; one is recomputed in seconds)
+PRECISION_CACHE_BYTES = 512 << 20
+#: bytes of solved layer compensations (float64) kept between probes (a search revisits the masks of most
+#: layers); each keeps its copy in the run dtype once applied, up to half as much again (float32)
+LAYER_CACHE_BYTES = 256 << 20
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
 
 class Compensator:
     """``removed mask -> Compensation`` for one model's statistics and one spec, with the precisions cached.
 
     Selection asks for the compensation of many candidate masks; each layer's precision matrix is
-    inverted once. With ``spec.sequential`` each mask gets its own layer-by-layer pass over ``seqs`` on
+    inverted once, as long as they fit ``PRECISION_CACHE_BYTES`` (the first ones to be solved are kept, which
+    for a search that visits the layers in order is better than evicting the oldest). With ``spec.sequential`` each mask gets its own layer-by-layer pass over ``seqs`` on
     ``model`` (``compensation.sequential``), cached by mask.
     """
 
@@ -46,6 +58,8 @@ class Compensator:
         self._seq: dict[bytes, tuple[Compensation, Moments]] = {}
         self._replay: dict[str, Any] = {}  # the sequential pass's captured layer inputs
         self._layer_cache: dict[tuple[int, tuple[int, ...]], LayerCompensation] = {}
+        self._cached_bytes = {"precision": 0, "layer": 0}
+        self._budget = {"precision": PRECISION_CACHE_BYTES, "layer": LAYER_CACHE_BYTES}
         self.solve_seconds = 0.0
 
     def _layout(self) -> tuple[int, int, int]:
@@ -62,11 +76,20 @@ class Compensator:
         """The ridged precision of ``layer`` under ``moments`` (default: the stored ones), cached."""
         source = moments if moments is not None else self.moments
         key = (id(source), layer)
-        if key not in self._prec:
-            if len(self._prec) > 4 * max(1, source.num_layers) and source is not self.moments:
-                self._prec = {k: v for k, v in self._prec.items() if k[0] == id(self.moments)}
-            self._prec[key] = precision(source.covariance(layer), self.spec.ridge, layer=layer)
-        return self._prec[key]
+        if key in self._prec:
+            return self._prec[key]
+        if len(self._prec) > 4 * max(1, source.num_layers) and source is not self.moments:
+            self._prec = {k: v for k, v in self._prec.items() if k[0] == id(self.moments)}
+            self._cached_bytes["precision"] = _nbytes(*self._prec.values())
+        from prune_heads.finite import STATS_ADVICE, require_finite
+
+        cov = source.covariance(layer)  # read once (from the file, for moments loaded from one)
+        require_finite(cov, f"the o_proj input statistics of layer {layer} (covariance)", STATS_ADVICE)
+        prec = precision(cov, self.spec.ridge, layer=layer)
+        if self._cached_bytes["precision"] + _nbytes(prec) <= self._budget["precision"]:
+            self._prec[key] = prec
+            self._cached_bytes["precision"] += _nbytes(prec)
+        return prec
 
     def layer(self, layer: int, removed: Sequence[int], moments: Moments | None = None) -> LayerCompensation:
         """One layer's compensation for ``removed`` heads, from ``moments`` (default: the stored ones)."""
@@ -80,17 +103,16 @@ class Compensator:
         t0 = time.perf_counter()
         mean = source.mean(layer)
         require_finite(mean, f"the o_proj input statistics of layer {layer} (mean)", STATS_ADVICE)
-        if self.spec.mode == "lsq":
-            require_finite(source.covariance(layer), f"the o_proj input statistics of layer {layer} (covariance)",
-                           STATS_ADVICE)
-        prec = self.precision(layer, source) if self.spec.mode == "lsq" else None
+        prec = self.precision(layer, source) if self.spec.mode == "lsq" else None  # checks the covariance
         out = solve_layer(mean, prec, removed, H, D, self.spec.mode)
 
         require_finite(out.offset, f"the {self.spec.mode} compensation of layer {layer} (offset)", STATS_ADVICE)
         require_finite(out.weight, f"the {self.spec.mode} compensation of layer {layer} (weight)", STATS_ADVICE)
         self.solve_seconds += time.perf_counter() - t0
-        if source is self.moments:
+        size = _nbytes(out.offset, out.weight)
+        if source is self.moments and self._cached_bytes["layer"] + size <= self._budget["layer"]:
             self._layer_cache[key] = out
+            self._cached_bytes["layer"] += size
         return out
 
     def __call__(self, removed: torch.Tensor) -> Compensation:

@@ -24,6 +24,11 @@ they add across batches and across data-parallel processes (``all_reduce``) exac
 Cost: ``n^2`` float64 values per layer and Gram, ``8 L n^2`` bytes per Gram (``moments_cost``), twice that
 with ``relative``: SmolLM2-135M ``30 x 576^2`` = 80 MB (160 MB); Llama-3.1-8B ``32 x 4096^2`` = 4.3 GB
 (8.6 GB); Llama-3.1-70B ``80 x 8192^2`` = 43 GB (86 GB), spread over the layers' devices.
+
+Read back from a file (``Moments.load``), the per-layer tensors are *not* held: each access reads that
+layer's tensor from the file (``LayerTensors``), so a 70B's 86 GB of statistics cost one layer's worth of
+memory while compensation is solved layer after layer. The file is checked on every read to be the one
+loaded (size, inode and modification time): a recalibration that replaced it mid-run is refused, not mixed in.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,25 +53,72 @@ FORMAT = "prune-heads-moments/1"
 RESID_EPS = 1e-6
 
 
+class LayerTensors(Sequence[torch.Tensor]):
+    """``layers.{i}.{kind}`` of a moments file, read on each access and not kept (see the module docstring).
+
+    Each read opens the file, copies the one tensor out and closes it again, so neither the copy of the
+    other layers nor the file's mapped pages stay resident (a handle kept open would keep every page it
+    touched counted in the process's memory).
+    """
+
+    def __init__(self, path: Path, kind: str, num_layers: int, device: str) -> None:
+        self.path, self.kind, self.num_layers, self.device = path, kind, num_layers, device
+        self._stamp = _stamp(path)
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(i, slice):
+            raise TypeError("LayerTensors reads one layer at a time; iterate over it instead of slicing")
+        if not -self.num_layers <= i < self.num_layers:
+            raise IndexError(i)
+        from safetensors import safe_open
+
+        if _stamp(self.path) != self._stamp:
+            raise PruneHeadsError(f"{self.path} changed while in use (recalibrated?); run again on the new file")
+        try:
+            with safe_open(str(self.path), framework="pt", device=self.device) as f:
+                return f.get_tensor(f"layers.{i % self.num_layers}.{self.kind}")
+        except Exception as e:  # truncated or removed under us: say which
+            raise PruneHeadsError(f"cannot read layer {i % self.num_layers} of the moments in {self.path}: {e}") from e
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise PruneHeadsError(f"the moments file {path} is gone ({e.strerror}); it was in use") from e
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass
 class Moments:
     """Per-layer sums of ``o_proj``'s input (see the module docstring)."""
 
     count: torch.Tensor                  # (L,) float64
-    sums: list[torch.Tensor]             # L x (n,) float64
-    grams: list[torch.Tensor]            # L x (n, n) float64
+    sums: Sequence[torch.Tensor]         # L x (n,) float64 (a list, or ``LayerTensors`` read from a file)
+    grams: Sequence[torch.Tensor]        # L x (n, n) float64
     resid_sq: torch.Tensor               # (L,) float64
     resid_inv: torch.Tensor              # (L,) float64
     meta: dict[str, Any] = field(default_factory=dict)
-    sums_rel: list[torch.Tensor] | None = None    # L x (n,) float64, weighted by 1 / |h|^2
-    grams_rel: list[torch.Tensor] | None = None   # L x (n, n) float64, weighted by 1 / |h|^2
+    sums_rel: Sequence[torch.Tensor] | None = None    # L x (n,) float64, weighted by 1 / |h|^2
+    grams_rel: Sequence[torch.Tensor] | None = None   # L x (n, n) float64, weighted by 1 / |h|^2
     _fingerprint: str | None = field(default=None, repr=False)
 
-    def _tensors(self) -> list[torch.Tensor]:
-        out = [self.count, self.resid_sq, self.resid_inv, *self.sums, *self.grams]
+    def _tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor in the fingerprint's order, one at a time (file-backed layers are read as they come)."""
+        yield from (self.count, self.resid_sq, self.resid_inv)
+        yield from self.sums
+        yield from self.grams
         if self.grams_rel is not None:
-            out += [*self.sums_rel, *self.grams_rel]
-        return out
+            yield from self.sums_rel
+            yield from self.grams_rel
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the per-layer tensors are read from a file on each access (``Moments.load``)."""
+        return isinstance(self.grams, LayerTensors)
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -159,27 +211,25 @@ class Moments:
 
     # ---- persistence ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``moments.safetensors`` at ``path`` (a file name or a directory). Not atomic by itself:
-        ``HeadScores.save`` calls it inside its temporary directory."""
-        from safetensors.torch import save_file
-
+        """Write ``moments.safetensors`` at ``path`` (a file name or a directory), one tensor at a time (file-backed
+        layers are read as they are written). Not atomic by itself: ``HeadScores.save`` calls it inside its
+        temporary directory."""
         p = Path(path)
         if p.is_dir():
             p = p / MOMENTS_FILE
-        tensors = {"count": self.count, "resid_sq": self.resid_sq, "resid_inv": self.resid_inv}
-        for i, (s, g) in enumerate(zip(self.sums, self.grams)):
-            tensors[f"layers.{i}.sum"] = s
-            tensors[f"layers.{i}.gram"] = g
-            if self.grams_rel is not None:
-                tensors[f"layers.{i}.sum_rel"] = self.sums_rel[i]
-                tensors[f"layers.{i}.gram_rel"] = self.grams_rel[i]
-        tensors = {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in tensors.items()}
-        meta = {**self.meta, "fingerprint_moments": self.fingerprint()}
-        save_file(tensors, str(p), metadata={"format": FORMAT, "meta": json.dumps(meta)})
-        return p
+        entries: list[tuple[str, Any]] = [("count", lambda: self.count), ("resid_sq", lambda: self.resid_sq),
+                                          ("resid_inv", lambda: self.resid_inv)]
+        kinds = [("sum", self.sums), ("gram", self.grams)]
+        if self.grams_rel is not None:
+            kinds += [("sum_rel", self.sums_rel), ("gram_rel", self.grams_rel)]
+        for kind, seq in kinds:
+            entries += [(f"layers.{i}.{kind}", lambda seq=seq, i=i: seq[i]) for i in range(self.num_layers)]
+        return write_moments_file(p, entries, self.num_layers, self.width,
+                                  {**self.meta, "fingerprint_moments": self.fingerprint()})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Moments:
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", lazy: bool = True) -> Moments:
+        """The moments in ``path``; with ``lazy`` (the default) each layer's tensors are read when used."""
         from safetensors import safe_open
 
         p = Path(path)
@@ -193,17 +243,27 @@ class Moments:
                 if header.get("format") != FORMAT:
                     raise PruneHeadsError(f"{p} is not a prune-heads moments file (format {header.get('format')!r})")
                 names = set(f.keys())
-                num_layers = len([k for k in names if k.endswith(".gram")])
+                num_layers = 1 + max((int(k.split(".")[1]) for k in names if k.startswith("layers.")), default=-1)
                 rel = all(f"layers.{i}.gram_rel" in names for i in range(num_layers))
+                missing = [f"layers.{i}.{k}" for i in range(num_layers) for k in ("sum", "gram")
+                           if f"layers.{i}.{k}" not in names]
+                if missing:
+                    raise PruneHeadsError(f"{p} lacks {missing[0]}: it is incomplete; recalibrate")
+
+                def per_layer(kind: str) -> Sequence[torch.Tensor]:
+                    if lazy:
+                        return LayerTensors(p, kind, num_layers, str(device))
+                    return [f.get_tensor(f"layers.{i}.{kind}") for i in range(num_layers)]
+
                 out = cls(
                     count=f.get_tensor("count"),
-                    sums=[f.get_tensor(f"layers.{i}.sum") for i in range(num_layers)],
-                    grams=[f.get_tensor(f"layers.{i}.gram") for i in range(num_layers)],
+                    sums=per_layer("sum"),
+                    grams=per_layer("gram"),
                     resid_sq=f.get_tensor("resid_sq"),
                     resid_inv=f.get_tensor("resid_inv"),
                     meta=json.loads(header.get("meta") or "{}"),
-                    sums_rel=[f.get_tensor(f"layers.{i}.sum_rel") for i in range(num_layers)] if rel else None,
-                    grams_rel=[f.get_tensor(f"layers.{i}.gram_rel") for i in range(num_layers)] if rel else None,
+                    sums_rel=per_layer("sum_rel") if rel else None,
+                    grams_rel=per_layer("gram_rel") if rel else None,
                 )
         except PruneHeadsError:
             raise
@@ -219,10 +279,43 @@ class Moments:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
+        if self.lazy:
+            raise PruneHeadsError("moments read from a file are already summed; load them with lazy=False to reduce")
         for t in self._tensors():
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         self._fingerprint = None
         return self
+
+
+def write_moments_file(path: Path, entries: Sequence[tuple[str, Any]], num_layers: int, width: int,
+                       meta: dict[str, Any]) -> Path:
+    """A moments file written one tensor at a time (the safetensors layout by hand, so no more than one
+    layer's statistics is in memory). ``entries``: ``(name, () -> tensor)``; shapes follow from the names."""
+    import struct
+
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, _ in entries:
+        shape = [num_layers] if "." not in name else [width, width] if "gram" in name else [width]
+        size = 8
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": "F64", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": FORMAT, "meta": json.dumps(meta)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, get in entries:
+            t = get().detach().to("cpu", torch.float64).contiguous()
+            if list(t.shape) != header[name]["shape"]:
+                raise RuntimeError(f"moments tensor {name} has shape {list(t.shape)}, not {header[name]['shape']}")
+            f.write(t.numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return path
 
 
 def moments_cost(num_layers: int, width: int, bytes_per_value: int = 8, relative: bool = True) -> dict[str, Any]:

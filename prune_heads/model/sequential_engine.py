@@ -557,13 +557,26 @@ class Footprint:
               ) -> tuple[int, int]:
         """``(whole model, layer by layer)`` peak bytes of a stage.
 
-        ``moments``: ``all`` when the stage holds every layer's statistics (compensated select/eval, a
-        whole-model calibration), ``stream`` when a layer-by-layer calibration holds one layer's at a time.
+        ``moments``: ``stream`` for a calibration (whole, it holds every layer's statistics; layer by layer,
+        one layer's at a time); ``solve`` when compensation is solved from a moments file (select with
+        ``lsq``/``mean``, either engine): one layer's statistics read at a time, plus what the compensator
+        keeps between probes (``compensator.PRECISION_CACHE_BYTES``, and ``LAYER_CACHE_BYTES`` with the solved
+        layers' copies in the run dtype), and one probe's compensation of every layer.
         """
+        from prune_heads.compensation.compensator import LAYER_CACHE_BYTES, PRECISION_CACHE_BYTES
+
         act = self.activations(batch_tokens, logits)
-        every = self.num_layers * self.moments_layer if moments != "none" else 0
-        whole = self.weights + every + act
-        held = self.moments_layer if moments == "stream" else every
+        if moments not in ("none", "stream", "solve"):
+            raise ValueError(f"moments must be none, stream or solve, not {moments!r}")
+        if moments == "solve":
+            precisions = min(PRECISION_CACHE_BYTES, self.num_layers * self.moments_layer // 2)
+            # a probe's compensation, every layer's (|R| D x |K| D, at most (H D / 2)^2) with its run-dtype copy
+            probe = self.num_layers * self.moments_layer // 8 * 3 // 2
+            whole_held = held = self.moments_layer + precisions + LAYER_CACHE_BYTES * 3 // 2 + probe
+        else:
+            whole_held = self.num_layers * self.moments_layer if moments == "stream" else 0
+            held = self.moments_layer if moments == "stream" else 0
+        whole = self.weights + whole_held + act
         # two layers (the one running and the next being read), every sequence's hidden states, one LM-head chunk
         streamed = 2 * self.layer + held + 2 * all_tokens * self.hidden * self.width + act
         if logits:

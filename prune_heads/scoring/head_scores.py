@@ -135,7 +135,9 @@ class HeadScores:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> HeadScores:
+    def load(cls, directory: str | os.PathLike, *, lazy_moments: bool = True) -> HeadScores:
+        """The scores in ``directory``. The moments' layers are read from their file when used
+        (``Moments.load``), unless ``lazy_moments=False`` (for a directory that is about to go)."""
         d = Path(directory)
         if not (d / SCORES_FILE).is_file() or not (d / META_FILE).is_file():
             raise PruneHeadsError(f"{d} is not a scores directory (expected {SCORES_FILE} and {META_FILE}); make one with `prune-heads calibrate`")
@@ -168,7 +170,7 @@ class HeadScores:
             tokens = load_tokens(d / TOKENS_FILE)
         from prune_heads.compensation.moments import MOMENTS_FILE, Moments
 
-        moments = Moments.load(d / MOMENTS_FILE) if (d / MOMENTS_FILE).is_file() else None
+        moments = Moments.load(d / MOMENTS_FILE, lazy=lazy_moments) if (d / MOMENTS_FILE).is_file() else None
         return cls(per, meta, means, tokens, moments)
 
     def require_tokens(self) -> list[list[int]]:

@@ -168,35 +168,14 @@ class StreamedMoments:
                 "sequential": False}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """``moments.safetensors`` written one tensor at a time (the safetensors layout by hand)."""
-        from prune_heads.compensation.moments import FORMAT, MOMENTS_FILE
+        """``moments.safetensors`` written one tensor at a time (``moments.write_moments_file``)."""
+        from prune_heads.compensation.moments import MOMENTS_FILE, write_moments_file
 
         p = Path(path)
         if p.is_dir():
             p = p / MOMENTS_FILE
-        order = self._order()
-        shapes = {"count": [self.num_layers], "resid_sq": [self.num_layers], "resid_inv": [self.num_layers]}
-        n = self.width
-        header: dict[str, Any] = {}
-        offset = 0
-        for name, _ in order:
-            shape = shapes.get(name) or ([n, n] if "gram" in name else [n])
-            size = 8
-            for d in shape:
-                size *= d
-            header[name] = {"dtype": "F64", "shape": shape, "data_offsets": [offset, offset + size]}
-            offset += size
-        meta = {**self.meta, "fingerprint_moments": self.fingerprint()}
-        header["__metadata__"] = {"format": FORMAT, "meta": json.dumps(meta)}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(p, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for _, get in order:
-                f.write(get().contiguous().numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        write_moments_file(p, self._order(), self.num_layers, self.width,
+                           {**self.meta, "fingerprint_moments": self.fingerprint()})
         self.saved = p
         return p
 

@@ -36,9 +36,11 @@ class GuardCheck:
     """Judges probes on the guard task; ``record()`` is what the plan stores."""
 
     def __init__(self, evaluator: Any, budget: Budget, *, verify_evaluator: Any = None,
-                 allow_underpowered: bool = False) -> None:
+                 allow_underpowered: bool = False, budget_flag: str = "--guard-max-drop") -> None:
         self.evaluator, self.verify_evaluator, self.budget = evaluator, verify_evaluator, budget
         self.allow_underpowered = allow_underpowered
+        #: the option that sets this guard's budget, named in its errors
+        self.budget_flag = budget_flag
         self.judge: Any = None
         self.refused: list[int] = []
 
@@ -52,7 +54,7 @@ class GuardCheck:
 
         return GuardCheck(evaluator_with(self.evaluator, compensation), self.budget,
                           verify_evaluator=evaluator_with(self.verify_evaluator, compensation),
-                          allow_underpowered=self.allow_underpowered)
+                          allow_underpowered=self.allow_underpowered, budget_flag=self.budget_flag)
 
     def start(self) -> GuardCheck:
         """Evaluate the unpruned model on the guard task (``k = 0``) and check that the budget is usable there."""
@@ -63,7 +65,7 @@ class GuardCheck:
         try:
             self.judge = BudgetJudge.start(baseline, self.budget, allow_underpowered=self.allow_underpowered)
         except BudgetError as e:
-            raise type(e)(f"guard {self.task}: {e}".replace("--max-drop", "--guard-max-drop")
+            raise type(e)(f"guard {self.task}: {e}".replace("--max-drop", self.budget_flag)
                           .replace("--limit", "--guard-limit")) from None
         return self
 

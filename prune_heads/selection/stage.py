@@ -260,7 +260,7 @@ def select_memory(cfg: SelectConfig) -> dict[str, Any]:
     # the longest window any evaluation runs (a guard at the serving length is the long one)
     length = max(DEFAULT_SEQ_LEN, cfg.guard_seq_len or 0, *(task_length(t) or 0 for t in (*tasks, cfg.guard_task)))
     return {"batch_tokens": cfg.batch_size * length, "all_tokens": docs * length,
-            "moments": "all" if cfg.compensate != "none" else "none", "whole_only": whole_only,
+            "moments": "solve" if cfg.compensate != "none" else "none", "whole_only": whole_only,
             "instead": "select with the static method on a ppl:DATA or kl:DATA task runs layer by layer"}
 
 
@@ -458,17 +458,18 @@ def guard_check(cfg: SelectConfig, model: Any, tokenizer: Any, scores: Any = Non
                               batch_size=cfg.batch_size, seed=cfg.seed, exclude_docs=calibration_documents(scores),
                               **window)
 
-    def check(task: str, limit: int | None, window: dict[str, Any], budget: Any) -> GuardCheck:
+    def check(task: str, limit: int | None, window: dict[str, Any], budget: Any, flag: str) -> GuardCheck:
         return GuardCheck(make(task, "search", limit, window), budget, allow_underpowered=cfg.allow_underpowered,
-                          verify_evaluator=make(task, "verify", limit, window) if cfg.verify else None)
+                          verify_evaluator=make(task, "verify", limit, window) if cfg.verify else None,
+                          budget_flag=flag)
 
     checks = [check(cfg.guard_task, cfg.guard_limit,
                     window_options(cfg.guard_task, cfg.guard_seq_len, cfg.guard_score_last),
-                    make_budget(cfg.guard_max_drop, cfg.guard_relative, cfg.confidence))]
+                    make_budget(cfg.guard_max_drop, cfg.guard_relative, cfg.confidence), "--guard-max-drop")]
     ppl = ppl_guard(cfg)
     if ppl is not None:
         checks.append(check(ppl["task"], ppl["limit"], {"seq_len": ppl["seq_len"], "score_last": ppl["score_last"]},
-                            make_budget(cfg.guard_ppl_max_drop, True, cfg.confidence)))
+                            make_budget(cfg.guard_ppl_max_drop, True, cfg.confidence), "--guard-ppl-max-drop"))
     return Guards(checks)
 
 
