@@ -898,8 +898,8 @@ def gpu_70b_table(base: int) -> list[str]:
                   f"({p / info['largest_shard']:.2f}x the largest shard). `select` solves compensation on the host: "
                   f"at most {_g(solve_bytes(info))} GiB there (`solve_bytes`: one layer's moments read from the "
                   f"{info['layers'] * moments_bytes(info) / GIB:.0f} GiB file, the compensator's bounded caches, and "
-                  "one probe's compensation of every layer, most of it, at its largest when half of each layer's "
-                  "heads go)."]
+                  "one probe's compensation of every layer, which is most of it and largest when half of each "
+                  "layer's heads go)."]
     return lines
 
 

@@ -35,9 +35,10 @@ class Compensator:
     """``removed mask -> Compensation`` for one model's statistics and one spec, with the precisions cached.
 
     Selection asks for the compensation of many candidate masks; each layer's precision matrix is
-    inverted once, as long as they fit ``PRECISION_CACHE_BYTES`` (the first ones to be solved are kept, which
-    for a search that visits the layers in order is better than evicting the oldest). With ``spec.sequential`` each mask gets its own layer-by-layer pass over ``seqs`` on
-    ``model`` (``compensation.sequential``), cached by mask.
+    inverted once, as long as they fit ``PRECISION_CACHE_BYTES`` (the first ones solved are kept, which for
+    a search that visits the layers in order is better than evicting the oldest). With ``spec.sequential``
+    each mask gets its own layer-by-layer pass over ``seqs`` on ``model`` (``compensation.sequential``),
+    cached by mask.
     """
 
     def __init__(self, spec: CompensationSpec | str | dict | None, *, moments: Moments | None = None,
