@@ -582,7 +582,7 @@ def test_a_guard_near_its_bound_stops_the_doubling(guard_bound, step):
 
 def test_a_guards_errors_name_its_own_options():
     """A guard that cannot start says which option to change: ``--guard-max-drop`` for the task guard,
-    ``--guard-ppl-max-drop`` for the perplexity guard (not the search's ``--max-drop``), ``--guard-limit``."""
+    ``--guard-ppl-max-drop`` for the perplexity guard (not the search's ``--max-drop``)."""
     from types import SimpleNamespace
 
     from prune_heads.errors import BudgetError
