@@ -290,11 +290,11 @@ def long_context_rows(case: Case, fmt: str, original, exported, layout, args) ->
         # decode needs room for its tokens: at the model's full context it runs on a cache that many tokens shorter
         dc = min(c, limit - args.decode_tokens) if limit else c
         on = f" (on {dc})" if dc != c else ""
+        bytes_ratio = (w_p + kv_cache_bytes(exported, dc)) / (w_o + kv_cache_bytes(original, dc))  # decode's cache
         for n in args.threads:
             pre = None if args.skip_prefill else compare_speed(
                 original, exported, mode="prefill", tokens=c, repeats=args.repeats, threads=n, clock=args.clock,
                 placements=args.placements)
-            bytes_ratio = (w_p + kv_cache_bytes(exported, dc)) / (w_o + kv_cache_bytes(original, dc))  # decode's cache
             cells += ([f"{pre.tokens_per_s[0]:.0f} / {pre.tokens_per_s[1]:.0f}", fmt_ratio(pre), f"{pre.flops_ratio:.3f}"]
                       if pre is not None else ["not measured"] * 3)
             if args.skip_decode:

@@ -179,10 +179,7 @@ class Moments:
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the statistics themselves: plans record it, export checks it."""
         if self._fingerprint is None:
-            h = hashlib.sha256(FORMAT.encode())
-            for t in self._tensors():
-                h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = fingerprint_of(self._tensors())
         return self._fingerprint
 
     def summary(self) -> dict[str, Any]:
@@ -285,6 +282,15 @@ class Moments:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         self._fingerprint = None
         return self
+
+
+def fingerprint_of(tensors: Iterable[torch.Tensor]) -> str:
+    """The moments fingerprint of ``tensors`` given in ``Moments._tensors()``'s order (a file's, or a
+    layer-by-layer calibration's per-layer files), hashed one at a time as float64."""
+    h = hashlib.sha256(FORMAT.encode())
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def write_moments_file(path: Path, entries: Sequence[tuple[str, Any]], num_layers: int, width: int,

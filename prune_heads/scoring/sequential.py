@@ -154,13 +154,10 @@ class StreamedMoments:
         return int(self._scalars("count").max())
 
     def fingerprint(self) -> str:
-        from prune_heads.compensation.moments import FORMAT
+        from prune_heads.compensation.moments import fingerprint_of
 
         if self._fingerprint is None:
-            h = hashlib.sha256(FORMAT.encode())
-            for _, get in self._order():
-                h.update(get().contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = fingerprint_of(get() for _, get in self._order())
         return self._fingerprint
 
     def summary(self) -> dict[str, Any]:
